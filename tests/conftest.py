@@ -1,0 +1,38 @@
+"""Runs ``async def`` tests on every loop kind corral supports (see ``_loops``)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+
+from _loops import LOOP_KINDS, run
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if not inspect.iscoroutinefunction(metafunc.function):
+        return
+    if "loop_kind" not in metafunc.fixturenames:
+        metafunc.fixturenames.append("loop_kind")
+    virtual = metafunc.definition.get_closest_marker("virtual_time") is not None
+    metafunc.parametrize("loop_kind", ["virtual"] if virtual else LOOP_KINDS, indirect=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    fn = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(fn):
+        return None
+    names = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {name: pyfuncitem.funcargs[name] for name in names}
+    kind = str(pyfuncitem.callspec.params["loop_kind"])
+    virtual = pyfuncitem.get_closest_marker("virtual_time") is not None
+    run(lambda: fn(**kwargs), kind, virtual_time=virtual)
+    return True
+
+
+@pytest.fixture
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """The loop kind the current async test runs on."""
+    return str(request.param)
