@@ -1,14 +1,46 @@
 """corral: run huge numbers of async calls fast and safely.
 
+::
+
     async with corral.map(fetch, urls, limit=100) as pages:
         async for page in pages:
             ...
 
-See DESIGN.md and the README for the whole picture.
+    pages = await corral.gather(fetch, urls, limit=100, rate="20/s", retries=3)
+    pages = corral.run(fetch, urls, limit=100)          # from sync code
+
+Bounded or shared concurrency (:class:`Limiter`), start rates (:class:`Rate`),
+per-attempt timeouts, retries with backoff and Retry-After (:class:`Retry`,
+:class:`RetryAfter`), results in input order or as completed, in memory that
+does not grow with the number of items.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
-__all__: list[str] = ["__version__"]
+from ._api import gather, map, run
+from ._engine import ResultStream
+from ._limits import Limiter, Rate
+from ._retry import Retry, RetryAfter
+from ._stats import Stats
+
+__all__ = [
+    "Limiter",
+    "Rate",
+    "ResultStream",
+    "Retry",
+    "RetryAfter",
+    "Stats",
+    "__version__",
+    "gather",
+    "map",
+    "run",
+]
+
+# Tracebacks and reprs say corral.Limiter, not corral._limits.Limiter.
+for _name in __all__:
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__"):
+        _obj.__module__ = "corral"
+del _name, _obj

@@ -1,0 +1,149 @@
+"""map/gather/run argument checking: bad input fails at once, naming the argument."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sys
+
+import pytest
+
+import corral
+
+
+async def ident(item: int) -> int:
+    return item
+
+
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        (0, r"^limit must be an int >= 1, None \(unbounded\) or a corral\.Limiter; got limit=0$"),
+        (-3, r"^limit must be an int >= 1, None \(unbounded\) or a corral\.Limiter; got limit=-3$"),
+        ("lots", r"^limit must be .*; got limit='lots'$"),
+        (True, r"^limit must be .*; got limit=True$"),
+        (2.5, r"^limit must be .*; got limit=2\.5$"),
+        ("auto", r"^limit='auto' \(adaptive concurrency\) is not available in corral .*"),
+    ],
+)
+def test_bad_limit_is_refused_at_once(limit: object, message: str) -> None:
+    """map() refuses a bad limit when called, before anything runs."""
+    with pytest.raises(ValueError, match=message):
+        corral.map(ident, range(3), limit=limit)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("rate", ["fast", -1, 0])
+def test_bad_rate_is_refused_at_once(rate: object) -> None:
+    """map() refuses a bad rate, naming it."""
+    with pytest.raises(ValueError, match=rf"got rate={rate!r}$"):
+        corral.map(ident, range(3), rate=rate)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [-1, 0, float("nan"), float("inf"), "1s", True])
+def test_bad_timeout_is_refused_at_once(timeout: object) -> None:
+    """map() refuses a timeout that is not a positive finite number of seconds."""
+    with pytest.raises(
+        ValueError,
+        match=r"^timeout must be a number of seconds > 0 \(per attempt\), or None; got timeout=",
+    ):
+        corral.map(ident, range(3), timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_bad_retries_is_refused_at_once() -> None:
+    """map() refuses retries=-1, naming it."""
+    with pytest.raises(ValueError, match=r"got retries=-1"):
+        corral.map(ident, range(3), retries=-1)
+
+
+def test_non_callable_fn_is_refused() -> None:
+    """A non-callable fn is refused with its value."""
+    with pytest.raises(
+        TypeError, match=r"^corral\.map\(\) needs a function of one item as fn; got fn=42$"
+    ):
+        corral.map(42, range(3))  # type: ignore[call-overload]
+
+
+def test_coroutine_object_fn_is_refused_and_closed() -> None:
+    """Passing fetch(x) instead of fetch is explained, and the coroutine closed (no warning)."""
+    coro = ident(1)
+    with pytest.raises(TypeError, match=r"needs a function, got a coroutine object"):
+        corral.map(coro, range(3))  # type: ignore[call-overload]
+    assert coro.cr_frame is None  # closed: no "never awaited" warning
+
+
+def test_non_iterable_items_are_refused() -> None:
+    """items=5 is refused at once."""
+    with pytest.raises(
+        TypeError, match=r"^items must be an iterable or an async iterable; got items=5$"
+    ):
+        corral.map(ident, 5)  # type: ignore[call-overload]
+
+
+def test_bad_flags_are_refused() -> None:
+    """ordered and return_exceptions must be booleans."""
+    with pytest.raises(TypeError, match=r"^ordered must be True or False; got ordered='yes'$"):
+        corral.map(ident, range(3), ordered="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got return_exceptions=1$"):
+        corral.map(ident, range(3), return_exceptions=1)  # type: ignore[arg-type]
+
+
+def test_bad_executor_is_refused() -> None:
+    """executor must be a known name or an Executor; async fns take none."""
+    with pytest.raises(ValueError, match=r"got executor='gpu'$"):
+        corral.map(len, ["a"], executor="gpu")
+    with pytest.raises(ValueError, match=r"runs plain functions, but fn is async"):
+        corral.map(ident, range(3), executor="thread")
+
+
+async def test_gather_checks_arguments_too() -> None:
+    """gather validates like map."""
+    with pytest.raises(ValueError, match=r"got limit=0$"):
+        await corral.gather(ident, range(3), limit=0)
+
+
+def test_run_requires_uvloop_when_asked() -> None:
+    """run(uvloop=True) without uvloop says how to install it; with it, uses it."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install 'corral\[uvloop\]'"):
+            corral.run(ident, range(3), uvloop=True)
+    else:
+        seen: list[str] = []
+
+        async def loop_name(item: int) -> int:
+            seen.append(type(asyncio.get_running_loop()).__module__)
+            return item
+
+        assert corral.run(loop_name, range(3), uvloop=True) == [0, 1, 2]
+        assert seen[0].startswith("uvloop")
+
+
+def test_public_names_are_exported() -> None:
+    """__all__ lists exactly the public names, and they say they come from corral."""
+    public = {n for n in vars(corral) if not n.startswith("_") and n not in {"annotations"}}
+    public -= {name for name, mod in vars(corral).items() if type(mod) is type(sys)}
+    assert sorted(public | {"__version__"}) == sorted(corral.__all__)
+    assert corral.Limiter.__module__ == "corral"
+
+
+def test_import_corral_loads_no_third_party_module() -> None:
+    """import corral pulls in nothing outside the standard library."""
+    import subprocess
+
+    code = (
+        "import sys; before = set(sys.modules); import corral; "
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+        "print(sorted(new - set(sys.stdlib_module_names) - {'corral'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_executor_instance_is_used_and_left_open() -> None:
+    """A given Executor runs the calls and is not shut down by corral."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert corral.run(str.upper, ["a", "b"], executor=pool) == ["A", "B"]
+        assert pool.submit(lambda: 1).result() == 1  # still usable

@@ -1,0 +1,1096 @@
+"""Rates (GCRA), the rate gate and the shared Limiter."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import re
+from fractions import Fraction
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from _loops import LOOP_KINDS, VirtualClockLoop, run
+from corral._limits import Limiter, Rate, RateGate, as_rate, gcra_delay, gcra_next_tat
+
+
+def exactly(message: str) -> str:
+    """A ``match=`` pattern for this whole message and nothing else."""
+    return f"^{re.escape(message)}$"
+
+
+def virtual_loop() -> VirtualClockLoop:
+    """The running loop of a ``virtual_time`` test, typed so it can be advanced."""
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, VirtualClockLoop)
+    return loop
+
+
+class Spy:
+    """Stand-in call that records the most calls ever in flight."""
+
+    def __init__(self) -> None:
+        self.running = self.peak = self.calls = 0
+
+    async def __call__(self) -> None:
+        self.running += 1
+        self.calls += 1
+        self.peak = max(self.peak, self.running)
+        for _ in range(3):
+            await asyncio.sleep(0)  # yield so other callers overlap with this one
+        self.running -= 1
+
+
+# -- Rate ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "n", "per"),
+    [
+        ("20/s", 20, 1.0),
+        ("20/sec", 20, 1.0),
+        ("20/second", 20, 1.0),
+        ("20/seconds", 20, 1.0),
+        ("600/min", 600, 60.0),
+        ("600/m", 600, 60.0),
+        ("600/minute", 600, 60.0),
+        ("3600/h", 3600, 3600.0),
+        ("3600/hour", 3600, 3600.0),
+        ("1000/d", 1000, 86400.0),
+        ("5/100ms", 5, 0.1),
+        ("2.5/s", 2.5, 1.0),
+        (".5/s", 0.5, 1.0),
+        ("1e3/min", 1000, 60.0),
+        ("20/2s", 20, 2.0),
+        ("20 / s", 20, 1.0),
+        (" 20/S ", 20, 1.0),
+        ("20", 20, 1.0),
+        ("2.5", 2.5, 1.0),
+    ],
+)
+def test_rate_parse_reads_the_short_forms(text: str, n: float, per: float) -> None:
+    """Each documented text form means n starts per `per` seconds, burst 1."""
+    rate = Rate.parse(text)
+    assert (rate.n, rate.per, rate.burst) == (n, pytest.approx(per), 1)
+
+
+@pytest.mark.parametrize(
+    "text", ["fast", "", "20/", "/s", "20/fortnight", "20 s", "20/s/s", "nan", "inf/s", "20/-1s"]
+)
+def test_rate_parse_rejects_text_that_is_not_a_rate(text: str) -> None:
+    """Text of the wrong shape fails with the forms to use and the value given."""
+    message = f"rate must look like '20/s', '600/min' or '5/100ms'; got rate={text!r}"
+    with pytest.raises(ValueError, match=exactly(message)):
+        Rate.parse(text)
+
+
+@pytest.mark.parametrize("text", ["0/s", "-5/s", "0", "20/0ms", "1e400/s", "1/1e400s"])
+def test_rate_parse_rejects_rates_that_are_not_positive(text: str) -> None:
+    """A zero, negative or infinite number in the text fails with the '> 0' message."""
+    message = f"rate must be > 0, like 20, '20/s' or corral.Rate(20, per=1.0); got rate={text!r}"
+    with pytest.raises(ValueError, match=exactly(message)):
+        Rate.parse(text)
+
+
+def test_rate_parse_rejects_a_non_string() -> None:
+    """Rate.parse() is for text; a number passed to it says so."""
+    message = "rate must look like '20/s', '600/min' or '5/100ms'; got rate=20"
+    with pytest.raises(TypeError, match=exactly(message)):
+        Rate.parse(20)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"n": 0},
+            ValueError,
+            "Rate n must be a finite number > 0, like Rate(20, per=1.0); got n=0",
+        ),
+        (
+            {"n": -1},
+            ValueError,
+            "Rate n must be a finite number > 0, like Rate(20, per=1.0); got n=-1",
+        ),
+        (
+            {"n": math.nan},
+            ValueError,
+            "Rate n must be a finite number > 0, like Rate(20, per=1.0); got n=nan",
+        ),
+        (
+            {"n": math.inf},
+            ValueError,
+            "Rate n must be a finite number > 0, like Rate(20, per=1.0); got n=inf",
+        ),
+        (
+            {"n": True},
+            TypeError,
+            "Rate n must be a finite number > 0, like Rate(20, per=1.0); got n=True",
+        ),
+        (
+            {"n": "20"},
+            TypeError,
+            "Rate n must be a finite number > 0, like Rate(20, per=1.0); got n='20'",
+        ),
+        (
+            {"n": 20, "per": 0},
+            ValueError,
+            "Rate per must be a finite number of seconds > 0, like Rate(20, per=1.0); got per=0",
+        ),
+        (
+            {"n": 20, "per": -1.5},
+            ValueError,
+            "Rate per must be a finite number of seconds > 0, like Rate(20, per=1.0); "
+            "got per=-1.5",
+        ),
+        (
+            {"n": 20, "per": math.inf},
+            ValueError,
+            "Rate per must be a finite number of seconds > 0, like Rate(20, per=1.0); got per=inf",
+        ),
+        (
+            {"n": 20, "per": None},
+            TypeError,
+            "Rate per must be a finite number of seconds > 0, like Rate(20, per=1.0); "
+            "got per=None",
+        ),
+        (
+            {"n": 20, "burst": 0},
+            ValueError,
+            "Rate burst must be an int >= 1, the starts allowed back to back, "
+            "like Rate(20, per=1.0, burst=5); got burst=0",
+        ),
+        (
+            {"n": 20, "burst": -3},
+            ValueError,
+            "Rate burst must be an int >= 1, the starts allowed back to back, "
+            "like Rate(20, per=1.0, burst=5); got burst=-3",
+        ),
+        (
+            {"n": 20, "burst": 2.0},
+            TypeError,
+            "Rate burst must be an int >= 1, the starts allowed back to back, "
+            "like Rate(20, per=1.0, burst=5); got burst=2.0",
+        ),
+        (
+            {"n": 20, "burst": True},
+            TypeError,
+            "Rate burst must be an int >= 1, the starts allowed back to back, "
+            "like Rate(20, per=1.0, burst=5); got burst=True",
+        ),
+    ],
+)
+def test_rate_rejects_bad_fields_naming_the_field_and_value(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """Every field is checked when the Rate is built; the message names it and its value."""
+    with pytest.raises(error, match=exactly(message)):
+        Rate(**kwargs)
+
+
+def test_rate_interval_and_tolerance() -> None:
+    """T = per / n between evenly spaced starts; tau = (burst - 1) * T of allowed lead."""
+    assert Rate(20).interval == pytest.approx(0.05)
+    assert Rate(20).tolerance == 0.0
+    assert Rate(600, per=60).interval == pytest.approx(0.1)
+    assert Rate(2, per=1, burst=3).tolerance == pytest.approx(1.0)
+
+
+def test_rate_accepts_any_real_number_and_is_a_frozen_value() -> None:
+    """Fractions work as numbers; a Rate is immutable and compares by value."""
+    assert Rate(Fraction(1, 3)).interval == pytest.approx(3.0)
+    assert Rate(20, per=1.0, burst=2) == Rate(20.0, per=1, burst=2)
+    assert len({Rate(20), Rate(20.0)}) == 1
+    with pytest.raises(AttributeError):
+        Rate(20).n = 5  # type: ignore[misc]
+
+
+# -- as_rate --------------------------------------------------------------------
+
+
+def test_as_rate_normalises_the_accepted_forms() -> None:
+    """None stays None, a Rate is kept, a number is per second, a string is parsed."""
+    rate = Rate(5, per=2, burst=3)
+    assert as_rate(None) is None
+    assert as_rate(rate) is rate
+    assert as_rate(20) == Rate(20.0, per=1.0)
+    assert as_rate(2.5) == Rate(2.5, per=1.0)
+    assert as_rate("600/min") == Rate(600.0, per=60.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        (True, TypeError),
+        ([20], TypeError),
+        (b"20/s", TypeError),
+    ],
+)
+def test_as_rate_rejects_other_values_naming_the_value(value: object, error: type[Exception]) -> None:
+    """Zero, negatives, NaN, infinity, bools and other types fail with the forms to use."""
+    message = f"rate must be > 0, like 20, '20/s' or corral.Rate(20, per=1.0); got rate={value!r}"
+    with pytest.raises(error, match=exactly(message)):
+        as_rate(value)
+
+
+def test_as_rate_passes_string_errors_through() -> None:
+    """A string that is not a rate fails with Rate.parse()'s message."""
+    message = "rate must look like '20/s', '600/min' or '5/100ms'; got rate='fast'"
+    with pytest.raises(ValueError, match=exactly(message)):
+        as_rate("fast")
+
+
+# -- GCRA math --------------------------------------------------------------------
+
+
+def test_gcra_first_start_conforms_at_once() -> None:
+    """With no start yet (TAT = -inf) a start conforms at any time."""
+    assert gcra_delay(-math.inf, 0.0, Rate(2)) == 0.0
+    assert gcra_next_tat(-math.inf, 3.0, Rate(2)) == 3.5
+
+
+def test_gcra_delay_counts_down_to_the_next_slot() -> None:
+    """Burst 1: the next start conforms at TAT exactly, and never needs a negative wait."""
+    rate = Rate(2, per=1.0)  # T = 0.5, tau = 0
+    assert gcra_delay(1.0, 0.25, rate) == pytest.approx(0.75)
+    assert gcra_delay(1.0, 1.0, rate) == 0.0
+    assert gcra_delay(1.0, 5.0, rate) == 0.0
+
+
+def test_gcra_burst_lets_starts_lead_by_the_tolerance() -> None:
+    """Burst 3 with T = 0.5: a start may come up to tau = 1.0 s before TAT."""
+    rate = Rate(2, per=1.0, burst=3)
+    assert gcra_delay(1.0, 0.0, rate) == 0.0
+    assert gcra_delay(1.5, 0.0, rate) == pytest.approx(0.5)
+
+
+def test_gcra_next_tat_books_the_next_slot_and_banks_no_idle_time() -> None:
+    """After a start TAT moves one interval past max(TAT, now)."""
+    rate = Rate(2, per=1.0)
+    assert gcra_next_tat(1.0, 0.25, rate) == 1.5
+    assert gcra_next_tat(1.0, 3.0, rate) == 3.5
+
+
+def test_gcra_admits_exactly_the_burst_at_one_instant() -> None:
+    """Driven at a single instant, the math admits `burst` starts and then no more."""
+    rate = Rate(10, per=1.0, burst=4)
+    tat, admitted = -math.inf, 0
+    while gcra_delay(tat, 7.0, rate) == 0.0:
+        tat = gcra_next_tat(tat, 7.0, rate)
+        admitted += 1
+    assert admitted == 4
+    assert gcra_delay(tat, 7.0, rate) == pytest.approx(0.1)
+
+
+# -- RateGate -----------------------------------------------------------------------
+
+
+def test_rate_gate_needs_a_rate_and_says_what_it_holds() -> None:
+    """A gate is built from a Rate (outside any loop); its repr shows rate and line."""
+    with pytest.raises(TypeError, match=exactly("RateGate needs a corral.Rate; got rate='20/s'")):
+        RateGate("20/s")  # type: ignore[arg-type]
+    gate = RateGate(Rate(2))
+    assert gate.rate == Rate(2)
+    assert repr(gate) == "<corral.RateGate rate=Rate(n=2, per=1.0, burst=1) waiting=0>"
+
+
+async def test_rate_gate_fast_path_does_not_suspend() -> None:
+    """A free slot with nobody waiting is taken without giving up control to the loop."""
+    gate = RateGate(Rate(1000, burst=2))
+    coro = gate.wait()
+    with pytest.raises(StopIteration):
+        coro.send(None)  # finishes on the first step: it never suspended
+    assert gate.wait_nowait()
+    assert not gate.wait_nowait()  # the burst of 2 is used up
+
+
+@pytest.mark.virtual_time
+async def test_rate_gate_spaces_starts_exactly() -> None:
+    """Rate(2, per=1, burst=1): starts at 0, 0.5, 1.0, ... and not a moment earlier."""
+    loop = asyncio.get_running_loop()
+    gate = RateGate(Rate(2, per=1.0, burst=1))
+    starts = []
+    for _ in range(5):
+        await gate.wait()
+        starts.append(loop.time())
+    assert starts == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])
+
+
+@pytest.mark.virtual_time
+async def test_rate_gate_allows_the_burst_then_spaces_starts() -> None:
+    """Rate(2, per=1, burst=3): three start at once, then one every 0.5 s."""
+    loop = asyncio.get_running_loop()
+    gate = RateGate(Rate(2, per=1.0, burst=3))
+    starts: list[float] = []
+
+    async def start() -> None:
+        await gate.wait()
+        starts.append(loop.time())
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(7):
+            tg.create_task(start())
+    assert starts == pytest.approx([0.0, 0.0, 0.0, 0.5, 1.0, 1.5, 2.0])
+
+
+@pytest.mark.virtual_time
+async def test_rate_gate_serves_waiters_first_come_first_served() -> None:
+    """Many concurrent waiters start in the order they asked."""
+    gate = RateGate(Rate(10, burst=5))
+    order: list[int] = []
+
+    async def start(i: int) -> None:
+        for _ in range(i % 3):
+            await asyncio.sleep(0)  # stagger arrivals so waiters ask in a mixed order
+        order.append(i)
+        await gate.wait()
+        order.append(-i - 1)
+
+    async with asyncio.TaskGroup() as tg:
+        for i in range(60):
+            tg.create_task(start(i))
+    asked = [i for i in order if i >= 0]
+    started = [-i - 1 for i in order if i < 0]
+    assert started == asked
+    assert gate.waiting == 0
+
+
+@pytest.mark.virtual_time
+async def test_rate_gate_cancelled_head_gives_its_slot_to_the_next() -> None:
+    """The first in line is cancelled: the second starts at the slot the first would have had."""
+    loop = virtual_loop()
+    gate = RateGate(Rate(1))
+    await gate.wait()  # at 0; the next slot is at 1.0
+    starts: dict[str, float] = {}
+
+    async def start(name: str) -> None:
+        await gate.wait()
+        starts[name] = loop.time()
+
+    tasks = {name: asyncio.create_task(start(name)) for name in "bcd"}
+    await asyncio.sleep(0)  # let b, c and d line up
+    assert gate.waiting == 3
+    loop.call_at(0.5, tasks["b"].cancel)
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    assert tasks["b"].cancelled()
+    assert starts == {"c": pytest.approx(1.0), "d": pytest.approx(2.0)}
+
+
+@pytest.mark.virtual_time
+async def test_rate_gate_cancelled_middle_waiter_lets_later_ones_move_up() -> None:
+    """A waiter cancelled mid-line spends nothing: the ones behind it start one slot earlier."""
+    loop = virtual_loop()
+    gate = RateGate(Rate(1))
+    await gate.wait()  # at 0; the next slot is at 1.0
+    starts: dict[str, float] = {}
+
+    async def start(name: str) -> None:
+        await gate.wait()
+        starts[name] = loop.time()
+
+    tasks = {name: asyncio.create_task(start(name)) for name in "bcde"}
+    await asyncio.sleep(0)  # let b, c, d and e line up
+    loop.call_at(0.5, tasks["c"].cancel)
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    assert starts == {"b": pytest.approx(1.0), "d": pytest.approx(2.0), "e": pytest.approx(3.0)}
+
+
+@pytest.mark.virtual_time
+async def test_rate_gate_everyone_leaving_the_line_spends_nothing() -> None:
+    """All waiters cancelled: the gate's timer is dropped and a later caller starts at once."""
+    loop = virtual_loop()
+    gate = RateGate(Rate(1))
+    await gate.wait()  # at 0; the next slot is at 1.0
+    tasks = [asyncio.create_task(gate.wait()) for _ in range(3)]
+    await asyncio.sleep(0)  # let the three line up
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert gate.waiting == 0
+    await asyncio.sleep(10)
+    await gate.wait()
+    assert loop.time() == pytest.approx(10.0)
+
+
+@pytest.mark.virtual_time
+async def test_rate_gate_waiter_cancelled_as_its_slot_comes_up_spends_nothing() -> None:
+    """Cancelled in the very loop iteration its slot is due: the slot goes to the next caller."""
+    loop = virtual_loop()
+    gate = RateGate(Rate(1))
+    await gate.wait()  # at 0; the next slot is at 1.0
+    b = asyncio.create_task(gate.wait())
+    await asyncio.sleep(0)  # let b line up
+    # 1e-12 s is below the virtual clock's resolution: this runs in the same
+    # iteration as the gate's 1.0 s timer, just before it, so the timer finds
+    # b's future cancelled before b itself has left the line.
+    loop.call_at(1.0 - 1e-12, b.cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    await gate.wait()
+    assert loop.time() == pytest.approx(1.0)
+    assert gate.waiting == 0
+
+
+@pytest.mark.virtual_time
+async def test_rate_gate_gives_back_a_slot_granted_to_a_caller_cancelled_before_it_ran() -> None:
+    """Granted its slot but cancelled before resuming: the next in line gets that very slot."""
+    loop = virtual_loop()
+    gate = RateGate(Rate(1))
+    await gate.wait()  # at 0; the next slot is at 1.0
+    starts: dict[str, float] = {}
+
+    async def start(name: str) -> None:
+        await gate.wait()
+        starts[name] = loop.time()
+
+    b = asyncio.create_task(start("b"))
+    c = asyncio.create_task(start("c"))
+    await asyncio.sleep(0)  # let b and c line up
+    # 1e-12 s is below the virtual clock's resolution: this runs in the same
+    # iteration as the gate's 1.0 s timer, right after it granted b's slot and
+    # before b resumes.
+    loop.call_at(1.0 + 1e-12, b.cancel)
+    await asyncio.gather(b, c, return_exceptions=True)
+    assert b.cancelled()
+    assert starts == {"c": pytest.approx(1.0)}
+
+
+@pytest.mark.parametrize(
+    ("cancelled", "next_start"),
+    [
+        ("b", 5.0),  # the latest grant: given back, so a newcomer starts at once
+        ("a", 6.0),  # b was granted after it: a's slot stays spent (never one too many)
+    ],
+)
+@pytest.mark.virtual_time
+async def test_rate_gate_gives_back_only_the_latest_grant(cancelled: str, next_start: float) -> None:
+    """A cancelled grantee's slot is given back only if no later start was granted on top of it."""
+    loop = virtual_loop()
+    gate = RateGate(Rate(1, per=1.0, burst=2))
+    assert gate.wait_nowait()
+    assert gate.wait_nowait()  # the burst at 0: the next slot is at 1.0
+    tasks = {name: asyncio.create_task(gate.wait()) for name in "ab"}
+    await asyncio.sleep(0)  # let a and b line up
+    loop.call_at(0.5, loop.advance, 4.5)  # a blocking call holds the loop from 0.5 s to 5 s
+    # Runs right after the (late) 1.0 s timer granted both a and b, before they resume.
+    loop.call_at(1.0 + 1e-12, tasks[cancelled].cancel)
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    assert tasks[cancelled].cancelled()
+    await gate.wait()
+    assert loop.time() == pytest.approx(next_start)
+
+
+@pytest.mark.virtual_time
+async def test_rate_gate_late_timer_catches_up_within_the_burst_in_order() -> None:
+    """A timer delayed by a blocked loop grants what the burst allows, still first come first served."""
+    loop = virtual_loop()
+    gate = RateGate(Rate(1, per=1.0, burst=4))
+    for _ in range(4):
+        assert gate.wait_nowait()  # the whole burst at 0: the next slot is at 1.0
+    log: list[tuple[str, float]] = []
+
+    async def start(name: str, again: bool) -> None:
+        await gate.wait()
+        log.append((name, loop.time()))
+        if again:
+            # b was granted in the same instant and has not resumed yet: a
+            # newcomer (this task again) must not slip in ahead of it.
+            assert not gate.wait_nowait()
+            await gate.wait()
+            log.append((name + " again", loop.time()))
+
+    loop.call_at(0.5, loop.advance, 4.5)  # a blocking call holds the loop from 0.5 s to 5 s
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(start("a", again=True))
+        tg.create_task(start("b", again=False))
+    assert log == [("a", 5.0), ("b", 5.0), ("a again", 5.0)]
+
+
+def _simulate(arrivals: list[float], rate: Rate) -> list[float]:
+    """The ideal FIFO GCRA schedule for callers arriving at these times, in this order."""
+    tat, previous, starts = -math.inf, -math.inf, []
+    for arrival in arrivals:
+        now = max(arrival, previous)
+        now += gcra_delay(tat, now, rate)
+        tat = gcra_next_tat(tat, now, rate)
+        starts.append(now)
+        previous = now
+    return starts
+
+
+def _assert_within_rate(starts: list[float], rate: Rate) -> None:
+    """Every window [s_i, s_j] holds at most burst + (s_j - s_i) / T starts."""
+    for i, first in enumerate(starts):
+        for j in range(i, len(starts)):
+            count = j - i + 1
+            assert count <= rate.burst + (starts[j] - first) / rate.interval + 1e-9
+
+
+_rates = st.builds(
+    Rate,
+    n=st.floats(0.5, 20.0),
+    per=st.sampled_from([0.1, 1.0, 2.5]),
+    burst=st.integers(1, 5),
+)
+_times = st.floats(0.0, 5.0, allow_nan=False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rate=_rates, arrivals=st.lists(_times, min_size=1, max_size=25))
+def test_rate_gate_follows_the_ideal_schedule_for_any_arrivals(
+    rate: Rate, arrivals: list[float]
+) -> None:
+    """For any arrivals: FIFO, every window within the rate, each start exactly at its GCRA slot."""
+    asked: list[tuple[int, float]] = []
+    started: list[tuple[int, float]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gate = RateGate(rate)
+
+        async def caller(i: int, at: float) -> None:
+            await asyncio.sleep(at)
+            asked.append((i, loop.time()))
+            await gate.wait()
+            started.append((i, loop.time()))
+
+        async with asyncio.TaskGroup() as tg:
+            for i, at in enumerate(arrivals):
+                tg.create_task(caller(i, at))
+        assert gate.waiting == 0
+
+    run(main, virtual_time=True)
+    assert [i for i, _ in started] == [i for i, _ in asked]
+    starts = [t for _, t in started]
+    _assert_within_rate(starts, rate)
+    assert starts == pytest.approx(_simulate([t for _, t in asked], rate), abs=1e-6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rate=_rates,
+    callers=st.lists(st.tuples(_times, st.none() | st.floats(0.0, 8.0)), min_size=1, max_size=25),
+)
+def test_rate_gate_holds_the_rate_and_order_when_waiters_are_cancelled(
+    rate: Rate, callers: list[tuple[float, float | None]]
+) -> None:
+    """Cancelling waiters at any time never lets starts exceed the rate or jump the line."""
+    asked: list[int] = []
+    started: list[tuple[int, float]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gate = RateGate(rate)
+
+        async def caller(i: int, at: float) -> None:
+            await asyncio.sleep(at)
+            asked.append(i)
+            await gate.wait()
+            started.append((i, loop.time()))
+
+        async with asyncio.TaskGroup() as tg:
+            for i, (at, cancel_at) in enumerate(callers):
+                task = tg.create_task(caller(i, at))
+                if cancel_at is not None:
+                    loop.call_at(cancel_at, task.cancel)
+        assert gate.waiting == 0
+
+    run(main, virtual_time=True)
+    done = {i for i, _ in started}
+    assert [i for i, _ in started] == [i for i in asked if i in done]
+    _assert_within_rate([t for _, t in started], rate)
+
+
+# -- Limiter: arguments -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limit", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (True, TypeError),
+        (1.5, TypeError),
+        (10.0, TypeError),
+        ("10", TypeError),
+        ("auto", TypeError),
+    ],
+)
+def test_limiter_rejects_a_bad_limit_naming_it(limit: object, error: type[Exception]) -> None:
+    """The cap is an int >= 1; anything else fails with the value given and an example."""
+    message = f"limit must be an int >= 1 or None, like corral.Limiter(limit=10); got limit={limit!r}"
+    with pytest.raises(error, match=exactly(message)):
+        Limiter(limit)  # type: ignore[arg-type]
+
+
+def test_limiter_needs_a_limit_or_a_rate() -> None:
+    """A Limiter with neither a cap nor a rate would limit nothing: that is an error."""
+    message = (
+        "corral.Limiter() needs limit=, rate= or both, like "
+        "corral.Limiter(limit=10) or corral.Limiter(rate='20/s')"
+    )
+    with pytest.raises(TypeError, match=exactly(message)):
+        Limiter()
+    with pytest.raises(TypeError, match=exactly(message)):
+        Limiter(None, rate=None)
+
+
+def test_limiter_checks_its_rate_like_map_does() -> None:
+    """rate= accepts the same forms as everywhere else and fails with the same messages."""
+    assert Limiter(rate="600/min").rate == Rate(600.0, per=60.0)
+    assert Limiter(rate=20).rate == Rate(20.0)
+    message = "rate must be > 0, like 20, '20/s' or corral.Rate(20, per=1.0); got rate=0"
+    with pytest.raises(ValueError, match=exactly(message)):
+        Limiter(3, rate=0)
+    message = "rate must look like '20/s', '600/min' or '5/100ms'; got rate='fast'"
+    with pytest.raises(ValueError, match=exactly(message)):
+        Limiter(3, rate="fast")
+
+
+async def test_limiter_reports_limit_rate_in_flight_and_waiting() -> None:
+    """Properties and repr show the cap, the rate, slots taken and callers waiting."""
+    limiter = Limiter(1, rate=Rate(1000, burst=10))
+    assert (limiter.limit, limiter.rate) == (1, Rate(1000, burst=10))
+    assert repr(limiter) == (
+        "<corral.Limiter limit=1 rate=Rate(n=1000, per=1.0, burst=10) in_flight=0 waiting=0>"
+    )
+    await limiter.acquire()
+    waiter = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)  # let the waiter line up
+    assert (limiter.in_flight, limiter.waiting) == (1, 1)
+    assert repr(limiter).endswith("in_flight=1 waiting=1>")
+    limiter.release()
+    await waiter
+    limiter.release()
+    assert repr(Limiter(5)) == "<corral.Limiter limit=5 rate=None in_flight=0 waiting=0>"
+    assert Limiter(rate="2/s").limit is None
+
+
+# -- Limiter: the cap -------------------------------------------------------------
+
+
+async def test_limiter_cap_is_reached_and_never_exceeded_across_maps() -> None:
+    """Eleven workers in two 'maps' share a cap of 7: at most 7 calls ever run at once."""
+    limiter = Limiter(7)
+    spy = Spy()
+
+    async def one_map(workers: int, calls: int) -> None:
+        async def worker() -> None:
+            for _ in range(calls):
+                async with limiter:
+                    await spy()
+
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(workers):
+                tg.create_task(worker())
+
+    async with asyncio.timeout(10):  # hang guard, not the assertion
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(one_map(5, 20))
+            tg.create_task(one_map(6, 20))
+    assert spy.peak == 7
+    assert spy.calls == 220
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+async def test_limiter_serves_waiters_in_arrival_order() -> None:
+    """Callers that queue for a slot get it first come, first served."""
+    limiter = Limiter(1)
+    await limiter.acquire()
+    order: list[int] = []
+
+    async def take(i: int) -> None:
+        async with limiter:
+            order.append(i)
+            await asyncio.sleep(0)  # hold the slot across a yield so others stay queued
+
+    tasks = [asyncio.create_task(take(i)) for i in range(20)]
+    await asyncio.sleep(0)  # let every task line up
+    assert limiter.waiting == 20
+    limiter.release()
+    await asyncio.gather(*tasks)
+    assert order == list(range(20))
+    assert limiter.in_flight == 0
+
+
+async def test_limiter_newcomer_never_barges_ahead_of_a_waiter() -> None:
+    """A slot released to a waiter is its own, even before it resumes; newcomers queue behind."""
+    limiter = Limiter(1)
+    await limiter.acquire()
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        async with limiter:
+            order.append(name)
+
+    first = asyncio.create_task(take("queued first"))
+    await asyncio.sleep(0)  # let it line up
+    limiter.release()  # hands the slot to `first`, which has not run yet
+    assert limiter.in_flight == 1
+    assert not limiter.acquire_nowait()
+    late = asyncio.create_task(take("arrived later"))
+    await asyncio.gather(first, late)
+    assert order == ["queued first", "arrived later"]
+    assert limiter.in_flight == 0
+
+
+async def test_limiter_acquire_nowait_takes_only_a_free_slot() -> None:
+    """acquire_nowait() takes a free slot, and refuses when the cap is reached."""
+    limiter = Limiter(2)
+    assert limiter.acquire_nowait()
+    assert limiter.acquire_nowait()
+    assert not limiter.acquire_nowait()
+    assert limiter.in_flight == 2
+    limiter.release()
+    limiter.release()
+    assert limiter.in_flight == 0
+
+
+async def test_limiter_async_with_releases_on_error() -> None:
+    """`async with limiter:` holds a slot for the body and gives it back even on an exception."""
+    limiter = Limiter(2)
+    async with limiter:
+        assert limiter.in_flight == 1
+    with pytest.raises(KeyError):
+        async with limiter:
+            raise KeyError("boom")
+    assert limiter.in_flight == 0
+
+
+async def test_limiter_release_without_acquire_is_an_error() -> None:
+    """Releasing more slots than were acquired fails instead of raising the cap."""
+    limiter = Limiter(2)
+    message = (
+        "Limiter.release() called with nothing acquired: every release() must "
+        "match one acquire() (or use `async with limiter:`)"
+    )
+    with pytest.raises(RuntimeError, match=exactly(message)):
+        limiter.release()
+    async with limiter:
+        pass
+    with pytest.raises(RuntimeError, match=exactly(message)):
+        limiter.release()
+    assert limiter.in_flight == 0
+
+
+# -- Limiter: cancellation ------------------------------------------------------------
+
+
+async def test_limiter_waiter_cancelled_in_line_gives_back_its_place() -> None:
+    """A queued caller cancelled leaves the line; the ones behind it move up."""
+    limiter = Limiter(1)
+    await limiter.acquire()
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        async with limiter:
+            order.append(name)
+
+    tasks = {name: asyncio.create_task(take(name)) for name in ("w1", "w2", "w3")}
+    await asyncio.sleep(0)  # let the three line up
+    tasks["w2"].cancel()
+    await asyncio.sleep(0)  # let w2 leave the line
+    assert limiter.waiting == 2
+    limiter.release()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    assert order == ["w1", "w3"]
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+@pytest.mark.virtual_time
+async def test_limiter_waiter_that_times_out_leaves_nothing_behind() -> None:
+    """A caller giving up on a full Limiter (asyncio.timeout) leaves the line empty."""
+    limiter = Limiter(1)
+    await limiter.acquire()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1):
+            await limiter.acquire()
+    assert (limiter.in_flight, limiter.waiting) == (1, 0)
+    limiter.release()
+    assert limiter.in_flight == 0
+    assert limiter.acquire_nowait()
+    limiter.release()
+
+
+async def test_limiter_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
+    """Cancelled after release() handed it the slot but before it ran: the slot goes to the next."""
+    limiter = Limiter(1)
+    await limiter.acquire()
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        async with limiter:
+            order.append(name)
+
+    w1 = asyncio.create_task(take("w1"))
+    w2 = asyncio.create_task(take("w2"))
+    await asyncio.sleep(0)  # let both line up
+    limiter.release()  # hands the slot to w1 ...
+    w1.cancel()  # ... which is cancelled before it gets to run
+    with pytest.raises(asyncio.CancelledError):
+        await w1
+    await w2
+    assert order == ["w2"]
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+async def test_limiter_slot_freed_past_a_cancelled_waiter_goes_to_the_first_newcomer() -> None:
+    """A release that skips a just-cancelled waiter still serves the next callers in order."""
+    limiter = Limiter(1)
+    await limiter.acquire()
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        async with limiter:
+            order.append(name)
+            await asyncio.sleep(0)  # hold the slot across a yield so the other stays queued
+
+    w1 = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)  # let w1 line up
+    # Both newcomers run before w1's cancellation is processed: they find w1
+    # still counted in line, with the slot about to be free.
+    first = asyncio.create_task(take("first"))
+    second = asyncio.create_task(take("second"))
+    w1.cancel()
+    limiter.release()  # w1's future is cancelled: nobody to hand the slot to, it is freed
+    await asyncio.gather(first, second)
+    with pytest.raises(asyncio.CancelledError):
+        await w1
+    assert order == ["first", "second"]
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+@pytest.mark.virtual_time
+async def test_limiter_caller_cancelled_waiting_for_the_rate_frees_its_slot() -> None:
+    """Cancelled while holding a slot and waiting for the rate: slot and rate slot both go back."""
+    loop = virtual_loop()
+    limiter = Limiter(2, rate=Rate(1))
+    await limiter.acquire()  # at 0: a slot and the rate at once; the next rate slot is at 1.0
+    b = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)  # b takes the second slot and lines up for the rate
+    assert (limiter.in_flight, limiter.waiting) == (2, 1)
+    loop.call_at(0.5, b.cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    assert (limiter.in_flight, limiter.waiting) == (1, 0)
+    await limiter.acquire()
+    assert loop.time() == pytest.approx(1.0)  # b's rate slot was not spent
+    limiter.release()
+    limiter.release()
+    assert limiter.in_flight == 0
+
+
+# -- Limiter: rate ----------------------------------------------------------------------
+
+
+@pytest.mark.virtual_time
+async def test_limiter_with_limit_and_rate_keeps_both() -> None:
+    """Cap 2 and 4 starts/s, calls of 1 s: starts are spaced by the rate and wait for the cap."""
+    loop = asyncio.get_running_loop()
+    limiter = Limiter(2, rate=Rate(4))
+    starts: list[float] = []
+    running = peak = 0
+
+    async def call() -> None:
+        nonlocal running, peak
+        async with limiter:
+            starts.append(loop.time())
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(1)
+            running -= 1
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(6):
+            tg.create_task(call())
+    assert starts == pytest.approx([0.0, 0.25, 1.0, 1.25, 2.0, 2.25])
+    assert peak == 2
+
+
+@pytest.mark.virtual_time
+async def test_limiter_with_only_a_rate_caps_starts_not_calls() -> None:
+    """Limiter(rate='2/s'): starts every 0.5 s, and every started call may still be running."""
+    loop = asyncio.get_running_loop()
+    limiter = Limiter(rate="2/s")
+    starts: list[float] = []
+
+    async def call() -> None:
+        async with limiter:
+            starts.append(loop.time())
+            await asyncio.sleep(10)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(3):
+            tg.create_task(call())
+        await asyncio.sleep(5)
+        assert limiter.in_flight == 3
+    assert starts == pytest.approx([0.0, 0.5, 1.0])
+
+
+@pytest.mark.virtual_time
+async def test_limiter_acquire_nowait_respects_the_rate() -> None:
+    """With a rate, acquire_nowait() also refuses when the next start is not due yet."""
+    limiter = Limiter(1, rate=Rate(1))
+    assert limiter.acquire_nowait()
+    limiter.release()
+    assert not limiter.acquire_nowait()  # slot free, but the next start is due at 1.0
+    assert limiter.in_flight == 0
+    await asyncio.sleep(1)
+    assert limiter.acquire_nowait()
+    limiter.release()
+
+
+# -- Limiter: event loops ------------------------------------------------------------------
+
+# Created at import time, outside any event loop, as users do.
+_IMPORT_TIME_LIMITER = Limiter(2)
+_IMPORT_TIME_RATED = Limiter(1, rate=Rate(2))
+
+
+def test_limiter_made_at_import_time_serves_successive_loops() -> None:
+    """One module-level Limiter works in one asyncio.run after another, on every loop kind."""
+
+    async def main() -> int:
+        spy = Spy()
+
+        async def call() -> None:
+            async with _IMPORT_TIME_LIMITER:
+                await spy()
+
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(6):
+                tg.create_task(call())
+        return spy.peak
+
+    for kind in LOOP_KINDS:
+        assert run(main, kind) == 2
+        assert run(main, kind) == 2
+    assert (_IMPORT_TIME_LIMITER.in_flight, _IMPORT_TIME_LIMITER.waiting) == (0, 0)
+
+
+def test_limiter_rate_carries_over_to_the_next_loop() -> None:
+    """A new loop's clock restarts, yet the rate holds: the debt of the last starts carries over."""
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        starts = []
+        for _ in range(3):
+            async with _IMPORT_TIME_RATED:
+                starts.append(loop.time())
+        return starts
+
+    assert run(main, virtual_time=True) == pytest.approx([0.0, 0.5, 1.0])
+    # The next loop's clock starts at 0 again; the start at 1.0 still owed 0.5 s.
+    assert run(main, virtual_time=True) == pytest.approx([0.5, 1.0, 1.5])
+
+
+def test_limiter_refuses_two_loops_at_once() -> None:
+    """Waiting on a Limiter from a second loop while the first still has waiters is an error."""
+    limiter = Limiter(1)
+    loop_a = asyncio.new_event_loop()
+    try:
+
+        async def hold_and_queue() -> asyncio.Task[None]:
+            await limiter.acquire()
+            waiter = asyncio.ensure_future(limiter.acquire())
+            await asyncio.sleep(0)  # let the waiter line up on loop A
+            return waiter
+
+        waiter = loop_a.run_until_complete(hold_and_queue())
+        message = (
+            "this Limiter has tasks waiting on another event loop that is still open; "
+            "a Limiter can serve successive event loops, not two at once"
+        )
+        with pytest.raises(RuntimeError, match=exactly(message)):
+            run(limiter.acquire)
+        limiter.release()  # hands the slot to the waiter on loop A
+        loop_a.run_until_complete(waiter)
+        limiter.release()
+        assert limiter.in_flight == 0
+    finally:
+        loop_a.close()
+
+
+def test_limiter_forgets_waiters_of_a_closed_loop() -> None:
+    """Tasks abandoned on a closed loop no longer stand in line on the next loop."""
+    limiter = Limiter(1)
+    loop_a = asyncio.new_event_loop()
+    loop_a.set_exception_handler(lambda loop, context: None)  # abandoned tasks report as destroyed
+
+    async def abandon() -> asyncio.Task[None]:
+        await limiter.acquire()  # held by a task that will never release it
+        waiter = asyncio.ensure_future(limiter.acquire())
+        await asyncio.sleep(0)  # let the waiter line up on loop A
+        return waiter
+
+    waiter = loop_a.run_until_complete(abandon())
+    loop_a.close()
+
+    async def main() -> None:
+        late = asyncio.create_task(limiter.acquire())
+        await asyncio.sleep(0)  # let it line up: the closed loop's waiter is forgotten
+        limiter.release()  # the slot the abandoned task held, given back by hand
+        await late
+        limiter.release()
+
+    run(main)
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+    del waiter
+    gc.collect()
+
+
+def test_rate_gate_refuses_two_loops_at_once() -> None:
+    """Waiting on a gate from a second loop while the first still has waiters is an error."""
+    gate = RateGate(Rate(1))
+    loop_a = VirtualClockLoop()
+    try:
+
+        async def queue() -> asyncio.Task[None]:
+            await gate.wait()
+            waiter = asyncio.ensure_future(gate.wait())
+            await asyncio.sleep(0)  # let the waiter line up on loop A
+            return waiter
+
+        waiter = loop_a.run_until_complete(queue())
+        message = (
+            "this rate is in use by tasks of another event loop that is still open; "
+            "a corral.Limiter or RateGate can serve successive event loops, not two at once"
+        )
+        with pytest.raises(RuntimeError, match=exactly(message)):
+            run(gate.wait, virtual_time=True)
+        loop_a.run_until_complete(waiter)
+        assert loop_a.time() == pytest.approx(1.0)
+    finally:
+        loop_a.close()
+
+
+def test_rate_gate_forgets_a_closed_loop_and_carries_the_rate_over() -> None:
+    """A gate whose last loop closed with waiters serves a new loop, still owing the next slot."""
+    gate = RateGate(Rate(1))
+    loop_a = VirtualClockLoop()
+    loop_a.set_exception_handler(lambda loop, context: None)  # abandoned tasks report as destroyed
+
+    async def abandon() -> asyncio.Task[None]:
+        await gate.wait()  # at 0: the next slot is at 1.0
+        waiter = asyncio.ensure_future(gate.wait())
+        await asyncio.sleep(0)  # let the waiter line up on loop A
+        return waiter
+
+    waiter = loop_a.run_until_complete(abandon())
+    loop_a.close()
+
+    async def main() -> float:
+        await gate.wait()
+        return asyncio.get_running_loop().time()
+
+    assert run(main, virtual_time=True) == pytest.approx(1.0)
+    assert gate.waiting == 0
+    del waiter
+    gc.collect()
