@@ -545,3 +545,110 @@ async def test_run_inside_a_loop_is_refused() -> None:
     """corral.run inside a running loop says to use gather instead."""
     with pytest.raises(RuntimeError, match=r"use `await corral.gather\(\.\.\.\)`"):
         corral.run(Spy(), range(3))
+
+
+# -- timeouts and retries --------------------------------------------------------
+
+
+@pytest.mark.virtual_time
+async def test_timeout_ends_a_late_attempt_with_timeout_error() -> None:
+    """timeout=1 ends a 10 s call at exactly 1 s with the builtin TimeoutError."""
+    loop = asyncio.get_running_loop()
+
+    async def slow(item: int) -> int:
+        await asyncio.sleep(10)
+        return item
+
+    t0 = loop.time()
+    with pytest.raises(TimeoutError):
+        await corral.gather(slow, [1], timeout=1)
+    assert loop.time() - t0 == pytest.approx(1.0)
+
+
+@pytest.mark.virtual_time
+async def test_timed_out_attempts_are_retried_on_schedule() -> None:
+    """Each attempt gets the full timeout; retries wait backoff * 2**(k-1) between them."""
+    loop = asyncio.get_running_loop()
+    attempts: list[float] = []
+
+    async def slow_then_fast(item: int) -> int:
+        attempts.append(loop.time())
+        if len(attempts) < 3:
+            await asyncio.sleep(10)
+        return item
+
+    retry = corral.Retry(attempts=3, backoff=1.0, max_backoff=60, jitter=False)
+    async with corral.map(slow_then_fast, [7], timeout=2, retries=retry) as results:
+        assert [r async for r in results] == [7]
+    # attempt 1 at 0, times out at 2, waits 1; attempt 2 at 3, times out at 5, waits 2.
+    assert attempts == pytest.approx([0.0, 3.0, 7.0])
+    assert results.stats.retried == 2
+
+
+@pytest.mark.virtual_time
+async def test_int_retries_means_that_many_extra_calls() -> None:
+    """retries=2 calls a failing fn 3 times, then raises its error."""
+    calls = 0
+
+    async def flaky(item: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise ConnectionResetError("peer went away")
+
+    with pytest.raises(ConnectionResetError):
+        await corral.gather(flaky, [1], retries=2)
+    assert calls == 3
+
+
+@pytest.mark.virtual_time
+async def test_programming_errors_are_not_retried_by_default() -> None:
+    """A ValueError fails at once even with retries left."""
+    calls = 0
+
+    async def buggy(item: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise ValueError("bug")
+
+    with pytest.raises(ValueError, match="bug"):
+        await corral.gather(buggy, [1], retries=5)
+    assert calls == 1
+
+
+@pytest.mark.virtual_time
+async def test_retry_after_waits_at_least_that_long() -> None:
+    """RetryAfter(30) from fn delays the next attempt by 30 s, beyond max_backoff."""
+    loop = asyncio.get_running_loop()
+    attempts: list[float] = []
+
+    async def throttled(item: int) -> int:
+        attempts.append(loop.time())
+        if len(attempts) == 1:
+            raise corral.RetryAfter(30)
+        return item
+
+    retry = corral.Retry(attempts=2, backoff=0.1, max_backoff=1, jitter=False)
+    assert await corral.gather(throttled, [5], retries=retry) == [5]
+    assert attempts == pytest.approx([0.0, 30.0])
+
+
+@pytest.mark.virtual_time
+async def test_limiter_slot_is_free_during_backoff() -> None:
+    """While one map's item waits to retry, another map sharing the Limiter uses the slot."""
+    loop = asyncio.get_running_loop()
+    shared = corral.Limiter(limit=1)
+    log: list[tuple[str, float]] = []
+
+    async def throttled_once(item: str) -> str:
+        log.append((item, loop.time()))
+        if len(log) == 1:
+            raise corral.RetryAfter(5)
+        await asyncio.sleep(1)
+        return item
+
+    retry = corral.Retry(attempts=2, backoff=0, max_backoff=0, jitter=False)
+    assert await asyncio.gather(
+        corral.gather(throttled_once, ["a"], limit=shared, retries=retry),
+        corral.gather(throttled_once, ["b"], limit=shared),
+    ) == [["a"], ["b"]]
+    assert log == [("a", 0.0), ("b", 0.0), ("a", 5.0)]

@@ -74,7 +74,9 @@ class Spy:
 def test_rate_parse_reads_the_short_forms(text: str, n: float, per: float) -> None:
     """Each documented text form means n starts per `per` seconds, burst 1."""
     rate = Rate.parse(text)
-    assert (rate.n, rate.per, rate.burst) == (n, pytest.approx(per), 1)
+    assert rate.n == n
+    assert rate.per == pytest.approx(per)
+    assert rate.burst == 1
 
 
 @pytest.mark.parametrize(
@@ -143,8 +145,7 @@ def test_rate_parse_rejects_a_non_string() -> None:
         (
             {"n": 20, "per": -1.5},
             ValueError,
-            "Rate per must be a finite number of seconds > 0, like Rate(20, per=1.0); "
-            "got per=-1.5",
+            "Rate per must be a finite number of seconds > 0, like Rate(20, per=1.0); got per=-1.5",
         ),
         (
             {"n": 20, "per": math.inf},
@@ -154,8 +155,7 @@ def test_rate_parse_rejects_a_non_string() -> None:
         (
             {"n": 20, "per": None},
             TypeError,
-            "Rate per must be a finite number of seconds > 0, like Rate(20, per=1.0); "
-            "got per=None",
+            "Rate per must be a finite number of seconds > 0, like Rate(20, per=1.0); got per=None",
         ),
         (
             {"n": 20, "burst": 0},
@@ -201,7 +201,8 @@ def test_rate_interval_and_tolerance() -> None:
 
 def test_rate_accepts_any_real_number_and_is_a_frozen_value() -> None:
     """Fractions work as numbers; a Rate is immutable and compares by value."""
-    assert Rate(Fraction(1, 3)).interval == pytest.approx(3.0)
+    third = Rate(Fraction(1, 3))  # type: ignore[arg-type]
+    assert third.interval == pytest.approx(3.0)
     assert Rate(20, per=1.0, burst=2) == Rate(20.0, per=1, burst=2)
     assert len({Rate(20), Rate(20.0)}) == 1
     with pytest.raises(AttributeError):
@@ -233,7 +234,9 @@ def test_as_rate_normalises_the_accepted_forms() -> None:
         (b"20/s", TypeError),
     ],
 )
-def test_as_rate_rejects_other_values_naming_the_value(value: object, error: type[Exception]) -> None:
+def test_as_rate_rejects_other_values_naming_the_value(
+    value: object, error: type[Exception]
+) -> None:
     """Zero, negatives, NaN, infinity, bools and other types fail with the forms to use."""
     message = f"rate must be > 0, like 20, '20/s' or corral.Rate(20, per=1.0); got rate={value!r}"
     with pytest.raises(error, match=exactly(message)):
@@ -470,7 +473,9 @@ async def test_rate_gate_gives_back_a_slot_granted_to_a_caller_cancelled_before_
     ],
 )
 @pytest.mark.virtual_time
-async def test_rate_gate_gives_back_only_the_latest_grant(cancelled: str, next_start: float) -> None:
+async def test_rate_gate_gives_back_only_the_latest_grant(
+    cancelled: str, next_start: float
+) -> None:
     """A cancelled grantee's slot is given back only if no later start was granted on top of it."""
     loop = virtual_loop()
     gate = RateGate(Rate(1, per=1.0, burst=2))
@@ -489,7 +494,7 @@ async def test_rate_gate_gives_back_only_the_latest_grant(cancelled: str, next_s
 
 @pytest.mark.virtual_time
 async def test_rate_gate_late_timer_catches_up_within_the_burst_in_order() -> None:
-    """A timer delayed by a blocked loop grants what the burst allows, still first come first served."""
+    """A timer delayed by a blocked loop grants what the burst allows, still in arrival order."""
     loop = virtual_loop()
     gate = RateGate(Rate(1, per=1.0, burst=4))
     for _ in range(4):
@@ -511,6 +516,47 @@ async def test_rate_gate_late_timer_catches_up_within_the_burst_in_order() -> No
         tg.create_task(start("a", again=True))
         tg.create_task(start("b", again=False))
     assert log == [("a", 5.0), ("b", 5.0), ("a again", 5.0)]
+
+
+class EarlyTimerLoop(VirtualClockLoop):
+    """Runs timers up to 1 ms early, as loops with a coarse clock do, and counts timers set.
+
+    asyncio runs every timer due within its clock resolution (about 15 ms on
+    Windows); uvloop rounds delays to whole milliseconds.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock_resolution = 0.001
+        self.timers_set = 0
+
+    def call_at(  # type: ignore[override]
+        self, when: float, callback: Any, *args: Any, context: Any = None
+    ) -> Any:
+        self.timers_set += 1
+        return super().call_at(when, callback, *args, context=context)
+
+
+def test_rate_gate_grants_on_an_early_timer_without_spinning() -> None:
+    """A timer run a little early still grants its slot: one timer per slot, no re-arming."""
+
+    async def main() -> tuple[float, int]:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, EarlyTimerLoop)
+        gate = RateGate(Rate(1))
+        await gate.wait()  # at 0: the next slot is at 1.0
+        waiter = asyncio.create_task(gate.wait())
+        await asyncio.sleep(0)  # let it line up: the gate sets its timer for 1.0
+        # Wakes the loop at 0.9995; the gate's 1.0 timer is then within the
+        # clock resolution and runs in the same iteration, 0.5 ms early.
+        loop.call_at(0.9995, lambda: None)
+        await waiter
+        return loop.time(), loop.timers_set
+
+    with asyncio.Runner(loop_factory=EarlyTimerLoop) as runner:
+        started, timers_set = runner.run(main())
+    assert started == pytest.approx(1.0, abs=0.001)
+    assert timers_set == 2  # the gate's one timer and the wake-up above
 
 
 def _simulate(arrivals: list[float], rate: Rate) -> list[float]:
@@ -625,7 +671,9 @@ def test_rate_gate_holds_the_rate_and_order_when_waiters_are_cancelled(
 )
 def test_limiter_rejects_a_bad_limit_naming_it(limit: object, error: type[Exception]) -> None:
     """The cap is an int >= 1; anything else fails with the value given and an example."""
-    message = f"limit must be an int >= 1 or None, like corral.Limiter(limit=10); got limit={limit!r}"
+    message = (
+        f"limit must be an int >= 1 or None, like corral.Limiter(limit=10); got limit={limit!r}"
+    )
     with pytest.raises(error, match=exactly(message)):
         Limiter(limit)  # type: ignore[arg-type]
 

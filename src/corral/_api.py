@@ -385,6 +385,32 @@ async def gather(
     return await engine.run_to_end()
 
 
+@overload
+def run(
+    fn: Callable[[T], Awaitable[R]],
+    items: Iterable[T] | AsyncIterable[T],
+    *,
+    limit: LimitLike = ...,
+    rate: RateLike = ...,
+    timeout: float | None = ...,
+    retries: int | Retry | None = ...,
+    return_exceptions: bool = ...,
+    executor: ExecutorLike = ...,
+    uvloop: bool | None = ...,
+) -> builtins.list[R]: ...
+@overload
+def run(
+    fn: Callable[[T], R],
+    items: Iterable[T] | AsyncIterable[T],
+    *,
+    limit: LimitLike = ...,
+    rate: RateLike = ...,
+    timeout: float | None = ...,
+    retries: int | Retry | None = ...,
+    return_exceptions: bool = ...,
+    executor: ExecutorLike = ...,
+    uvloop: bool | None = ...,
+) -> builtins.list[R]: ...
 def run(
     fn: Callable[[Any], Any],
     items: Iterable[Any] | AsyncIterable[Any],

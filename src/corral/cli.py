@@ -1,0 +1,224 @@
+"""The ``corral`` command: the lab from a shell.
+
+    corral serve --port 8080 --capacity 64 --service-ms 10
+
+Each subcommand is two functions: ``_add_NAME(subparsers)`` declares its
+arguments and sets ``handler=_run_NAME``; ``_run_NAME(args) -> int`` does the
+work and returns the exit status. Heavy imports (aiohttp, uvloop) happen
+inside the handlers, so ``corral --help`` and ``import corral.cli`` stay fast
+and work without the lab extra.
+
+Exit status: 0 done, 1 failed (e.g. the port is taken), 2 usage error or a
+missing extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from corral.lab.server import ServerStats, TargetServer
+
+__all__ = ["main"]
+
+LAB_EXTRA_MESSAGE = "corral {command} needs the lab extra: pip install 'corral[lab]'"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``corral`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        # argparse exits on --help (0) and on usage errors (2, message
+        # already on stderr); hand the status back instead of raising.
+        return exit_.code if isinstance(exit_.code, int) else 2
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corral",
+        description="corral's lab: serve a modelled API, benchmark, tune, demo.",
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_serve(subparsers)
+    return parser
+
+
+# --------------------------------------------------------------------------
+# Argument types: each rejects a bad value with what it must be.
+# --------------------------------------------------------------------------
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(maximum: float | None = None) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= 0 and (maximum is None or value <= maximum)):
+            bound = f"between 0 and {maximum:g}" if maximum is not None else ">= 0"
+            raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _schedule(text: str) -> list[tuple[float, int]]:
+    steps: list[tuple[float, int]] = []
+    for part in text.split(","):
+        at, sep, capacity = part.partition(":")
+        try:
+            step = (float(at), int(capacity))
+        except ValueError:
+            sep = ""
+        if not sep or not math.isfinite(step[0]) or step[0] < 0 or step[1] < 1:
+            raise argparse.ArgumentTypeError(
+                f"must be T:CAPACITY pairs joined by commas, like 5:32,10:64; got {text!r}"
+            )
+        steps.append(step)
+    return steps
+
+
+def _run_async(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop when installed (the command owns its process), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+# --------------------------------------------------------------------------
+# corral serve
+# --------------------------------------------------------------------------
+
+
+def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a modelled API (capacity, queue, 429/503) on loopback",
+        description=(
+            "Serve an HTTP API that behaves like a real one under load: CAPACITY requests "
+            "in service at once for SERVICE_MS each, up to QUEUE more waiting in line, and "
+            "any beyond refused with STATUS and Retry-After. Every path is served; "
+            "GET /_corral/stats reports the counters. Stops on Ctrl-C or SIGTERM and "
+            "prints a summary."
+        ),
+    )
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="a loopback address (default: %(default)s)")
+    add("--port", type=_int_at_least(0), default=8080, help="0 picks a free port (default: 8080)")
+    add("--capacity", type=_int_at_least(1), default=64, help="requests in service at once")
+    add("--service-ms", type=_number(), default=10.0, help="milliseconds each request takes")
+    add("--queue", type=_int_at_least(0), default=256, help="requests that may wait for a slot")
+    add("--status", type=int, choices=(429, 503), default=429, help="status when the queue is full")
+    add("--retry-after", type=_number(), default=1.0, help="seconds the refusal asks to wait")
+    add("--jitter", type=_number(1), default=0.0, help="service time varies by +/- this fraction")
+    add("--stall-fraction", type=_number(1), default=0.0, help="share of requests that hang")
+    add("--stall-s", type=_number(), default=30.0, help="seconds a stalled request hangs")
+    add("--fail-fraction", type=_number(1), default=0.0, help="share of requests answered 500")
+    add(
+        "--schedule",
+        type=_schedule,
+        default=None,
+        metavar="T:N,...",
+        help="set the capacity to N at T seconds after the start, e.g. 5:32,10:64",
+    )
+    add("--seed", type=int, default=0, help="seeds jitter, stalls and failures")
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        from corral.lab.server import TargetServer
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.startswith("corral"):
+            raise
+        print(LAB_EXTRA_MESSAGE.format(command="serve"), file=sys.stderr)
+        return 2
+    try:
+        server = TargetServer(
+            capacity=args.capacity,
+            service_ms=args.service_ms,
+            queue=args.queue,
+            status=args.status,
+            retry_after=args.retry_after,
+            jitter=args.jitter,
+            stall_fraction=args.stall_fraction,
+            stall_s=args.stall_s,
+            fail_fraction=args.fail_fraction,
+            schedule=args.schedule,
+            host=args.host,
+            port=args.port,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"corral serve: error: {exc}", file=sys.stderr)
+        return 2
+    return _run_async(_serve_until_signalled(server, args.status))
+
+
+async def _serve_until_signalled(server: TargetServer, status: int) -> int:
+    try:
+        url = await server.start()
+    except OSError as exc:
+        print(f"corral serve: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        print(f"corral serve: listening on {url}", flush=True)
+        await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await server.stop()
+    print(_summary(server.stats(), status), flush=True)
+    return 0
+
+
+def _summary(stats: ServerStats, status: int) -> str:
+    rate = stats.served / stats.elapsed_s if stats.elapsed_s > 0 else 0.0
+    if stats.latency_p50_ms is None:
+        latency = "no request served, so no latency"
+    else:
+        latency = (
+            f"latency p50 {stats.latency_p50_ms:.1f} ms, p90 {stats.latency_p90_ms:.1f} ms, "
+            f"p99 {stats.latency_p99_ms:.1f} ms"
+        )
+    return (
+        f"corral serve: stopped after {stats.elapsed_s:.1f} s: {stats.served} served "
+        f"({rate:.0f}/s), {stats.rejected} rejected ({status}), {stats.failed} failed, "
+        f"{stats.stalled} stalled; peak concurrency {stats.peak_concurrency} "
+        f"(peak in service {stats.peak_in_service}, capacity {stats.capacity}); {latency}."
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
