@@ -18,18 +18,32 @@ async def ident(item: int) -> int:
 @pytest.mark.parametrize(
     ("limit", "message"),
     [
-        (0, r"^limit must be an int >= 1, None \(unbounded\) or a corral\.Limiter; got limit=0$"),
-        (-3, r"^limit must be an int >= 1, None \(unbounded\) or a corral\.Limiter; got limit=-3$"),
+        (
+            0,
+            r"^limit must be an int >= 1, None \(unbounded\), 'auto' \(adaptive\), "
+            r"a corral\.Adaptive or a corral\.Limiter; got limit=0$",
+        ),
+        (-3, r"^limit must be an int >= 1, .*; got limit=-3$"),
         ("lots", r"^limit must be .*; got limit='lots'$"),
+        ("Auto", r"^limit must be .*; got limit='Auto'$"),
         (True, r"^limit must be .*; got limit=True$"),
         (2.5, r"^limit must be .*; got limit=2\.5$"),
-        ("auto", r"^limit='auto' \(adaptive concurrency\) is not available in corral .*"),
     ],
 )
 def test_bad_limit_is_refused_at_once(limit: object, message: str) -> None:
     """map() refuses a bad limit when called, before anything runs."""
     with pytest.raises(ValueError, match=message):
         corral.map(ident, range(3), limit=limit)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("limit", ["auto", corral.Adaptive(initial=2, max=8)])
+async def test_adaptive_limit_is_accepted_and_shown_in_stats(limit: object) -> None:
+    """limit='auto' and limit=corral.Adaptive(...) run the map; stats show the limit in force."""
+    async with corral.map(ident, range(50), limit=limit) as results:  # type: ignore[call-overload]
+        assert [r async for r in results] == list(range(50))
+        limit_now = results.stats.limit
+    assert isinstance(limit_now, int)
+    assert limit_now >= 1
 
 
 @pytest.mark.parametrize("rate", ["fast", -1, 0])

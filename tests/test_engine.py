@@ -642,13 +642,159 @@ async def test_limiter_slot_is_free_during_backoff() -> None:
     async def throttled_once(item: str) -> str:
         log.append((item, loop.time()))
         if len(log) == 1:
-            raise corral.RetryAfter(5)
+            raise ConnectionResetError("transient")
         await asyncio.sleep(1)
         return item
 
-    retry = corral.Retry(attempts=2, backoff=0, max_backoff=0, jitter=False)
+    retry = corral.Retry(attempts=2, backoff=5, max_backoff=5, jitter=False)
     assert await asyncio.gather(
         corral.gather(throttled_once, ["a"], limit=shared, retries=retry),
         corral.gather(throttled_once, ["b"], limit=shared),
     ) == [["a"], ["b"]]
     assert log == [("a", 0.0), ("b", 0.0), ("a", 5.0)]
+
+
+# -- stopping early: cancel(), deadline, budget ------------------------------------
+
+
+@pytest.mark.virtual_time
+async def test_cancel_keeps_what_is_done_and_ends_quietly() -> None:
+    """results.cancel() mid-run: no new start, in-flight calls cancelled, no error."""
+    tracker = Tracker()
+    got: list[int] = []
+    async with corral.map(tracker, range(100), limit=4) as results:
+        async for r in results:
+            got.append(r)
+            results.cancel()
+    assert got == [0]
+    assert tracker.in_flight == 0
+    assert 1 < tracker.started <= 4  # the pool grows lazily, never past the limit
+    assert results.stats.in_flight == 0
+    assert no_tasks_but_current()
+
+
+async def test_cancel_from_another_task_ends_the_map() -> None:
+    """cancel() called by another task stops a map whose calls hang forever."""
+    tracker = Tracker()
+    async with corral.map(tracker, range(100), limit=4) as results:
+
+        async def stop_soon() -> None:
+            while tracker.started < 4:
+                await asyncio.sleep(0)  # wait until the calls are in flight
+            results.cancel()
+
+        stopper = asyncio.get_running_loop().create_task(stop_soon())
+        got = [r async for r in results]
+        await stopper
+    assert got == [0]
+    assert tracker.in_flight == 0
+
+
+async def test_cancel_before_iteration_runs_nothing() -> None:
+    """A map cancelled before it started yields nothing and calls nothing."""
+    tracker = Tracker()
+    results = corral.map(tracker, range(10))
+    results.cancel()
+    assert [r async for r in results] == []
+    assert tracker.started == 0
+
+
+@pytest.mark.virtual_time
+async def test_deadline_hands_out_results_then_raises() -> None:
+    """deadline=2.5: items that finished by then are yielded, then DeadlineExceeded."""
+    loop = asyncio.get_running_loop()
+
+    async def item_seconds(item: int) -> int:
+        await asyncio.sleep(item)
+        return item
+
+    got: list[int] = []
+    with pytest.raises(corral.DeadlineExceeded, match=r"deadline of 2\.5 s passed"):
+        async with corral.map(item_seconds, range(10), limit=10, deadline=2.5) as results:
+            async for r in results:
+                got.append(r)
+    assert got == [0, 1, 2]
+    assert loop.time() == pytest.approx(2.5)
+    assert no_tasks_but_current()
+
+
+@pytest.mark.virtual_time
+async def test_deadline_with_return_exceptions_reports_cut_calls() -> None:
+    """With return_exceptions, each call the deadline cut short yields DeadlineExceeded."""
+
+    async def item_seconds(item: int) -> int:
+        await asyncio.sleep(item)
+        return item
+
+    results = await corral.gather(
+        item_seconds, range(5), limit=5, deadline=2.5, return_exceptions=True
+    )
+    assert results[:3] == [0, 1, 2]
+    assert [type(r) for r in results[3:]] == [corral.DeadlineExceeded] * 2
+
+
+@pytest.mark.virtual_time
+async def test_deadline_not_reached_changes_nothing() -> None:
+    """A deadline longer than the run neither raises nor leaves a timer behind."""
+
+    async def quick(item: int) -> int:
+        await asyncio.sleep(1)
+        return item
+
+    assert await corral.gather(quick, range(3), deadline=100) == [0, 1, 2]
+    assert no_tasks_but_current()
+
+
+@pytest.mark.virtual_time
+async def test_budget_stops_starting_and_lets_in_flight_finish() -> None:
+    """budget={'requests': 5}: 5 calls run to the end, none more, then BudgetExhausted."""
+    spy = Spy()
+    got: list[int] = []
+    with pytest.raises(corral.BudgetExhausted, match="budget of 5 requests"):
+        async with corral.map(spy, range(100), limit=3, budget={"requests": 5}) as results:
+            async for r in results:
+                got.append(r)
+    assert spy.calls == 5
+    assert got == [0, 2, 4, 6, 8]
+
+
+@pytest.mark.virtual_time
+async def test_budget_counts_retries() -> None:
+    """Each retry attempt spends one request of the budget."""
+    calls = 0
+
+    async def flaky(item: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("down")
+
+    with pytest.raises(corral.BudgetExhausted):
+        await corral.gather(flaky, range(10), limit=1, retries=10, budget={"requests": 4})
+    assert calls == 4
+
+
+def test_deadline_and_budget_are_checked() -> None:
+    """Bad deadline or budget values are refused, naming them."""
+
+    async def ident(item: int) -> int:
+        return item
+
+    with pytest.raises(ValueError, match=r"got deadline=0$"):
+        corral.map(ident, range(3), deadline=0)
+    with pytest.raises(ValueError, match=r"^budget must be a dict like"):
+        corral.map(ident, range(3), budget={"tokens": 5})
+    with pytest.raises(ValueError, match=r"^budget\['requests'\] must be an int >= 0"):
+        corral.map(ident, range(3), budget={"requests": -1})
+
+
+def test_unknown_keyword_is_refused_with_a_suggestion() -> None:
+    """A misspelt keyword fails at once and suggests the right one."""
+
+    async def ident(item: int) -> int:
+        return item
+
+    with pytest.raises(
+        TypeError,
+        match=r"^corral\.map\(\) got an unexpected keyword argument 'limt'; did you mean limit=\?$",
+    ):
+        corral.map(ident, range(3), limt=5)  # type: ignore[call-overload]

@@ -6,15 +6,30 @@ import asyncio
 import gc
 import math
 import re
+from collections import Counter
 from fractions import Fraction
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import corral
+import corral._limits
 from _loops import LOOP_KINDS, VirtualClockLoop, run
-from corral._limits import Limiter, Rate, RateGate, as_rate, gcra_delay, gcra_next_tat
+from corral._adaptive import DROP_BACKOFF, MIN_SAMPLES, Adaptive
+from corral._limits import (
+    RAMP_FRACTION,
+    RAMP_STEPS,
+    Limiter,
+    Rate,
+    RateGate,
+    as_rate,
+    gcra_delay,
+    gcra_next_tat,
+    outcome_of,
+)
 
 
 def exactly(message: str) -> str:
@@ -666,13 +681,14 @@ def test_rate_gate_holds_the_rate_and_order_when_waiters_are_cancelled(
         (1.5, TypeError),
         (10.0, TypeError),
         ("10", TypeError),
-        ("auto", TypeError),
+        ("Auto", TypeError),
     ],
 )
 def test_limiter_rejects_a_bad_limit_naming_it(limit: object, error: type[Exception]) -> None:
-    """The cap is an int >= 1; anything else fails with the value given and an example."""
+    """The cap is an int >= 1, 'auto' or an Adaptive; anything else fails with its value."""
     message = (
-        f"limit must be an int >= 1 or None, like corral.Limiter(limit=10); got limit={limit!r}"
+        "limit must be an int >= 1, 'auto', a corral.Adaptive or None, like "
+        f"corral.Limiter(limit=10); got limit={limit!r}"
     )
     with pytest.raises(error, match=exactly(message)):
         Limiter(limit)  # type: ignore[arg-type]
@@ -1142,3 +1158,544 @@ def test_rate_gate_forgets_a_closed_loop_and_carries_the_rate_over() -> None:
     assert gate.waiting == 0
     del waiter
     gc.collect()
+
+
+# -- Limiter: adaptive limits ------------------------------------------------------------
+
+
+async def test_limiter_accepts_auto_and_adaptive_limits() -> None:
+    """'auto' means Adaptive(); the limit in force starts at initial; the ceiling is max."""
+    auto = Limiter("auto")
+    assert isinstance(auto, Limiter)  # a subclass that times `async with` bodies
+    assert (auto.limit, auto.adaptive, auto.ceiling) == (4, Adaptive(), 1000)
+    assert repr(auto) == (
+        "<corral.Limiter limit=4 (adaptive 1..1000) rate=None in_flight=0 waiting=0>"
+    )
+    bounded = Limiter(limit=Adaptive(initial=3, min=2, max=9), rate="5/s")
+    assert (bounded.limit, bounded.ceiling, bounded.rate) == (3, 9, Rate(5.0))
+    assert (Limiter(5).adaptive, Limiter(5).ceiling) == (None, 5)
+    assert Limiter(rate=1).ceiling is None
+
+
+async def _grow_one_window(limiter: Limiter) -> None:
+    """Report one busy window of fast successes (each call started after the last change)."""
+    await asyncio.sleep(0.02)  # let time pass: these calls started after the last change
+    for _ in range(max(MIN_SAMPLES, limiter.ceiling or 0)):
+        limiter.record(0.01)
+
+
+@pytest.mark.virtual_time
+async def test_raising_an_adaptive_limit_hands_new_slots_to_waiters_in_order() -> None:
+    """When the limit grows, callers in line get the new slots at once, first come first served."""
+    limiter = Limiter(Adaptive(initial=2, max=4))
+    for _ in range(2):
+        await limiter.acquire()
+    order: list[int] = []
+
+    async def take(i: int) -> None:
+        await limiter.acquire()
+        order.append(i)
+
+    waiters = [asyncio.create_task(take(i)) for i in range(3)]
+    await asyncio.sleep(0)  # let the waiters line up
+    assert limiter.waiting == 3
+    await _grow_one_window(limiter)  # 2 -> 3: one new slot, nobody released
+    await asyncio.sleep(0)  # let the first waiter resume
+    assert (limiter.limit, limiter.in_flight, order) == (3, 3, [0])
+    await _grow_one_window(limiter)  # 3 -> 4 (max)
+    await asyncio.sleep(0)  # let the second waiter resume
+    assert (limiter.limit, limiter.in_flight, order) == (4, 4, [0, 1])
+    limiter.release()  # the slot goes straight to the last waiter
+    await asyncio.gather(*waiters)
+    assert (limiter.in_flight, order) == (4, [0, 1, 2])
+    for _ in range(4):
+        limiter.release()
+
+
+async def test_lowering_an_adaptive_limit_retires_slots_until_below_it() -> None:
+    """After a cut, returned slots are retired, not handed on, until below the limit."""
+    limiter = Limiter(Adaptive(initial=4, max=4))
+    for _ in range(4):
+        await limiter.acquire()
+    waiter = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)  # let the waiter line up
+    limiter.record(0.5, "drop")  # 4 x 0.9 = 3.6: 3 in force
+    assert limiter.limit == 3
+    limiter.release()  # 4 in flight > 3: retired
+    await asyncio.sleep(0)  # the waiter would resume here if it had been handed the slot
+    assert (limiter.in_flight, limiter.waiting, waiter.done()) == (3, 1, False)
+    limiter.release()  # 3 in flight: this slot goes to the waiter
+    await waiter
+    assert (limiter.in_flight, limiter.waiting) == (3, 0)
+    for _ in range(3):
+        limiter.release()
+
+
+async def test_record_costs_nothing_on_a_fixed_limit() -> None:
+    """A fixed limit ignores outcomes: record() and record_error() change nothing."""
+    limiter = Limiter(3)
+    limiter.record(0.1)
+    limiter.record(0.1, "drop")
+    limiter.record_error(0.1, TimeoutError())
+    assert (limiter.limit, limiter.cooling_down) == (3, False)
+
+
+async def test_record_refuses_an_unknown_outcome() -> None:
+    """The outcome is 'success', 'drop' or 'ignore'; anything else names itself."""
+    message = "outcome must be 'success', 'drop' or 'ignore'; got outcome='fail'"
+    with pytest.raises(ValueError, match=exactly(message)):
+        Limiter("auto").record(0.1, "fail")  # type: ignore[arg-type]
+
+
+async def test_ignored_outcomes_change_nothing() -> None:
+    """'ignore' (a cancelled call, an unrelated error) is neither a success nor a drop."""
+    limiter = Limiter(Adaptive(initial=8))
+    for _ in range(100):
+        limiter.record(0.001, "ignore")
+    assert limiter.limit == 8
+
+
+@pytest.mark.virtual_time
+async def test_async_with_an_adaptive_limiter_learns_from_the_body() -> None:
+    """Bodies that take the same time each round: the limit grows (slow start)."""
+    limiter = Limiter(Adaptive(initial=2, max=64))
+
+    async def worker() -> None:
+        for _ in range(40):
+            async with limiter:
+                await asyncio.sleep(0.01)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(64):
+            tg.create_task(worker())
+    assert limiter.limit == 64
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+async def test_a_timeout_in_an_async_with_body_is_a_drop() -> None:
+    """A body that times out cuts an adaptive limit."""
+    limiter = Limiter(Adaptive(initial=10))
+    with pytest.raises(TimeoutError):
+        async with limiter:
+            raise TimeoutError
+    assert limiter.limit == int(10 * DROP_BACKOFF)
+    assert limiter.in_flight == 0
+
+
+async def test_a_cancelled_body_is_neither_success_nor_drop() -> None:
+    """Cancelling a call says nothing about the service (concurrency-limits #146)."""
+    limiter = Limiter(Adaptive(initial=10))
+    entered = asyncio.Event()
+
+    async def body() -> None:
+        async with limiter:
+            entered.set()
+            await asyncio.sleep(100)
+
+    tasks = [asyncio.create_task(body()) for _ in range(10)]
+    await entered.wait()
+    await asyncio.sleep(0)  # let every task enter
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert (limiter.limit, limiter.in_flight) == (10, 0)
+    assert limiter._controller is not None
+    assert limiter._controller._samples == []
+
+
+class FakeResponseError(Exception):
+    """Shaped like aiohttp's ClientResponseError: .status and .headers."""
+
+    def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.headers = headers or {}
+
+
+class FakeStatusError(Exception):
+    """Shaped like httpx's HTTPStatusError: .response.status_code."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.response = SimpleNamespace(status_code=status, headers={})
+
+
+class TimeoutException(Exception):
+    """httpx's timeout base class (not a TimeoutError), matched by name."""
+
+
+class ReadTimeout(TimeoutException):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (None, "success"),
+        (TimeoutError(), "drop"),
+        (corral.RetryAfter(2.0), "drop"),
+        (FakeResponseError(429), "drop"),
+        (FakeResponseError(503), "drop"),
+        (FakeResponseError(504), "drop"),
+        (FakeStatusError(429), "drop"),
+        (ReadTimeout(), "drop"),
+        (FakeResponseError(404), "ignore"),
+        (FakeResponseError(500), "ignore"),
+        (ConnectionResetError(), "ignore"),
+        (ValueError("bug"), "ignore"),
+        (asyncio.CancelledError(), "ignore"),
+        (KeyboardInterrupt(), "ignore"),
+    ],
+)
+def test_outcome_of_reads_overload_from_failures(error: BaseException | None, outcome: str) -> None:
+    """Timeouts, 429/503/504 and RetryAfter are drops; cancellation and the rest are ignored."""
+    assert outcome_of(error) == outcome
+
+
+@pytest.mark.virtual_time
+async def test_map_with_limit_auto_shows_the_limit_in_force() -> None:
+    """A map with limit='auto' grows its limit while calls keep their latency; stats show it."""
+
+    async def call(item: int) -> int:
+        await asyncio.sleep(0.01)
+        return item
+
+    async with corral.map(call, range(2000), limit="auto") as results:
+        assert [r async for r in results] == list(range(2000))
+        limit = results.stats.limit
+    assert limit is not None
+    assert 4 < limit <= 1000
+
+
+@pytest.mark.virtual_time
+async def test_map_reports_timeouts_to_a_shared_adaptive_limiter() -> None:
+    """Calls that time out in a map are drops: the shared adaptive limit comes down."""
+    limiter = Limiter(Adaptive(initial=10))
+
+    async def stuck(item: int) -> int:
+        await asyncio.sleep(10)
+        return item
+
+    results = await corral.gather(
+        stuck, range(30), limit=limiter, timeout=0.1, return_exceptions=True
+    )
+    assert all(isinstance(r, TimeoutError) for r in results)
+    assert limiter.limit is not None
+    assert limiter.limit < 10
+
+
+# -- Limiter: cooldown ------------------------------------------------------------------
+
+
+@pytest.mark.virtual_time
+async def test_cooldown_pauses_new_starts_for_every_user() -> None:
+    """No call starts before the cooldown ends, in any task; calls already running go on."""
+    limiter = Limiter(4)
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+    ends: list[float] = []
+
+    async def call(hold: float) -> None:
+        async with limiter:
+            starts.append(loop.time())
+            await asyncio.sleep(hold)
+            ends.append(loop.time())
+
+    running = asyncio.create_task(call(0.5))
+    await asyncio.sleep(0)  # let it start before the pause
+    limiter.cooldown(2.0)
+    assert limiter.cooling_down
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(6):
+            tg.create_task(call(0.1))
+    await running
+    assert starts[0] == 0.0
+    assert ends[0] == pytest.approx(0.5)  # the running call was not held up
+    assert min(starts[1:]) >= 2.0
+    await asyncio.sleep(5)  # the ramp after the pause ends within RAMP_FRACTION x 2 s x 1.5
+    assert not limiter.cooling_down
+
+
+@pytest.mark.virtual_time
+async def test_cooldown_ramps_slots_back_in_jittered_steps() -> None:
+    """After the pause, slots reopen over a ramp, in FIFO order, not in one thundering herd."""
+    limiter = Limiter(64)
+    loop = asyncio.get_running_loop()
+    limiter.cooldown(2.0)
+    starts: list[tuple[float, int]] = []
+
+    async def call(i: int) -> None:
+        async with limiter:
+            starts.append((loop.time(), i))
+            await asyncio.sleep(1000)
+
+    tasks = [asyncio.create_task(call(i)) for i in range(64)]
+    await asyncio.sleep(10)
+    ramp = RAMP_FRACTION * 2.0
+    times = [t for t, _ in starts]
+    assert len(starts) == 64
+    assert [i for _, i in starts] == list(range(64))
+    assert min(times) > 2.0
+    assert max(times) <= 2.0 + 1.5 * ramp
+    assert len(set(times)) == RAMP_STEPS  # 2 slots per step, each step at its own time
+    assert max(Counter(times).values()) == 64 // RAMP_STEPS
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert limiter.in_flight == 0
+
+
+@pytest.mark.virtual_time
+async def test_a_longer_cooldown_extends_a_shorter_one_never_shortens() -> None:
+    """Overlapping cooldowns: the one ending last wins."""
+    loop = asyncio.get_running_loop()
+    for first, second in [(1.0, 3.0), (3.0, 1.0)]:
+        limiter = Limiter(1)
+        limiter.cooldown(first)
+        limiter.cooldown(second)
+        start = loop.time()
+        async with limiter:
+            assert loop.time() - start > 3.0
+
+
+async def test_cooldown_of_zero_changes_nothing() -> None:
+    """cooldown(0) is no pause at all."""
+    limiter = Limiter(1)
+    limiter.cooldown(0)
+    assert not limiter.cooling_down
+    assert limiter.acquire_nowait()
+    limiter.release()
+
+
+@pytest.mark.parametrize("seconds", [-1, math.nan, math.inf, "1", True])
+async def test_cooldown_refuses_bad_seconds(seconds: object) -> None:
+    """The pause is a finite number of seconds >= 0; the message names the value."""
+    message = f"cooldown seconds must be a finite number >= 0; got seconds={seconds!r}"
+    with pytest.raises(ValueError, match=exactly(message)):
+        Limiter(1).cooldown(seconds)  # type: ignore[arg-type]
+
+
+@pytest.mark.virtual_time
+async def test_rate_only_limiter_reopens_at_the_rate_after_a_cooldown() -> None:
+    """Without a cap there is nothing to ramp: the rate spaces the starts after the pause."""
+    limiter = Limiter(rate=Rate(10))
+    loop = asyncio.get_running_loop()
+    limiter.cooldown(1.0)
+    starts: list[float] = []
+
+    async def call() -> None:
+        async with limiter:
+            starts.append(loop.time())
+
+    await asyncio.gather(*(call() for _ in range(3)))
+    assert starts == pytest.approx([1.0, 1.1, 1.2])
+
+
+async def test_a_retry_after_from_the_server_starts_a_cooldown() -> None:
+    """record_error() of a 429 with Retry-After, or of a RetryAfter, pauses the limiter."""
+    for limiter in (Limiter(3), Limiter("auto")):
+        limiter.record_error(0.01, FakeResponseError(429, {"Retry-After": "2"}))
+        assert limiter.cooling_down
+        assert limiter._cool_span == 2.0
+    limiter = Limiter(3)
+    limiter.record_error(0.01, corral.RetryAfter(1.5))
+    assert limiter._cool_span == 1.5
+    limiter = Limiter(3)
+    limiter.record_error(0.01, FakeResponseError(500, {"Retry-After": "2"}))
+    assert not limiter.cooling_down  # Retry-After counts on 429 and 503 only
+
+
+@pytest.mark.virtual_time
+async def test_a_retry_after_pauses_every_map_sharing_the_limiter() -> None:
+    """One call told to come back in 1 s pauses both maps' new starts; no retry storm."""
+    limiter = Limiter(2)
+    loop = asyncio.get_running_loop()
+    starts: list[tuple[float, int]] = []
+    told = False
+
+    async def call(item: int) -> int:
+        nonlocal told
+        starts.append((loop.time(), item))
+        if item == 0 and not told:
+            told = True
+            raise corral.RetryAfter(1.0)
+        await asyncio.sleep(0.1)
+        return item
+
+    a, b = await asyncio.gather(
+        corral.gather(call, range(5), limit=limiter, retries=1),
+        corral.gather(call, range(5, 10), limit=limiter),
+    )
+    assert (a, b) == (list(range(5)), list(range(5, 10)))
+    assert starts[0] == (0.0, 0)  # failed at once: nothing else had started yet
+    assert all(t >= 1.0 for t, _ in starts[1:])
+    assert len(starts) == 11  # ten items and one retry: no storm
+
+
+def test_cooldown_does_not_carry_over_to_the_next_loop() -> None:
+    """A pause set on a loop that has closed means nothing to the next one."""
+    limiter = Limiter(2)
+
+    async def pause() -> None:
+        limiter.cooldown(100.0)
+
+    async def start_time() -> float:
+        async with limiter:
+            return asyncio.get_running_loop().time()
+
+    run(pause, virtual_time=True)
+    assert run(start_time, virtual_time=True) == 0.0
+    assert not limiter.cooling_down
+
+
+# -- Limiter: per key ----------------------------------------------------------------------
+
+
+def test_limiter_refuses_a_key_that_is_not_callable() -> None:
+    """key= is a function of the item; the message shows an example."""
+    message = (
+        "key must be a function of the item returning a hashable, like "
+        "key=lambda url: urlsplit(url).hostname; got key='host'"
+    )
+    with pytest.raises(TypeError, match=exactly(message)):
+        Limiter(2, key="host")  # type: ignore[arg-type]
+
+
+async def test_per_key_limits_cap_each_key_separately() -> None:
+    """limit=2 per key: each key has at most 2 calls running; keys run side by side."""
+    limiter = Limiter(2, key=lambda item: item[0])
+    spies = {"a": Spy(), "b": Spy()}
+    total = Spy()
+
+    async def call(item: str) -> None:
+        async with limiter.for_item(item):
+            await asyncio.gather(spies[item[0]](), total())
+
+    async with asyncio.timeout(10):  # hang guard, not the assertion
+        await asyncio.gather(*(call(f"{key}{i}") for key in "ab" for i in range(10)))
+    assert (spies["a"].peak, spies["b"].peak, total.peak) == (2, 2, 4)
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+    assert limiter.key is not None
+    assert repr(limiter).startswith("<corral.Limiter limit=2 rate=None key=<function")
+
+
+async def test_a_map_finds_each_items_key() -> None:
+    """corral.map(fn, urls, limit=per_host) applies each host's cap to its own calls."""
+    limiter = Limiter(3, key=lambda url: url.split("/")[2])
+    running: Counter[str] = Counter()
+    peaks: Counter[str] = Counter()
+
+    async def fetch(url: str) -> str:
+        host = url.split("/")[2]
+        running[host] += 1
+        peaks[host] = max(peaks[host], running[host])
+        for _ in range(3):
+            await asyncio.sleep(0)  # yield so calls overlap
+        running[host] -= 1
+        return host
+
+    urls = [f"http://{host}/{i}" for i in range(30) for host in ("a.test", "b.test", "c.test")]
+    async with corral.map(fetch, urls, limit=limiter) as results:
+        hosts = [h async for h in results]
+        assert results.stats.limit == 3
+    assert hosts == [url.split("/")[2] for url in urls]
+    assert dict(peaks) == {"a.test": 3, "b.test": 3, "c.test": 3}
+
+
+@pytest.mark.virtual_time
+async def test_per_key_rates_are_independent() -> None:
+    """rate= per key: each key's starts are spaced; other keys do not wait for them."""
+    limiter = Limiter(rate=Rate(1), key=lambda item: item[0])
+    loop = asyncio.get_running_loop()
+    starts: dict[str, list[float]] = {"a": [], "b": []}
+
+    async def call(item: str) -> None:
+        async with limiter.for_item(item):
+            starts[item[0]].append(loop.time())
+
+    await asyncio.gather(*(call(f"{key}{i}") for i in range(3) for key in "ab"))
+    assert starts == {"a": [0.0, 1.0, 2.0], "b": [0.0, 1.0, 2.0]}
+
+
+async def test_per_key_adaptive_limits_learn_separately() -> None:
+    """limit='auto' with key=: a drop on one key cuts that key's limit only."""
+    limiter = Limiter(Adaptive(initial=20), key=lambda item: item[0])
+    a, b = limiter.for_item("a1"), limiter.for_item("b1")
+    assert a is limiter.for_item("a2")
+    assert a is not b
+    a.record(0.1, "drop")
+    assert (a.limit, b.limit) == (int(20 * DROP_BACKOFF), 20)
+    assert limiter.limit == 20  # the highest in force among the keys
+
+
+async def test_idle_keys_are_forgotten_beyond_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory follows the keys in use: idle keys beyond IDLE_KEYS go, least recent first."""
+    monkeypatch.setattr(corral._limits, "IDLE_KEYS", 4)
+    limiter = Limiter(1, key=lambda item: item)
+    busy = limiter.for_item("busy")
+    await busy.acquire()
+    for i in range(100):
+        async with limiter.for_item(i):
+            pass
+    assert len(limiter._subs) <= 5
+    assert limiter.for_item("busy") is busy  # in use: never forgotten
+    assert 99 in limiter._subs  # the most recent idle keys stay
+    busy.release()
+
+
+@pytest.mark.virtual_time
+async def test_a_key_that_still_owes_its_rate_is_not_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forgetting a key must not let it start early: a key with rate debt stays."""
+    monkeypatch.setattr(corral._limits, "IDLE_KEYS", 2)
+    limiter = Limiter(rate=Rate(1), key=lambda item: item)
+    loop = asyncio.get_running_loop()
+    async with limiter.for_item("slow"):
+        pass  # at t=0: the next start of "slow" is due at t=1
+    await asyncio.sleep(0.5)
+    for i in range(10):
+        async with limiter.for_item(i):
+            pass
+    async with limiter.for_item("slow"):
+        assert loop.time() == pytest.approx(1.0)
+
+
+async def test_a_keyed_limiter_needs_the_item() -> None:
+    """acquire(), acquire_nowait(), record() and `async with` need a key: for_item(item)."""
+    limiter = Limiter(2, key=lambda item: item)
+    message = (
+        "this Limiter has key=, so each key has its own slots: call {} on "
+        "limiter.for_item(item), or pass the limiter to corral.map(), which does"
+    )
+    with pytest.raises(TypeError, match=exactly(message.format("acquire()"))):
+        await limiter.acquire()
+    with pytest.raises(TypeError, match=exactly(message.format("acquire()"))):
+        async with limiter:
+            pass
+    with pytest.raises(TypeError, match=exactly(message.format("acquire_nowait()"))):
+        limiter.acquire_nowait()
+    with pytest.raises(TypeError, match=exactly(message.format("record()"))):
+        limiter.record(0.1)
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+async def test_for_item_of_a_plain_limiter_is_the_limiter() -> None:
+    """Without key=, every item shares the one budget."""
+    limiter = Limiter(2)
+    assert limiter.for_item("anything") is limiter
+
+
+@pytest.mark.virtual_time
+async def test_a_keyed_cooldown_pauses_every_key_even_new_ones() -> None:
+    """cooldown() on a per-key Limiter pauses keys held now and keys first seen during it."""
+    limiter = Limiter(2, key=lambda item: item)
+    loop = asyncio.get_running_loop()
+    async with limiter.for_item("old"):
+        pass
+    limiter.cooldown(1.0)
+    starts = []
+    for key in ("old", "new"):
+        async with limiter.for_item(key):
+            starts.append(loop.time())
+    assert min(starts) >= 1.0

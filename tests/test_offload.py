@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import tempfile
 import threading
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import corral
-from _work import fail_on_three, fail_unpicklably, pid_of, square
+from _loops import run
+from _work import (
+    crash_once,
+    crash_once_or_fail,
+    ctrl_c,
+    exit_on_three,
+    fail_on_three,
+    fail_unpicklably,
+    kill_on_three,
+    pid_of,
+    record_pid_and_sleep,
+    returns_a_lambda,
+    segfault_on_three,
+    sleep_then_pid,
+    spin,
+    square,
+    worker_processes,
+)
+from corral import _offload
+from corral._offload import WorkerCrashed
 
 
 @pytest.mark.slow
@@ -69,3 +100,240 @@ def test_process_executor_refuses_a_lambda_at_once() -> None:
     """A lambda cannot go to another process: refused with the fix."""
     with pytest.raises(TypeError, match=r"Define it at module level"):
         corral.map(lambda x: x, range(3), executor="process")
+
+
+# ---------------------------------------------------------------------------
+# executor="process": chunks, backpressure, crash recovery, cleanup
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pools(monkeypatch: pytest.MonkeyPatch) -> list[_offload.ProcessPool]:
+    """Every ProcessPool that executor='process' creates during the test."""
+    created: list[_offload.ProcessPool] = []
+
+    class Recording(_offload.ProcessPool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(_offload, "ProcessPool", Recording)
+    return created
+
+
+@pytest.mark.slow
+def test_tiny_tasks_travel_in_chunks_never_more_than_the_limit(
+    pools: list[_offload.ProcessPool],
+) -> None:
+    """50 µs tasks go many per message, and the workers never hold more than `limit` items."""
+    assert corral.run(spin, range(3000), executor="process", limit=100) == list(range(3000))
+    (pool,) = pools
+    assert pool.items_sent == 3000
+    assert pool.chunks_sent <= 3000 / 5  # ~25 per chunk once the task time is known
+    assert pool.peak_in_pool <= 100
+
+
+@pytest.mark.slow
+def test_slow_tasks_go_one_at_a_time_to_every_process(pools: list[_offload.ProcessPool]) -> None:
+    """Tasks of 60 ms are sent one per message, so no item waits behind another."""
+    pids = corral.run(sleep_then_pid, [0.06] * 8, executor="process", limit=8)
+    (pool,) = pools
+    assert pool.chunks_sent == pool.items_sent == 8
+    assert len(set(pids)) == min(8, _offload.usable_cpus())
+
+
+def test_chunk_size_follows_the_measured_task_time() -> None:
+    """About TARGET_CHUNK_SECONDS of work per chunk, shared over the free slots, capped."""
+    sizer = _offload.ChunkSizer()
+    assert sizer.size(waiting=100, free_slots=4) == 1  # unknown task time: one item
+    assert sizer.depth() == 2
+    sizer.observe(elapsed=0.005, items=100)  # 50 µs each
+    assert sizer.size(waiting=100, free_slots=4) == 25  # an even share of what waits
+    assert sizer.size(waiting=10_000, free_slots=4) == 200  # 10 ms of work
+    sizer.per_item = 1e-9
+    assert sizer.size(waiting=10_000, free_slots=1) == _offload.MAX_CHUNK
+    sizer.per_item = 0.5
+    assert sizer.size(waiting=100, free_slots=4) == 1
+    assert sizer.depth() == 1  # slow items: nothing queued behind a running one
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_is_replaced_and_its_items_rerun_once(
+    tmp_path: Path, pools: list[_offload.ProcessPool]
+) -> None:
+    """Items whose worker died are re-run (counted as retries); no result is lost or doubled."""
+    items = [(str(tmp_path), i, i in (5, 50)) for i in range(120)]
+
+    async def main() -> tuple[list[int], corral.Stats]:
+        async with corral.map(crash_once, items, executor="process", limit=20) as results:
+            return [r async for r in results], results.stats
+
+    out, stats = run(main)
+    assert out == list(range(120))
+    (pool,) = pools
+    assert pool.crashes == 2
+    assert stats.retried >= 2  # both crashing items, plus any that shared their chunk
+    assert stats.completed == 120
+    assert stats.failed == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fn", "exitcode", "how"),
+    [
+        (exit_on_three, 3, "exit code 3"),
+        (kill_on_three, -signal.SIGKILL, "killed by SIGKILL"),
+        (segfault_on_three, -signal.SIGSEGV, "killed by SIGSEGV"),
+    ],
+)
+def test_an_item_that_keeps_killing_its_worker_fails_with_worker_crashed(
+    fn: Callable[[int], int], exitcode: int, how: str
+) -> None:
+    """os._exit, SIGKILL or a segfault three times: that item fails, naming it; the rest run."""
+    results: list[Any] = corral.run(fn, range(20), executor="process", return_exceptions=True)
+    assert results[:3] == [0, 1, 2]
+    assert results[4:] == list(range(4, 20))
+    error = results[3]
+    assert isinstance(error, WorkerCrashed)
+    assert (error.item, error.exitcode) == (3, exitcode)
+    assert str(error) == (
+        f"fn(item) killed its worker process 3 times (last: {how}); giving up on item=3. "
+        "A plain `def` run with executor='process' must not end its process: os._exit(), "
+        "a crash in C code, or a kill (e.g. by the OOM killer) all look alike here."
+    )
+
+
+@pytest.mark.slow
+def test_worker_crashed_is_raised_as_the_failure_of_the_map() -> None:
+    """Without return_exceptions the map fails with WorkerCrashed, and it pickles intact."""
+    with pytest.raises(WorkerCrashed, match=r"giving up on item=3\.") as info:
+        corral.run(exit_on_three, range(10), executor="process")
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert (type(copy), str(copy), copy.item, copy.exitcode) == (
+        WorkerCrashed,
+        str(info.value),
+        3,
+        3,
+    )
+
+
+@pytest.mark.slow
+def test_an_unpicklable_item_fails_alone() -> None:
+    """An item that cannot be sent fails with a TypeError in its place; the others run."""
+    items: list[Any] = [1, 2, lambda: 3, 4]
+    results: list[Any] = corral.run(square, items, executor="process", return_exceptions=True)
+    assert results[:2] == [1, 4]
+    assert results[3] == 16
+    assert isinstance(results[2], TypeError)
+    assert "cannot be sent to a worker process" in str(results[2])
+
+
+@pytest.mark.slow
+async def test_cancelling_a_map_leaves_no_worker_process(tmp_path: Path) -> None:
+    """Cancelled while every worker is busy for a minute: they are terminated, none remains."""
+    items = [(str(tmp_path), 60.0)] * 10
+
+    async def consume() -> None:
+        await corral.gather(record_pid_and_sleep, items, executor="process", limit=4)
+
+    async with asyncio.timeout(30):  # hang guard
+        task = asyncio.create_task(consume())
+        while len(os.listdir(tmp_path)) < min(4, _offload.usable_cpus()):
+            await asyncio.sleep(0.01)  # until every worker is inside a call
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert worker_processes() == set()
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_no_worker_process(tmp_path: Path) -> None:
+    """SIGINT to a script's process group (Ctrl-C): the script exits and its workers with it."""
+    call = (
+        f"corral.run(record_pid_and_sleep, [({str(tmp_path)!r}, 60.0)] * 4, "
+        "executor='process', limit=4)"
+    )
+    stderr, survivors = ctrl_c(call, tmp_path, workers=min(4, _offload.usable_cpus()))
+    assert b"KeyboardInterrupt" in stderr
+    assert survivors == []
+
+
+@pytest.mark.slow
+def test_a_given_process_pool_is_fed_in_chunks_and_left_open() -> None:
+    """A ProcessPoolExecutor passed in is used (chunked) and not shut down by corral."""
+    import concurrent.futures
+
+    with concurrent.futures.ProcessPoolExecutor(2) as pool:
+        assert corral.run(square, range(300), executor=pool) == [x * x for x in range(300)]
+        assert pool.submit(square, 7).result() == 49
+
+
+@pytest.mark.slow
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.lists(st.integers(-5, 40), max_size=40),
+    ordered=st.booleans(),
+    limit=st.integers(1, 16),
+)
+def test_each_item_ends_exactly_once_through_worker_processes(
+    values: list[int], ordered: bool, limit: int
+) -> None:
+    """Through processes, with failures and a crash: each item yields exactly one outcome."""
+    with tempfile.TemporaryDirectory() as directory:
+        items = [(directory, x, x % 10 == 7) for x in values]  # 7, 17... kill a worker once
+
+        async def main() -> list[Any]:
+            async with corral.map(
+                crash_once_or_fail,
+                items,
+                executor="process",
+                limit=limit,
+                ordered=ordered,
+                return_exceptions=True,
+            ) as results:
+                return [r async for r in results]
+
+        out = run(main)
+    expected = [ValueError(x) if x < 0 else x for x in values]
+    key = repr
+    if ordered:
+        assert [key(r) for r in out] == [key(e) for e in expected]
+    else:
+        assert sorted(map(key, out)) == sorted(map(key, expected))
+
+
+@pytest.fixture
+def ghost() -> Iterator[types.ModuleType]:
+    """A module that exists in this process only: worker processes cannot import it."""
+    module = types.ModuleType("corral_ghost_module")
+    code = "def double(x):\n    return 2 * x\n\nclass Thing:\n    pass\n"
+    exec(code, module.__dict__)
+    sys.modules[module.__name__] = module
+    yield module
+    del sys.modules[module.__name__]
+
+
+@pytest.mark.slow
+def test_a_function_the_workers_cannot_import_fails_every_call_saying_why(
+    ghost: types.ModuleType,
+) -> None:
+    """fn pickles here but cannot be loaded there: a RuntimeError naming fn and the cause."""
+    with pytest.raises(RuntimeError, match=r"cannot load fn=<function double") as info:
+        corral.run(ghost.double, range(5), executor="process")
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_items_or_results_that_cannot_cross_fail_in_their_place(ghost: types.ModuleType) -> None:
+    """An item the worker cannot unpickle, or a result it cannot pickle, fails that item."""
+    results: list[Any] = corral.run(
+        returns_a_lambda, range(3), executor="process", return_exceptions=True
+    )
+    assert all(isinstance(r, TypeError) for r in results)
+    assert "cannot be sent back from the worker process" in str(results[0])
+    things: list[Any] = corral.run(
+        pid_of, [ghost.Thing()], executor="process", return_exceptions=True
+    )
+    assert isinstance(things[0], ModuleNotFoundError)

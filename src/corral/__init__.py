@@ -19,23 +19,38 @@ from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
+from ._adaptive import Adaptive
 from ._api import gather, map, run
+from ._checkpoint import RecordedFailure
 from ._engine import ResultStream
+from ._errors import BudgetExhausted, DeadlineExceeded
 from ._limits import Limiter, Rate
-from ._retry import Retry, RetryAfter
+from ._monitor import BlockReport, LagStats, LoopWatch, watch_loop
+from ._offload import WorkerCrashed
+from ._retry import Retry, RetryAfter, transient
 from ._stats import Stats
 
 __all__ = [
+    "Adaptive",
+    "BlockReport",
+    "BudgetExhausted",
+    "DeadlineExceeded",
+    "LagStats",
     "Limiter",
+    "LoopWatch",
     "Rate",
+    "RecordedFailure",
     "ResultStream",
     "Retry",
     "RetryAfter",
     "Stats",
+    "WorkerCrashed",
     "__version__",
     "gather",
     "map",
     "run",
+    "transient",
+    "watch_loop",
 ]
 
 # Tracebacks and reprs say corral.Limiter, not corral._limits.Limiter.

@@ -11,22 +11,36 @@ from __future__ import annotations
 import asyncio
 import builtins
 import concurrent.futures
+import difflib
 import inspect
 import math
+import os
 import random
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
-from typing import Any, TypeVar, overload
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Literal, TypedDict, TypeVar, Unpack, overload
 
-from . import __version__
-from ._engine import Call, Engine, ResultStream, _Retried
+from ._adaptive import Adaptive
+from ._checkpoint import (
+    CONSUMER_LAG,
+    Checkpoint,
+    CheckpointedStream,
+    as_checkpoint,
+    closing,
+    with_checkpoint,
+)
+from ._engine import Call, Engine, Halt, ResultStream, _Retried
+from ._errors import BudgetExhausted
 from ._limits import Limiter, Rate, RateGate, as_rate
+from ._monitor import DEFAULT_THRESHOLD, LoopWatch, monitor_from_env
 from ._offload import is_async_callable, offload
+from ._progress import Progress, ProgressLike, check_progress, total_of
 from ._retry import Retry, as_retry
+from ._shard import ShardedStream, map_sharded
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-LimitLike = int | Limiter | None
+LimitLike = int | Literal["auto"] | Adaptive | Limiter | None
 RateLike = Rate | float | str | None
 ExecutorLike = str | concurrent.futures.Executor | None
 
@@ -52,16 +66,12 @@ def _check_fn(fn: object, caller: str) -> None:
 
 
 def _check_limit(limit: object) -> None:
-    if limit is None or isinstance(limit, Limiter):
+    if limit is None or isinstance(limit, Limiter | Adaptive) or limit == "auto":
         return
-    if limit == "auto":
-        raise ValueError(
-            f"limit='auto' (adaptive concurrency) is not available in corral {__version__}; "
-            "pass an int >= 1, None or a corral.Limiter"
-        )
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(
-            f"limit must be an int >= 1, None (unbounded) or a corral.Limiter; got limit={limit!r}"
+            "limit must be an int >= 1, None (unbounded), 'auto' (adaptive), a corral.Adaptive "
+            f"or a corral.Limiter; got limit={limit!r}"
         )
 
 
@@ -129,14 +139,65 @@ def _with_timeout(call: Call, timeout: float) -> Call:
 
 
 def _with_limiter(call: Call, limiter: Limiter) -> Call:
+    if limiter.adaptive is not None or limiter.key is not None:
+        return _with_feedback(call, limiter)
+
     async def limited(item: Any) -> Any:
         await limiter.acquire()
         try:
             return await call(item)
+        except Exception as exc:
+            # A 429/503 with Retry-After (or RetryAfter) pauses every user of
+            # the limiter; costs nothing until a call fails.
+            limiter.record_error(0.0, exc)
+            raise
         finally:
             limiter.release()
 
     return limited
+
+
+def _with_feedback(call: Call, limiter: Limiter) -> Call:
+    """An adaptive or per-key limiter: take the item's key's slot, report how the call went."""
+    if limiter.key is not None:
+
+        async def per_key(item: Any) -> Any:
+            own = limiter.for_item(item)
+            await own.acquire()
+            clock = asyncio.get_running_loop().time
+            began = clock()
+            try:
+                value = await call(item)
+            except BaseException as exc:  # a cancellation is recorded as "ignore"
+                own.record_error(clock() - began, exc)
+                own.release()
+                raise
+            now = clock()
+            own.record_success(now - began, now)
+            own.release()
+            return value
+
+        return per_key
+
+    acquire, release = limiter.acquire, limiter.release
+    record_success, record_error = limiter.record_success, limiter.record_error
+
+    async def adaptive(item: Any) -> Any:
+        await acquire()
+        clock = asyncio.get_running_loop().time
+        began = clock()
+        try:
+            value = await call(item)
+        except BaseException as exc:  # a cancellation is recorded as "ignore"
+            record_error(clock() - began, exc)
+            release()
+            raise
+        now = clock()
+        record_success(now - began, now)
+        release()
+        return value
+
+    return adaptive
 
 
 def _with_rate(call: Call, gate: RateGate) -> Call:
@@ -166,34 +227,164 @@ def _with_retries(call: Call, retry: Retry, retried: _Retried) -> Call:
     return retrying
 
 
+class Options(TypedDict, total=False):
+    """The keywords ``map``, ``gather`` and ``run`` share (documented on :func:`map`)."""
+
+    limit: LimitLike
+    rate: RateLike
+    ordered: bool
+    timeout: float | None
+    retries: int | Retry | None
+    return_exceptions: bool
+    executor: ExecutorLike
+    deadline: float | None
+    budget: Mapping[str, int] | None
+    progress: ProgressLike
+    checkpoint: str | os.PathLike[str] | None
+    item_id: Callable[[Any], Any] | None
+    fingerprint: str | None
+    resume: Literal["strict", "ignore-fingerprint"]
+    serializer: Literal["pickle", "json"]
+    processes: int | None
+    monitor: bool | float
+
+
+_DEFAULTS: dict[str, Any] = {
+    "limit": DEFAULT_LIMIT,
+    "rate": None,
+    "ordered": True,
+    "timeout": None,
+    "retries": 0,
+    "return_exceptions": False,
+    "executor": None,
+    "deadline": None,
+    "budget": None,
+    "progress": False,
+    "checkpoint": None,
+    "item_id": None,
+    "fingerprint": None,
+    "resume": "strict",
+    "serializer": "pickle",
+    "processes": None,
+    "monitor": False,
+}
+
+
+def _check_keywords(caller: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, _DEFAULTS, n=1)
+        hint = f"; did you mean {close[0]}=?" if close else ""
+        raise TypeError(f"corral.{caller}() got an unexpected keyword argument {name!r}{hint}")
+    return {**_DEFAULTS, **options}
+
+
+def _check_monitor(monitor: object) -> float | None:
+    """The watch threshold in seconds, or None for no watch (``CORRAL_MONITOR`` decides then)."""
+    if monitor is True:
+        return DEFAULT_THRESHOLD
+    if monitor is False:
+        return DEFAULT_THRESHOLD if monitor_from_env() else None
+    if isinstance(monitor, int | float) and math.isfinite(monitor) and monitor > 0:
+        return float(monitor)
+    raise ValueError(
+        "monitor must be True, False, or a threshold in seconds > 0 (report calls that "
+        f"block the event loop longer than that); got monitor={monitor!r}"
+    )
+
+
+def _check_deadline(deadline: object) -> float | None:
+    if deadline is None:
+        return None
+    if (
+        isinstance(deadline, bool)
+        or not isinstance(deadline, int | float)
+        or not math.isfinite(deadline)
+        or deadline <= 0
+    ):
+        raise ValueError(
+            f"deadline must be a number of seconds > 0 (for the whole map), or None; "
+            f"got deadline={deadline!r}"
+        )
+    return float(deadline)
+
+
+def _check_budget(budget: object) -> int | None:
+    """The request budget; other dimensions need usage accounting, which maps do not have."""
+    if budget is None:
+        return None
+    if not isinstance(budget, Mapping) or set(budget) != {"requests"}:
+        raise ValueError(
+            "budget must be a dict like {'requests': 50_000} (calls started, retries "
+            f"included); got budget={budget!r}"
+        )
+    requests = budget["requests"]
+    if isinstance(requests, bool) or not isinstance(requests, int) or requests < 0:
+        raise ValueError(f"budget['requests'] must be an int >= 0; got budget={budget!r}")
+    return requests
+
+
+def _with_budget(call: Call, requests: int) -> Call:
+    spent = 0
+
+    async def budgeted(item: Any) -> Any:
+        nonlocal spent
+        if spent >= requests:
+            raise Halt(BudgetExhausted(f"the map's budget of {requests} requests is spent"))
+        spent += 1
+        return await call(item)
+
+    return budgeted
+
+
 def _engine(
-    caller: str,
-    fn: Any,
-    items: Any,
-    *,
-    limit: LimitLike,
-    rate: RateLike,
-    ordered: bool,
-    timeout: float | None,
-    retries: int | Retry | None,
-    return_exceptions: bool,
-    executor: ExecutorLike,
-    collect: bool,
+    caller: str, fn: Any, items: Any, *, collect: bool, options: Mapping[str, Any]
 ) -> Engine[Any, Any]:
+    return _engine_and_checkpoint(caller, fn, items, collect=collect, options=options)[0]
+
+
+def _engine_and_checkpoint(
+    caller: str, fn: Any, items: Any, *, collect: bool, options: Mapping[str, Any]
+) -> tuple[Engine[Any, Any], Checkpoint | None]:
+    opts = _check_keywords(caller, options)
+    limit = opts["limit"]
     _check_fn(fn, caller)
     _check_limit(limit)
-    rate_ = as_rate(rate)
-    seconds = _check_timeout(timeout)
-    retry = as_retry(retries)
-    _check_flag("ordered", ordered)
-    _check_flag("return_exceptions", return_exceptions)
+    rate = as_rate(opts["rate"])
+    seconds = _check_timeout(opts["timeout"])
+    retry = as_retry(opts["retries"])
+    _check_flag("ordered", opts["ordered"])
+    _check_flag("return_exceptions", opts["return_exceptions"])
+    deadline = _check_deadline(opts["deadline"])
+    budget = _check_budget(opts["budget"])
+    executor = opts["executor"]
     fn_is_async = is_async_callable(fn)
     _check_executor(executor, fn_is_async)
+    progress = opts["progress"]
+    check_progress(progress)
+    threshold = _check_monitor(opts["monitor"])
+    # The total is the input's len(), taken before it becomes an iterator; only
+    # asked for when progress is shown (a user's __len__ may be costly).
+    total = total_of(items) if progress is not False else None
+    spec = as_checkpoint(
+        opts["checkpoint"],
+        fn=fn,
+        item_id=opts["item_id"],
+        fingerprint=opts["fingerprint"],
+        resume=opts["resume"],
+        serializer=opts["serializer"],
+    )
     source = _as_items(items)
 
+    if isinstance(limit, str | Adaptive):
+        limit = Limiter(limit)  # "auto": this map's own adaptive limit
     if isinstance(limit, Limiter):
         limiter: Limiter | None = limit
-        workers: int | None = limit.limit or DEFAULT_LIMIT
+        # Enough workers for the highest the limit can go; a per-key limit
+        # caps each key, not the map.
+        ceiling = limit.ceiling if limit.key is None else None
+        workers: int | None = ceiling or DEFAULT_LIMIT
 
         def limit_reader() -> int | None:
             return limiter.limit if limiter is not None else None
@@ -206,33 +397,115 @@ def _engine(
 
     call: Call
     on_close = None
+    retried = _Retried()
     if fn_is_async:
         call = fn
     else:
-        call, on_close = offload(fn, executor, workers)
+        call, on_close = offload(fn, executor, workers, retried)
     if seconds is not None:
         call = _with_timeout(call, seconds)
-    if rate_ is not None:
-        call = _with_rate(call, RateGate(rate_))
+    if budget is not None:
+        call = _with_budget(call, budget)
+    if rate is not None:
+        call = _with_rate(call, RateGate(rate))
     if limiter is not None:
         call = _with_limiter(call, limiter)
-    retried = _Retried()
     if retry is not None:
         call = _with_retries(call, retry, retried)
+    # checkpoint= (see _checkpoint): outermost, so a recorded item takes no
+    # limiter slot, rate token, budget or retry; the file closes with the map.
+    checkpoint = None
+    if spec is not None:
+        checkpoint = Checkpoint(spec)
+        call = with_checkpoint(
+            call, checkpoint, item_id=spec.item_id, return_exceptions=opts["return_exceptions"]
+        )
+        on_close = closing(on_close, checkpoint)
 
     window = None if collect or workers is None else 2 * workers
-    return Engine(
+    if checkpoint is not None and window is not None:
+        window += CONSUMER_LAG  # the workers go on while the consumer waits for a commit
+    engine: Engine[Any, Any] = Engine(
         call,
         source,
         workers=workers,
         window=window,
-        ordered=ordered,
+        ordered=opts["ordered"],
         collect=collect,
-        return_exceptions=return_exceptions,
+        return_exceptions=opts["return_exceptions"],
         limit_reader=limit_reader,
         retried=retried,
         on_close=on_close,
+        deadline=deadline,
     )
+    # progress=: a timer that pulls engine.stats() while the run goes (see _progress).
+    display = Progress.create(progress, engine.stats, total)
+    if display is not None:
+        engine.observe(display)
+    if threshold is not None:  # monitor=: the loop watch runs exactly as long as the map
+        watch = LoopWatch(threshold)
+        engine.observe(watch)
+        engine.lag_reader = lambda: watch.max_lag
+    return engine, checkpoint
+
+
+# ---------------------------------------------------------------------------
+# processes=N: the map runs on N worker processes, each with its own loop and
+# engine (see _shard). Checked here like every other keyword, then handed over.
+# ---------------------------------------------------------------------------
+
+#: Keywords a sharded map does not take (yet).
+_NOT_SHARDED = ("executor", "deadline", "budget", "progress", "checkpoint", "monitor")
+
+
+def _check_processes(processes: object) -> int | None:
+    if processes is None:
+        return None
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(
+            "processes must be an int >= 1 (worker processes, each with its own event "
+            f"loop) or None (run in this process); got processes={processes!r}"
+        )
+    return processes
+
+
+def _sharded(
+    caller: str, fn: Any, items: Any, options: Mapping[str, Any]
+) -> ShardedStream[Any] | None:
+    """The sharded stream when ``processes=`` is given, else None."""
+    opts = _check_keywords(caller, options)
+    processes = _check_processes(opts["processes"])
+    if processes is None:
+        return None
+    _check_fn(fn, caller)
+    _check_limit(opts["limit"])
+    rate = as_rate(opts["rate"])
+    seconds = _check_timeout(opts["timeout"])
+    retry = as_retry(opts["retries"])
+    _check_flag("ordered", opts["ordered"])
+    _check_flag("return_exceptions", opts["return_exceptions"])
+    for name in _NOT_SHARDED:
+        if opts[name] != _DEFAULTS[name]:
+            raise ValueError(
+                f"{name}= is not available with processes=N; got {name}={opts[name]!r} "
+                f"and processes={processes!r}. Drop one of them."
+            )
+    return map_sharded(
+        fn,
+        _as_items(items),
+        processes=processes,
+        limit=opts["limit"],
+        rate=rate,
+        ordered=opts["ordered"] if caller == "map" else True,
+        timeout=seconds,
+        retry=retry,
+        return_exceptions=opts["return_exceptions"],
+    )
+
+
+async def _collect(stream: ShardedStream[Any]) -> list[Any]:
+    async with stream:
+        return [result async for result in stream]
 
 
 # ---------------------------------------------------------------------------
@@ -244,39 +517,14 @@ def _engine(
 def map(
     fn: Callable[[T], Awaitable[R]],
     items: Iterable[T] | AsyncIterable[T],
-    *,
-    limit: LimitLike = ...,
-    rate: RateLike = ...,
-    ordered: bool = ...,
-    timeout: float | None = ...,
-    retries: int | Retry | None = ...,
-    return_exceptions: bool = ...,
-    executor: ExecutorLike = ...,
+    **options: Unpack[Options],
 ) -> ResultStream[R]: ...
 @overload
 def map(
-    fn: Callable[[T], R],
-    items: Iterable[T] | AsyncIterable[T],
-    *,
-    limit: LimitLike = ...,
-    rate: RateLike = ...,
-    ordered: bool = ...,
-    timeout: float | None = ...,
-    retries: int | Retry | None = ...,
-    return_exceptions: bool = ...,
-    executor: ExecutorLike = ...,
+    fn: Callable[[T], R], items: Iterable[T] | AsyncIterable[T], **options: Unpack[Options]
 ) -> ResultStream[R]: ...
 def map(
-    fn: Callable[[Any], Any],
-    items: Iterable[Any] | AsyncIterable[Any],
-    *,
-    limit: LimitLike = DEFAULT_LIMIT,
-    rate: RateLike = None,
-    ordered: bool = True,
-    timeout: float | None = None,
-    retries: int | Retry | None = 0,
-    return_exceptions: bool = False,
-    executor: ExecutorLike = None,
+    fn: Callable[[Any], Any], items: Iterable[Any] | AsyncIterable[Any], **options: Unpack[Options]
 ) -> ResultStream[Any]:
     """Call ``fn`` on every item, at most ``limit`` at a time, and stream the results.
 
@@ -295,37 +543,76 @@ def map(
         fn: an ``async def`` function of one item. A plain ``def`` runs in a
             thread pool as wide as ``limit`` (or processes, ``executor="process"``).
         items: any iterable or async iterable, possibly endless.
-        limit: the most calls in flight: an int >= 1, ``None`` for no bound (like
-            ``asyncio.gather``), or a shared :class:`corral.Limiter`.
+        limit: the most calls in flight (default 100): an int >= 1, ``None`` for
+            no bound (like ``asyncio.gather``), ``"auto"`` to find and follow the
+            service's capacity from latency and failures (or a
+            :class:`corral.Adaptive` to bound it), or a shared :class:`corral.Limiter`.
         rate: the most call starts per time: ``20`` (per second), ``"20/s"``,
             ``"600/min"``, ``"5/100ms"`` or ``corral.Rate(20, per=1.0, burst=5)``.
-        ordered: results in input order (``True``) or as they complete.
+        ordered: results in input order (``True``, default) or as they complete.
         timeout: seconds per attempt; a late attempt raises ``TimeoutError``,
             which is retried like any transient failure.
-        retries: extra attempts (an int), or a :class:`corral.Retry` policy.
-        return_exceptions: ``False``: the first failure (after its retries)
-            cancels everything in flight and is raised as itself. ``True``: the
-            exception object takes the item's place among the results.
+        retries: extra attempts (an int, default 0), or a :class:`corral.Retry`.
+            A worker waiting to retry an item keeps its place in ``limit``; a
+            shared Limiter's slot is given back during the wait.
+        return_exceptions: ``False`` (default): the first failure (after its
+            retries) cancels everything in flight and is raised as itself.
+            ``True``: the exception object takes the item's place.
+        processes: run the map on this many worker processes, each with its
+            own event loop and engine, for ``async def`` calls that also use
+            CPU; ``limit`` is split among them, ``rate`` stays global, ``stats``
+            add up. ``fn`` must be importable (defined at module level).
         executor: for a plain ``def`` fn: ``None``/``"thread"``, ``"process"``,
             or a ``concurrent.futures.Executor`` that corral uses but does not
             shut down.
+        deadline: seconds for the whole map. When it passes no call starts, the
+            calls in flight are cancelled, and :class:`corral.DeadlineExceeded`
+            is raised after the results already produced were handed out (with
+            ``return_exceptions=True`` each cancelled call yields one instead).
+        budget: ``{"requests": N}``: start at most N calls (retries count).
+            Calls in flight finish, then :class:`corral.BudgetExhausted` is raised.
+        progress: ``True``: a live display on stderr (needs the
+            ``corral[progress]`` extra): done / total (when ``items`` has a
+            ``len()``), rate, calls in flight, limit, failures, retries, ETA;
+            a plain line every few seconds when stderr is not a terminal. A
+            plain function instead receives :class:`corral.Stats` snapshots, a
+            few per second and a final one; if it raises, the error is logged
+            on the ``corral`` logger, it is not called again, and the map goes on.
+        monitor: ``True`` (or a threshold in seconds; ``True`` means 0.1): watch
+            the event loop while the map runs and report every call that
+            blocks it longer than that, as :func:`corral.watch_loop` does
+            (warnings on the ``corral`` logger); ``stats.max_loop_lag`` then
+            holds the loop's worst lag. ``CORRAL_MONITOR=1`` in the
+            environment turns it on for every map.
+        checkpoint: the path of a SQLite file recording every result (and,
+            with ``return_exceptions=True``, every final failure) before it is
+            handed out; run the same map with the same file again and the
+            recorded items replay without calling ``fn``. See ``item_id``,
+            ``fingerprint``, ``resume`` and ``serializer``.
+        item_id: a function giving each item's id (a str, int, bytes or
+            tuple of those), under which its result is recorded; default:
+            the item itself, which must then be such a value. Items with the
+            same id are one item: ``fn`` runs once, each yields its result.
+        fingerprint: what produced the recorded results (``"prompt-v3"``);
+            default: ``fn``'s ``module:qualname``. Resuming a file recorded
+            with another fingerprint is an error, unless
+            ``resume="ignore-fingerprint"`` (default ``"strict"``).
+        serializer: ``"pickle"`` (default) or ``"json"``: how results other
+            than plain str/int/float/None are stored; a result it cannot
+            store stops the map at once with an error naming the item.
+
+    The returned stream also has ``.stats`` (a :class:`corral.Stats` snapshot)
+    and ``.cancel()`` (stop early, keeping what is done).
 
     Raises:
         TypeError, ValueError: at once, for a bad argument (the message names it).
     """
-    engine = _engine(
-        "map",
-        fn,
-        items,
-        limit=limit,
-        rate=rate,
-        ordered=ordered,
-        timeout=timeout,
-        retries=retries,
-        return_exceptions=return_exceptions,
-        executor=executor,
-        collect=False,
-    )
+    sharded = _sharded("map", fn, items, options)
+    if sharded is not None:
+        return sharded
+    engine, checkpoint = _engine_and_checkpoint("map", fn, items, collect=False, options=options)
+    if checkpoint is not None:  # results handed out only once recorded
+        return CheckpointedStream(engine, checkpoint)
     return ResultStream(engine)
 
 
@@ -333,56 +620,24 @@ def map(
 async def gather(
     fn: Callable[[T], Awaitable[R]],
     items: Iterable[T] | AsyncIterable[T],
-    *,
-    limit: LimitLike = ...,
-    rate: RateLike = ...,
-    timeout: float | None = ...,
-    retries: int | Retry | None = ...,
-    return_exceptions: bool = ...,
-    executor: ExecutorLike = ...,
+    **options: Unpack[Options],
 ) -> list[R]: ...
 @overload
 async def gather(
-    fn: Callable[[T], R],
-    items: Iterable[T] | AsyncIterable[T],
-    *,
-    limit: LimitLike = ...,
-    rate: RateLike = ...,
-    timeout: float | None = ...,
-    retries: int | Retry | None = ...,
-    return_exceptions: bool = ...,
-    executor: ExecutorLike = ...,
+    fn: Callable[[T], R], items: Iterable[T] | AsyncIterable[T], **options: Unpack[Options]
 ) -> list[R]: ...
 async def gather(
-    fn: Callable[[Any], Any],
-    items: Iterable[Any] | AsyncIterable[Any],
-    *,
-    limit: LimitLike = DEFAULT_LIMIT,
-    rate: RateLike = None,
-    timeout: float | None = None,
-    retries: int | Retry | None = 0,
-    return_exceptions: bool = False,
-    executor: ExecutorLike = None,
+    fn: Callable[[Any], Any], items: Iterable[Any] | AsyncIterable[Any], **options: Unpack[Options]
 ) -> list[Any]:
     """Call ``fn`` on every item like :func:`map` and return the results as a list.
 
-    The list is in input order. Takes the same keywords as :func:`map`
-    (``ordered`` is meaningless here: the list is always in input order).
+    The list is in input order, whatever ``ordered`` says. Takes the same
+    keywords as :func:`map`.
     """
-    engine = _engine(
-        "gather",
-        fn,
-        items,
-        limit=limit,
-        rate=rate,
-        ordered=True,
-        timeout=timeout,
-        retries=retries,
-        return_exceptions=return_exceptions,
-        executor=executor,
-        collect=True,
-    )
-    return await engine.run_to_end()
+    sharded = _sharded("gather", fn, items, options)
+    if sharded is not None:
+        return await _collect(sharded)
+    return await _engine("gather", fn, items, collect=True, options=options).run_to_end()
 
 
 @overload
@@ -390,38 +645,23 @@ def run(
     fn: Callable[[T], Awaitable[R]],
     items: Iterable[T] | AsyncIterable[T],
     *,
-    limit: LimitLike = ...,
-    rate: RateLike = ...,
-    timeout: float | None = ...,
-    retries: int | Retry | None = ...,
-    return_exceptions: bool = ...,
-    executor: ExecutorLike = ...,
     uvloop: bool | None = ...,
+    **options: Unpack[Options],
 ) -> builtins.list[R]: ...
 @overload
 def run(
     fn: Callable[[T], R],
     items: Iterable[T] | AsyncIterable[T],
     *,
-    limit: LimitLike = ...,
-    rate: RateLike = ...,
-    timeout: float | None = ...,
-    retries: int | Retry | None = ...,
-    return_exceptions: bool = ...,
-    executor: ExecutorLike = ...,
     uvloop: bool | None = ...,
+    **options: Unpack[Options],
 ) -> builtins.list[R]: ...
 def run(
     fn: Callable[[Any], Any],
     items: Iterable[Any] | AsyncIterable[Any],
     *,
-    limit: LimitLike = DEFAULT_LIMIT,
-    rate: RateLike = None,
-    timeout: float | None = None,
-    retries: int | Retry | None = 0,
-    return_exceptions: bool = False,
-    executor: ExecutorLike = None,
     uvloop: bool | None = None,
+    **options: Unpack[Options],
 ) -> builtins.list[Any]:
     """:func:`gather` from synchronous code: start an event loop, run, return the list.
 
@@ -444,18 +684,13 @@ def run(
             "use `await corral.gather(...)` in async code"
         )
     loop_factory = _loop_factory(uvloop)
-    coro = gather(
-        fn,
-        items,
-        limit=limit,
-        rate=rate,
-        timeout=timeout,
-        retries=retries,
-        return_exceptions=return_exceptions,
-        executor=executor,
-    )
+    sharded = _sharded("run", fn, items, options)
+    if sharded is not None:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_collect(sharded))
+    engine = _engine("run", fn, items, collect=True, options=options)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(coro)
+        return runner.run(engine.run_to_end())
 
 
 def _loop_factory(use_uvloop: bool | None) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -43,8 +43,9 @@ import heapq
 import logging
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
+from ._errors import DeadlineExceeded
 from ._stats import EXACT_SAMPLES, SAMPLE_STRIDE, LatencyHistogram, Stats
 
 T = TypeVar("T")
@@ -60,6 +61,31 @@ class _Phase(enum.Enum):
     RUNNING = "running"  # workers pulling items
     CLOSING = "closing"  # failed, cancelled or left early: tasks being cancelled and awaited
     CLOSED = "closed"  # every task the run started has finished
+
+
+class Halt(BaseException):
+    """Raised by a call wrapper instead of starting an item: the run must stop starting.
+
+    A BaseException so that no retry policy or ``except Exception`` in a
+    wrapper mistakes it for the call's failure. ``reason`` is raised to the
+    consumer once everything in flight has finished.
+    """
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Observer(Protocol):
+    """Something that runs alongside a run: started with it, stopped after it (no per-item hook).
+
+    ``stop()`` is called once the run's stats are final, on every way out
+    (end, failure, ``break``, cancellation); neither method may raise.
+    """
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class _Retried:
@@ -225,6 +251,7 @@ class Engine(Generic[T, R]):
         limit_reader: Callable[[], int | None],
         retried: _Retried,
         on_close: Callable[[bool], Awaitable[None]] | None = None,
+        deadline: float | None = None,
     ) -> None:
         self._call = call
         self._items = items
@@ -236,6 +263,17 @@ class Engine(Generic[T, R]):
         self._limit_reader = limit_reader
         self._retried = retried
         self._on_close = on_close
+        self._deadline = deadline
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        # Set when the run stops starting calls before its input ran out
+        # (cancel(), the deadline, a budget); the reason, if any, is raised to
+        # the consumer after the results already produced were handed out.
+        self._halted = False
+        self._halt_reason: BaseException | None = None
+        self._deadline_passed = False
+        self._observers: list[Observer] = []
+        # monitor=: reads the loop watch's largest lag for stats (None: not watched).
+        self.lag_reader: Callable[[], float] | None = None
 
         self._phase = _Phase.IDLE
         self._source: _SyncSource | _AsyncSource
@@ -277,6 +315,9 @@ class Engine(Generic[T, R]):
         """Start the first worker (and the feeder of an async input)."""
         if self._phase is not _Phase.IDLE:
             return
+        if self._halted:
+            self._phase = _Phase.CLOSED
+            return
         loop = self._loop = asyncio.get_running_loop()
         self._started_at = loop.time()
         self._phase = _Phase.RUNNING
@@ -290,7 +331,19 @@ class Engine(Generic[T, R]):
             self._source = _SyncSource(items)
         self._source.start(self)
         self._alive = self._unstarted = 1
-        self.spawn(self._work())
+        self._start_worker()
+        if self._deadline is not None:
+            self._deadline_handle = loop.call_later(self._deadline, self._on_deadline)
+        for observer in self._observers:
+            observer.start()
+
+    def observe(self, observer: Observer) -> None:
+        """Have ``observer`` started with the run and stopped once its stats are final.
+
+        Observers (the progress display) pull what they need from
+        :meth:`stats` on their own timer: nothing is added per item.
+        """
+        self._observers.append(observer)
 
     def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         assert self._loop is not None
@@ -312,15 +365,15 @@ class Engine(Generic[T, R]):
         self._loop.call_soon(self._create_workers, count)
 
     def _create_workers(self, count: int) -> None:
-        if self._phase is not _Phase.RUNNING or self._error is not None:
-            # The run ended before they started: they were never needed.
+        if self._phase is not _Phase.RUNNING or self._error is not None or self._halted:
+            # The run ended or stopped starting calls: they are not needed.
             self._unstarted -= count
             self._alive -= count
             if self._alive == 0:
                 self._all_workers_done()
             return
         for _ in range(count):
-            self.spawn(self._work())
+            self._start_worker()
 
     @property
     def finished(self) -> bool:
@@ -349,7 +402,11 @@ class Engine(Generic[T, R]):
             while True:
                 for index, item in source.pairs:
                     if bounded and index >= self._consumed + window:  # type: ignore[operator]
-                        await self._wait_for_room(index)
+                        try:
+                            await self._wait_for_room(index)
+                        except asyncio.CancelledError as exc:
+                            self._check_cancellation(exc, index, item)
+                            return
                     if first:
                         first = False
                         self._maybe_grow()
@@ -373,7 +430,10 @@ class Engine(Generic[T, R]):
                             return
                         value = exc
                     except asyncio.CancelledError as exc:
-                        self._check_cancellation(exc, item)
+                        self._check_cancellation(exc, index, item)
+                        return
+                    except Halt as halt:
+                        self.halt(halt.reason, cancel_in_flight=False)
                         return
                     if collect:
                         results[index] = value
@@ -385,10 +445,17 @@ class Engine(Generic[T, R]):
             # The input itself raised (a call's failure is handled above, per
             # item): there is no item to blame, so the run ends with it.
             self.fail(exc)
-        finally:
-            self._alive -= 1
-            if self._alive == 0:
-                self._all_workers_done()
+
+    def _start_worker(self) -> None:
+        task = self.spawn(self._work())
+        # Counted down by a done-callback, not a `finally` in _work: a worker
+        # cancelled before its first step never runs its body at all.
+        task.add_done_callback(self._worker_finished)
+
+    def _worker_finished(self, task: asyncio.Task[None]) -> None:
+        self._alive -= 1
+        if self._alive == 0:
+            self._all_workers_done()
 
     def _maybe_grow(self) -> None:
         """A new worker took its first item: if no other is waiting to start, double the pool.
@@ -404,9 +471,14 @@ class Engine(Generic[T, R]):
         ):
             self._grow(self._alive)
 
-    def _check_cancellation(self, exc: asyncio.CancelledError, item: Any) -> None:
+    def _check_cancellation(self, exc: asyncio.CancelledError, index: int, item: Any) -> None:
         task = asyncio.current_task()
         if task is None or task.cancelling() or self._phase is not _Phase.RUNNING:
+            if self._deadline_passed and self._return_exceptions:
+                # The deadline cut this call short: report the item as not done.
+                self.deliver(
+                    index, DeadlineExceeded(f"the deadline passed while item {item!r} ran")
+                )
             raise exc
         # fn itself raised CancelledError without this worker being cancelled
         # (e.g. it awaited a task someone else cancelled). Ending quietly would
@@ -442,6 +514,35 @@ class Engine(Generic[T, R]):
             waiter = heapq.heappop(blocked)[2]
             if not waiter.done():
                 waiter.set_result(None)
+
+    def halt(self, reason: BaseException | None, *, cancel_in_flight: bool) -> None:
+        """Stop starting calls; hand out what is done, then end (raising ``reason``).
+
+        ``cancel_in_flight``: cancel the calls in progress (cancel(), the
+        deadline) rather than let them finish (a budget: they are paid for).
+        """
+        if self._phase is _Phase.IDLE:
+            self._halted = True  # cancelled before it started: it never will
+            return
+        if self._halted or self._phase is not _Phase.RUNNING:
+            return
+        self._halted = True
+        self._halt_reason = reason
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+        if cancel_in_flight:
+            current = asyncio.current_task()
+            for task in self._tasks:
+                if task is not current:
+                    task.cancel()
+        self._wake_consumer()
+
+    def _on_deadline(self) -> None:
+        self._deadline_passed = True
+        reason = DeadlineExceeded(f"the map's deadline of {self._deadline} s passed")
+        # With return_exceptions each cancelled call reports the deadline in its
+        # item's place (see _check_cancellation) and the map ends normally.
+        self.halt(None if self._return_exceptions else reason, cancel_in_flight=True)
 
     def _all_workers_done(self) -> None:
         if self._ended_at is None and self._loop is not None:
@@ -519,6 +620,8 @@ class Engine(Generic[T, R]):
                 await self.aclose()
                 if self._error is not None:
                     raise self._error
+                if self._halt_reason is not None:
+                    raise self._halt_reason
                 return False
             if self._phase is not _Phase.RUNNING:
                 return False
@@ -542,7 +645,11 @@ class Engine(Generic[T, R]):
             await self.aclose()
         if self._error is not None:
             raise self._error
+        if self._halt_reason is not None:
+            raise self._halt_reason
         results = self.results
+        if self._halted:  # stopped early: only the items that ran have results
+            return [results[i] for i in sorted(results)]
         return [results[i] for i in range(len(results))]
 
     # -- cleanup ----------------------------------------------------------
@@ -559,6 +666,8 @@ class Engine(Generic[T, R]):
                     await aclose()
             return
         self._phase = _Phase.CLOSING
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
         current = asyncio.current_task()
         clean = self._error is None and self._alive == 0
         # Cancel until every task is done: a task can swallow one cancellation.
@@ -576,6 +685,9 @@ class Engine(Generic[T, R]):
             await self._source.close()
         finally:
             self._phase = _Phase.CLOSED
+            # The stats are final now (every task has finished, _ended_at is set).
+            for observer in self._observers:
+                observer.stop()
             if self._on_close is not None:
                 await self._on_close(clean)
 
@@ -593,9 +705,12 @@ class Engine(Generic[T, R]):
 
     # -- stats ------------------------------------------------------------
 
-    def stats(self, *, max_loop_lag: float | None = None) -> Stats:
+    def stats(self) -> Stats:
+        max_loop_lag = self.lag_reader() if self.lag_reader is not None else None
         if self._phase is _Phase.IDLE or self._loop is None:
-            return Stats(0, 0, 0, 0, 0, 0.0, 0.0, self._limit_reader(), None, None, None)
+            return Stats(
+                0, 0, 0, 0, 0, 0.0, 0.0, self._limit_reader(), None, None, None, max_loop_lag
+            )
         ended = self._ended_at if self._ended_at is not None else self._loop.time()
         elapsed = ended - self._started_at
         if self._collect:
@@ -605,7 +720,10 @@ class Engine(Generic[T, R]):
         captured = self._failed if self._return_exceptions else 0
         completed = finished - captured
         started = self._source.pulled() - len(self._blocked)
-        in_flight = max(0, started - completed - self._failed)
+        # Once the run is over nothing is in flight; calls cancelled by an early
+        # stop count as started, neither completed nor failed.
+        closed = self._phase is _Phase.CLOSED
+        in_flight = 0 if closed else max(0, started - completed - self._failed)
         done = completed + self._failed
         histogram = self._histogram
         return Stats(
@@ -635,16 +753,14 @@ class ResultStream(Generic[R]):
     garbage-collected, so prefer ``async with`` there.
     """
 
-    def __init__(self, engine: Engine[Any, R], monitor: Any = None) -> None:
+    def __init__(self, engine: Engine[Any, R]) -> None:
         self._engine = engine
         self._ready = engine.ready
-        self._monitor = monitor
 
     @property
     def stats(self) -> Stats:
         """A frozen snapshot of the run's counters, latency and limit."""
-        lag = self._monitor.max_lag if self._monitor is not None else None
-        return self._engine.stats(max_loop_lag=lag)
+        return self._engine.stats()
 
     async def __aenter__(self) -> ResultStream[R]:
         self._engine.start()
@@ -663,6 +779,17 @@ class ResultStream(Generic[R]):
         if await engine.wait_next():
             return engine.take()  # type: ignore[no-any-return]
         raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        """End the map early, keeping what is done.
+
+        No new call starts and the calls in flight are cancelled; the results
+        already produced are still handed out (in input order: up to the first
+        item that did not finish), then iteration ends without an error and
+        ``stats`` are final. Callable from the consumer's loop body or from
+        another task.
+        """
+        self._engine.halt(None, cancel_in_flight=True)
 
     async def aclose(self) -> None:
         """Stop the map: cancel and await everything it started."""

@@ -3,13 +3,17 @@
 Two different questions, two different tools:
 
 - *How many at once?*  A concurrency cap, like a database's ``max_connections``:
-  :class:`Limiter` with ``limit=N``.
+  :class:`Limiter` with ``limit=N``; or, when nobody knows N, ``limit="auto"``,
+  which finds and follows it from the calls' latency and failures (the
+  controller is in :mod:`corral._adaptive`).
 - *How often?*  A start rate, like an API's "20 requests per second":
   :class:`Rate`, enforced at run time by a :class:`RateGate` (inside a
   ``Limiter``, or inside one ``corral.map``).
 
 Both are shared by everything that uses the same object: every task and every
-map holding one ``Limiter`` draws on the same cap and the same rate.
+map holding one ``Limiter`` draws on the same cap and the same rate, and
+pauses together when the service asks for a pause (:meth:`Limiter.cooldown`).
+With ``key=``, each key (say, each host) has a cap and rate of its own.
 """
 
 from __future__ import annotations
@@ -17,14 +21,18 @@ from __future__ import annotations
 import asyncio
 import math
 import numbers
+import random
 import re
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeAlias, TypeGuard
+from typing import Any, NoReturn, TypeAlias, TypeGuard
+
+from ._adaptive import Adaptive, Controller, Outcome
 
 __all__ = [
+    "Adaptive",
     "Limiter",
     "Rate",
     "RateGate",
@@ -32,6 +40,7 @@ __all__ = [
     "as_rate",
     "gcra_delay",
     "gcra_next_tat",
+    "outcome_of",
 ]
 
 
@@ -340,6 +349,15 @@ class RateGate:
     def __repr__(self) -> str:
         return f"<corral.RateGate rate={self._rate!r} waiting={self._queued}>"
 
+    def fresh(self, now: float) -> bool:
+        """Whether, from ``now`` on, the gate behaves exactly as a new one would.
+
+        True when nobody is in line or just granted and no start is still
+        owed (the TAT is not after ``now``): forgetting the gate then changes
+        nothing, which is what lets a per-key Limiter forget idle keys.
+        """
+        return not self._queued and not self._granted and self._tat <= now
+
     def wait_nowait(self) -> bool:
         """Take a start now if one conforms and nobody is ahead; never suspends.
 
@@ -479,13 +497,93 @@ class RateGate:
 # hand-off: release() gives the slot straight to the first live waiter
 # (in_flight does not change), so a newcomer can never barge in between.
 #
-# Invariants: in_flight <= limit; and a live (not cancelled) waiter in line
-# => in_flight == limit, because a caller queues only when every slot is
-# taken and release() never frees a slot while a live waiter is in line. So a
-# free slot means nobody live is waiting, and taking it at once is fair.
-# (`_n_waiting` may still count a waiter whose future was just cancelled,
-# until its task runs its withdrawal; it is bookkeeping, not the gate.)
+# The hot path compares in_flight with `_cap`, the number of slots open right
+# now: the limit in force, except during a cooldown (0: nobody starts) and
+# the ramp after it (rising from 0 to the limit). `_cap` is None when nothing
+# caps the calls (a rate-only Limiter outside a cooldown).
+#
+# Invariants: a live (not cancelled) waiter in line => in_flight >= cap,
+# because a caller queues only when every open slot is taken, release() hands
+# a slot over only while in_flight <= cap, and whatever opens slots (a higher
+# adaptive limit, a ramp step, the end of a cooldown) hands them to waiters
+# first. So a free slot means nobody live is waiting, and taking it at once is
+# fair. in_flight <= cap holds too, except just after the cap is lowered (an
+# adaptive cut, a cooldown): running calls finish, nothing new starts until
+# in_flight is below it. (`_n_waiting` may still count a waiter whose future
+# was just cancelled, until its task runs its withdrawal; it is bookkeeping,
+# not the gate.)
 # ---------------------------------------------------------------------------
+
+#: After a cooldown, the open slots ramp from 0 back to the limit over this
+#: share of the cooldown...
+RAMP_FRACTION = 0.5
+#: ...but over no more than this many seconds.
+RAMP_MAX = 5.0
+#: The ramp opens slots in at most this many steps, at jittered intervals.
+RAMP_STEPS = 32
+#: A per-key Limiter keeps at most this many idle keys (least recently used
+#: first out), so memory follows the keys in use, not every key ever seen.
+IDLE_KEYS = 1024
+#: Keys examined for eviction per new key: O(1) work per call.
+_EVICT_STEPS = 4
+
+LimitSpec: TypeAlias = "int | Adaptive | str | None"
+
+_LIMIT_MESSAGE = (
+    "limit must be an int >= 1, 'auto', a corral.Adaptive or None, like "
+    "corral.Limiter(limit=10); got limit={!r}"
+)
+
+# HTTP statuses that mean "overloaded": too many requests, unavailable, and a
+# gateway that timed out waiting for the service.
+_DROP_STATUSES = frozenset({429, 503, 504})
+# httpx's timeouts are not TimeoutError subclasses; matched by name, like
+# everything HTTP here (importing httpx to check would be absurd).
+_TIMEOUT_NAMES = frozenset({"TimeoutException"})
+
+
+def outcome_of(error: BaseException | None) -> Outcome:
+    """What a call's end tells an adaptive limit: ``"success"``, ``"drop"`` or ``"ignore"``.
+
+    ``None`` (no error) is a success. A drop is overload: a ``TimeoutError``
+    (asyncio's and aiohttp's timeouts are ones), an httpx ``TimeoutException``,
+    a :class:`corral.RetryAfter`, or an HTTP error with status 429, 503 or 504
+    (aiohttp's ``.status``, httpx's ``.response.status_code``). Everything else
+    is ignored: cancellation (the caller gave up; the service said nothing),
+    ``KeyboardInterrupt``, and errors that are not about load (a 404, a bug).
+    """
+    if error is None:
+        return "success"
+    if not isinstance(error, Exception):
+        return "ignore"  # CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit
+    if isinstance(error, TimeoutError):
+        return "drop"
+    # Imported here: _retry sits below this module (it may come to use
+    # Limiter), and only an adaptive limit that saw an error gets here.
+    from ._retry import RetryAfter, _status
+
+    if isinstance(error, RetryAfter) or _status(error) in _DROP_STATUSES:
+        return "drop"
+    if any(cls.__name__ in _TIMEOUT_NAMES for cls in type(error).__mro__):
+        return "drop"
+    return "ignore"
+
+
+def _as_limit(limit: object) -> tuple[int | None, Adaptive | None]:
+    """Normalise ``Limiter(limit=)``: (the limit in force at first, the adaptive bounds)."""
+    if limit is None:
+        return None, None
+    if isinstance(limit, Adaptive):
+        return limit.initial, limit
+    if isinstance(limit, str) and limit == "auto":
+        adaptive = Adaptive()
+        return adaptive.initial, adaptive
+    message = _LIMIT_MESSAGE.format(limit)
+    if not _is_int(limit):
+        raise TypeError(message)
+    if limit < 1:
+        raise ValueError(message)
+    return int(limit), None
 
 
 class Limiter:
@@ -502,85 +600,203 @@ class Limiter:
     spaced and never bunch up. A ``Limiter`` with only a rate caps how often
     calls start, not how many run.
 
+    ``limit="auto"`` (or a :class:`corral.Adaptive`) lets the number of tokens
+    follow the service: more while latency stays at its lowest, fewer when it
+    grows or calls time out or get 429/503 (see :mod:`corral._adaptive` for
+    the controller). ``limiter.limit`` is always the limit in force. Raising
+    it hands the new tokens to waiters at once; lowering it takes tokens out
+    of circulation as calls return them.
+
+    A server that answers 429/503 with ``Retry-After`` (or a call raising
+    :class:`corral.RetryAfter`) puts the whole limiter in a :meth:`cooldown`:
+    no call starts, in any map sharing it, until the wait is over; then the
+    tokens come back over a jittered ramp, not all at once.
+
+    ``key=`` gives each key its own sack (and rate, and adaptive state), e.g.
+    4 calls per host for a polite crawler; a map finds the key of each item::
+
+        per_host = Limiter(limit=4, key=lambda url: urlsplit(url).hostname)
+        await corral.gather(fetch, urls, limit=per_host)
+        async with per_host.for_item(url):      # direct use: pick the key's limiter
+            ...
+
+    Keys with nothing in flight, nothing waiting and no rate or cooldown
+    still running are idle; the least recently used idle keys beyond
+    :data:`IDLE_KEYS` are forgotten (a forgotten key starts afresh).
+
     What it is not: not a token bucket for the cap (tokens are not
     replenished over time, only returned), and not a per-item or per-task
-    limit: one ``Limiter`` is one budget for one resource.
+    limit: one ``Limiter`` is one budget for one resource (per key).
 
     >>> db = Limiter(limit=90)            # e.g. Postgres max_connections=100
     >>> api = Limiter(limit=10, rate="20/s")
+    >>> llm = Limiter(limit="auto")
 
     ``async with api:`` runs its body holding a token (and after its rate
-    slot); ``corral.map(fn, items, limit=api)`` draws on the same budget.
+    slot); ``corral.map(fn, items, limit=api)`` draws on the same budget. An
+    adaptive limiter used with ``async with`` learns from how the body ends
+    (its duration, or the exception it raises); with :meth:`acquire` and
+    :meth:`release`, tell it with :meth:`record` or :meth:`record_error`.
     Callers are served in arrival order; a caller cancelled while waiting
     takes nothing with it. A ``Limiter`` may be created at import time,
     outside any event loop, and used from successive ``asyncio.run`` calls,
-    but not from two event loops at once; like asyncio's own primitives it is
-    not thread-safe.
+    but not from two event loops at once (a cooldown does not carry over to
+    the next loop); like asyncio's own primitives it is not thread-safe.
 
     Args:
-        limit: The most calls in flight at once, an int >= 1; ``None`` for no
+        limit: The most calls in flight at once: an int >= 1, ``"auto"``
+            (``Adaptive()``), a :class:`corral.Adaptive`, or ``None`` for no
             cap (then ``rate`` is required).
         rate: The most call starts per time: ``20``, ``"20/s"``,
             ``"600/min"`` or a :class:`Rate`; ``None`` for no rate limit.
+        key: A function of the item returning a hashable key: each key gets
+            its own ``limit`` and ``rate``. ``None``: one budget for all.
 
     Raises:
-        TypeError: neither ``limit`` nor ``rate`` given, or one of the wrong type.
+        TypeError: neither ``limit`` nor ``rate`` given, one of the wrong
+            type, or a ``key`` that is not callable.
         ValueError: a ``limit`` < 1, or a ``rate`` that is not > 0.
 
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_gate", "_in_flight", "_limit", "_loop", "_n_waiting", "_waiters")
+    __slots__ = (
+        "_adaptive",
+        "_cap",
+        "_controller",
+        "_cool_span",
+        "_cool_until",
+        "_entered",
+        "_gate",
+        "_in_flight",
+        "_key",
+        "_limit",
+        "_limit_spec",
+        "_loop",
+        "_n_waiting",
+        "_ramp",
+        "_rate_spec",
+        "_rng",
+        "_subs",
+        "_timer",
+        "_waiters",
+    )
 
-    def __init__(self, limit: int | None = None, *, rate: RateLike = None) -> None:
-        if limit is not None:
-            message = (
-                "limit must be an int >= 1 or None, like corral.Limiter(limit=10); "
-                f"got limit={limit!r}"
-            )
-            if not _is_int(limit):
-                raise TypeError(message)
-            if limit < 1:
-                raise ValueError(message)
-            limit = int(limit)
+    def __init__(
+        self,
+        limit: int | Adaptive | str | None = None,
+        *,
+        rate: RateLike = None,
+        key: Callable[[Any], Hashable] | None = None,
+    ) -> None:
+        first, adaptive = _as_limit(limit)
         parsed = as_rate(rate)
-        if limit is None and parsed is None:
+        if first is None and parsed is None:
             raise TypeError(
                 "corral.Limiter() needs limit=, rate= or both, like "
                 "corral.Limiter(limit=10) or corral.Limiter(rate='20/s')"
             )
-        self._limit = limit
-        self._gate = RateGate(parsed) if parsed is not None else None
+        if key is not None and not callable(key):
+            raise TypeError(
+                "key must be a function of the item returning a hashable, like "
+                f"key=lambda url: urlsplit(url).hostname; got key={key!r}"
+            )
+        self._limit = first
+        # Open slots now (see the invariants above); a per-key Limiter has none
+        # of its own, so its acquire() always takes the slow path, which refuses.
+        self._cap: int | None = first if key is None else 0
+        self._adaptive = adaptive
+        self._controller = Controller(adaptive) if adaptive is not None and key is None else None
+        self._key = key
+        # A keyed Limiter holds no slots itself: it makes one Limiter per key.
+        self._limit_spec: LimitSpec = adaptive if adaptive is not None else first
+        self._rate_spec = parsed
+        self._subs: dict[Hashable, Limiter] = {}
+        self._gate = RateGate(parsed) if parsed is not None and key is None else None
         self._in_flight = 0
         self._n_waiting = 0  # callers in line for a slot (not yet handed one)
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Cooldown: nobody starts before _cool_until (loop time); then a ramp
+        # opens slots step by step (_ramp: slots opened so far, None when not
+        # ramping); _timer ends the cooldown or takes the next ramp step.
+        self._cool_until = -math.inf
+        self._cool_span = 0.0  # the latest cooldown's length: the ramp's follows it
+        self._ramp: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._rng: random.Random | None = None
+        # Adaptive `async with`: when each task entered, to time its body.
+        self._entered: dict[asyncio.Task[Any] | None, list[float]] = {}
+
+    # -- what it is --------------------------------------------------------
 
     @property
     def limit(self) -> int | None:
-        """The cap on calls in flight in force, or None when only a rate applies."""
+        """The cap on calls in flight in force, or None when only a rate applies.
+
+        For an adaptive limit, its current value. For a per-key Limiter, the
+        limit of each key; with an adaptive limit, the highest in force among
+        the keys held (``initial`` before the first).
+        """
+        if self._key is not None and self._adaptive is not None and self._subs:
+            return max(sub._limit or 0 for sub in self._subs.values())
         return self._limit
+
+    @property
+    def adaptive(self) -> Adaptive | None:
+        """The bounds of an adaptive limit (``limit="auto"`` or an Adaptive), or None."""
+        return self._adaptive
+
+    @property
+    def ceiling(self) -> int | None:
+        """The most calls this Limiter may ever let run at once (one key's, if keyed).
+
+        The fixed limit, or the adaptive ``max``; None when only a rate applies.
+        A map sizes its pool of workers from it.
+        """
+        return self._adaptive.max if self._adaptive is not None else self._limit
+
+    @property
+    def key(self) -> Callable[[Any], Hashable] | None:
+        """The function giving each item's key, or None for one budget for all."""
+        return self._key
 
     @property
     def rate(self) -> Rate | None:
         """The rate of starts in force, or None."""
-        return self._gate.rate if self._gate is not None else None
+        return self._rate_spec
 
     @property
     def in_flight(self) -> int:
         """Slots taken: calls running, plus callers holding a slot while they wait for the rate."""
+        if self._key is not None:
+            return sum(sub._in_flight for sub in self._subs.values())
         return self._in_flight
 
     @property
     def waiting(self) -> int:
         """Callers inside ``acquire()`` not yet let through: in line for a slot or for the rate."""
+        if self._key is not None:
+            return sum(sub.waiting for sub in self._subs.values())
         return self._n_waiting + (self._gate.waiting if self._gate is not None else 0)
 
+    @property
+    def cooling_down(self) -> bool:
+        """True from a :meth:`cooldown` until its ramp has opened every slot again."""
+        return self._timer is not None
+
     def __repr__(self) -> str:
+        limit = repr(self.limit)
+        if self._adaptive is not None:
+            a = self._adaptive
+            limit += f" (adaptive {a.min}..{a.max})"
+        keyed = f" key={self._key!r} keys={len(self._subs)}" if self._key is not None else ""
         return (
-            f"<corral.Limiter limit={self._limit!r} rate={self.rate!r} "
-            f"in_flight={self._in_flight} waiting={self.waiting}>"
+            f"<corral.Limiter limit={limit} rate={self.rate!r}{keyed} "
+            f"in_flight={self.in_flight} waiting={self.waiting}>"
         )
+
+    # -- taking and giving back slots ----------------------------------------
 
     async def acquire(self) -> None:
         """Wait for a slot (and then for the rate), in arrival order; pair with :meth:`release`.
@@ -589,8 +805,8 @@ class Limiter:
         in line, any slot handed to it and any rate slot granted to it are
         given back or passed on.
         """
-        limit = self._limit
-        if limit is None or self._in_flight < limit:
+        cap = self._cap
+        if cap is None or self._in_flight < cap:
             self._in_flight += 1  # a free slot: nobody live is waiting (see the invariants)
         else:
             await self._wait_for_slot()
@@ -608,9 +824,11 @@ class Limiter:
         Returns True if taken (pair it with :meth:`release`), False otherwise;
         never waits. With a rate it needs a running event loop.
         """
-        limit = self._limit
-        if limit is not None and self._in_flight >= limit:
-            return False  # every slot taken (and then callers may be in line)
+        if self._key is not None:
+            self._refuse_keyed("acquire_nowait()")
+        cap = self._cap
+        if cap is not None and self._in_flight >= cap:
+            return False  # every open slot taken (and then callers may be in line)
         if self._gate is not None and not self._gate.wait_nowait():
             return False
         self._in_flight += 1
@@ -618,6 +836,10 @@ class Limiter:
 
     def release(self) -> None:
         """Give a slot back; it goes straight to the caller who has waited longest.
+
+        If the limit was lowered (or a cooldown began) since the slot was
+        taken, the slot is retired instead, until in-flight calls are below
+        the new limit.
 
         Raises:
             RuntimeError: nothing is acquired (more releases than acquires).
@@ -628,13 +850,23 @@ class Limiter:
                 "match one acquire() (or use `async with limiter:`)"
             )
         waiters = self._waiters
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():  # skip callers cancelled in line
-                self._n_waiting -= 1
-                fut.set_result(None)  # the slot changes hands: in_flight stays
-                return
+        if waiters:
+            cap = self._cap
+            if cap is None or self._in_flight <= cap:
+                while waiters:
+                    fut = waiters.popleft()
+                    if not fut.done():  # skip callers cancelled in line
+                        self._n_waiting -= 1
+                        fut.set_result(None)  # the slot changes hands: in_flight stays
+                        return
         self._in_flight -= 1
+
+    def __new__(cls, limit: object = None, **options: object) -> Limiter:
+        # An adaptive Limiter times the bodies of `async with`: a subclass does
+        # it, so that a fixed Limiter's `async with` pays not even a test.
+        if cls is Limiter and isinstance(limit, Adaptive | str) and options.get("key") is None:
+            cls = _TimedLimiter
+        return object.__new__(cls)
 
     def __aenter__(self) -> Coroutine[Any, Any, None]:
         # acquire()'s own coroutine, not one wrapping it: one frame less per
@@ -649,12 +881,231 @@ class Limiter:
     ) -> None:
         self.release()
 
-    # -- internals ---------------------------------------------------------
+    # -- adaptive feedback -------------------------------------------------------
 
-    async def _wait_for_slot(self) -> None:
+    def record(self, latency: float, outcome: Outcome = "success") -> None:
+        """Tell an adaptive limit how a call went; call it before :meth:`release`.
+
+        ``latency`` is the seconds from the call's start (after
+        :meth:`acquire` returned) to its end. ``outcome``: ``"success"``,
+        ``"drop"`` (the service was overloaded: a timeout, a 429/503) or
+        ``"ignore"`` (no signal: the call was cancelled, or failed for an
+        unrelated reason). Costs nothing on a fixed limit. ``async with`` and
+        ``corral.map`` call it for you.
+
+        Raises:
+            ValueError: an unknown ``outcome``.
+            TypeError: on a per-key Limiter (record on ``for_item(item)``).
+        """
+        controller = self._controller
+        if controller is None:
+            if self._key is not None:
+                self._refuse_keyed("record()")
+            return
+        now = asyncio.get_running_loop().time()
+        if outcome == "success":
+            self.record_success(latency, now)
+            return
+        if outcome == "drop":
+            controller.drop(now, latency)
+        elif outcome != "ignore":
+            raise ValueError(
+                f"outcome must be 'success', 'drop' or 'ignore'; got outcome={outcome!r}"
+            )
+        new = controller.in_force
+        if new != self._limit:
+            self._set_limit(new)
+
+    def record_success(self, latency: float, now: float) -> None:
+        """``record(latency)``, for callers that have the loop time ``now`` at hand.
+
+        The per-call path of ``corral.map``: one clock read per call, not two.
+        """
+        controller = self._controller
+        if controller is None:
+            return
+        limit = self._limit
+        assert limit is not None  # an adaptive limit is never None
+        controller.success(now, latency, self._in_flight >= limit)
+        if controller.in_force != limit:
+            self._set_limit(controller.in_force)
+
+    def record_error(self, latency: float, error: BaseException) -> None:
+        """Tell the limiter a call failed with ``error`` after ``latency`` seconds.
+
+        If ``error`` carries a server-directed wait (an HTTP 429/503 with
+        ``Retry-After``, or a :class:`corral.RetryAfter`), the limiter goes into
+        a :meth:`cooldown` of that many seconds, whatever its limit. An
+        adaptive limit also records the outcome :func:`outcome_of` gives.
+        """
+        if isinstance(error, Exception):
+            from ._retry import retry_after_seconds
+
+            seconds = retry_after_seconds(error)
+            if seconds:
+                self.cooldown(seconds)
+        if self._controller is not None:
+            self.record(latency, outcome_of(error))
+
+    # -- cooldown ------------------------------------------------------------------
+
+    def cooldown(self, seconds: float) -> None:
+        """Start no call for ``seconds``, in any task or map using this Limiter.
+
+        For a server that said "Retry-After: 5": instead of every task backing
+        off on its own and all coming back at once, the limiter closes for 5 s
+        (calls already running go on), then reopens its slots over a ramp of
+        ``RAMP_FRACTION`` of the wait (at most ``RAMP_MAX`` seconds), in steps
+        at jittered times, so clients that paused together do not return
+        together. A second cooldown ending later extends the first; one ending
+        earlier changes nothing. On a per-key Limiter, every key pauses
+        (keys first seen during the pause, too). Needs a running event loop.
+
+        Raises:
+            ValueError: ``seconds`` is negative, NaN or infinite.
+        """
+        if not (_is_real(seconds) and math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(
+                f"cooldown seconds must be a finite number >= 0; got seconds={seconds!r}"
+            )
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._rebind(loop)
+        end = loop.time() + seconds
+        if seconds == 0 or end <= self._cool_until:
+            return
+        self._cool_until = end
+        self._cool_span = seconds
+        if self._key is not None:
+            for sub in self._subs.values():
+                sub.cooldown(seconds)
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._ramp = None
+        self._cap = 0
+        self._timer = loop.call_at(end, self._ramp_step)
+
+    def _ramp_step(self) -> None:
+        """End the cooldown, or take the next step of the ramp: open slots, hand them over.
+
+        The ramp opens the limit in ``min(limit, RAMP_STEPS)`` equal steps, the
+        first one too after a jittered interval, each interval uniform in
+        [0.5, 1.5] x its mean: clients that paused together come back spread
+        out, and none before the cooldown's end.
+        """
+        limit = self._limit
+        loop = self._loop
+        assert loop is not None  # the timer runs on the loop that set it
+        if limit is None:
+            # Rate only: the rate already spaces the starts out; let everyone go.
+            self._timer = None
+            self._cap = None
+            self._hand_out()
+            return
+        rng = self._rng
+        if rng is None:
+            rng = self._rng = random.Random()
+        steps = min(limit, RAMP_STEPS)
+        ramp = self._ramp
+        # The first call ends the cooldown (no slot yet); each later one opens
+        # ceil(limit / steps) slots.
+        ramp = 0 if ramp is None else ramp - (-limit // steps)
+        if ramp >= limit:
+            self._ramp = None
+            self._timer = None
+            self._cap = limit
+        else:
+            self._ramp = self._cap = ramp
+            seconds = min(RAMP_MAX, RAMP_FRACTION * self._cool_span)
+            interval = seconds / steps * (0.5 + rng.random())
+            self._timer = loop.call_later(interval, self._ramp_step)
+        self._hand_out()
+
+    # -- per key ---------------------------------------------------------------------
+
+    def for_item(self, item: Any) -> Limiter:
+        """The Limiter for ``item``'s key (a plain one, with this one's limit and rate).
+
+        Use it at once (``async with limiter.for_item(url):``): an idle key may
+        be forgotten, and a limiter held on to past that is no longer shared.
+        On a Limiter without ``key=``, returns the Limiter itself.
+        """
+        key_fn = self._key
+        if key_fn is None:
+            return self
+        key = key_fn(item)
+        subs = self._subs
+        sub = subs.pop(key, None)
+        if sub is None:
+            sub = Limiter(self._limit_spec, rate=self._rate_spec)
+            if len(subs) >= IDLE_KEYS:
+                self._evict()
+            if self._cool_until > -math.inf:
+                loop = asyncio.get_running_loop()
+                remaining = self._cool_until - loop.time()
+                if loop is self._loop and remaining > 0:
+                    sub.cooldown(remaining)
+        subs[key] = sub  # most recently used last
+        return sub
+
+    def _evict(self) -> None:
+        """Forget up to a few least recently used idle keys (busy ones go to the back)."""
+        subs = self._subs
+        now = asyncio.get_running_loop().time()
+        for _ in range(_EVICT_STEPS):
+            if len(subs) < IDLE_KEYS:
+                return
+            key = next(iter(subs))
+            sub = subs.pop(key)
+            if not sub._idle(now):
+                subs[key] = sub
+
+    def _idle(self, now: float) -> bool:
+        """Nothing in flight or waiting, no cooldown, and the rate as fresh as a new one's."""
+        if self._in_flight or self._n_waiting or self._timer is not None:
+            return False
+        return self._gate is None or self._gate.fresh(now)
+
+    def _refuse_keyed(self, what: str) -> NoReturn:
+        raise TypeError(
+            f"this Limiter has key=, so each key has its own slots: call {what} on "
+            "limiter.for_item(item), or pass the limiter to corral.map(), which does"
+        )
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _set_limit(self, limit: int) -> None:
+        """Put a new limit in force; open slots go to waiters at once."""
+        self._limit = limit
+        if self._timer is None:
+            self._cap = limit
+        elif self._ramp is not None:
+            self._cap = min(self._ramp, limit)
+        # else: cooling down, the cap stays 0 until the ramp
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        """Give open slots to waiters, first come first served, while in_flight < cap."""
+        waiters = self._waiters
+        cap = self._cap
+        while waiters and (cap is None or self._in_flight < cap):
+            fut = waiters.popleft()
+            if not fut.done():
+                self._n_waiting -= 1
+                self._in_flight += 1
+                fut.set_result(None)
+
+    async def _wait_for_slot(self) -> None:
+        if self._key is not None:
+            self._refuse_keyed("acquire()")
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._rebind(loop)
+            cap = self._cap
+            if cap is None or self._in_flight < cap:  # the old loop's cooldown is gone
+                self._in_flight += 1
+                return
         fut: asyncio.Future[None] = loop.create_future()
         self._waiters.append(fut)
         self._n_waiting += 1
@@ -670,7 +1121,7 @@ class Limiter:
             raise
 
     def _rebind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """First wait on ``loop``: forget waiters of a closed loop; slots taken stay counted."""
+        """First use on ``loop``: forget a closed loop's waiters and cooldown; keep slots taken."""
         old = self._loop
         if old is not None and self._n_waiting and not old.is_closed():
             raise RuntimeError(
@@ -680,3 +1131,45 @@ class Limiter:
         self._waiters.clear()
         self._n_waiting = 0
         self._loop = loop
+        # The old loop's clock and timer mean nothing here: the cooldown ends.
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._ramp = None
+        self._cool_until = -math.inf
+        self._cap = self._limit if self._key is None else 0
+
+
+class _TimedLimiter(Limiter):
+    """A Limiter with an adaptive limit: ``async with`` reports how each body went.
+
+    ``Limiter("auto")`` and ``Limiter(Adaptive(...))`` make one of these (see
+    ``Limiter.__new__``); it is a ``Limiter`` in every other respect.
+    """
+
+    __slots__ = ()
+
+    def __aenter__(self) -> Coroutine[Any, Any, None]:
+        return self._enter_timed()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task = asyncio.current_task()
+        starts = self._entered[task]
+        latency = asyncio.get_running_loop().time() - starts.pop()
+        if not starts:
+            del self._entered[task]
+        if exc is None:
+            self.record(latency)
+        else:
+            self.record_error(latency, exc)
+        self.release()
+
+    async def _enter_timed(self) -> None:
+        await self.acquire()
+        loop = asyncio.get_running_loop()
+        self._entered.setdefault(asyncio.current_task(), []).append(loop.time())

@@ -1,41 +1,150 @@
-"""Running plain ``def`` functions off the event loop: threads and process pools.
+"""Running plain ``def`` functions off the event loop: threads and worker processes.
 
 A sync ``fn`` never runs on the loop thread: a blocking call there stalls every
 other call in flight. By default it runs in a thread pool that the map creates
 (as wide as the limit, so ``limit=50`` really means 50 concurrent blocking
-calls) and shuts down when the map ends. ``executor="process"`` runs it in a
-process pool instead, for CPU-bound work.
+calls) and shuts down when the map ends. ``executor="process"`` runs it in
+worker processes instead, for CPU-bound work: one loop uses one core, and a
+pure-Python ``fn`` holds the GIL, so threads would not help.
 
-Process calls are sent in chunks: one pool submission costs a round trip of
-pickling and a pipe write, a few hundred microseconds, which would dominate
-a 1 ms task. Calls started in the same loop iteration are collected and sent
-as a few chunks, so the chunk size follows the concurrency: one item per
-submission when calls trickle in, up to ``MAX_CHUNK`` when a wide map starts
-many at once.
+Worker processes, not a ``ProcessPoolExecutor``
+-----------------------------------------------
+``executor="process"`` starts its own workers (one per CPU the process may
+use, at most ``limit``), each talking to the event loop over a socket pair
+that the loop reads with no helper thread. A ``ProcessPoolExecutor`` would
+work, but when one of its processes dies (``os._exit``, a segfault in C code,
+the OOM killer) the whole pool is broken: every submission in flight fails
+with ``BrokenProcessPool``, all workers are torn down, and nobody can tell
+which item did it. With a socket per worker corral knows exactly what each
+process was running, so a crash costs one respawned process, and only that
+worker's items are re-run:
+
+- the chunk it was running is re-run, its items counted as retries in
+  ``stats.retried``. When that chunk held several items, they are re-run one
+  per chunk, so a second crash names its item;
+- chunks queued behind it had not started: they are sent again, not counted;
+- an item that kills its worker :data:`MAX_CRASHES` times when run alone
+  fails with :class:`WorkerCrashed`, which names it. The other items carry on.
+
+Nothing is lost or duplicated: a result is handed to its caller at most once
+(a re-run only happens for an item whose result never arrived), and every
+item ends with a result or an exception.
+
+Chunks, sized by measurement
+----------------------------
+One message to a worker and back costs a few hundred microseconds of pickling,
+socket writes and wake-ups, which would dominate a 1 ms task. So calls are
+sent in chunks. The worker times each chunk, and the chunk size is chosen so a
+chunk holds about :data:`TARGET_CHUNK_SECONDS` of work (a 50 µs task goes 200
+at a time, a 1 s task alone), never more than :data:`MAX_CHUNK` items, and
+never so many that a worker would sit idle while another holds a long queue:
+what is waiting is shared out evenly over the free slots. Each worker gets up
+to two chunks at once, so the next one is already in its socket while it sends
+results back; for slow items (over :data:`PIPELINE_BELOW` seconds each) only
+one, because then the round trip is negligible and a second chunk would only
+wait behind the first while another worker idles.
+
+Backpressure comes from the engine: it runs at most ``limit`` calls at once,
+and every call is one item, so the workers never hold more than ``limit``
+items, whatever the input's size.
+
+Cleanup
+-------
+Workers corral started are stopped on every exit path: after a clean run they
+are told to exit (their socket is closed) and waited for; after a failure or
+cancellation they are terminated at once (killed if still alive a second
+later), not waited for. They ignore SIGINT, so Ctrl-C reaches only the parent,
+which cancels the map and stops them; a worker whose parent vanished sees its
+socket close and exits. Workers are daemonic, so even a parent that never
+reaches its cleanup terminates them at interpreter exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
+import importlib.util
 import inspect
 import logging
 import math
 import os
 import pickle
+import reprlib
+import signal
+import socket
+import struct
+import time
 import traceback
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from multiprocessing.context import ForkServerContext, SpawnContext
+    from multiprocessing.process import BaseProcess
+
+    from ._engine import _Retried
 
 logger = logging.getLogger("corral")
 
-#: The most items sent to a worker process in one submission.
+#: The most items sent to a worker process in one message.
 MAX_CHUNK = 256
+#: About how many seconds of work one chunk holds, once the task time is known.
+TARGET_CHUNK_SECONDS = 0.01
+#: Tasks slower than this (seconds each) are not queued behind another chunk.
+PIPELINE_BELOW = 0.05
+#: An item that kills its worker this many times (run alone) fails with WorkerCrashed.
+MAX_CRASHES = 3
 #: Threads a map creates for a sync ``fn`` when its limit is ``None``.
 UNBOUNDED_THREADS = 100
+#: Seconds a terminated worker gets before it is killed.
+TERMINATE_GRACE = 1.0
 
 Call = Callable[[Any], Awaitable[Any]]
 OnClose = Callable[[bool], Awaitable[None]]
+
+
+class WorkerCrashed(Exception):
+    """A worker process died while running an item, and corral gave up on it.
+
+    ``executor="process"`` re-runs an item whose worker died (``os._exit``, a
+    segfault, a kill), since the death may have nothing to do with the item
+    (the OOM killer picked it, an operator sent SIGKILL). An item that kills
+    its worker :data:`MAX_CRASHES` times in a row when run alone is the cause:
+    it fails with this exception instead of being retried without end.
+
+    With ``processes=N`` a dead worker process ends the whole map with this
+    exception, naming how many items it held.
+
+    Attributes:
+        item: the item that killed its worker (``None`` when no single item is to blame).
+        exitcode: the worker's exit code; negative: killed by that signal.
+    """
+
+    def __init__(self, message: str, *, item: object = None, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.item = item
+        self.exitcode = exitcode
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_crash, (str(self), self.item, self.exitcode))
+
+
+def _rebuild_crash(message: str, item: object, exitcode: int | None) -> WorkerCrashed:
+    return WorkerCrashed(message, item=item, exitcode=exitcode)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``killed by SIGKILL``, ``exit code 3``: how a process ended, for messages."""
+    if exitcode is None:
+        return "exit code unknown"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 def is_async_callable(fn: object) -> bool:
@@ -50,20 +159,38 @@ def offload(
     fn: Callable[[Any], Any],
     executor: str | concurrent.futures.Executor | None,
     limit: int | None,
+    retried: _Retried | None = None,
 ) -> tuple[Call, OnClose | None]:
     """Wrap a sync ``fn`` as a coroutine function running on ``executor``.
 
     Returns the call and, for an executor corral created, a closer that shuts
     it down: gracefully after a clean run, at once (processes terminated)
-    after a failure or cancellation.
+    after a failure or cancellation. ``retried`` counts the items re-run after
+    their worker process died.
     """
     if isinstance(executor, concurrent.futures.Executor):
         if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
-            return _ProcessCalls(fn, lambda: executor), None
+            return _ExecutorCalls(fn, executor), None
         return _thread_call(fn, lambda: executor), None
     if executor == "process":
-        return _owned_process_pool(fn)
+        check_picklable(fn, "executor='process'")
+        processes = usable_cpus() if limit is None else min(usable_cpus(), limit)
+        pool = ProcessPool(fn, processes, retried)
+        return pool, pool.close
     return _owned_thread_pool(fn, limit)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------
+# Threads
+# ---------------------------------------------------------------------------
 
 
 def _thread_call(
@@ -111,146 +238,770 @@ def _owned_thread_pool(fn: Callable[[Any], Any], limit: int | None) -> tuple[Cal
     return _thread_call(fn, get_pool), close
 
 
-def _owned_process_pool(fn: Callable[[Any], Any]) -> tuple[Call, OnClose]:
-    _check_picklable(fn)
-    calls = _ProcessCalls(fn, _new_process_pool)
-
-    async def close(clean: bool) -> None:
-        pool = calls.pool
-        if pool is None:
-            return
-        if clean:
-            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
-        else:
-            terminate_pool(pool)
-
-    return calls, close
+# ---------------------------------------------------------------------------
+# Sending work to other processes: picklability, start method, framing
+#
+# Messages are pickles behind an 8-byte big-endian length. The parent side is
+# an asyncio Protocol on its end of a socket pair (the loop reads it, no
+# thread); a sync worker reads and writes its end with blocking calls.
+# ---------------------------------------------------------------------------
 
 
-def _new_process_pool() -> concurrent.futures.ProcessPoolExecutor:
-    import multiprocessing  # only here: it costs import time and a __mp_main__ alias
-
-    # Not "fork": the parent runs an event loop and often threads, and forking
-    # a threaded process can deadlock the child (Python 3.12 warns about it).
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return concurrent.futures.ProcessPoolExecutor(
-        os.cpu_count() or 1, mp_context=multiprocessing.get_context(method)
-    )
-
-
-def terminate_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Stop a process pool now: busy workers are terminated, then killed if they linger."""
-    # ProcessPoolExecutor offers no public way to stop busy workers; its
-    # _processes map is the only handle on them.
-    processes = list(getattr(pool, "_processes", {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.join(timeout=1.0)
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
-def _check_picklable(fn: Callable[[Any], Any]) -> None:
+def check_picklable(fn: Callable[..., Any], what: str) -> None:
+    """Refuse at once a function that cannot be sent to another process, saying why."""
     try:
         pickle.dumps(fn)
     except Exception as exc:
         raise TypeError(
-            f"executor='process' needs a function it can send to another process; "
+            f"{what} needs a function it can send to another process; "
             f"{fn!r} cannot be pickled ({exc}). Define it at module level (not a lambda, "
             "closure or method of a local class) so worker processes can import it."
         ) from None
 
 
-class _ProcessCalls:
-    """Per-item coroutine calls, batched into chunked process-pool submissions."""
+def mp_context() -> ForkServerContext | SpawnContext:
+    """The start method for worker processes: forkserver where there is one, else spawn."""
+    import multiprocessing  # only here: it costs import time and a __mp_main__ alias
 
-    def __init__(
-        self,
-        fn: Callable[[Any], Any],
-        make_pool: Callable[[], concurrent.futures.ProcessPoolExecutor],
-    ) -> None:
-        self._fn = fn
-        self._make_pool = make_pool
-        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
-        self._batch: list[tuple[Any, asyncio.Future[Any]]] = []
+    # Not "fork": the parent runs an event loop and often threads, and forking
+    # a threaded process can deadlock the child (Python 3.12 warns about it).
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("forkserver")
+    return multiprocessing.get_context("spawn")  # pragma: no cover - Windows
 
-    async def __call__(self, item: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._batch:
-            loop.call_soon(self._flush)
-        self._batch.append((item, future))
-        return await future
 
-    def _flush(self) -> None:
-        batch, self._batch = self._batch, []
-        batch = [(item, future) for item, future in batch if not future.done()]
-        if not batch:
-            return
-        if self.pool is None:
-            self.pool = self._make_pool()
-        pool = self.pool
-        processes = getattr(pool, "_max_workers", None) or os.cpu_count() or 1
-        # Enough chunks to keep every process busy twice over, no chunk bigger
-        # than MAX_CHUNK.
-        size = min(MAX_CHUNK, max(1, math.ceil(len(batch) / (2 * processes))))
-        for start in range(0, len(batch), size):
-            chunk = batch[start : start + size]
+_warm = False  # the fork server of this program answered once: later starts are fast
+
+
+def warm_up_start_method(context: ForkServerContext | SpawnContext) -> None:
+    """Get the fork server running and ready (blocking: run it in a thread).
+
+    A worker forked by the fork server starts with whatever the fork server
+    imported, so corral asks it to import corral (and uvloop, when installed)
+    once, instead of every worker importing them on its own (50-200 ms each on
+    a busy machine). This adds to the modules the program asked it to preload,
+    and has no effect if the fork server was already started.
+
+    The fork server imports all that before it accepts anything, so the first
+    start costs ~0.1-0.3 s: one throwaway process waits that out here, and
+    later worker starts on the loop thread take a couple of ms.
+    """
+    global _warm
+    if _warm or context.get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    wanted = ["corral"]
+    if importlib.util.find_spec("uvloop") is not None:
+        wanted.append("uvloop")
+    # No public getter: the list set by set_forkserver_preload(), ['__main__'] by default.
+    current = list(getattr(getattr(forkserver, "_forkserver", None), "_preload_modules", []))
+    context.set_forkserver_preload(list(dict.fromkeys([*current, *wanted])))
+    probe = context.Process(target=_noop, name="corral-warm-up", daemon=True)
+    probe.start()
+    probe.join()
+    _warm = True
+
+
+def _noop() -> None:
+    pass
+
+
+def ignore_sigint() -> None:
+    """In a worker: Ctrl-C is for the parent, which stops the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_HEADER = struct.Struct("!Q")
+
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    """Write one message on a blocking socket."""
+    sock.sendall(_HEADER.pack(len(payload)))
+    sock.sendall(payload)
+
+
+def recv_frame(sock: socket.socket) -> bytearray | None:
+    """Read one message from a blocking socket; ``None`` when the other side closed it."""
+    header = _recv_exactly(sock, _HEADER.size)
+    if header is None:
+        return None
+    (size,) = _HEADER.unpack(header)
+    return _recv_exactly(sock, size)
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytearray | None:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        count = sock.recv_into(view[got:])
+        if count == 0:
+            return None
+        got += count
+    return buffer
+
+
+def _undecodable(exc: Exception) -> RuntimeError:
+    error = RuntimeError(
+        f"a message between corral's processes could not be unpickled: {exc!r} (a value "
+        "of a type the receiving process cannot import?)"
+    )
+    error.__cause__ = exc
+    return error
+
+
+class Link(asyncio.Protocol):
+    """The parent's end of a framed-pickle socket, driven by the event loop.
+
+    ``on_message`` is called with each unpickled message, ``on_lost`` once when
+    the other side is gone (it exited or closed its end). Writes never block:
+    the transport buffers them. What is in flight is bounded by the callers
+    (the engine's limit), so no write flow control is needed.
+    """
+
+    def __init__(self, on_message: Callable[[Any], None], on_lost: Callable[[], None]) -> None:
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        header = _HEADER.size
+        while len(buffer) >= header:
+            (size,) = _HEADER.unpack_from(buffer)
+            end = header + size
+            if len(buffer) < end:
+                return
             try:
-                submitted = pool.submit(_run_chunk, self._fn, [item for item, _ in chunk])
-            except Exception as exc:  # a broken or shut-down pool
-                for _, future in chunk:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            futures = [future for _, future in chunk]
-            asyncio.wrap_future(submitted).add_done_callback(
-                lambda done, futures=futures: _distribute(done, futures)  # type: ignore[misc]
-            )
+                message = pickle.loads(buffer[header:end])
+            except Exception as exc:
+                # E.g. an exception whose class this process cannot import. The
+                # stream itself is intact: say so in place of the message.
+                message = ("undecodable", _undecodable(exc))
+            del buffer[:end]  # cheap: a bytearray drops its head in O(1)
+            self._on_message(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost()
+
+    @property
+    def open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def send_payload(self, payload: bytes) -> None:
+        """Send an already pickled message (dropped if the other side is gone)."""
+        if self.open:
+            assert self.transport is not None
+            self.transport.writelines([_HEADER.pack(len(payload)), payload])
+
+    def send(self, message: object) -> None:
+        self.send_payload(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
-def _distribute(done: asyncio.Future[Any], futures: list[asyncio.Future[Any]]) -> None:
-    if done.cancelled():
-        for future in futures:
-            future.cancel()
-        return
-    error = done.exception()
-    if error is not None:
-        for future in futures:
-            if not future.done():
-                future.set_exception(error)
-        return
-    for future, (ok, value) in zip(futures, done.result(), strict=True):
-        if future.done():
-            continue  # the caller was cancelled meanwhile
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+async def connect(sock: socket.socket, link: Link) -> None:
+    """Attach ``link`` to the parent's end of a socket pair (closes it on failure)."""
+    try:
+        await asyncio.get_running_loop().create_connection(lambda: link, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def wait_exit(process: BaseProcess, timeout: float) -> int | None:
+    """Wait (without blocking the loop) up to ``timeout`` s for ``process`` to end."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = 0.001
+    while process.exitcode is None and loop.time() < deadline:
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.02)
+    return process.exitcode
+
+
+async def stop_processes(processes: Iterable[BaseProcess], *, grace: float) -> None:
+    """Stop worker processes: let them exit for ``grace`` s, then terminate, then kill.
+
+    Whatever happens meanwhile (even cancellation of this coroutine), every
+    process is dead and reaped on return.
+    """
+    started = [p for p in processes if p.pid is not None]
+    try:
+        if grace > 0:
+            for process in started:
+                await wait_exit(process, grace)
+        for process in started:
+            if process.exitcode is None:
+                process.terminate()
+        for process in started:
+            if process.exitcode is None:
+                await wait_exit(process, TERMINATE_GRACE)
+    finally:
+        for process in started:
+            if process.exitcode is None:
+                process.kill()
+            process.join()
+            process.close()
+
+
+def portable(exc: BaseException) -> BaseException:
+    """The exception with its remote traceback as a note, made safe to pickle."""
+    remote = "".join(traceback.format_exception(exc))
+    note = f"Traceback in the worker process (pid {os.getpid()}):\n{remote}"
+    exc.add_note(note)
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        fallback = RuntimeError(f"{type(exc).__qualname__}: {exc} (not picklable)")
+        fallback.add_note(note)
+        return fallback
+    return exc
+
+
+def picklable_value(value: object) -> object:
+    """``value``, or a TypeError saying why it cannot travel back to the parent."""
+    try:
+        pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        return TypeError(
+            f"the result {reprlib.repr(value)} cannot be sent back from the worker "
+            f"process: it cannot be pickled ({exc})"
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------
+# The worker process (runs in the child)
+# ---------------------------------------------------------------------------
 
 
 def _run_chunk(fn: Callable[[Any], Any], items: list[Any]) -> list[tuple[bool, Any]]:
-    """Runs in the worker process: each item's result or its exception, in order."""
+    """Each item's result or its (portable) exception, in order."""
     out: list[tuple[bool, Any]] = []
     for item in items:
         try:
             out.append((True, fn(item)))
         except Exception as exc:
-            out.append((False, _portable(exc)))
+            out.append((False, portable(exc)))
     return out
 
 
-def _portable(exc: Exception) -> Exception:
-    """The exception with its remote traceback as a note, made safe to pickle."""
-    remote = "".join(traceback.format_exception(exc))
-    exc.add_note(f"Traceback in the worker process (pid {os.getpid()}):\n{remote}")
+def _results_payload(out: list[tuple[bool, Any]], elapsed: float) -> bytes:
     try:
-        pickle.loads(pickle.dumps(exc))
+        return pickle.dumps(("done", out, elapsed), pickle.HIGHEST_PROTOCOL)
     except Exception:
-        fallback = RuntimeError(f"{type(exc).__qualname__}: {exc} (not picklable)")
-        fallback.add_note(f"Traceback in the worker process (pid {os.getpid()}):\n{remote}")
-        return fallback
-    return exc
+        # Some result cannot be pickled: find it, and send an error in its place.
+        safe = []
+        for ok, value in out:
+            checked = picklable_value(value)
+            safe.append((ok and checked is value, checked))
+        return pickle.dumps(("done", safe, elapsed), pickle.HIGHEST_PROTOCOL)
+
+
+def _process_worker(sock: socket.socket, payload: bytes) -> None:
+    """A worker's main loop: read a chunk of items, run ``fn`` on each, send the results."""
+    ignore_sigint()
+    with sock:
+        try:
+            try:
+                fn = pickle.loads(payload)
+            except Exception as exc:
+                send_frame(sock, pickle.dumps(("broken", portable(exc))))
+                return
+            while True:
+                frame = recv_frame(sock)
+                if frame is None:
+                    return  # the parent closed our socket: we are done
+                try:
+                    items = pickle.loads(frame)
+                except Exception as exc:
+                    send_frame(sock, pickle.dumps(("undecodable", portable(exc))))
+                    continue
+                began = time.perf_counter()
+                out = _run_chunk(fn, items)
+                send_frame(sock, _results_payload(out, time.perf_counter() - began))
+        except OSError:
+            return  # the parent is gone
+
+
+# ---------------------------------------------------------------------------
+# The parent side
+# ---------------------------------------------------------------------------
+
+
+class _Job:
+    """One call waiting for a worker process: its item and the caller's future."""
+
+    __slots__ = ("crashes", "future", "item", "suspect")
+
+    def __init__(self, item: Any, future: asyncio.Future[Any]) -> None:
+        self.item = item
+        self.future = future
+        self.crashes = 0  # times its worker died while running it alone
+        self.suspect = False  # was in a chunk whose worker died: runs alone from now on
+
+
+def _settle(job: _Job, ok: bool, value: Any) -> None:
+    future = job.future
+    if future.done():
+        return  # the caller was cancelled meanwhile
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+class ChunkSizer:
+    """Chooses chunk sizes from the measured time per item (see the module docstring)."""
+
+    __slots__ = ("per_item",)
+
+    def __init__(self) -> None:
+        self.per_item: float | None = None  # seconds, smoothed; None until measured
+
+    def observe(self, elapsed: float, items: int) -> None:
+        sample = elapsed / items
+        if self.per_item is None:
+            self.per_item = sample
+        else:
+            self.per_item = 0.7 * self.per_item + 0.3 * sample
+
+    def size(self, waiting: int, free_slots: int) -> int:
+        """Items for the next chunk, with ``waiting`` items to share over ``free_slots``."""
+        if self.per_item is None:
+            return 1  # learn the task time before sending more than one item
+        share = math.ceil(waiting / max(1, free_slots))
+        target = int(TARGET_CHUNK_SECONDS / max(self.per_item, 1e-7))
+        return max(1, min(MAX_CHUNK, share, target))
+
+    def depth(self) -> int:
+        """Chunks a worker may hold at once: two, so the next is ready when one ends."""
+        if self.per_item is not None and self.per_item >= PIPELINE_BELOW:
+            return 1
+        return 2
+
+
+class _Worker:
+    __slots__ = ("chunks", "link", "number", "process")
+
+    def __init__(self, number: int, process: BaseProcess, link: Link) -> None:
+        self.number = number
+        self.process = process
+        self.link = link
+        self.chunks: deque[list[_Job]] = deque()  # sent, results not back; the head is running
+
+
+class _PoolState(enum.Enum):
+    IDLE = "idle"  # no call yet: no process started
+    RUNNING = "running"  # workers started (or starting), chunks flowing
+    CLOSED = "closed"  # close() ran: every process is stopped
+
+
+class ProcessPool:
+    """Per-item coroutine calls of a sync ``fn``, run in chunks by worker processes.
+
+    Used as the engine's call (``await pool(item)``) and closed by the engine
+    with ``await pool.close(clean)``. See the module docstring for chunking
+    and crash recovery.
+
+    Attributes (for tests and benchmarks): ``chunks_sent``, ``items_sent``,
+    ``peak_in_pool`` (the most items sent and not yet returned at once),
+    ``crashes`` (worker processes that died) and ``pids`` (every worker
+    process started).
+    """
+
+    def __init__(
+        self, fn: Callable[[Any], Any], processes: int, retried: _Retried | None = None
+    ) -> None:
+        self._fn = fn
+        self._payload = pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
+        self._processes = max(1, processes)
+        self._retried = retried
+        self._state = _PoolState.IDLE
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._context: ForkServerContext | SpawnContext | None = None
+        self._waiting: deque[_Job] = deque()
+        self._workers: list[_Worker] = []  # connected and alive
+        self._started: list[BaseProcess] = []  # every process started, for cleanup
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dispatch_handle: asyncio.Handle | None = None
+        # Set when no worker can run anything: makes the error each call fails with.
+        self._broken: Callable[[], BaseException] | None = None
+        self._deaths_without_work = 0
+        self._sizer = ChunkSizer()
+        self._in_pool = 0
+        self.chunks_sent = 0
+        self.items_sent = 0
+        self.peak_in_pool = 0
+        self.crashes = 0
+        self.pids: list[int] = []
+
+    # -- the call ---------------------------------------------------------
+
+    async def __call__(self, item: Any) -> Any:
+        if self._broken is not None:
+            raise self._broken()
+        loop = asyncio.get_running_loop()
+        if self._state is _PoolState.IDLE:
+            self._start(loop)
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append(_Job(item, future))
+        self._schedule_dispatch()
+        return await future
+
+    def _cannot_load(self, cause: BaseException) -> Callable[[], BaseException]:
+        def error() -> BaseException:
+            exc = RuntimeError(
+                f"the worker processes of executor='process' cannot load fn={self._fn!r}: "
+                f"{cause!r}. Define fn at module level in a module the worker processes "
+                "can import (not in an interactive session)."
+            )
+            exc.__cause__ = cause
+            return exc
+
+        return error
+
+    def _schedule_dispatch(self) -> None:
+        if self._dispatch_handle is None and self._loop is not None:
+            self._dispatch_handle = self._loop.call_soon(self._dispatch)
+
+    # -- workers ----------------------------------------------------------
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._state = _PoolState.RUNNING
+        self._context = mp_context()
+        self._spawn(self._boot())
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        assert self._loop is not None
+        task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _boot(self) -> None:
+        assert self._context is not None
+        assert self._loop is not None
+        # Starting the fork server blocks for ~0.1 s the first time: not on the loop.
+        await self._loop.run_in_executor(None, warm_up_start_method, self._context)
+        for number in range(self._processes):
+            await self._start_worker(number)
+
+    async def _start_worker(self, number: int) -> None:
+        assert self._context is not None
+        if self._state is not _PoolState.RUNNING or self._broken is not None:
+            return
+        parent_end, child_end = socket.socketpair()
+        process = self._context.Process(
+            target=_process_worker,
+            args=(child_end, self._payload),
+            name=f"corral-process-{number}",
+            daemon=True,
+        )
+        try:
+            process.start()  # ~2 ms with a running fork server
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        self._started.append(process)
+        assert process.pid is not None
+        self.pids.append(process.pid)
+        link = Link(lambda message: None, lambda: None)
+        worker = _Worker(number, process, link)
+        link._on_message = lambda message: self._on_message(worker, message)
+        link._on_lost = lambda: self._on_lost(worker)
+        await connect(parent_end, link)
+        self._workers.append(worker)
+        self._schedule_dispatch()
+
+    # -- dispatch ---------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Send waiting calls to workers with a free slot, in chunks."""
+        self._dispatch_handle = None
+        if self._state is not _PoolState.RUNNING or self._broken is not None:
+            return
+        waiting = self._waiting
+        depth = self._sizer.depth()
+        workers = [w for w in self._workers if len(w.chunks) < depth]
+        free = sum(depth - len(w.chunks) for w in workers)
+        while waiting and free > 0:
+            worker = min(workers, key=lambda w: len(w.chunks))
+            size = self._sizer.size(len(waiting), free)
+            jobs: list[_Job] = []
+            while waiting and len(jobs) < size:
+                job = waiting[0]
+                if job.future.done():
+                    waiting.popleft()  # its caller was cancelled before it was sent
+                elif job.suspect:
+                    # A suspect of a crash runs alone, so a second crash names it.
+                    if not jobs:
+                        jobs.append(waiting.popleft())
+                    break
+                else:
+                    jobs.append(waiting.popleft())
+            if jobs:
+                self._send(worker, jobs)
+                free -= 1
+
+    def _send(self, worker: _Worker, jobs: list[_Job]) -> None:
+        try:
+            payload = pickle.dumps([job.item for job in jobs], pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            jobs = [job for job in jobs if self._picklable_item(job)]
+            if not jobs:
+                return
+            payload = pickle.dumps([job.item for job in jobs], pickle.HIGHEST_PROTOCOL)
+        worker.chunks.append(jobs)
+        worker.link.send_payload(payload)
+        self.chunks_sent += 1
+        self.items_sent += len(jobs)
+        self._in_pool += len(jobs)
+        self.peak_in_pool = max(self.peak_in_pool, self._in_pool)
+
+    @staticmethod
+    def _picklable_item(job: _Job) -> bool:
+        try:
+            pickle.dumps(job.item, pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            _settle(
+                job,
+                False,
+                TypeError(
+                    f"the item {reprlib.repr(job.item)} cannot be sent to a worker process: "
+                    f"it cannot be pickled ({exc})"
+                ),
+            )
+            return False
+        return True
+
+    # -- messages from workers --------------------------------------------
+
+    def _on_message(self, worker: _Worker, message: Any) -> None:
+        kind = message[0]
+        if kind == "done":
+            _, out, elapsed = message
+            jobs = worker.chunks.popleft()
+            self._in_pool -= len(jobs)
+            self._sizer.observe(elapsed, len(jobs))
+            self._deaths_without_work = 0
+            for job, (ok, value) in zip(jobs, out, strict=True):
+                _settle(job, ok, value)
+            self._schedule_dispatch()
+        elif kind == "undecodable":  # one side could not unpickle the other's message
+            if not worker.chunks:  # not a chunk's results: the worker's "broken" news
+                self._break(lambda: message[1])
+                return
+            jobs = worker.chunks.popleft()  # the items, or the results, of the head chunk
+            self._in_pool -= len(jobs)
+            for job in jobs:
+                _settle(job, False, message[1])
+            self._schedule_dispatch()
+        elif kind == "broken":  # the worker could not load fn: no worker ever will
+            self._break(self._cannot_load(message[1]))
+
+    def _break(self, error: Callable[[], BaseException]) -> None:
+        if self._broken is not None:
+            return
+        self._broken = error
+        jobs = list(self._waiting)
+        self._waiting.clear()
+        for worker in self._workers:
+            for chunk in worker.chunks:
+                jobs.extend(chunk)
+            worker.chunks.clear()
+        for job in jobs:
+            _settle(job, False, error())
+
+    def _on_lost(self, worker: _Worker) -> None:
+        if self._state is not _PoolState.RUNNING or worker not in self._workers:
+            return
+        self._workers.remove(worker)
+        self._spawn(self._bury(worker))
+
+    async def _bury(self, worker: _Worker) -> None:
+        """A worker died: re-run what it held, fail a repeat killer, start a new worker."""
+        if self._broken is not None:
+            return  # it could not load fn: nothing to re-run, no point in another
+        exitcode = await wait_exit(worker.process, TERMINATE_GRACE)
+        if exitcode is None:  # its socket closed but it lives on: make sure it is gone
+            worker.process.kill()
+            exitcode = await wait_exit(worker.process, TERMINATE_GRACE)
+        self.crashes += 1
+        chunks = worker.chunks
+        requeue: list[_Job] = []
+        if chunks:
+            self._deaths_without_work = 0
+            running = chunks.popleft()
+            requeue.extend(self._after_crash(running, exitcode))
+            for chunk in chunks:  # queued behind it, never started: no blame, no retry
+                requeue.extend(job for job in chunk if not job.future.done())
+            self._in_pool -= sum(len(chunk) for chunk in chunks) + len(running)
+            chunks.clear()
+        else:
+            self._deaths_without_work += 1
+            if self._deaths_without_work >= MAX_CRASHES:
+                self._break(
+                    lambda: WorkerCrashed(
+                        f"the worker processes of executor='process' keep dying before "
+                        f"running anything (last: {describe_exit(exitcode)})",
+                        exitcode=exitcode,
+                    )
+                )
+                return
+        self._waiting.extendleft(reversed(requeue))
+        logger.warning(
+            "corral: worker process %s (pid %s) died (%s); %d items re-run",
+            worker.number,
+            worker.process.pid,
+            describe_exit(exitcode),
+            len(requeue),
+        )
+        await self._start_worker(worker.number)
+
+    def _after_crash(self, running: list[_Job], exitcode: int | None) -> list[_Job]:
+        """The jobs of the chunk a dead worker was running that are to be re-run."""
+        live = [job for job in running if not job.future.done()]
+        if len(running) == 1 and live:
+            job = live[0]
+            job.crashes += 1
+            if job.crashes >= MAX_CRASHES:
+                _settle(
+                    job,
+                    False,
+                    WorkerCrashed(
+                        f"fn(item) killed its worker process {job.crashes} times "
+                        f"(last: {describe_exit(exitcode)}); giving up on "
+                        f"item={reprlib.repr(job.item)}. A plain `def` run with "
+                        "executor='process' must not end its process: os._exit(), a crash "
+                        "in C code, or a kill (e.g. by the OOM killer) all look alike here.",
+                        item=job.item,
+                        exitcode=exitcode,
+                    ),
+                )
+                return []
+        for job in live:
+            job.suspect = True
+        if self._retried is not None:
+            self._retried.count += len(live)
+        return live
+
+    # -- cleanup ----------------------------------------------------------
+
+    async def close(self, clean: bool) -> None:
+        """Stop every worker: let idle ones exit after a clean run, terminate them otherwise."""
+        if self._state is _PoolState.CLOSED:
+            return
+        self._state = _PoolState.CLOSED
+        if self._dispatch_handle is not None:
+            self._dispatch_handle.cancel()
+            self._dispatch_handle = None
+        try:
+            while self._tasks:
+                tasks = list(self._tasks)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks)
+        finally:
+            for worker in self._workers:
+                worker.link.close()  # a worker waiting for work sees EOF and exits
+            for job in self._waiting:
+                job.future.cancel()
+            self._waiting.clear()
+            await stop_processes(self._started, grace=5.0 if clean else 0.0)
+
+
+# ---------------------------------------------------------------------------
+# A ProcessPoolExecutor given by the user
+# ---------------------------------------------------------------------------
+
+
+def _run_timed_chunk(
+    fn: Callable[[Any], Any], items: list[Any]
+) -> tuple[list[tuple[bool, Any]], float]:
+    """Runs in the executor's worker: the chunk's outcomes and the time they took."""
+    began = time.perf_counter()
+    out = _run_chunk(fn, items)
+    return out, time.perf_counter() - began
+
+
+class _ExecutorCalls:
+    """Per-item calls batched into chunked submissions to a user's ProcessPoolExecutor.
+
+    Chunk sizes adapt as for corral's own workers, and at most two chunks per
+    process are submitted at once (the rest wait here, so the pool's queue
+    stays short). corral does not own the pool, so it cannot rebuild it: when
+    a process of the pool dies, the pool is broken and the calls fail with
+    ``BrokenProcessPool``. Use ``executor="process"`` for crash recovery.
+    """
+
+    def __init__(
+        self, fn: Callable[[Any], Any], pool: concurrent.futures.ProcessPoolExecutor
+    ) -> None:
+        self._fn = fn
+        self._pool = pool
+        workers = getattr(pool, "_max_workers", None)
+        self._slots = 2 * (workers if isinstance(workers, int) else usable_cpus())
+        self._busy = 0
+        self._waiting: deque[_Job] = deque()
+        self._sizer = ChunkSizer()
+        self._dispatch_handle: asyncio.Handle | None = None
+
+    async def __call__(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append(_Job(item, future))
+        if self._dispatch_handle is None:
+            self._dispatch_handle = loop.call_soon(self._dispatch)
+        return await future
+
+    def _dispatch(self) -> None:
+        self._dispatch_handle = None
+        waiting = self._waiting
+        while waiting and self._busy < self._slots:
+            size = self._sizer.size(len(waiting), self._slots - self._busy)
+            jobs: list[_Job] = []
+            while waiting and len(jobs) < size:
+                job = waiting.popleft()
+                if not job.future.done():
+                    jobs.append(job)
+            if not jobs:
+                return
+            try:
+                submitted = self._pool.submit(_run_timed_chunk, self._fn, [j.item for j in jobs])
+            except Exception as exc:  # a broken or shut-down pool
+                for job in jobs:
+                    _settle(job, False, exc)
+                continue
+            self._busy += 1
+            asyncio.wrap_future(submitted).add_done_callback(
+                lambda done, jobs=jobs: self._distribute(done, jobs)  # type: ignore[misc]
+            )
+
+    def _distribute(self, done: asyncio.Future[Any], jobs: list[_Job]) -> None:
+        self._busy -= 1
+        if done.cancelled():
+            for job in jobs:
+                job.future.cancel()
+        elif (error := done.exception()) is not None:
+            for job in jobs:
+                _settle(job, False, error)
+        else:
+            out, elapsed = done.result()
+            self._sizer.observe(elapsed, len(jobs))
+            for job, (ok, value) in zip(jobs, out, strict=True):
+                _settle(job, ok, value)
+        if self._waiting and self._dispatch_handle is None:
+            self._dispatch_handle = asyncio.get_running_loop().call_soon(self._dispatch)

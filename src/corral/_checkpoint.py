@@ -1,0 +1,1155 @@
+"""Checkpoint and resume: every result recorded in SQLite, a re-run skips what is done.
+
+A map of 200,000 paid calls runs for hours; a crash, a deploy or Ctrl-C at hour
+three should not mean paying twice. With ``checkpoint="run.sqlite"`` each
+result is written to a SQLite file under its item's id before the consumer
+sees it, and running the same map again with the same file hands back the
+recorded results without calling ``fn`` and calls it only for the rest::
+
+    async with corral.map(ask, prompts, checkpoint="run.sqlite",
+                          item_id=lambda p: p["id"]) as answers:
+        async for answer in answers:      # a re-run replays what is recorded
+            ...
+
+What is recorded, and when
+--------------------------
+A result is *recorded* once its row is committed to the file (SQLite in WAL
+mode): from then on it survives the process dying in any way (an exception,
+Ctrl-C, ``kill -9``, the OOM killer). The consumer never sees a result before
+it is recorded, so whatever the consumer did with a result can rely on it
+being there on resume. Commits are not synced to the disk one by one
+(``PRAGMA synchronous=NORMAL``): if the *machine* loses power, the last
+moments' results may be gone on reboot, as may the consumer's own unsynced
+writes, but the file is never corrupt and nothing is recorded twice.
+
+With ``return_exceptions=True`` an item's final failure (after its retries) is
+recorded too and replays as the same exception (see :class:`RecordedFailure`
+for the exceptions that cannot be stored as themselves). Without it a failure
+ends the run unrecorded, so a re-run tries that item again.
+
+Ids, repeated ids, fingerprints
+-------------------------------
+Items are identified by an *id*: by default the item itself when it is a
+``str``, ``int``, ``bytes`` or a tuple of those (nested tuples too);
+otherwise pass ``item_id=``, a function of the item returning such a value.
+Two items with the same id are the same item: ``fn`` runs once for that id
+and every occurrence yields its result, in a fresh run exactly as on resume.
+
+The file also records what produced it: a *fingerprint*, by default ``fn``'s
+``module:qualname``, or any string you pass (``fingerprint="prompt-v3"``). A
+resume with another fingerprint is refused, since the recorded results may
+not be what the new ``fn`` would return; ``resume="ignore-fingerprint"``
+reuses them anyway. The serializer is recorded as well and must match.
+
+Cost: group commit on one thread, and a gate at the consumer
+------------------------------------------------------------
+The event loop never touches the disk. All database work runs on one
+dedicated thread (the sqlite3 connection lives there), and rows are written
+in groups: the first row recorded while no write is in progress schedules one
+for the end of the loop iteration; rows recorded while a write is in progress
+go in the next one. The batch size thus follows the load with no timer: one
+row per commit when results trickle in, thousands when they pour.
+
+The call wrapper does not wait for its row's commit: a worker that waited
+would hold its place in ``limit`` for a disk round trip, and with every worker
+waiting on the same commit the loop would sit idle while the thread writes
+(measured: 3-4x slower on ``sleep(0)`` calls). Instead the *consumer* waits:
+:class:`CheckpointedStream` hands out a result only once every row recorded
+before it reached the ready queue is committed. One wait covers every result
+queued at that moment, so the consumer waits about once per commit, not once
+per result, while the workers go on computing into the engine's window.
+``gather`` returns only after the map has closed, and closing commits every
+row.
+
+Per item the loop pays for the id, a set lookup, one tuple appended to a list
+and, for anything but a plain ``str``, ``int``, ``float`` or ``None`` result
+(stored as SQLite values as they are), a pickle.
+
+Why one big ``INSERT`` per commit
+---------------------------------
+Python's sqlite3 module releases the GIL inside each ``sqlite3_step`` and
+takes it back afterwards. While the event loop thread keeps the GIL busy,
+taking it back can take a full switch interval (5 ms): ``executemany`` steps
+once per row, and measured 27x slower next to a busy loop than next to an idle
+one. A single ``INSERT ... VALUES (?,?,?), (?,?,?), ...`` is one step for the
+whole batch, and in autocommit mode that step is the transaction too. The
+statement's row count is rounded up to a few fixed sizes (padding repeats the
+last row, which ``INSERT OR REPLACE`` absorbs) so the prepared statements stay
+in sqlite3's cache.
+
+Resume
+------
+At open, the ids already recorded are loaded, as 64-bit hashes, into an
+in-memory set in one query. An item whose hash is not there is new and is
+called at once, with no database read. A hash collision costs one needless
+lookup, never a wrong result. The set also takes the id of every item this
+run starts (that is how a repeated id finds the first one's result), so a
+checkpointed map holds about 70 bytes per item in memory: 70 MB for a
+million items.
+
+An item whose hash is there is replayed. Looking each one up would cost a
+wait per item, so the rows are *read ahead* in the order they were recorded
+(a rowid), which is about the order a re-run asks for them: a lookup that
+finds item ``i`` also brings the rows recorded after it, and the items that
+follow find theirs in memory and return without waiting. The read-ahead grows
+while its rows are used and shrinks when the input comes in another order
+(then each item is looked up, in batches: one ``SELECT ... WHERE id IN (...)``
+per batch, sent as soon as it fills).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import functools
+import itertools
+import operator
+import os
+import pickle
+import reprlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from ._engine import Call, Engine, Halt, ResultStream
+
+if TYPE_CHECKING:
+    import sqlite3
+
+# sqlite3 and json are imported when a checkpoint is used: `import corral`
+# does not pay for them (about 5 ms) in programs that never checkpoint.
+
+R = TypeVar("R")
+
+Key = int | str | bytes
+Serializer = Literal["pickle", "json"]
+Resume = Literal["strict", "ignore-fingerprint"]
+OnClose = Callable[[bool], Awaitable[None]]
+#: One recorded item: (id, kind, value); kind is one of the three below.
+Row = tuple[Key, int, Any]
+#: A row as read back: (rowid, id, kind, value); rowids grow in recording order.
+StoredRow = tuple[int, Key, int, Any]
+#: What a lookup finds: (kind, value), or None when the id is not recorded.
+Found = tuple[int, Any] | None
+
+PLAIN = 0  # value is the result itself: an int64, str, float (not NaN) or None
+ENCODED = 1  # value is the pickled (or JSON) result
+FAILED = 2  # value is the pickled (or JSON) final failure
+
+#: The file layout; a file written by another layout is refused, not misread.
+FORMAT = 1
+
+#: Rows recorded but not yet committed at which a worker waits for the commit
+#: before going on (``gather`` has no consumer to pace it).
+MAX_BACKLOG = 20_000
+
+#: How many more results the workers of a checkpointed map may run ahead of
+#: the consumer (beyond the engine's ``2 * limit``): while the consumer waits
+#: for a commit (a few ms, more when the loop keeps the GIL busy) the workers
+#: go on, and the next commit takes all they produced meanwhile.
+CONSUMER_LAG = 8192
+
+#: Lookups sent to the thread as soon as this many are waiting (else at the
+#: end of the loop iteration).
+LOOKUP_BATCH = 256
+
+#: Read-ahead on resume (see "Resume" above): rows per trip at most, the
+#: cache size at which another trip starts, and the most rows kept.
+READ_AHEAD_MIN = 64
+READ_AHEAD_MAX = 8192
+REFILL_BELOW = READ_AHEAD_MAX // 2
+CACHE_MAX = 4 * READ_AHEAD_MAX
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+_describe = reprlib.Repr()
+_describe.maxstring = 60
+_describe.maxother = 60
+_describe.maxlevel = 3
+
+
+def _item_repr(item: object) -> str:
+    return _describe.repr(item)
+
+
+# ---------------------------------------------------------------------------
+# Ids: the item (or item_id's value) as a key SQLite stores and compares.
+# ---------------------------------------------------------------------------
+
+
+def _canonical(ident: object) -> str | None:
+    """The id as text that differs for any two ids Python considers different."""
+    if isinstance(ident, str):
+        return str.__repr__(ident)
+    if isinstance(ident, int):  # bool and IntEnum too: they equal their int
+        return int.__repr__(int(ident))
+    if isinstance(ident, bytes):
+        return bytes.__repr__(ident)
+    if isinstance(ident, tuple):
+        parts = []
+        for part in ident:
+            text = _canonical(part)
+            if text is None:
+                return None
+            parts.append(text)
+        return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
+    return None
+
+
+def as_key(ident: object) -> Key | None:
+    """The database key for an id, or ``None`` if ``ident`` is not a valid id.
+
+    A ``str`` is stored as TEXT and an int in the 64-bit range as INTEGER, as
+    they are; anything else valid (bytes, tuples, larger ints) as a BLOB of
+    its canonical text. SQLite never finds a TEXT equal to an INTEGER or a
+    BLOB, so ``1``, ``"1"``, ``b"1"`` and ``(1,)`` are four different ids.
+    """
+    if isinstance(ident, str):
+        return str(ident)
+    if isinstance(ident, int) and _INT64_MIN <= ident <= _INT64_MAX:
+        return int(ident)
+    text = _canonical(ident)
+    return None if text is None else text.encode()
+
+
+# ---------------------------------------------------------------------------
+# Options: checked once, when the map is created.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """The checked ``checkpoint=`` options of one map."""
+
+    path: str
+    fingerprint: str
+    serializer: Serializer
+    resume: Resume
+    item_id: Callable[[Any], Any] | None
+
+
+def default_fingerprint(fn: object) -> str:
+    """``module:qualname`` of ``fn`` (of the function a ``functools.partial`` wraps)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}:{qualname}"
+
+
+def as_checkpoint(
+    checkpoint: object,
+    *,
+    fn: object,
+    item_id: object = None,
+    fingerprint: object = None,
+    resume: object = "strict",
+    serializer: object = "pickle",
+) -> CheckpointSpec | None:
+    """Check the ``checkpoint=`` keywords of a map; ``None`` when it has no checkpoint.
+
+    Raises:
+        TypeError, ValueError: for a bad value, naming the keyword and the value.
+    """
+    if checkpoint is None:
+        given = {"item_id": item_id, "fingerprint": fingerprint}
+        if resume != "strict":
+            given["resume"] = resume
+        if serializer != "pickle":
+            given["serializer"] = serializer
+        for name, value in given.items():
+            if value is not None:
+                raise ValueError(
+                    f"{name}= only applies to a checkpointed map; got {name}={value!r} "
+                    "without checkpoint=. Pass checkpoint='run.sqlite' too, or drop it."
+                )
+        return None
+    if not isinstance(checkpoint, str | os.PathLike):
+        raise TypeError(
+            "checkpoint must be the path of a SQLite file (a str or os.PathLike), or None; "
+            f"got checkpoint={checkpoint!r}"
+        )
+    path = os.fspath(checkpoint)
+    if not isinstance(path, str) or not path:
+        raise TypeError(
+            f"checkpoint must be a non-empty str path, or None; got checkpoint={checkpoint!r}"
+        )
+    if item_id is not None and not callable(item_id):
+        raise TypeError(
+            "item_id must be a function of one item returning its id (a str, int, bytes or "
+            f"tuple of those), or None; got item_id={item_id!r}"
+        )
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise TypeError(
+            "fingerprint must be a str saying what produced the results (e.g. 'prompt-v3'), "
+            f"or None for fn's module:qualname; got fingerprint={fingerprint!r}"
+        )
+    if resume not in ("strict", "ignore-fingerprint"):
+        raise ValueError(f"resume must be 'strict' or 'ignore-fingerprint'; got resume={resume!r}")
+    if serializer not in ("pickle", "json"):
+        raise ValueError(f"serializer must be 'pickle' or 'json'; got serializer={serializer!r}")
+    return CheckpointSpec(
+        path=path,
+        fingerprint=fingerprint if fingerprint is not None else default_fingerprint(fn),
+        serializer=serializer,
+        resume=resume,
+        item_id=item_id,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Storing results and failures
+# ---------------------------------------------------------------------------
+
+
+class RecordedFailure(Exception):
+    """A recorded failure that could not be stored as the exception itself.
+
+    With ``serializer="json"`` every recorded failure replays as one of these;
+    with ``"pickle"``, a failure whose exception does not survive pickling
+    (it holds a lock, or its ``__init__`` takes other arguments than its
+    ``args``). ``str()`` gives ``"ValueError: the message"``.
+
+    Attributes:
+        type_name: the original exception's type, ``module.QualName``
+            (just ``QualName`` for built-in exceptions).
+        message: ``str()`` of the original exception.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(type_name, message)
+        self.type_name = type_name
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}" if self.message else self.type_name
+
+
+def _type_name(exc: BaseException) -> str:
+    kind = type(exc)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+class _Codec:
+    """Turns results and failures into stored values and back."""
+
+    def __init__(self, serializer: Serializer) -> None:
+        self.serializer = serializer
+        self.dumps: Callable[[Any], bytes | str]
+        self.loads: Callable[[Any], Any]
+        if serializer == "pickle":
+            self.dumps = pickle.dumps  # the default protocol: no keyword to pass per call
+            self.loads = pickle.loads
+        else:
+            import json
+
+            self.dumps = json.dumps
+            self.loads = json.loads
+
+    def dump_failure(self, exc: BaseException) -> bytes | str:
+        if self.serializer == "json":
+            return self.dumps({"type": _type_name(exc), "message": str(exc)})
+        try:
+            payload = pickle.dumps(exc)
+            pickle.loads(payload)  # failures are rare: check it replays, not only that it stores
+        except Exception:
+            payload = pickle.dumps(RecordedFailure(_type_name(exc), str(exc)))
+        return payload
+
+    def decode(self, kind: int, value: Any) -> tuple[int, Any]:
+        """A stored row's (kind, result or exception)."""
+        if kind == PLAIN:
+            return PLAIN, value
+        if kind == ENCODED:
+            return ENCODED, self.loads(value)
+        if self.serializer == "json":
+            record = self.loads(value)
+            return FAILED, RecordedFailure(record["type"], record["message"])
+        return FAILED, pickle.loads(value)
+
+    def unrecordable(self, path: str, item: object, exc: Exception) -> TypeError:
+        if self.serializer == "pickle":
+            what = "it cannot be pickled"
+            fix = (
+                "Return plain data from fn (str, numbers, lists, dicts, dataclasses), "
+                "or drop checkpoint=."
+            )
+        else:
+            what = "it is not JSON-serialisable"
+            fix = (
+                "Return JSON data from fn (str, numbers, bool, None, lists, dicts), "
+                "or use serializer='pickle'."
+            )
+        error = TypeError(
+            f"checkpoint={path!r} cannot record the result of item {_item_repr(item)}: "
+            f"{what} ({type(exc).__name__}: {exc}). {fix}"
+        )
+        error.__cause__ = exc
+        return error
+
+
+# ---------------------------------------------------------------------------
+# The database, used only from the checkpoint's thread
+# ---------------------------------------------------------------------------
+
+
+def _shape(count: int) -> int:
+    """Round a statement's row count up to one of a few sizes (cached statements)."""
+    if count <= 64:
+        return 1 << (count - 1).bit_length()
+    return -(-count // 64) * 64
+
+
+class _Database:
+    """The SQLite connection and the statements corral runs on it.
+
+    Every method runs on the checkpoint's own thread: the connection is
+    created there and never leaves it.
+    """
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        import sqlite3
+
+        self._db = connection
+        # sqlite3 binds at most this many parameters per statement (999 before 3.32).
+        variables = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+        self._rows_per_statement = min(4096, variables // 3 // 64 * 64)
+        self._keys_per_statement = min(1024, variables // 64 * 64)
+        self._insert_sql: dict[int, str] = {}
+        self._select_sql: dict[int, str] = {}
+
+    @classmethod
+    def open(
+        cls, path: str, fingerprint: str, serializer: str, resume: str, seen: set[int]
+    ) -> _Database:
+        """Open (or create) the file, check it was made by this map; add its ids' hashes to seen.
+
+        ``seen`` belongs to the event loop thread, which does not touch it
+        until this returns.
+        """
+        import sqlite3
+
+        try:
+            db = sqlite3.connect(path, isolation_level=None, cached_statements=256)
+        except sqlite3.Error as exc:
+            raise OSError(f"checkpoint={path!r} cannot be opened: {exc}") from exc
+        try:
+            cls._prepare(db, path, fingerprint, serializer, resume)
+            ids = itertools.chain.from_iterable(db.execute("SELECT id FROM corral_results"))
+            seen.update(map(hash, ids))
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise ValueError(
+                f"checkpoint={path!r} is not a corral checkpoint ({exc}); "
+                "pass the path of a new file, or of one an earlier run wrote"
+            ) from exc
+        except BaseException:
+            db.close()
+            raise
+        return cls(db)
+
+    @staticmethod
+    def _prepare(
+        db: sqlite3.Connection, path: str, fingerprint: str, serializer: str, resume: str
+    ) -> None:
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_schema")}
+            if "corral_checkpoint" not in tables:
+                if tables:
+                    raise ValueError(
+                        f"checkpoint={path!r} is a SQLite database with other tables "
+                        f"({', '.join(sorted(tables))}), not a corral checkpoint; "
+                        "pass the path of a new file"
+                    )
+                db.execute("CREATE TABLE corral_checkpoint (name TEXT PRIMARY KEY, value)")
+                # `id` has no declared type, so SQLite keeps each value's class:
+                # 1, '1' and x'31' are different keys (see as_key). The rowid
+                # keeps the recording order, which a resume reads ahead in.
+                db.execute(
+                    "CREATE TABLE corral_results (id UNIQUE NOT NULL, kind INTEGER NOT NULL, value)"
+                )
+                db.executemany(
+                    "INSERT INTO corral_checkpoint VALUES (?, ?)",
+                    [("format", FORMAT), ("fingerprint", fingerprint), ("serializer", serializer)],
+                )
+            meta = dict(db.execute("SELECT name, value FROM corral_checkpoint").fetchall())
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        _check_meta(meta, path, fingerprint, serializer, resume)
+
+    def insert(self, rows: list[Row]) -> None:
+        """Insert the rows and commit."""
+        db = self._db
+        params = list(itertools.chain.from_iterable(rows))
+        size = 3 * self._rows_per_statement
+        if len(params) <= size:
+            # Autocommit: the one statement is the whole transaction, one step.
+            db.execute(self._insert(params), params)
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for start in range(0, len(params), size):
+                chunk = params[start : start + size]
+                db.execute(self._insert(chunk), chunk)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _insert(self, params: list[Any]) -> str:
+        """The statement for these rows; pads ``params`` to its size with the last row."""
+        rows = len(params) // 3
+        shape = _shape(rows)
+        params.extend(params[-3:] * (shape - rows))
+        sql = self._insert_sql.get(shape)
+        if sql is None:
+            values = ", ".join(["(?, ?, ?)"] * shape)
+            sql = f"INSERT OR REPLACE INTO corral_results (id, kind, value) VALUES {values}"
+            self._insert_sql[shape] = sql
+        return sql
+
+    def select(self, keys: list[Key], ahead: int) -> tuple[list[StoredRow], list[StoredRow]]:
+        """The recorded rows among ``keys``, and up to ``ahead`` rows recorded after them."""
+        found: list[StoredRow] = []
+        step = self._keys_per_statement
+        for start in range(0, len(keys), step):
+            chunk = keys[start : start + step]
+            shape = _shape(len(chunk))
+            chunk.extend(chunk[-1:] * (shape - len(chunk)))
+            sql = self._select_sql.get(shape)
+            if sql is None:
+                marks = ", ".join(["?"] * shape)
+                sql = f"SELECT rowid, id, kind, value FROM corral_results WHERE id IN ({marks})"
+                self._select_sql[shape] = sql
+            found.extend(self._db.execute(sql, chunk).fetchall())
+        if not ahead or not found:
+            return found, []
+        return found, self.read_ahead(max(row[0] for row in found), ahead)
+
+    def read_ahead(self, after: int, count: int) -> list[StoredRow]:
+        """Up to ``count`` rows in recording order, from rowid ``after`` (excluded)."""
+        return self._db.execute(
+            "SELECT rowid, id, kind, value FROM corral_results WHERE rowid > ? "
+            "ORDER BY rowid LIMIT ?",
+            (after, count),
+        ).fetchall()
+
+    def close(self) -> None:
+        # The last connection to close folds the write-ahead log into the file
+        # and deletes it: what is left is one self-contained .sqlite file.
+        self._db.close()
+
+
+def _check_meta(
+    meta: dict[str, Any], path: str, fingerprint: str, serializer: str, resume: str
+) -> None:
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"checkpoint={path!r} was written in format {meta.get('format')!r}, and this "
+            f"corral reads format {FORMAT}; resume it with the corral that wrote it, "
+            "or pass the path of a new file"
+        )
+    if meta.get("serializer") != serializer:
+        raise ValueError(
+            f"checkpoint={path!r} was recorded with serializer={meta.get('serializer')!r}; "
+            f"pass serializer={meta.get('serializer')!r} to resume it, or the path of a new file"
+        )
+    recorded = meta.get("fingerprint")
+    if recorded != fingerprint and resume != "ignore-fingerprint":
+        raise ValueError(
+            f"checkpoint={path!r} was recorded with fingerprint {recorded!r}, but this map's "
+            f"fingerprint is {fingerprint!r}. Pass fingerprint={recorded!r} if fn still "
+            "gives the same results, resume='ignore-fingerprint' to reuse the recorded "
+            "results anyway, or the path of a new file to start over."
+        )
+
+
+# ---------------------------------------------------------------------------
+# The checkpoint, as the event loop sees it
+# ---------------------------------------------------------------------------
+
+
+_ID = operator.itemgetter(1)  # a StoredRow's id
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class _Phase(enum.Enum):
+    NEW = "new"  # nothing opened yet (opened by the first call)
+    OPENING = "opening"  # the thread is opening the file and loading the ids
+    OPEN = "open"  # recording and replaying
+    CLOSED = "closed"  # flushed, connection closed, thread stopped (or never opened)
+
+
+class Checkpoint:
+    """One map's checkpoint file: batched writes and lookups on a thread of its own.
+
+    Opened by the first call (:meth:`open`), closed when the map closes
+    (:meth:`close`). The methods are for the event loop thread only.
+
+    Rows are numbered in the order they are recorded: :attr:`appended` rows
+    were recorded, of which the first :attr:`committed` are in the file.
+    """
+
+    def __init__(self, spec: CheckpointSpec) -> None:
+        self.spec = spec
+        self.path = spec.path
+        self.codec = _Codec(spec.serializer)
+        self.is_open = False
+        #: Hashes of the recorded ids and of every id this run started.
+        self.seen: set[int] = set()
+        #: Rows recorded and not yet sent to the thread. The call wrapper
+        #: appends to it directly, and calls :meth:`first_row` when it is empty.
+        self.rows: list[Row] = []
+        self.committed = 0
+        self._sent = 0  # rows sent to the thread
+        self._phase = _Phase.NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._opening: asyncio.Future[_Database] | None = None
+        self._db: _Database | None = None
+        self._writes = 0  # write jobs sent to the thread and not finished
+        self._write_scheduled = False
+        self._commit_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._error: BaseException | None = None  # a write failed: nothing more is recorded
+        self._error_raised = False  # ... and someone was told
+        self._lookups: list[tuple[Key, asyncio.Future[Found]]] = []
+        #: Rows read ahead, by id: the call wrapper pops its item's row from
+        #: here and calls :meth:`refill` when fewer than REFILL_BELOW are left.
+        self.cache: dict[Key, StoredRow] = {}
+        self._ahead = 0  # the last rowid read ahead: a refill goes on from there
+        self._read_ahead = 1024  # rows per read-ahead: adapts, see _next_read_ahead
+        self._rows_read = 0  # rows read ahead since the last adaptation...
+        #: ... and how many of them were asked for (by the call wrapper or a lookup).
+        self.hits = 0
+        self._refilling = False
+
+    @property
+    def appended(self) -> int:
+        return self._sent + len(self.rows)
+
+    # -- open and close ----------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the file on the checkpoint's thread (once; concurrent callers share it).
+
+        Raises:
+            ValueError: the file belongs to another map (fingerprint or
+                serializer) or is not a corral checkpoint.
+            OSError: the file cannot be opened.
+        """
+        if self._opening is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self._phase = _Phase.OPENING
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="corral-checkpoint"
+            )
+            spec = self.spec
+            self._opening = loop.run_in_executor(
+                self._executor,
+                _Database.open,
+                spec.path,
+                spec.fingerprint,
+                spec.serializer,
+                spec.resume,
+                self.seen,
+            )
+            # Mark a failed open's error retrieved even if every waiter was
+            # cancelled: the error is reported to the calls, not the loop.
+            self._opening.add_done_callback(_retrieve)
+        # Shielded: one waiter being cancelled must not cancel the open for all.
+        await asyncio.shield(self._opening)
+        self._opened()
+
+    def _opened(self) -> None:
+        """Take the open's result (raising its error); idempotent.
+
+        Not a done-callback: a call can see the open done and go on before
+        such a callback has run.
+        """
+        if self.is_open:
+            return
+        assert self._opening is not None
+        self._db = self._opening.result()
+        self._phase = _Phase.OPEN
+        self.is_open = True
+
+    async def close(self) -> None:
+        """Commit every recorded row, close the file and stop the thread; idempotent.
+
+        Raises:
+            Exception: a write failed and nobody was told yet (``gather``).
+        """
+        if self._phase is _Phase.CLOSED:
+            return
+        if self._opening is None:
+            self._phase = _Phase.CLOSED
+            return
+        try:
+            try:
+                await asyncio.shield(self._opening)
+                self._opened()
+            except Exception:
+                return  # the calls that awaited the open reported its error
+            if self._error is None and self.committed < self.appended:
+                try:
+                    await self._committed(self.appended)
+                except Exception:
+                    pass  # raised below unless someone was told already
+            if self._error is not None and not self._error_raised:
+                self._error_raised = True
+                raise self._error
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._phase = _Phase.CLOSED
+        self.is_open = False
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            if self._db is not None:
+                assert self._loop is not None
+                # Queued behind every write: runs once they are all done.
+                await self._loop.run_in_executor(executor, self._db.close)
+        except BaseException:
+            executor.shutdown(wait=False)  # cancelled: do not block the loop on the close
+            raise
+        # The thread is idle now: joining it takes one thread switch, and the
+        # map leaves no thread behind.
+        executor.shutdown(wait=True)
+
+    # -- recording ---------------------------------------------------------
+
+    def first_row(self, row: Row) -> None:
+        """Record ``row`` when :attr:`rows` is empty, and schedule a write for it.
+
+        Raises:
+            Halt: an earlier write failed; the checkpoint records nothing more.
+        """
+        if self._error is not None:
+            self._error_raised = True
+            raise Halt(self._error)
+        self.rows.append(row)
+        if not self._writes and not self._write_scheduled:
+            # At the end of this loop iteration: the rows recorded meanwhile
+            # go in the same write.
+            self._write_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self._write_scheduled = False
+        if not self._writes:
+            self._send_write()
+
+    def _send_write(self) -> None:
+        """Send the rows recorded so far to the thread as one write."""
+        rows = self.rows
+        if not rows or self._error is not None:
+            return
+        batch = rows.copy()
+        rows.clear()
+        self._sent += len(batch)
+        self._writes += 1
+        assert self._loop is not None
+        assert self._db is not None
+        job = self._loop.run_in_executor(self._executor, self._db.insert, batch)
+        job.add_done_callback(functools.partial(self._written, self._sent))
+
+    def _written(self, through: int, job: asyncio.Future[None]) -> None:
+        self._writes -= 1
+        error = job.exception() if not job.cancelled() else asyncio.CancelledError()
+        waiters = self._commit_waiters
+        if error is not None:
+            if self._error is None:
+                self._error = error
+            # The next record sees the error (first_row) instead of piling up.
+            self.rows.clear()
+            while waiters:
+                waiter = waiters.popleft()[1]
+                if not waiter.done():
+                    waiter.set_exception(error)
+            return
+        self.committed = max(self.committed, through)
+        while waiters and waiters[0][0] <= self.committed:
+            waiter = waiters.popleft()[1]
+            if not waiter.done():
+                waiter.set_result(None)
+        if self.rows and not self._writes:
+            # Group commit: what was recorded during this write goes in the next.
+            self._send_write()
+
+    async def wait_committed(self, through: int) -> None:
+        """Wait until the first ``through`` rows recorded are committed.
+
+        Raises:
+            Exception: a write failed (the same exception for every waiter).
+        """
+        try:
+            await self._committed(through)
+        except Exception:
+            self._error_raised = True
+            raise
+
+    async def _committed(self, through: int) -> None:
+        if self.committed >= through:
+            return
+        if self._error is not None:
+            raise self._error
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._commit_waiters.append((through, waiter))
+        if through > self._sent:
+            # Someone is waiting for these rows: send them now, behind any
+            # write in progress, rather than after it.
+            self._send_write()
+        await waiter
+
+    # -- lookups -----------------------------------------------------------
+
+    def lookup(self, key: Key) -> asyncio.Future[Found]:
+        """A future for ``key``'s recorded (kind, value), or None if it is not recorded."""
+        assert self._loop is not None
+        waiter: asyncio.Future[Found] = self._loop.create_future()
+        lookups = self._lookups
+        lookups.append((key, waiter))
+        if self._refilling:
+            pass  # answered when the rows being read ahead arrive (see _select)
+        elif len(lookups) == 1:
+            self._loop.call_soon(self._select)
+        elif len(lookups) >= LOOKUP_BATCH:
+            # Send a full batch now: the thread reads it while the loop goes
+            # on handing out the previous one.
+            self._select()
+        return waiter
+
+    def _select(self) -> None:
+        """Answer the lookups waiting: from memory if possible, else with one SELECT."""
+        if not self._lookups or self._phase is not _Phase.OPEN:
+            return
+        cache = self.cache
+        # A repeated id may ask for a row recorded but not yet sent to the
+        # thread (rows sent are written before any later SELECT runs).
+        pending = {row[0]: row for row in self.rows} if self.rows else {}
+        lookups = []
+        for key, waiter in self._lookups:
+            if waiter.done():  # its call was cancelled
+                continue
+            row = pending.get(key)
+            if row is not None:
+                waiter.set_result((row[1], row[2]))
+                continue
+            stored = cache.pop(key, None)  # read ahead since the call looked
+            if stored is not None:
+                self.hits += 1
+                waiter.set_result((stored[2], stored[3]))
+                continue
+            lookups.append((key, waiter))
+        if self._refilling:
+            # Rows are being read ahead, likely the very ones asked for: wait
+            # for them (see _refilled) rather than send a SELECT per straggler.
+            self._lookups = lookups
+            return
+        self._lookups = []
+        if not lookups:
+            return
+        assert self._loop is not None
+        assert self._db is not None
+        ahead = self._next_read_ahead()
+        self._refilling = True
+        job = self._loop.run_in_executor(
+            self._executor, self._db.select, [key for key, _ in lookups], ahead
+        )
+        job.add_done_callback(functools.partial(self._selected, lookups))
+
+    def _selected(
+        self,
+        lookups: list[tuple[Key, asyncio.Future[Found]]],
+        job: asyncio.Future[tuple[list[StoredRow], list[StoredRow]]],
+    ) -> None:
+        self._refilling = False
+        error = job.exception() if not job.cancelled() else asyncio.CancelledError()
+        if error is not None:
+            for _, waiter in lookups:
+                if not waiter.done():
+                    waiter.set_exception(error)
+        else:
+            rows, ahead = job.result()
+            self._cache(ahead)
+            found = {key: (kind, value) for _, key, kind, value in rows}
+            for key, waiter in lookups:
+                if not waiter.done():
+                    waiter.set_result(found.get(key))
+        self._select()  # the lookups that waited for this one's read-ahead
+
+    def _next_read_ahead(self) -> int:
+        """How many rows to read ahead next: more while they are used, fewer when not.
+
+        Items that come in the order they were recorded in use every row read
+        ahead; items in another order (a shuffled input) use few, and reading
+        many would only cost the thread time and the cache memory.
+        """
+        read, used = self._rows_read, self.hits
+        if read:
+            if used * 2 >= read:
+                self._read_ahead = min(READ_AHEAD_MAX, 2 * self._read_ahead)
+            elif used * 8 < read:
+                self._read_ahead = max(READ_AHEAD_MIN, self._read_ahead // 2)
+        self._rows_read = self.hits = 0
+        return self._read_ahead
+
+    def refill(self) -> None:
+        """Read more rows ahead into :attr:`cache`, unless a read is under way."""
+        if self._refilling or self._phase is not _Phase.OPEN:
+            return
+        self._refilling = True
+        assert self._loop is not None
+        assert self._db is not None
+        job = self._loop.run_in_executor(
+            self._executor, self._db.read_ahead, self._ahead, self._next_read_ahead()
+        )
+        job.add_done_callback(self._refilled)
+
+    def _refilled(self, job: asyncio.Future[list[StoredRow]]) -> None:
+        self._refilling = False
+        # A failed read ahead costs nothing but the lookups it would have saved.
+        if not job.cancelled() and job.exception() is None:
+            self._cache(job.result())
+        self._select()  # the lookups that waited for it
+
+    def _cache(self, rows: list[StoredRow]) -> None:
+        if not rows:
+            return
+        cache = self.cache
+        if len(cache) + len(rows) > CACHE_MAX:
+            cache.clear()  # rows nobody asks for: the items come in another order
+        self._rows_read += len(rows)
+        cache.update(zip(map(_ID, rows), rows, strict=False))
+        self._ahead = rows[-1][0]
+
+
+# ---------------------------------------------------------------------------
+# The call wrapper
+# ---------------------------------------------------------------------------
+
+#: How a call ended: (kind, result or exception); None: it did not (cancelled).
+_Outcome = tuple[int, Any] | None
+
+
+def with_checkpoint(
+    call: Call,
+    checkpoint: Checkpoint,
+    *,
+    item_id: Callable[[Any], Any] | None,
+    return_exceptions: bool,
+) -> Call:
+    """Wrap ``call`` so that recorded items replay and new outcomes are recorded.
+
+    Meant as the outermost wrapper: a recorded item takes no limiter slot,
+    rate token, retry or timeout. Errors of the checkpoint itself (the file,
+    an item with no id, a result that cannot be stored) stop the map through
+    :class:`~corral._engine.Halt`, even with ``return_exceptions=True``: they
+    are no item's failure.
+    """
+    cp = checkpoint
+    codec = cp.codec
+    dumps = codec.dumps
+    rows = cp.rows
+    seen = cp.seen
+    cache = cp.cache
+    first_row = cp.first_row
+    # The ids being computed now -> the futures of later items with the same id.
+    inflight: dict[Key, list[asyncio.Future[_Outcome]] | None] = {}
+
+    async def open_or_halt() -> None:
+        try:
+            await cp.open()
+        except Exception as exc:
+            raise Halt(exc) from None
+
+    def key_or_halt(ident: object, item: object) -> Key:
+        key = as_key(ident)
+        if key is not None:
+            return key
+        if item_id is None:
+            raise Halt(
+                TypeError(
+                    f"checkpoint= records each result under its item's id, and item "
+                    f"{_item_repr(item)} has none: the item itself is its id only when it is "
+                    "a str, int, bytes or a tuple of those. Pass item_id=, a function of the "
+                    "item returning one, e.g. item_id=lambda row: row['url']"
+                )
+            )
+        raise Halt(
+            TypeError(
+                "item_id must return a str, int, bytes or a tuple of those; it returned "
+                f"{_item_repr(ident)} for item {_item_repr(item)}"
+            )
+        )
+
+    async def join(key: Key) -> _Outcome:
+        """The outcome of the item with this id that is being computed now."""
+        waiter: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
+        waiters = inflight[key]
+        if waiters is None:
+            inflight[key] = [waiter]
+        else:
+            waiters.append(waiter)
+        return await waiter
+
+    async def drain() -> None:
+        try:
+            await cp.wait_committed(cp.appended)
+        except Exception as exc:
+            raise Halt(exc) from None
+
+    async def checkpointed(item: Any) -> Any:
+        if not cp.is_open:
+            await open_or_halt()
+        ident = item if item_id is None else item_id(item)
+        kind = type(ident)
+        if kind is str or (kind is int and _INT64_MIN <= ident <= _INT64_MAX):
+            key: Key = ident
+        else:
+            key = key_or_halt(ident, item)
+        hashed = hash(key)
+        if hashed in seen:
+            # Recorded (or started earlier in this run): replay it.
+            outcome: _Outcome
+            ahead = cache.pop(key, None)
+            if ahead is not None:  # read ahead: no wait at all
+                cp.hits += 1
+                if len(cache) < REFILL_BELOW:
+                    cp.refill()
+                if ahead[2] == PLAIN:
+                    return ahead[3]
+                outcome = codec.decode(ahead[2], ahead[3])
+            elif key in inflight:
+                outcome = await join(key)
+            else:
+                try:
+                    found = await cp.lookup(key)
+                except Exception as exc:
+                    raise Halt(exc) from None
+                outcome = None if found is None else codec.decode(*found)
+            if outcome is not None:
+                if outcome[0] == FAILED:
+                    raise outcome[1]
+                return outcome[1]
+            # Not recorded after all: a hash collision, or the earlier item
+            # with this id did not finish. Compute it.
+        else:
+            seen.add(hashed)
+        inflight[key] = None
+        recorded: BaseException | bool = False  # what later items with this id get
+        try:
+            try:
+                value = await call(item)
+            except Exception as exc:
+                if return_exceptions:
+                    row = (key, FAILED, codec.dump_failure(exc))
+                    if rows:
+                        rows.append(row)
+                    else:
+                        first_row(row)
+                    recorded = exc
+                raise
+            kind = type(value)
+            if (
+                kind is str
+                or value is None
+                or (kind is int and _INT64_MIN <= value <= _INT64_MAX)
+                or (kind is float and value == value)  # NaN: SQLite would store NULL
+            ):
+                row = (key, PLAIN, value)
+            else:
+                try:
+                    row = (key, ENCODED, dumps(value))
+                except Exception as exc:
+                    raise Halt(codec.unrecordable(cp.path, item, exc)) from None
+            if rows:
+                rows.append(row)
+                if len(rows) >= MAX_BACKLOG:
+                    await drain()
+            else:
+                first_row(row)
+            recorded = True
+            return value
+        finally:
+            waiters = inflight.pop(key, None)
+            if waiters:
+                if recorded is True:
+                    outcome = (PLAIN, value)
+                elif recorded is False:
+                    outcome = None
+                else:
+                    outcome = (FAILED, recorded)
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(outcome)
+
+    return checkpointed
+
+
+# ---------------------------------------------------------------------------
+# Handing out results only once recorded
+# ---------------------------------------------------------------------------
+
+
+class CheckpointedStream(ResultStream[R]):
+    """The results of a checkpointed :func:`corral.map`: handed out once committed.
+
+    Every result reaches the engine's ready queue after its row was recorded
+    (the call wrapper records, then returns). So when the consumer takes a
+    result, the rows recorded so far cover it and everything queued behind
+    it: one wait for their commit lets all of those through.
+    """
+
+    def __init__(self, engine: Engine[Any, R], checkpoint: Checkpoint) -> None:
+        super().__init__(engine)
+        self._checkpoint = checkpoint
+        self._committed_ready = 0  # results at the head of the queue known to be committed
+
+    async def __anext__(self) -> R:
+        if self._committed_ready and self._ready:
+            self._committed_ready -= 1
+            return self._engine.take()  # type: ignore[no-any-return]
+        value = await super().__anext__()
+        checkpoint = self._checkpoint
+        queued = len(self._engine.ready)
+        if checkpoint.committed < checkpoint.appended:
+            await checkpoint.wait_committed(checkpoint.appended)
+        self._committed_ready = queued
+        return value
+
+
+def closing(on_close: OnClose | None, checkpoint: Checkpoint) -> OnClose:
+    """``on_close`` (if any), then the checkpoint's close: one close hook for the engine."""
+
+    async def close(clean: bool) -> None:
+        try:
+            if on_close is not None:
+                await on_close(clean)
+        finally:
+            await checkpoint.close()
+
+    return close

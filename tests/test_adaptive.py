@@ -1,0 +1,489 @@
+"""The adaptive controller: pure arithmetic on made-up clocks, asserted exactly.
+
+Part one feeds ``Controller`` hand-written samples. Part two runs it against a
+small discrete-event model of a service (a capacity, a FIFO queue with a
+bound, refusals beyond it) on a virtual clock: no event loop, no sleeping,
+the same numbers on every run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+import corral
+from corral._adaptive import (
+    CUT_SMOOTHING,
+    DROP_BACKOFF,
+    GRADIENT_TARGET,
+    MIN_GRADIENT,
+    MIN_SAMPLES,
+    SLOW_START_GROWTH,
+    TOLERANCE,
+    Adaptive,
+    Controller,
+)
+
+
+def exactly(message: str) -> str:
+    """A ``match=`` pattern for this whole message and nothing else."""
+    return f"^{re.escape(message)}$"
+
+
+def window(
+    controller: Controller, start: float, latency: float, *, busy: bool = True, count: int = 0
+) -> float:
+    """Feed one full window of equal samples, started once the window is open; return the end."""
+    # The window opens a round trip after the latest change; start just after.
+    now = max(start, controller._window_start) + 1e-6 + latency
+    for _ in range(count or controller._need):
+        controller.success(now, latency, busy)
+    return now
+
+
+# -- Adaptive --------------------------------------------------------------------
+
+
+def test_adaptive_defaults_and_public_name() -> None:
+    """limit='auto' means Adaptive(initial=4, min=1, max=1000), exported as corral.Adaptive."""
+    assert corral.Adaptive is Adaptive
+    assert Adaptive() == Adaptive(initial=4, min=1, max=1000)
+    assert repr(Adaptive(initial=4, max=64)) == "Adaptive(initial=4, min=1, max=64)"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"initial": 0},
+            ValueError,
+            "Adaptive initial must be an int >= 1, like "
+            "corral.Adaptive(initial=4, min=1, max=1000); got initial=0",
+        ),
+        (
+            {"min": True},
+            TypeError,
+            "Adaptive min must be an int >= 1, like "
+            "corral.Adaptive(initial=4, min=1, max=1000); got min=True",
+        ),
+        (
+            {"max": 2.5},
+            TypeError,
+            "Adaptive max must be an int >= 1, like "
+            "corral.Adaptive(initial=4, min=1, max=1000); got max=2.5",
+        ),
+        (
+            {"initial": 20, "max": 10},
+            ValueError,
+            "Adaptive needs min <= initial <= max; got min=1, initial=20, max=10",
+        ),
+        (
+            {"initial": 2, "min": 4},
+            ValueError,
+            "Adaptive needs min <= initial <= max; got min=4, initial=2, max=1000",
+        ),
+    ],
+)
+def test_adaptive_rejects_bad_bounds_naming_them(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    """Each field is an int >= 1 and min <= initial <= max; the message names the value."""
+    with pytest.raises(error, match=exactly(message)):
+        Adaptive(**kwargs)  # type: ignore[arg-type]
+
+
+# -- Controller: hand-fed samples ------------------------------------------------------
+
+
+def test_controller_starts_at_initial_in_slow_start() -> None:
+    """Before any sample the limit is `initial`; the limit in force is its floor."""
+    controller = Controller(Adaptive(initial=5, max=50))
+    assert (controller.limit, controller.in_force) == (5.0, 5)
+    assert controller.slow_start
+    assert controller.baseline is None
+
+
+def test_slow_start_grows_by_half_per_window_while_latency_stays_flat() -> None:
+    """A busy window at the baseline latency multiplies the limit by 1.5, up to max."""
+    assert SLOW_START_GROWTH == 1.5
+    controller = Controller(Adaptive(initial=8, max=40))
+    now = 0.0
+    limits = []
+    for _ in range(6):
+        now = window(controller, now, 0.010)
+        limits.append(controller.in_force)
+    assert limits == [12, 18, 27, 40, 40, 40]
+    assert controller.slow_start
+    assert controller.baseline == pytest.approx(0.010)
+
+
+def test_an_unused_limit_does_not_grow() -> None:
+    """Windows in which the limit was never binding leave it where it is."""
+    controller = Controller(Adaptive(initial=8))
+    now = 0.0
+    for _ in range(10):
+        now = window(controller, now, 0.010, busy=False)
+    assert controller.limit == 8.0
+
+
+def test_a_window_counts_only_calls_started_after_the_latest_change() -> None:
+    """Samples of calls that started before a change say nothing about it and are skipped."""
+    controller = Controller(Adaptive(initial=4))
+    end = window(controller, 0.0, 0.010)  # closes the first window at t=0.010
+    assert controller.in_force == 6
+    # Calls started at t=0.005 (before the change at 0.010) end later: ignored.
+    for _ in range(100):
+        controller.success(end + 0.050, 0.055, True)
+    # So are calls started within a round trip of the change: they met the old queue.
+    for _ in range(100):
+        controller.success(end + 0.015, 0.010, True)
+    assert controller.in_force == 6
+    assert controller._samples == []
+
+
+def test_latency_above_tolerance_cuts_by_the_gradient_and_ends_slow_start() -> None:
+    """Latency 2x the baseline: half way to limit x GRADIENT_TARGET / 2; slow start is over."""
+    controller = Controller(Adaptive(initial=64, max=1000))
+    now = window(controller, 0.0, 0.010)  # baseline 10 ms, limit 96
+    assert controller.in_force == 96
+    window(controller, now, 0.020)
+    assert not controller.slow_start
+    target = 96 * GRADIENT_TARGET / 2
+    assert controller.limit == pytest.approx(96 + CUT_SMOOTHING * (target - 96))
+
+
+def test_one_window_never_cuts_more_than_half() -> None:
+    """However high the latency, one window at most halves the limit."""
+    controller = Controller(Adaptive(initial=100, max=1000))
+    now = window(controller, 0.0, 0.010, busy=False)
+    window(controller, now, 1.0)
+    assert controller.limit == pytest.approx(100 * MIN_GRADIENT)
+
+
+def test_after_slow_start_the_limit_grows_by_its_square_root() -> None:
+    """Latency within tolerance, busy: limit + sqrt(limit) per window."""
+    controller = Controller(Adaptive(initial=64, max=1000))
+    now = window(controller, 0.0, 0.010)  # 96
+    now = window(controller, now, 0.020)  # cut, slow start over
+    limit = controller.limit
+    window(controller, now, 0.010)
+    assert controller.limit == pytest.approx(limit + math.sqrt(limit))
+
+
+def test_latency_within_tolerance_is_not_queueing() -> None:
+    """Up to TOLERANCE x the baseline the limit still grows; just above it, it is cut."""
+    controller = Controller(Adaptive(initial=16, max=1000))
+    now = window(controller, 0.0, 0.010)  # 24, baseline 10 ms
+    controller.slow_start = False
+    now = window(controller, now, 0.010 * TOLERANCE)
+    assert controller.limit == pytest.approx(24 + math.sqrt(24))
+    limit = controller.limit
+    window(controller, now, 0.010 * TOLERANCE * 1.01)
+    assert controller.limit < limit
+
+
+def test_slow_start_ends_at_the_first_hint_of_queueing() -> None:
+    """Smoothed latency above SLOW_START_TOLERANCE: fast growth is over, gentle growth instead."""
+    controller = Controller(Adaptive(initial=16, max=1000))
+    now = window(controller, 0.0, 0.010)  # 24
+    # Windows at 1.24x (within TOLERANCE): the smoothed latency climbs 1.12x,
+    # 1.18x (slow start goes on: one noisy window does not end it), 1.21x.
+    now = window(controller, now, 0.0124)
+    now = window(controller, now, 0.0124)
+    assert controller.slow_start
+    assert controller.in_force == 54
+    window(controller, now, 0.0124)
+    assert not controller.slow_start
+    assert controller.limit == pytest.approx(54 + math.sqrt(54))
+
+
+def test_a_drop_cuts_the_limit_and_ends_slow_start() -> None:
+    """A timeout or a 429 multiplies the limit by DROP_BACKOFF at once."""
+    controller = Controller(Adaptive(initial=50))
+    controller.drop(1.0, 0.5)
+    assert controller.limit == pytest.approx(50 * DROP_BACKOFF)
+    assert not controller.slow_start
+
+
+def test_drops_of_calls_started_before_a_cut_do_not_cut_again() -> None:
+    """A burst of drops from one round of calls cuts once, not once per drop."""
+    controller = Controller(Adaptive(initial=50))
+    for _ in range(20):
+        controller.drop(1.0, 0.2)  # all started at t=0.8, before the first cut at t=1.0
+    assert controller.limit == pytest.approx(50 * DROP_BACKOFF)
+    controller.drop(1.5, 0.2)  # started at t=1.3, after the cut: a new signal
+    assert controller.limit == pytest.approx(50 * DROP_BACKOFF**2)
+
+
+def test_drops_are_not_latency_samples() -> None:
+    """A fast refusal never counts as a fast call (concurrency-limits #176)."""
+    controller = Controller(Adaptive(initial=8))
+    now = window(controller, 0.0, 0.010)
+    for i in range(100):
+        controller.drop(now + 0.001 * (i + 1), 0.0001)
+    assert controller.baseline == pytest.approx(0.010)
+    assert controller._samples == []
+
+
+def test_the_limit_stays_within_min_and_max() -> None:
+    """Cuts stop at min; growth stops at max."""
+    controller = Controller(Adaptive(initial=4, min=3, max=6))
+    for i in range(50):
+        controller.drop(float(i), 0.0)
+    assert controller.in_force == 3
+    now = 100.0
+    for _ in range(10):
+        now = window(controller, now, 0.010)
+    assert controller.in_force == 6
+
+
+def test_the_baseline_is_a_minimum_of_smoothed_medians() -> None:
+    """One lucky fast window cannot set the baseline alone; it moves half way."""
+    controller = Controller(Adaptive(initial=16, max=16))
+    now = window(controller, 0.0, 0.020)
+    assert controller.baseline == pytest.approx(0.020)
+    now = window(controller, now, 0.016)
+    assert controller.baseline == pytest.approx(0.018)
+    # The median, not the mean: a few very slow calls in a window do not count.
+    start = now
+    start = max(start, controller._window_start) + 1e-6
+    for latency in [0.018] * 15 + [5.0]:
+        controller.success(start + latency, latency, True)
+    assert controller.baseline == pytest.approx(0.018)
+
+
+def test_a_baseline_from_a_stall_is_dropped_at_once() -> None:
+    """A median far below the baseline (first window in a stall, or overloaded) resets it."""
+    controller = Controller(Adaptive(initial=16, max=16))
+    now = window(controller, 0.0, 0.300)  # a busy event loop while the run starts
+    window(controller, now, 0.010)
+    assert controller.baseline == pytest.approx(0.010)
+
+
+def test_high_latency_at_the_minimum_limit_becomes_the_new_baseline() -> None:
+    """A service that became slower is not our queueing: at `min` its latency is the baseline."""
+    controller = Controller(Adaptive(initial=2, min=2, max=100))
+    now = window(controller, 0.0, 0.010, busy=False)
+    assert controller.baseline == pytest.approx(0.010)
+    window(controller, now, 0.030)
+    assert controller.baseline == pytest.approx(0.030)
+    assert controller.slow_start
+
+
+def test_latency_has_a_floor() -> None:
+    """Zero-latency calls read as LATENCY_FLOOR: no division by zero, no runaway ratio."""
+    controller = Controller(Adaptive(initial=8, max=64))
+    now = 0.0
+    for _ in range(8):
+        now = window(controller, now, 0.0)
+    assert controller.in_force == 64
+
+
+def test_a_window_needs_min_samples_or_half_the_limit() -> None:
+    """A window closes after max(MIN_SAMPLES, limit / 2) fresh samples."""
+    small = Controller(Adaptive(initial=2))
+    window(small, 0.0, 0.01, count=MIN_SAMPLES - 1)
+    assert small.in_force == 2
+    small.success(0.01, 0.01, True)
+    assert small.in_force == 3
+    big = Controller(Adaptive(initial=100, max=1000))
+    window(big, 0.0, 0.01, count=49)
+    assert big.in_force == 100
+    big.success(0.01, 0.01, True)
+    assert big.in_force == 150
+
+
+# -- Against a modelled service --------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a simulated run produced."""
+
+    served: list[tuple[float, float]] = field(default_factory=list)  # (end time, latency)
+    refused: int = 0
+    limits: list[tuple[float, float]] = field(default_factory=list)  # sampled every 50 ms
+
+    def limit_between(self, start: float, end: float) -> list[float]:
+        return [limit for t, limit in self.limits if start <= t < end]
+
+    def mean_limit(self, start: float, end: float) -> float:
+        values = self.limit_between(start, end)
+        return sum(values) / len(values)
+
+    def throughput(self, start: float, end: float) -> float:
+        return sum(start <= t < end for t, _ in self.served) / (end - start)
+
+
+def simulate(
+    *,
+    capacity: int = 64,
+    service: float = 0.010,
+    queue: int = 256,
+    seconds: float = 10.0,
+    jitter: float = 0.3,
+    noise: float = 0.002,
+    transit: float = 0.0005,
+    capacity_at: Sequence[tuple[float, int]] = (),
+    service_at: Sequence[tuple[float, float]] = (),
+    adaptive: Adaptive | None = None,
+    seed: int = 0,
+) -> Run:
+    """A closed-loop client, always with work waiting, against a queueing service.
+
+    The service serves ``capacity`` requests at once for ``service`` seconds
+    (times 1 +/- ``jitter``), queues up to ``queue`` more in arrival order and
+    refuses the rest at once. Each request spends ``transit`` seconds each way,
+    and the client adds an exponential delay of mean ``noise`` (its own event
+    loop, the network). ``capacity_at`` and ``service_at`` change the service
+    at the given times.
+    """
+    rng = random.Random(seed)
+    controller = Controller(adaptive or Adaptive())
+    run = Run()
+    events: list[tuple[float, int, str, float]] = []
+    sequence = 0
+
+    def at(when: float, kind: str, value: float) -> None:
+        nonlocal sequence
+        sequence += 1
+        heapq.heappush(events, (when, sequence, kind, value))
+
+    for when, value in capacity_at:
+        at(when, "capacity", value)
+    for when, value in service_at:
+        at(when, "service", value)
+    in_flight = in_service = 0
+    waiting: list[float] = []  # start times of queued requests, FIFO
+
+    def start_calls(now: float) -> None:
+        nonlocal in_flight
+        while in_flight < controller.in_force:
+            in_flight += 1
+            at(now + transit, "arrive", now)
+
+    def serve(now: float, started: float) -> None:
+        nonlocal in_service
+        in_service += 1
+        at(now + service * (1 + jitter * (2 * rng.random() - 1)), "served", started)
+
+    start_calls(0.0)
+    next_sample = 0.0
+    while events:
+        now, _, kind, value = heapq.heappop(events)
+        if now > seconds:
+            break
+        while next_sample <= now:
+            run.limits.append((next_sample, controller.limit))
+            next_sample += 0.05
+        if kind == "capacity":
+            capacity = int(value)
+            while waiting and in_service < capacity:
+                serve(now, waiting.pop(0))
+        elif kind == "service":
+            service = value
+        elif kind == "arrive":
+            if in_service < capacity and not waiting:
+                serve(now, value)
+            elif len(waiting) < queue:
+                waiting.append(value)
+            else:
+                at(now + transit, "refused", value)
+        elif kind == "served":
+            in_service -= 1
+            while waiting and in_service < capacity:
+                serve(now, waiting.pop(0))
+            at(now + transit + rng.expovariate(1 / noise), "done", value)
+        else:
+            busy = in_flight >= controller.in_force
+            if kind == "done":
+                run.served.append((now, now - value))
+                controller.success(now, now - value, busy)
+            else:
+                run.refused += 1
+                controller.drop(now, now - value)
+            in_flight -= 1
+            start_calls(now)
+    return run
+
+
+def test_it_finds_the_capacity_and_delivers_full_throughput() -> None:
+    """Capacity 64 x 10 ms: auto settles just above 64 in flight and gets all 6400/s."""
+    run = simulate()
+    assert run.refused == 0
+    # Full throughput needs 64 x (10 + 3 ms of transit and client noise) / 10 in flight.
+    assert 64 <= run.mean_limit(5, 10) <= 64 * 1.3 * TOLERANCE * 1.1
+    assert run.throughput(5, 10) >= 0.97 * 6400
+
+
+def test_it_reaches_the_capacity_within_a_few_round_trips() -> None:
+    """Slow start: from 16 to capacity in well under half a second."""
+    run = simulate()
+    first = next(t for t, limit in run.limits if limit >= 64)
+    assert first <= 0.3
+
+
+def test_it_follows_the_capacity_halving_within_a_second() -> None:
+    """When capacity drops 64 -> 32 at t=5 s, the limit follows within a second, no refusal."""
+    run = simulate(capacity_at=[(5.0, 32)])
+    assert run.refused == 0
+    before = run.mean_limit(4, 5)
+    assert max(run.limit_between(6, 10)) <= 0.75 * before
+    assert 32 <= run.mean_limit(6, 10) <= 32 * TOLERANCE * 1.35
+    assert run.throughput(6, 10) >= 0.95 * 3200
+
+
+def test_it_follows_the_capacity_back_up() -> None:
+    """When capacity doubles back, the limit grows again to use it."""
+    run = simulate(capacity_at=[(3.0, 32), (6.0, 64)])
+    assert run.mean_limit(8, 10) >= 64
+    assert run.throughput(8, 10) >= 0.95 * 6400
+
+
+def test_no_upward_creep_under_steady_moderate_overload() -> None:
+    """Five minutes 16 calls over capacity: the limit stays put (concurrency-limits #134)."""
+    run = simulate(capacity=16, seconds=300.0)
+    assert run.refused == 0
+    early, late = run.mean_limit(10, 60), run.mean_limit(250, 300)
+    assert late <= early * 1.1
+    assert max(run.limit_between(60, 300)) <= 3 * 16
+
+
+def test_refusals_alone_hold_the_limit_at_a_service_without_a_queue() -> None:
+    """A queue of 0: latency never grows, only 429s say 'too many'; AIMD keeps near capacity."""
+    run = simulate(queue=0, noise=0.001)
+    assert 0.8 * 64 <= run.mean_limit(5, 10) <= 1.3 * 64
+    assert run.throughput(5, 10) >= 0.75 * 6400
+    # Refusals come from probing above capacity: a small share of the calls.
+    assert run.refused <= 0.05 * len(run.served)
+
+
+def test_it_recovers_when_the_service_itself_becomes_slower() -> None:
+    """Service time 10 -> 20 ms: the limit dips, re-learns the baseline and regains throughput."""
+    run = simulate(service_at=[(3.0, 0.020)])
+    assert run.throughput(7, 10) >= 0.9 * 3200
+
+
+def test_a_tiny_capacity_is_found_too() -> None:
+    """Capacity 4: the limit settles at a handful, not at the initial 16."""
+    run = simulate(capacity=4, queue=64, seconds=20.0)
+    assert run.refused == 0
+    assert run.mean_limit(10, 20) <= 16
+    assert run.throughput(10, 20) >= 0.95 * 400
+
+
+def test_a_huge_capacity_is_used_up_to_max() -> None:
+    """Capacity far above max: the limit runs up to max and stays."""
+    run = simulate(capacity=5000, queue=0, seconds=3.0, adaptive=Adaptive(max=300))
+    assert run.limit_between(1, 3) == [300.0] * len(run.limit_between(1, 3))
+
+
+def test_the_simulation_is_deterministic() -> None:
+    """Same seed, same run: these tests assert exact numbers, not lucky ones."""
+    assert simulate(seconds=2.0).limits == simulate(seconds=2.0).limits

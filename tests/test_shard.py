@@ -1,0 +1,397 @@
+"""processes=N: one map over N worker processes, each with its own loop and engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import types
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import corral
+from _loops import run
+from _work import (
+    async_exit_on_three,
+    async_fail_on_three,
+    async_flaky,
+    async_peak,
+    async_pid,
+    async_record_pid_and_sleep,
+    async_returns_a_lambda,
+    async_sleep,
+    async_sleep_or_fail,
+    async_square,
+    async_start_time,
+    ctrl_c,
+    square,
+    worker_processes,
+)
+from corral._offload import WorkerCrashed
+from corral._shard import ShardedStream, split_limit
+
+# ---------------------------------------------------------------------------
+# Refused at once, before any process starts
+# ---------------------------------------------------------------------------
+
+
+def test_a_lambda_is_refused_at_once_saying_why_and_what_to_do() -> None:
+    """A lambda cannot be imported by another process: TypeError with the fix."""
+    with pytest.raises(TypeError) as info:
+        corral.map(lambda x: x, range(3), processes=2)
+    message = str(info.value)
+    assert message.startswith("processes=N runs fn in other processes, which import it by name;")
+    assert message.endswith(
+        "Define it with `async def` at module level in a module (not a lambda, a closure "
+        "or a function defined inside another)."
+    )
+
+
+def test_a_closure_is_refused_at_once() -> None:
+    """An async function defined inside another is refused the same way."""
+
+    async def local(x: int) -> int:
+        return x
+
+    with pytest.raises(TypeError, match=r"cannot be sent there"):
+        corral.map(local, range(3), processes=2)
+
+
+def test_a_plain_function_is_pointed_to_executor_process() -> None:
+    """processes=N is for async fn; a plain def is told to use executor='process'."""
+    with pytest.raises(TypeError, match=r"use executor='process' instead\.$"):
+        corral.map(square, range(3), processes=2)
+
+
+@pytest.mark.parametrize("processes", [0, -1, True, 1.5, "2"])
+def test_processes_must_be_an_int_of_at_least_one(processes: Any) -> None:
+    """A bad processes= fails at once, naming the argument and its value."""
+    with pytest.raises(ValueError) as info:
+        corral.map(async_square, range(3), processes=processes)
+    assert str(info.value) == (
+        "processes must be an int >= 1 (worker processes, each with its own event loop) "
+        f"or None (run in this process); got processes={processes!r}"
+    )
+
+
+def test_a_shared_limiter_cannot_be_split_across_processes() -> None:
+    """A Limiter lives in one process: refused, asking for an int."""
+    with pytest.raises(TypeError, match=r"Pass an int or None; got limit=<corral.Limiter"):
+        corral.map(async_square, range(3), processes=2, limit=corral.Limiter(5))
+
+
+def test_keywords_a_sharded_map_does_not_take_are_refused() -> None:
+    """executor= makes no sense with processes=N: refused, naming both."""
+    with pytest.raises(ValueError) as info:
+        corral.map(async_square, range(3), processes=2, executor="thread")
+    assert str(info.value) == (
+        "executor= is not available with processes=N; got executor='thread' and "
+        "processes=2. Drop one of them."
+    )
+
+
+def test_limit_is_split_as_evenly_as_possible() -> None:
+    """400 over 4 is 100 each; 5 over 2 is 3 and 2; a limit below N starts fewer processes."""
+    assert split_limit(400, 4) == [100] * 4
+    assert split_limit(5, 2) == [3, 2]
+    assert split_limit(1, 4) == [1]
+
+
+def test_the_stream_is_a_result_stream() -> None:
+    """corral.map(..., processes=N) returns a ResultStream (with stats, aclose, cancel)."""
+    stream = corral.map(async_square, range(3), processes=2)
+    assert isinstance(stream, corral.ResultStream)
+    assert isinstance(stream, ShardedStream)
+    assert stream.stats.started == 0
+    run(stream.aclose)  # never started: nothing to stop
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_results_come_back_in_input_order_from_several_processes() -> None:
+    """Every result, in input order, computed in worker processes (not this one)."""
+    async with asyncio.timeout(60):  # hang guard
+        squares = await corral.gather(async_square, range(500), processes=2, limit=20)
+        pids = await corral.gather(async_pid, range(100), processes=2)
+    assert squares == [x * x for x in range(500)]
+    assert len(set(pids)) == 2
+    assert os.getpid() not in pids
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_as_completed_each_result_comes_once() -> None:
+    """ordered=False: the same results, each once."""
+
+    async def main() -> list[int]:
+        async with corral.map(
+            async_square, range(300), processes=2, limit=10, ordered=False
+        ) as results:
+            return [r async for r in results]
+
+    assert sorted(run(main)) == [x * x for x in range(300)]
+
+
+@pytest.mark.slow
+def test_an_async_iterable_input_and_an_empty_one() -> None:
+    """Async iterables are pulled like sync ones; an empty input gives an empty list."""
+
+    async def numbers() -> AsyncIterator[int]:
+        for i in range(50):
+            yield i
+
+    assert corral.run(async_square, numbers(), processes=2) == [i * i for i in range(50)]
+    assert corral.run(async_square, [], processes=2) == []
+
+
+@pytest.mark.slow
+def test_exceptions_keep_their_type_and_remote_traceback() -> None:
+    """A failing item yields its own exception type, with the worker's traceback as a note."""
+    results = corral.run(async_fail_on_three, range(20), processes=2, return_exceptions=True)
+    assert [type(r) for r in results] == [KeyError if i % 10 == 3 else int for i in range(20)]
+    notes = "".join(getattr(results[3], "__notes__", []))
+    assert "Traceback in the worker process" in notes
+    assert "async_fail_on_three" in notes
+    with pytest.raises(KeyError, match=r"bad item 1?3"):  # the first failure to arrive
+        corral.run(async_fail_on_three, range(20), processes=2)
+
+
+@pytest.mark.slow
+def test_an_unpicklable_item_fails_alone() -> None:
+    """An item that cannot be sent fails with a TypeError in its place; the others run."""
+    items: list[Any] = [1, 2, lambda: 3, 4]
+    results: list[Any] = corral.run(async_square, items, processes=2, return_exceptions=True)
+    assert (results[0], results[1], results[3]) == (1, 4, 16)
+    assert isinstance(results[2], TypeError)
+
+
+# ---------------------------------------------------------------------------
+# Limits, rate, retries, stats
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_limit_is_split_across_the_processes() -> None:
+    """limit=6 over 2 processes: each runs at most 3 calls at once, and reaches 3."""
+    outcomes = corral.run(async_peak, range(200), processes=2, limit=6)
+    peaks: dict[int, int] = {}
+    for pid, peak in outcomes:
+        peaks[pid] = max(peaks.get(pid, 0), peak)
+    assert len(peaks) == 2
+    assert max(peaks.values()) == 3
+    assert sum(peaks.values()) <= 6
+
+
+@pytest.mark.slow
+def test_the_rate_is_global_across_the_processes() -> None:
+    """rate=40/s with 2 processes: 30 starts take at least 29/40 s in all, not half that."""
+    starts = sorted(corral.run(async_start_time, range(30), processes=2, rate="40/s"))
+    # Token delivery may delay a start by a few ms, never advance it by more.
+    assert starts[-1] - starts[0] >= 29 / 40 - 0.05
+
+
+@pytest.mark.slow
+def test_retries_run_in_the_children_and_stats_add_up() -> None:
+    """Each item fails once (transient) and is retried in its process; stats sum it all."""
+
+    async def main() -> tuple[list[int], corral.Stats]:
+        async with corral.map(async_flaky, range(40), processes=2, limit=8, retries=1) as out:
+            return [r async for r in out], out.stats
+
+    results, stats = run(main)
+    assert results == list(range(40))
+    assert (stats.started, stats.completed, stats.failed, stats.retried) == (40, 40, 0, 40)
+    assert (stats.in_flight, stats.limit) == (0, 8)
+    assert stats.latency_p50 is not None
+    assert stats.elapsed > 0
+
+
+@pytest.mark.slow
+def test_failures_are_counted_with_return_exceptions() -> None:
+    """stats.failed counts the items that ended with an exception."""
+
+    async def main() -> corral.Stats:
+        async with corral.map(
+            async_fail_on_three, range(30), processes=2, return_exceptions=True
+        ) as out:
+            async for _ in out:
+                pass
+            return out.stats
+
+    stats = run(main)
+    assert (stats.completed, stats.failed, stats.started) == (27, 3, 30)
+
+
+@pytest.mark.slow
+def test_the_input_is_pulled_lazily() -> None:
+    """With limit=4 the parent pulls a few dozen items ahead of the consumer, not the input."""
+    pulled = 0
+
+    def numbers() -> Iterator[int]:
+        nonlocal pulled
+        for i in range(10**9):
+            pulled += 1
+            yield i
+
+    async def main() -> int:
+        async with corral.map(async_square, numbers(), processes=2, limit=4) as out:
+            async for result in out:
+                if result == 100:
+                    break
+                await asyncio.sleep(0)  # a consumer slower than the workers
+        return pulled
+
+    # 11 consumed; the parent may run WINDOW_PER_LIMIT * limit = 16 items ahead.
+    assert run(main) <= 11 + 16
+
+
+# ---------------------------------------------------------------------------
+# Cleanup: no process outlives the map
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_failure_stops_every_process_at_once() -> None:
+    """Item 5 fails while the others sleep a minute: the map raises now, no process remains."""
+    async with asyncio.timeout(30):  # a minute-long sleep would trip this
+        with pytest.raises(ValueError, match=r"item 5 fails"):
+            await corral.gather(async_sleep_or_fail, range(10), processes=2, limit=10)
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+async def test_cancellation_leaves_no_worker_process(tmp_path: Path) -> None:
+    """Cancelled while both processes sleep in calls: they are terminated, none remains."""
+    items = [(str(tmp_path), 60.0)] * 8
+
+    async with asyncio.timeout(30):  # hang guard
+        task = asyncio.create_task(
+            corral.gather(async_record_pid_and_sleep, items, processes=2, limit=8)
+        )
+        while len(os.listdir(tmp_path)) < 2:
+            await asyncio.sleep(0.01)  # until both processes are inside calls
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_leaving_async_with_early_stops_the_processes() -> None:
+    """break after the first result: the processes still sleeping in calls are stopped."""
+
+    async def main() -> int:
+        async with corral.map(async_sleep, [0.0] + [60.0] * 5, processes=2) as out:
+            async for pid in out:
+                return pid
+        raise AssertionError("no result")
+
+    assert run(main) != os.getpid()
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_cancel_ends_the_map_keeping_what_is_done() -> None:
+    """cancel() after a result: iteration ends without an error, the processes are stopped."""
+
+    async def main() -> list[int]:
+        got = []
+        async with corral.map(async_sleep, [0.0] + [60.0] * 5, processes=2) as out:
+            async for pid in out:
+                got.append(pid)
+                out.cancel()
+        return got
+
+    assert len(run(main)) == 1
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_no_worker_process(tmp_path: Path) -> None:
+    """SIGINT to a script's process group (Ctrl-C): the script exits and its workers with it."""
+    call = (
+        f"corral.run(async_record_pid_and_sleep, [({str(tmp_path)!r}, 60.0)] * 4, "
+        "processes=2, limit=4)"
+    )
+    stderr, survivors = ctrl_c(call, tmp_path, workers=2)
+    assert b"KeyboardInterrupt" in stderr
+    assert survivors == []
+
+
+@pytest.mark.slow
+def test_a_dead_process_ends_the_map_with_worker_crashed() -> None:
+    """A worker process that exits mid-map ends the map with WorkerCrashed, saying how."""
+    with pytest.raises(WorkerCrashed, match=r"died \(exit code 3\)"):
+        corral.run(async_exit_on_three, range(20), processes=2)
+    assert worker_processes() == set()
+
+
+# ---------------------------------------------------------------------------
+# Exactly once
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.lists(st.integers(0, 40), max_size=60),
+    ordered=st.booleans(),
+    limit=st.integers(1, 12),
+    processes=st.integers(1, 3),
+)
+def test_each_item_ends_exactly_once_across_processes(
+    values: list[int], ordered: bool, limit: int, processes: int
+) -> None:
+    """Whatever the split: each item yields exactly one result or exception, once."""
+
+    async def main() -> list[Any]:
+        async with corral.map(
+            async_fail_on_three,
+            values,
+            processes=processes,
+            limit=limit,
+            ordered=ordered,
+            return_exceptions=True,
+        ) as out:
+            return [r async for r in out]
+
+    results = [repr(r) for r in run(main)]
+    expected = [repr(KeyError(f"bad item {x}")) if x % 10 == 3 else repr(x) for x in values]
+    if ordered:
+        assert results == expected
+    else:
+        assert Counter(results) == Counter(expected)
+
+
+@pytest.mark.slow
+def test_a_function_the_processes_cannot_import_ends_the_map_saying_why() -> None:
+    """fn pickles here but cannot be loaded there: a RuntimeError naming fn and the cause."""
+    module = types.ModuleType("corral_ghost_module")
+    exec("async def double(x):\n    return 2 * x\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    try:
+        with pytest.raises(RuntimeError, match=r"cannot load fn=<function double") as info:
+            corral.run(module.double, range(5), processes=2)
+    finally:
+        del sys.modules[module.__name__]
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_a_result_that_cannot_be_pickled_fails_in_its_place() -> None:
+    """A result the child cannot send back becomes a TypeError for that item."""
+    results: list[Any] = corral.run(
+        async_returns_a_lambda, range(3), processes=2, return_exceptions=True
+    )
+    assert all(isinstance(r, TypeError) for r in results)
