@@ -1,5 +1,8 @@
 """The ``corral`` command: the lab from a shell.
 
+    corral demo                                   # the main job, six ways, side by side
+    corral bench --quick                          # the seeds' claims, measured here
+    corral tune http://127.0.0.1:8080/ --json     # the limit a workload should run at
     corral serve --port 8080 --capacity 64 --service-ms 10
 
 Each subcommand is two functions: ``_add_NAME(subparsers)`` declares its
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import math
 import signal
 import sys
@@ -49,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         description="corral's lab: serve a modelled API, benchmark, tune, demo.",
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_demo(subparsers)
+    _add_bench(subparsers)
+    _add_tune(subparsers)
     _add_serve(subparsers)
     return parser
 
@@ -101,6 +108,14 @@ def _schedule(text: str) -> list[tuple[float, int]]:
     return steps
 
 
+def _missing_lab_extra(command: str) -> bool:
+    """True (and says how to fix it) when the lab extra's HTTP stack is not installed."""
+    if importlib.util.find_spec("aiohttp") is not None:
+        return False
+    print(LAB_EXTRA_MESSAGE.format(command=command), file=sys.stderr)
+    return True
+
+
 def _run_async(main: Coroutine[Any, Any, int]) -> int:
     """Run ``main`` on uvloop when installed (the command owns its process), else asyncio."""
     try:
@@ -109,6 +124,132 @@ def _run_async(main: Coroutine[Any, Any, int]) -> int:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+# --------------------------------------------------------------------------
+# corral demo
+# --------------------------------------------------------------------------
+
+
+def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="the same 10,000 requests done six ways, side by side (about a minute)",
+        description=(
+            "Start a local API with a capacity (64 requests at a time, 256 waiting, 429 with "
+            "Retry-After beyond) and send it the same 10,000 GET requests six ways: plain "
+            "asyncio.gather, gather in batches, a queue of workers, and corral with a fixed "
+            "and an adaptive limit. Prints a side-by-side table (time, throughput, failed "
+            "requests, p99 latency, peak memory) and saves a plot and the numbers to "
+            "./corral-demo/. Loopback only."
+        ),
+    )
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if _missing_lab_extra("demo"):
+        return 2
+    from corral.lab.demo import demo_command
+
+    return demo_command()
+
+
+# --------------------------------------------------------------------------
+# corral bench
+# --------------------------------------------------------------------------
+
+
+def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from corral.lab.bench import PARTS
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="re-run the seeds' experiments; a verdict per claim, with plots",
+        description=(
+            "Measure, on this machine, the claims of the blog posts corral comes from "
+            "(batching, queues of workers, 'as many tasks as cores', process pools, ...) "
+            "across strategies, workloads (tiny tasks, sleeps, real HTTP against a local "
+            "API, CPU work) and event loops. Writes results.json, PNG plots and report.md "
+            "(confirmed / refuted / depends for each claim, with the numbers that decide "
+            "it) into DIR. The full run takes up to 15 minutes; --quick about one."
+        ),
+    )
+    add = parser.add_argument
+    add("--quick", action="store_true", help="smaller sizes, one repeat: about a minute")
+    add(
+        "--only",
+        type=_parts(tuple(PARTS)),
+        default=None,
+        metavar="PARTS",
+        help=f"comma-separated parts to run (default: all): {','.join(PARTS)}",
+    )
+    add("--out", default="corral-bench", metavar="DIR", help="output directory (./corral-bench/)")
+    add(
+        "--scale",
+        type=_number(),
+        default=1.0,
+        metavar="F",
+        help="multiply every size and trial time by F (e.g. 0.05 for a smoke run)",
+    )
+    parser.set_defaults(handler=_run_bench)
+
+
+def _parts(known: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"must be parts from {','.join(known)}, joined by commas; got {text!r}"
+            )
+        return names
+
+    return parse
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    if _missing_lab_extra("bench"):
+        return 2
+    if args.scale <= 0:
+        print(f"corral bench: error: --scale must be > 0; got {args.scale:g}", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    from corral.lab.bench import bench_command
+
+    return bench_command(Path(args.out), quick=args.quick, only=args.only, scale=args.scale)
+
+
+# --------------------------------------------------------------------------
+# corral tune
+# --------------------------------------------------------------------------
+
+
+def _add_tune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from corral.lab.tune import add_arguments
+
+    parser = subparsers.add_parser(
+        "tune",
+        help="find the concurrency limit a workload (a URL or module:function) should use",
+        description=(
+            "Sweep the concurrency limit (1, 2, 4, ...) against TARGET with short trials, "
+            "measuring successful calls per second, p50/p99 latency and errors; stop when "
+            "errors appear or throughput falls or stops growing; recommend the smallest "
+            "limit reaching 95% of the peak throughput without errors, and draw the curve. "
+            "A URL TARGET is fetched with GET and never anything else."
+        ),
+    )
+    add_arguments(parser)
+    parser.set_defaults(handler=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from corral.lab.tune import tune_command
+
+    if args.target.startswith(("http://", "https://")) and _missing_lab_extra("tune"):
+        return 2
+    return tune_command(args)
 
 
 # --------------------------------------------------------------------------
