@@ -37,4 +37,4 @@ bench-quick: $(VENV)/.installed
 	$(BIN)/python benchmarks/engine.py --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache corral-bench
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache corral-bench corral-demo corral-tune
