@@ -117,11 +117,13 @@ def test_eta_is_unknown_until_something_ends() -> None:
 
 def test_final_line_gives_duration_average_rate_and_cancelled_calls() -> None:
     """The final line replaces in flight/limit/ETA with the duration; leftovers were cancelled."""
-    stats = snapshot(completed=40, failed=1, in_flight=4, elapsed=125.0, throughput=0.328)
+    # Once a map has ended nothing is in flight: calls started that neither
+    # completed nor failed were cut short.
+    stats = snapshot(started=45, completed=40, failed=1, elapsed=125.0, throughput=0.328)
     assert final_line(stats, 100) == (
         "corral: 41/100 done (41.0%) in 2m05s, 0.33/s, 1 failed, 0 retried, 4 cancelled"
     )
-    assert final_line(snapshot(completed=3, elapsed=0.25, throughput=12.0), None) == (
+    assert final_line(snapshot(started=3, completed=3, elapsed=0.25, throughput=12.0), None) == (
         "corral: 3 done in 0.2s, 12.0/s, 0 failed, 0 retried"
     )
 

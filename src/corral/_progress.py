@@ -227,6 +227,11 @@ def running_line(stats: Stats, total: int | None, rate: float) -> str:
     return ", ".join(parts)
 
 
+def _cancelled(stats: Stats) -> int:
+    """Calls started that neither completed nor failed: cut short when the map ended."""
+    return max(0, stats.started - stats.completed - stats.failed)
+
+
 def final_line(stats: Stats, total: int | None) -> str:
     """The plain line written once the map has ended, however it ended.
 
@@ -244,8 +249,8 @@ def final_line(stats: Stats, total: int | None) -> str:
         f"{_count(stats.failed)} failed",
         f"{_count(stats.retried)} retried",
     ]
-    if stats.in_flight:
-        parts.append(f"{_count(stats.in_flight)} cancelled")
+    if cancelled := _cancelled(stats):
+        parts.append(f"{_count(cancelled)} cancelled")
     return ", ".join(parts)
 
 
@@ -455,8 +460,8 @@ class _LiveSink(_Sink):
             (_rate(stats.throughput), ""),
             *self._failures(stats),
         ]
-        if stats.in_flight:
-            details.append((f"{_count(stats.in_flight)} cancelled", "yellow"))
+        if cancelled := _cancelled(stats):
+            details.append((f"{_count(cancelled)} cancelled", "yellow"))
         try:
             self._draw(self._line(stats, details, final=True))
         finally:

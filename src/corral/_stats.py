@@ -76,7 +76,8 @@ class Stats:
         completed: items that ended with a result.
         failed: items that ended with an exception (after retries).
         retried: retry attempts made (a call that is re-run counts once per re-run).
-        in_flight: items started and not yet ended.
+        in_flight: items started and not yet ended (0 once the map has ended; calls
+            an early stop cut short are ``started - completed - failed``).
         elapsed: seconds since the map started (loop time).
         throughput: items ended per second over ``elapsed``.
         limit: the concurrency limit in force (``None``: unbounded).

@@ -23,7 +23,7 @@ They are not equally good citizens, and the differences are what the lab shows:
 
 :data:`STRATEGIES` lists them with these properties, for the benchmark, the lab
 and ``corral demo``. Importing this module imports no third-party package:
-aiometer and aiostream are imported inside the functions that use them, and
+aiometer, aiostream and aiojobs are imported inside the functions that use them, and
 :func:`unavailable` says whether one can run here.
 
 Reference:
@@ -54,6 +54,7 @@ __all__ = [
     "STRATEGIES",
     "Strategy",
     "StrategyInfo",
+    "aiojobs_scheduler",
     "aiometer_amap",
     "aiostream_map",
     "corral_gather",
@@ -293,6 +294,40 @@ async def aiostream_map(
     return cast("list[R]", await stream.list(mapped))
 
 
+async def aiojobs_scheduler(
+    fn: Callable[[T], Awaitable[R]], items: Iterable[T], limit: int | None
+) -> list[R]:
+    """aiojobs (a peer library): ``Scheduler(limit=limit)``, one spawned job per item.
+
+    ``spawn`` waits while ``limit`` jobs are active and ``limit`` more are
+    pending, so the input is pulled lazily; each job is a Task, and a job's
+    exception goes to the scheduler's handler rather than to the caller, so it
+    is collected here and raised at the end.
+    """
+    _check_limit(limit)
+    import aiojobs
+
+    results: dict[int, R] = {}
+    errors: list[BaseException] = []
+
+    def on_error(_scheduler: Any, context: dict[str, Any]) -> None:
+        errors.append(context["exception"])
+
+    async def one(index: int, item: T) -> None:
+        results[index] = await fn(item)
+
+    width = limit if limit is not None else 10_000
+    async with aiojobs.Scheduler(
+        limit=limit, pending_limit=width, wait_timeout=None, exception_handler=on_error
+    ) as scheduler:
+        count = 0
+        for count, item in enumerate(items, 1):
+            await scheduler.spawn(one(count - 1, item))
+    if errors:
+        raise errors[0]
+    return [results[i] for i in range(count)]
+
+
 async def corral_gather(
     fn: Callable[[T], Awaitable[R]], items: Iterable[T], limit: int | None
 ) -> list[R]:
@@ -362,6 +397,14 @@ STRATEGIES: dict[str, StrategyInfo] = {
         ),
         StrategyInfo(
             "aiostream_map", aiostream_map, "aiostream", bounded=True, lazy=True, needs="aiostream"
+        ),
+        StrategyInfo(
+            "aiojobs_scheduler",
+            aiojobs_scheduler,
+            "aiojobs",
+            bounded=True,
+            lazy=True,
+            needs="aiojobs",
         ),
         StrategyInfo(
             "corral_gather", corral_gather, "corral", bounded=True, lazy=True, needs="corral.gather"
