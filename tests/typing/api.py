@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import assert_type
+from typing import Any, assert_type
 
 import corral
 
@@ -40,3 +40,22 @@ async def _typed() -> None:
 
 def _sync() -> None:
     assert_type(corral.run(page_size, ["a"], limit=5), list[int])
+
+
+async def _typed_more() -> None:
+    auto = corral.Limiter(limit=corral.Adaptive(initial=8, min=2, max=500))
+    assert_type(auto.limit, int | None)
+    assert_type(await corral.gather(page_size, ["a"], limit="auto", monitor=True), list[int])
+    assert_type(await corral.gather(page_size, ["a"], processes=2, ordered=False), list[int])
+    snapshots: list[corral.Stats] = []
+    assert_type(await corral.gather(page_size, ["a"], progress=snapshots.append), list[int])
+    async with corral.map(
+        page_size, ["a"], deadline=60, budget={"requests": 10}, checkpoint="run.sqlite"
+    ) as sizes:
+        sizes.cancel()
+        assert_type(sizes.stats.as_dict(), dict[str, Any])
+    async with corral.watch_loop(threshold=0.05) as watch:
+        pass
+    for report in watch.reports:
+        assert_type(report, corral.BlockReport)
+        assert_type(report.lineno, int)
