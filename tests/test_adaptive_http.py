@@ -59,7 +59,12 @@ async def test_auto_finds_a_limit_without_overloading_the_server() -> None:
 
 
 async def test_auto_follows_a_capacity_drop() -> None:
-    """Capacity 16 -> 2 mid-run: the limit comes down to a few times the new capacity."""
+    """Capacity 16 -> 2 mid-run: the limit comes down, to a few times the new capacity.
+
+    Before the drop the limit only has to have reached those few: a client
+    starved of CPU (a loaded machine) sees its own lag as latency and grows
+    less, and the test must not depend on how far it got.
+    """
     limiter = corral.Limiter(limit=corral.Adaptive(initial=4))
     async with asyncio.timeout(HANG_GUARD):
         async with (
@@ -78,7 +83,8 @@ async def test_auto_follows_a_capacity_drop() -> None:
     assert (stats.served, stats.rejected) == (520, 0)
     assert before is not None
     assert limiter.limit is not None
-    assert limiter.limit <= 4 * 2 < before
+    assert limiter.limit <= 4 * 2 <= before
+    assert limiter.limit < before
 
 
 async def test_a_retry_after_pauses_every_map_sharing_the_limiter() -> None:
@@ -102,7 +108,9 @@ async def test_a_retry_after_pauses_every_map_sharing_the_limiter() -> None:
                     refusals.append(loop.time())
                     raise
 
-            retry = corral.Retry(attempts=20, backoff=0.01)
+            # No retry budget: most calls are refused here, and this test is about
+            # the cooldown, not about how many retries a budget allows.
+            retry = corral.Retry(attempts=20, backoff=0.01, budget=None)
             urls = [f"{server.url}/item/{i}" for i in range(24)]
             first, second = await asyncio.gather(
                 corral.gather(fetch, urls[:12], limit=limiter, retries=retry),

@@ -782,8 +782,8 @@ def test_deadline_and_budget_are_checked() -> None:
     with pytest.raises(ValueError, match=r"got deadline=0$"):
         corral.map(ident, range(3), deadline=0)
     with pytest.raises(ValueError, match=r"^budget must be a dict like"):
-        corral.map(ident, range(3), budget={"tokens": 5})
-    with pytest.raises(ValueError, match=r"^budget\['requests'\] must be an int >= 0"):
+        corral.map(ident, range(3), budget=[("requests", 5)])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^budget\['requests'\] must be a finite number >= 0"):
         corral.map(ident, range(3), budget={"requests": -1})
 
 

@@ -1699,3 +1699,25 @@ async def test_a_keyed_cooldown_pauses_every_key_even_new_ones() -> None:
         async with limiter.for_item(key):
             starts.append(loop.time())
     assert min(starts) >= 1.0
+
+
+@pytest.mark.virtual_time
+async def test_a_slot_handed_over_just_before_a_cooldown_starts_no_call_until_its_end() -> None:
+    """A waiter given a slot, then a 429 before it resumes: it still starts after the pause."""
+    limiter = Limiter(limit=1)
+    loop = asyncio.get_running_loop()
+    await limiter.acquire()
+    starts: list[float] = []
+
+    async def waiter() -> None:
+        await limiter.acquire()
+        starts.append(loop.time())
+        limiter.release()
+
+    task = asyncio.create_task(waiter())
+    await asyncio.sleep(0)  # the waiter is in line
+    handed_over = loop.time()
+    limiter.release()  # the slot goes straight to the waiter...
+    limiter.cooldown(2.0)  # ...and a Retry-After arrives before it runs
+    await task
+    assert starts == [pytest.approx(handed_over + 2.0)]

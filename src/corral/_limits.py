@@ -24,12 +24,13 @@ import numbers
 import random
 import re
 from collections import deque
-from collections.abc import Callable, Coroutine, Hashable
+from collections.abc import Callable, Coroutine, Hashable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NoReturn, TypeAlias, TypeGuard
+from typing import Any, Literal, NoReturn, TypeAlias, TypeGuard
 
 from ._adaptive import Adaptive, Controller, Outcome
+from ._weighted import Cell, WeightedGate
 
 __all__ = [
     "Adaptive",
@@ -37,7 +38,10 @@ __all__ = [
     "Rate",
     "RateGate",
     "RateLike",
+    "RateSpec",
     "as_rate",
+    "as_rates",
+    "gate_for",
     "gcra_delay",
     "gcra_next_tat",
     "outcome_of",
@@ -94,6 +98,32 @@ def _rate_error(value: object) -> str:
     return f"rate must be > 0, like 20, '20/s' or corral.Rate(20, per=1.0); got rate={value!r}"
 
 
+def _check_dimensions(n: Mapping[Any, Any]) -> dict[str, float]:
+    """A weighted rate's dimensions, checked: non-empty names, each a finite number > 0."""
+    if not n:
+        raise ValueError(
+            "a weighted Rate needs at least one dimension, like "
+            "Rate({'requests': 500, 'output_tokens': 40_000}, per=60); got n={}"
+        )
+    checked: dict[str, float] = {}
+    for name, value in n.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                "Rate dimensions must be named by non-empty strings like 'requests' or "
+                f"'output_tokens'; got {name!r} in n={dict(n)!r}"
+            )
+        message = (
+            f"Rate dimension {name!r} must be a finite number > 0 (allowed per `per` "
+            f"seconds); got n={dict(n)!r}"
+        )
+        if not _is_real(value):
+            raise TypeError(message)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(message)
+        checked[name] = value
+    return checked
+
+
 def _check_positive(name: str, value: object, what: str) -> None:
     """Raise unless ``value`` is a finite real number > 0; the message names ``name``."""
     message = f"Rate {name} must be {what} > 0, like Rate(20, per=1.0); got {name}={value!r}"
@@ -136,15 +166,35 @@ class Rate:
     takes a ``rate=``, ``20``, ``"20/s"``, ``"600/min"`` and ``"5/100ms"`` mean
     the same as the matching ``Rate``.
 
+    **Weighted rates.** ``n`` may be a dict of dimensions, for an API that
+    limits tokens as well as requests::
+
+        Rate({"requests": 500, "input_tokens": 200_000, "output_tokens": 40_000}, per=60)
+
+    Each dimension is its own GCRA schedule (one number of state each). A
+    call's ``cost`` (``corral.map(cost=)``, ``Limiter.acquire(cost)``; one
+    request implied) is booked on each when it starts, and it starts once
+    every schedule allows, whatever its own size: the cost is paid *after*
+    the start, as a delay for the next ones, so a call larger than a whole
+    window still runs. Its actual ``usage`` settles the booking later (a
+    refund, or a debt). ``burst`` counts requests: every dimension may run
+    ``(burst - 1) * per / n["requests"]`` seconds ahead of its schedule; a
+    weighted rate without ``requests`` has ``burst=1``. Several windows at
+    once (per minute and per day) are a list of rates.
+
     .. versionadded:: 0.1
     """
 
-    n: float
+    n: float | Mapping[str, float]
     per: float = 1.0
     burst: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive("n", self.n, "a finite number")
+        if isinstance(self.n, Mapping):
+            # A weighted rate: its own copy, so the caller's dict can change freely.
+            object.__setattr__(self, "n", _check_dimensions(self.n))
+        else:
+            _check_positive("n", self.n, "a finite number")
         _check_positive("per", self.per, "a finite number of seconds")
         burst = self.burst
         message = (
@@ -155,11 +205,41 @@ class Rate:
             raise TypeError(message)
         if burst < 1:
             raise ValueError(message)
+        if burst > 1 and isinstance(self.n, dict) and "requests" not in self.n:
+            raise ValueError(
+                "Rate burst counts requests: a weighted rate with burst > 1 needs a "
+                f"'requests' dimension, like Rate({{'requests': 500, 'output_tokens': 40_000}}, "
+                f"per=60, burst=5); got n={self.n!r}, burst={burst!r}"
+            )
+
+    def __hash__(self) -> int:
+        n = self.n
+        key = tuple(sorted(n.items())) if isinstance(n, Mapping) else n
+        return hash((key, self.per, self.burst))
+
+    @property
+    def weighted(self) -> bool:
+        """True for a rate of several dimensions (``Rate({"requests": ..., ...})``)."""
+        return isinstance(self.n, Mapping)
+
+    @property
+    def limits(self) -> dict[str, float]:
+        """Each dimension's allowance per ``per`` seconds: ``{"requests": n}`` for a plain rate."""
+        n = self.n
+        return dict(n) if isinstance(n, Mapping) else {"requests": n}
 
     @property
     def interval(self) -> float:
-        """T, the seconds between two evenly spaced starts: ``per / n``."""
-        return self.per / self.n
+        """T, the seconds between two evenly spaced starts: ``per / n``.
+
+        For a weighted rate, ``per / n["requests"]``; 0.0 when it has no
+        ``requests`` dimension (then only the other dimensions space starts).
+        """
+        n = self.n
+        if isinstance(n, Mapping):
+            requests = n.get("requests")
+            return self.per / requests if requests else 0.0
+        return self.per / n
 
     @property
     def tolerance(self) -> float:
@@ -208,6 +288,54 @@ class Rate:
 
 #: What a ``rate=`` argument may be: see :func:`as_rate`.
 RateLike: TypeAlias = "Rate | int | float | str | None"
+#: A ``rate=`` as corral holds it: one Rate, several (all enforced at once), or none.
+RateSpec: TypeAlias = "Rate | tuple[Rate, ...] | Literal['auto'] | None"
+
+
+def as_rates(value: object) -> RateSpec:
+    """Normalise a ``rate=`` that may also be a list of rates (several windows at once).
+
+    A list or tuple of rate-likes (``[Rate({...}, per=60), Rate({...}, per=86_400)]``)
+    becomes a tuple of :class:`Rate`; ``"auto"`` (an adaptive rate, see
+    :mod:`corral._auto_rate`) stays ``"auto"``; anything else goes through
+    :func:`as_rate`.
+
+    Raises:
+        ValueError: an empty list, or a bad rate in it.
+        TypeError: as :func:`as_rate`.
+    """
+    if isinstance(value, list | tuple):
+        if not value:
+            raise ValueError(
+                "rate must be a rate or a non-empty list of rates, like "
+                "[Rate({'requests': 500}, per=60), Rate({'requests': 10_000}, per=86_400)]; "
+                "got rate=[]"
+            )
+        rates = tuple(as_rate(one) for one in value)
+        return rates[0] if len(rates) == 1 else rates  # type: ignore[return-value]
+    if isinstance(value, str) and value == "auto":
+        return "auto"
+    return as_rate(value)
+
+
+def gate_for(spec: RateSpec) -> RateGate | WeightedGate | None:
+    """The gate that enforces ``spec``: a :class:`RateGate` for one plain rate (the
+    fast path), a :class:`WeightedGate` for weighted rates or several windows."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        from ._auto_rate import AutoRateGate
+
+        return AutoRateGate()
+    if isinstance(spec, Rate) and not spec.weighted:
+        return RateGate(spec)
+    rates = (spec,) if isinstance(spec, Rate) else spec
+    cells = [
+        Cell(dimension, rate.per / amount, rate.tolerance, rate.per)
+        for rate in rates
+        for dimension, amount in rate.limits.items()
+    ]
+    return WeightedGate(cells, spec)
 
 
 def as_rate(value: object) -> Rate | None:
@@ -321,6 +449,10 @@ class RateGate:
     def __init__(self, rate: Rate) -> None:
         if not isinstance(rate, Rate):
             raise TypeError(f"RateGate needs a corral.Rate; got rate={rate!r}")
+        if rate.weighted:
+            raise TypeError(
+                f"RateGate enforces a plain rate, not a weighted one; got rate={rate!r}"
+            )
         self._rate = rate
         self._interval = rate.interval
         self._tolerance = rate.tolerance
@@ -358,11 +490,13 @@ class RateGate:
         """
         return not self._queued and not self._granted and self._tat <= now
 
-    def wait_nowait(self) -> bool:
+    def wait_nowait(self, cost: Mapping[str, float] | None = None) -> bool:
         """Take a start now if one conforms and nobody is ahead; never suspends.
 
         Returns True when the caller may start (the slot is spent), False when
         it would have to wait (nothing is spent). Needs a running event loop.
+        ``cost`` is accepted for a uniform interface with weighted gates: a
+        plain rate counts one start whatever the cost.
         """
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
@@ -378,7 +512,7 @@ class RateGate:
         self._last_now = now
         return True
 
-    async def wait(self) -> None:
+    async def wait(self, cost: Mapping[str, float] | None = None) -> None:
         """Return when the caller may start one call; FIFO among waiting callers.
 
         Cancelling the caller while it waits spends nothing (see the class
@@ -401,6 +535,25 @@ class RateGate:
                 self._give_back(loop, fut.result())
             raise
         self._granted -= 1
+
+    def clamp(self, dimension: str, remaining: float, reset: float | None) -> bool:
+        """Follow a server saying ``remaining`` requests are left (see ``WeightedGate.clamp``).
+
+        Only the ``requests`` dimension applies; returns False for any other.
+        """
+        if dimension != "requests":
+            return False
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._rebind(loop)
+        now = loop.time()
+        if remaining >= 1:
+            floor = now + self._tolerance - (remaining - 1) * self._interval
+        else:
+            floor = now + self._tolerance + (reset if reset is not None else self._interval)
+        if floor > self._tat:
+            self._tat = floor
+        return True
 
     # -- internals ---------------------------------------------------------
 
@@ -569,6 +722,10 @@ def outcome_of(error: BaseException | None) -> Outcome:
     return "ignore"
 
 
+def _is_auto(rate: object) -> bool:
+    return isinstance(rate, str) and rate == "auto"
+
+
 def _as_limit(limit: object) -> tuple[int | None, Adaptive | None]:
     """Normalise ``Limiter(limit=)``: (the limit in force at first, the adaptive bounds)."""
     if limit is None:
@@ -648,9 +805,19 @@ class Limiter:
             (``Adaptive()``), a :class:`corral.Adaptive`, or ``None`` for no
             cap (then ``rate`` is required).
         rate: The most call starts per time: ``20``, ``"20/s"``,
-            ``"600/min"`` or a :class:`Rate`; ``None`` for no rate limit.
+            ``"600/min"`` or a :class:`Rate` (weighted, like
+            ``Rate({"requests": 500, "output_tokens": 40_000}, per=60)``, for
+            :meth:`acquire` with a cost and :meth:`settle`); a list of rates
+            for several windows at once; ``None`` for no rate limit.
         key: A function of the item returning a hashable key: each key gets
             its own ``limit`` and ``rate``. ``None``: one budget for all.
+        redis: A Redis URL (``"redis://HOST:6379/0"``): every Limiter with
+            the same Redis and ``name``, in any process on any machine,
+            shares one ``limit`` and ``rate`` (needs ``corral[redis]``; see
+            :mod:`corral._redis`). ``None``: this process only.
+        name: With ``redis``, the name of the shared budget.
+        lease: With ``redis``, seconds after which the slots of a holder that
+            died are free again (default 10).
 
     Raises:
         TypeError: neither ``limit`` nor ``rate`` given, one of the wrong
@@ -662,6 +829,7 @@ class Limiter:
 
     __slots__ = (
         "_adaptive",
+        "_auto_gate",
         "_cap",
         "_controller",
         "_cool_span",
@@ -676,6 +844,7 @@ class Limiter:
         "_n_waiting",
         "_ramp",
         "_rate_spec",
+        "_retry_budgets",
         "_rng",
         "_subs",
         "_timer",
@@ -686,11 +855,21 @@ class Limiter:
         self,
         limit: int | Adaptive | str | None = None,
         *,
-        rate: RateLike = None,
+        rate: RateLike | list[Rate] | tuple[Rate, ...] = None,
         key: Callable[[Any], Hashable] | None = None,
+        redis: str | None = None,
+        name: str | None = None,
+        lease: float | None = None,
     ) -> None:
+        # With redis=, __new__ made a RedisLimiter, whose __init__ runs instead.
+        if name is not None or lease is not None:
+            raise TypeError(
+                "name= and lease= belong to a Limiter shared through Redis: pass redis= too, "
+                "like corral.Limiter(limit=10, redis='redis://127.0.0.1:6379/0', "
+                f"name='api-key-1'); got name={name!r}, lease={lease!r}"
+            )
         first, adaptive = _as_limit(limit)
-        parsed = as_rate(rate)
+        parsed = as_rates(rate)
         if first is None and parsed is None:
             raise TypeError(
                 "corral.Limiter() needs limit=, rate= or both, like "
@@ -712,7 +891,11 @@ class Limiter:
         self._limit_spec: LimitSpec = adaptive if adaptive is not None else first
         self._rate_spec = parsed
         self._subs: dict[Hashable, Limiter] = {}
-        self._gate = RateGate(parsed) if parsed is not None and key is None else None
+        self._gate = gate_for(parsed) if key is None else None
+        # rate="auto": the gate whose rate the calls' outcomes steer (see _auto_rate).
+        self._auto_gate: Any = self._gate if isinstance(parsed, str) else None
+        # Retry budgets shared by the maps retrying through this Limiter (see _retry_budget).
+        self._retry_budgets: dict[Any, Any] | None = None
         self._in_flight = 0
         self._n_waiting = 0  # callers in line for a slot (not yet handed one)
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -762,9 +945,29 @@ class Limiter:
         return self._key
 
     @property
-    def rate(self) -> Rate | None:
-        """The rate of starts in force, or None."""
-        return self._rate_spec
+    def rate(self) -> Rate | tuple[Rate, ...] | None:
+        """The rate of starts in force (a tuple when several apply at once), or None.
+
+        With ``rate="auto"``, the rate the controller has set now (per key: the
+        first key's, or the initial rate before any).
+        """
+        spec = self._rate_spec
+        if isinstance(spec, str):
+            gate = self._auto_gate
+            if gate is None:  # keyed: each key has its own
+                gate = next((sub._auto_gate for sub in self._subs.values()), None)
+            if gate is None:
+                from ._auto_rate import RateController
+
+                return Rate(RateController().rate)
+            rate: Rate = gate.rate
+            return rate
+        return spec
+
+    @property
+    def auto_rate(self) -> bool:
+        """True for ``rate="auto"``: the start rate follows the service's throttles."""
+        return isinstance(self._rate_spec, str)
 
     @property
     def in_flight(self) -> int:
@@ -798,22 +1001,38 @@ class Limiter:
 
     # -- taking and giving back slots ----------------------------------------
 
-    async def acquire(self) -> None:
+    async def acquire(self, cost: Mapping[str, float] | None = None) -> None:
         """Wait for a slot (and then for the rate), in arrival order; pair with :meth:`release`.
 
         Cancelled while waiting, the caller holds nothing afterwards: its place
         in line, any slot handed to it and any rate slot granted to it are
         given back or passed on.
+
+        Args:
+            cost: for a weighted rate, the amounts to reserve, like
+                ``{"input_tokens": 1200, "output_tokens": 500}`` (one request
+                is implied); settle them with :meth:`settle` when the call
+                ends. None: one request.
         """
         cap = self._cap
         if cap is None or self._in_flight < cap:
             self._in_flight += 1  # a free slot: nobody live is waiting (see the invariants)
         else:
             await self._wait_for_slot()
+            # The slot may have been handed over just before a cooldown began
+            # (a 429 seen between the hand-over and this task resuming): no
+            # call starts before the cooldown's end, so wait it out, holding it.
+            loop = self._loop
+            while loop is not None and self._cool_until > loop.time():
+                try:
+                    await asyncio.sleep(self._cool_until - loop.time())
+                except BaseException:
+                    self.release()
+                    raise
         gate = self._gate
-        if gate is not None and not gate.wait_nowait():
+        if gate is not None and not gate.wait_nowait(cost):
             try:
-                await gate.wait()
+                await gate.wait(cost)
             except BaseException:
                 self.release()  # we hold a slot but will not start
                 raise
@@ -862,9 +1081,14 @@ class Limiter:
         self._in_flight -= 1
 
     def __new__(cls, limit: object = None, **options: object) -> Limiter:
+        if options.get("redis") is not None:  # one budget shared through Redis: see _redis
+            from ._redis import RedisLimiter
+
+            return object.__new__(RedisLimiter)
         # An adaptive Limiter times the bodies of `async with`: a subclass does
         # it, so that a fixed Limiter's `async with` pays not even a test.
-        if cls is Limiter and isinstance(limit, Adaptive | str) and options.get("key") is None:
+        adaptive = isinstance(limit, Adaptive | str) or _is_auto(options.get("rate"))
+        if cls is Limiter and adaptive and options.get("key") is None:
             cls = _TimedLimiter
         return object.__new__(cls)
 
@@ -880,6 +1104,69 @@ class Limiter:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+    # -- weighted rates and provider headers ----------------------------------
+
+    def settle(self, cost: Mapping[str, float] | None, usage: Mapping[str, float] | None) -> None:
+        """Reconcile what :meth:`acquire` reserved (``cost``) with what the call used.
+
+        Used less: the difference is refunded to the rate. Used more: it is
+        carried as debt that delays the next starts. Dimensions ``usage`` does
+        not mention keep their reservation. A no-op without a weighted rate.
+        ``corral.map(..., cost=, usage=)`` calls it for you.
+
+        Raises:
+            TypeError: on a per-key Limiter (settle on ``for_item(item)``).
+        """
+        if self._key is not None:
+            self._refuse_keyed("settle()")
+        gate = self._gate
+        if usage and isinstance(gate, WeightedGate):
+            gate.settle(cost, usage)
+
+    def sync_headers(self, headers: Any) -> None:
+        """Clamp the local budget to what the server's rate-limit headers say remains.
+
+        Understands OpenAI's ``x-ratelimit-remaining-*`` / ``x-ratelimit-reset-*``
+        (durations like ``"1s"``, ``"6m0s"``, ``"20ms"``) and Anthropic's
+        ``anthropic-ratelimit-*-remaining`` / ``-reset`` (RFC 3339 times); see
+        :func:`corral._headers.read_rate_headers` for the dimensions they map
+        to. ``headers`` is any mapping (a dict, aiohttp's ``CIMultiDict``,
+        httpx's ``Headers``), matched case-insensitively; unknown headers and
+        dimensions this Limiter's rate does not limit are ignored.
+
+        For each dimension the rate limits (its shortest window, when several
+        apply), the next starts may use at most what the server says remains.
+        With nothing left (fewer than one request, or no tokens), nothing
+        starts until the server's reset. Without a rate, a server with no
+        requests left puts the Limiter in a :meth:`cooldown` until its reset.
+        Needs a running event loop.
+        """
+        from ._headers import read_rate_headers
+
+        if self._key is not None:
+            self._refuse_keyed("sync_headers()")
+        gate = self._gate
+        for dimension, remaining, reset in read_rate_headers(headers):
+            if gate is not None:
+                gate.clamp(dimension, remaining, reset)
+            elif dimension == "requests" and remaining < 1 and reset:
+                self.cooldown(reset)
+
+    def retry_budget(self, budget: Any) -> Any:
+        """The retry budget state the maps retrying through this Limiter share.
+
+        One state per :class:`corral.RetryBudget` setting, made on first use.
+        """
+        from ._retry_budget import RetryBudgetState
+
+        budgets = self._retry_budgets
+        if budgets is None:
+            budgets = self._retry_budgets = {}
+        state = budgets.get(budget)
+        if state is None:
+            state = budgets[budget] = RetryBudgetState(budget)
+        return state
 
     # -- adaptive feedback -------------------------------------------------------
 
@@ -901,6 +1188,8 @@ class Limiter:
         if controller is None:
             if self._key is not None:
                 self._refuse_keyed("record()")
+            if self._auto_gate is not None and outcome == "success":
+                self._auto_gate.success()
             return
         now = asyncio.get_running_loop().time()
         if outcome == "success":
@@ -921,6 +1210,8 @@ class Limiter:
 
         The per-call path of ``corral.map``: one clock read per call, not two.
         """
+        if self._auto_gate is not None:
+            self._auto_gate.success()
         controller = self._controller
         if controller is None:
             return
@@ -944,6 +1235,8 @@ class Limiter:
             seconds = retry_after_seconds(error)
             if seconds:
                 self.cooldown(seconds)
+        if self._auto_gate is not None:
+            self._auto_gate.feedback(error, asyncio.get_running_loop().time())
         if self._controller is not None:
             self.record(latency, outcome_of(error))
 
@@ -997,6 +1290,8 @@ class Limiter:
         limit = self._limit
         loop = self._loop
         assert loop is not None  # the timer runs on the loop that set it
+        if self._ramp is None and self._auto_gate is not None:
+            self._auto_gate.after_pause()  # the pause is over: slow start again
         if limit is None:
             # Rate only: the rate already spaces the starts out; let everyone go.
             self._timer = None

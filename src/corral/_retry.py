@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import TypeAlias, TypeGuard
 
+from ._retry_budget import THROTTLE, RetryBudget, as_budget
+
+#: The retry budget a :class:`Retry` has unless told otherwise.
+DEFAULT_BUDGET = RetryBudget()
+
 __all__ = ["Retry", "RetryAfter", "RetryOn", "as_retry", "retry_after_seconds", "transient"]
 
 RetryOn: TypeAlias = (
@@ -304,6 +309,13 @@ class Retry:
             honoured (``math.inf`` for no cap). A server asking for more than the
             default 120 s usually means a quota is spent; failing says so, where
             a worker asleep for an hour would not.
+        budget: the retry budget: a :class:`corral.RetryBudget`, a ratio
+            (``0.2`` is ``RetryBudget(ratio=0.2)``), or None for no budget. By
+            default retries may not exceed 10 per 10 s plus 10% of the calls
+            that succeeded in that window (429/503 retries and other retries
+            counted apart); a retry beyond it fails the item with
+            :class:`corral.RetryBudgetExhausted`. Shared by the maps using one
+            :class:`corral.Limiter`, else per map.
 
     Raises:
         TypeError: a field has the wrong type (``bool`` is not an int here).
@@ -318,8 +330,11 @@ class Retry:
     jitter: bool = True
     on: RetryOn = None
     max_retry_after: float = 120.0
+    budget: RetryBudget | float | None = DEFAULT_BUDGET
 
     def __post_init__(self) -> None:
+        # A ratio stands for RetryBudget(ratio=...): store the full form.
+        object.__setattr__(self, "budget", as_budget(self.budget))
         if not isinstance(self.attempts, int) or isinstance(self.attempts, bool):
             raise TypeError(
                 f"Retry(attempts={self.attempts!r}): attempts must be an int >= 1 "
@@ -445,6 +460,17 @@ class Retry:
         if server > self.max_retry_after:
             return None
         return max(wait, server)
+
+
+def retry_kind(exc: BaseException) -> int:
+    """Which allowance of the retry budget a retry after ``exc`` draws on.
+
+    ``THROTTLE`` (0) for a throttle: a :class:`RetryAfter`, or an HTTP 429 or
+    503; ``ERROR`` (1) for everything else.
+    """
+    if isinstance(exc, RetryAfter) or _status(exc) in _RETRY_AFTER_STATUSES:
+        return THROTTLE
+    return 1
 
 
 def as_retry(retries: int | Retry | None) -> Retry | None:

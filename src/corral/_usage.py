@@ -1,0 +1,365 @@
+"""Cost and usage: what a call is expected to spend, what it spent, and the map's budget.
+
+``corral.map(fn, items, cost=estimate, usage=actual)``:
+
+- ``cost(item)`` returns the amounts a call is expected to spend, per
+  dimension (``{"input_tokens": 1200, "output_tokens": 500}``; one request is
+  implied). They are *reserved* on every weighted rate (the map's and its
+  Limiter's) before the call starts.
+- ``usage(result)`` returns what it actually spent. The difference is
+  *settled*: refunded, or carried as debt that delays later starts (see
+  :mod:`corral._weighted`). Dimensions it leaves out keep their reservation;
+  None keeps all of it.
+- A failed attempt spends its reservation, unless its usage can be read from
+  the error: an exception with a ``usage`` attribute (a mapping of
+  dimensions, or a provider's usage object) settles like a result.
+
+Without ``usage=``, :func:`token_usage` reads the ``usage`` of OpenAI's and
+Anthropic's response objects (and of their JSON as dicts), duck-typed.
+
+``budget={"output_tokens": 2_000_000, "requests": 50_000}`` caps what the
+whole map may spend, on any dimension the usage reports (``requests`` are
+counted at each start). It is a soft cap: the check happens before each
+start, so the map overshoots by at most what the calls already in flight
+spend; once it is reached no call starts and the map ends with
+:class:`corral.BudgetExhausted` after handing out what is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from ._engine import Halt
+from ._errors import BudgetExhausted
+from ._headers import read_rate_headers
+from ._limits import Limiter, RateGate
+from ._weighted import WeightedGate
+
+__all__ = ["Meter", "UsageBudget", "metered", "token_usage"]
+
+Usage = Mapping[str, float]
+Call = Callable[[Any], Awaitable[Any]]
+
+
+def _get(obj: object, name: str) -> Any:
+    """``obj.name`` or ``obj[name]``; None when neither (or reading it raises)."""
+    # Per call, so the common shapes go first: a dict (parsed JSON), then any
+    # object with attributes (SDK models); the Mapping ABC check is slow.
+    if type(obj) is dict:
+        return obj.get(name)
+    try:
+        value = getattr(obj, name, None)
+        if value is None and isinstance(obj, Mapping):
+            return obj.get(name)
+    except Exception:
+        return None
+    return value
+
+
+def _count(obj: object, name: str) -> float | None:
+    return _num(_get(obj, name))
+
+
+def _num(value: object) -> float | None:
+    """A token count: a finite number >= 0 as a float; anything else None."""
+    kind = type(value)
+    if (kind is int or kind is float) and 0 <= value < math.inf:  # type: ignore[operator]
+        return float(value)  # type: ignore[arg-type]
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf:
+        return float(value)  # NumPy numbers and other subclasses
+    return None
+
+
+def token_usage(result: object, *, cache_reads: bool = True) -> dict[str, float] | None:
+    """The tokens an LLM response reports, as ``input_tokens``, ``output_tokens``, ``tokens``.
+
+    The default ``usage=`` of :func:`corral.map`. Duck-typed, no import: reads
+    ``result.usage`` (or ``result["usage"]`` for parsed JSON) with
+
+    - OpenAI Chat Completions: ``prompt_tokens`` -> input, ``completion_tokens`` -> output;
+    - OpenAI Responses and Anthropic Messages: ``input_tokens``, ``output_tokens``;
+    - Anthropic's ``cache_creation_input_tokens`` and ``cache_read_input_tokens``
+      added to the input (Anthropic leaves them out of ``input_tokens``).
+
+    ``tokens`` is input + output (OpenAI's TPM counts both).
+
+    Args:
+        result: what ``fn`` returned (or an exception carrying ``usage``).
+        cache_reads: whether tokens read from a prompt cache count as input.
+            Anthropic does not count them against its input-tokens-per-minute
+            limit for most models: pass ``cache_reads=False`` (e.g.
+            ``usage=functools.partial(corral.token_usage, cache_reads=False)``)
+            to leave them out (OpenAI's ``cached_tokens`` are then subtracted).
+
+    Returns:
+        The amounts, or None when ``result`` has no readable usage.
+    """
+    if type(result) is dict:
+        usage = result.get("usage")
+    else:
+        try:
+            usage = getattr(result, "usage", None)
+        except Exception:
+            return None
+        if usage is None and isinstance(result, Mapping):
+            usage = result.get("usage")
+    if usage is None:
+        return None
+    # Read the fields from a dict when there is one (parsed JSON, or the
+    # __dict__ of an SDK's model object): a missing attribute costs an
+    # exception inside getattr, a missing key costs nothing.
+    fields = usage if type(usage) is dict else getattr(usage, "__dict__", None)
+    get: Callable[[str], Any] = (
+        fields.get if type(fields) is dict else functools.partial(_get, usage)
+    )
+
+    # Raw values first, checked only when present: this runs once per call.
+    raw_in, raw_out = get("input_tokens"), get("output_tokens")
+    details = "input_tokens_details"
+    if raw_in is None and raw_out is None:
+        raw_in, raw_out = get("prompt_tokens"), get("completion_tokens")
+        details = "prompt_tokens_details"
+    input_tokens = None if raw_in is None else _num(raw_in)
+    output_tokens = None if raw_out is None else _num(raw_out)
+    if input_tokens is None and output_tokens is None:
+        return None
+    input_tokens = input_tokens or 0.0
+    output_tokens = output_tokens or 0.0
+    raw_read, raw_write = get("cache_read_input_tokens"), get("cache_creation_input_tokens")
+    cache_read = None if raw_read is None else _num(raw_read)
+    cache_write = None if raw_write is None else _num(raw_write)
+    if cache_read is not None or cache_write is not None:
+        # Anthropic: the cache's tokens are reported apart from input_tokens.
+        input_tokens += cache_write or 0.0
+        if cache_reads:
+            input_tokens += cache_read or 0.0
+    elif not cache_reads:
+        # OpenAI: prompt/input tokens include the cached ones.
+        cached = _count(_get(usage, details), "cached_tokens")
+        if cached:
+            input_tokens = max(0.0, input_tokens - cached)
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "tokens": input_tokens + output_tokens,
+    }
+
+
+def _checked(what: str, amounts: object, subject: object) -> Usage:
+    """``amounts`` if it is a mapping of dimension -> finite number >= 0; else a clear error."""
+    if type(amounts) is dict:
+        # The common case, checked with exact types first: this runs per call.
+        for name, value in amounts.items():
+            kind = type(value)
+            if not ((kind is int or kind is float) and 0 <= value < math.inf and type(name) is str):
+                break
+        else:
+            return amounts
+    if not isinstance(amounts, Mapping):
+        raise TypeError(
+            f"{what} must return a dict of amounts per dimension, like "
+            f"{{'input_tokens': 1200, 'output_tokens': 500}}, or None; got {amounts!r} "
+            f"for {subject!r}"
+        )
+    for name, value in amounts.items():
+        if (
+            not isinstance(name, str)
+            or isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (value >= 0 and math.isfinite(value))
+        ):
+            raise ValueError(
+                f"{what} must return amounts >= 0 named by strings; got {dict(amounts)!r} "
+                f"for {subject!r}"
+            )
+    return amounts
+
+
+class Meter:
+    """A map's ``cost=`` and ``usage=``, checked on every call."""
+
+    __slots__ = ("_cost", "_usage", "read_usage")
+
+    def __init__(
+        self,
+        cost: Callable[[Any], Usage | None] | None,
+        usage: Callable[[Any], Usage | None] | None,
+    ) -> None:
+        self._cost = cost
+        self._usage = usage
+        # What reads a result's usage per call; the built-in reader returns
+        # checked amounts, so it needs no check on top.
+        self.read_usage: Callable[[Any], Usage | None] = (
+            token_usage if usage is None else self.usage_of
+        )
+
+    def cost_of(self, item: Any) -> Usage | None:
+        """The reservation for ``item``'s call: ``cost(item)``, or None (one request)."""
+        if self._cost is None:
+            return None
+        amounts = self._cost(item)
+        return None if amounts is None else _checked("cost", amounts, item)
+
+    def usage_of(self, result: Any) -> Usage | None:
+        """What the call that returned ``result`` spent, or None when unknown."""
+        if self._usage is None:
+            return token_usage(result)
+        amounts = self._usage(result)
+        return None if amounts is None else _checked("usage", amounts, result)
+
+    @staticmethod
+    def usage_of_error(exc: BaseException) -> Usage | None:
+        """What a failed attempt spent, when the error carries a ``usage``; else None."""
+        usage = _get(exc, "usage")
+        if usage is None:
+            return None
+        if isinstance(usage, Mapping):
+            try:
+                return _checked("the error's usage", usage, exc)
+            except (TypeError, ValueError):
+                return None  # unreadable: the reservation stands
+        return token_usage(exc)
+
+
+class UsageBudget:
+    """What the whole map may spend: ``{"output_tokens": 2_000_000, "requests": 50_000}``."""
+
+    __slots__ = ("_limits", "_spent")
+
+    def __init__(self, limits: Mapping[str, float]) -> None:
+        self._limits = dict(limits)
+        self._spent = dict.fromkeys(limits, 0.0)
+
+    @property
+    def spent(self) -> dict[str, float]:
+        """What was spent so far per dimension (reservations of calls in flight included)."""
+        return dict(self._spent)
+
+    def start(self, cost: Usage | None) -> None:
+        """Before a start: stop the map if a dimension is spent; else reserve ``cost``.
+
+        Raises:
+            Halt: carrying :class:`corral.BudgetExhausted`.
+        """
+        spent, limits = self._spent, self._limits
+        for name, limit in limits.items():
+            if spent[name] >= limit:
+                raise Halt(
+                    BudgetExhausted(
+                        f"the map's budget of {limit:g} {name} is spent ({spent[name]:g} used)"
+                    )
+                )
+        for name in limits:
+            amount = 1.0 if name == "requests" else 0.0
+            if cost is not None:
+                amount = cost.get(name, amount)
+            spent[name] += amount
+
+    def settle(self, reserved: Usage | None, used: Usage | None) -> None:
+        """Replace a reservation by the usage reported (dimensions it names)."""
+        if not used:
+            return
+        spent = self._spent
+        for name in self._limits:
+            actual = used.get(name)
+            if actual is not None:
+                before = 1.0 if name == "requests" else 0.0
+                if reserved is not None:
+                    before = reserved.get(name, before)
+                spent[name] += actual - before
+
+
+def sync_gate(gate: RateGate | WeightedGate, headers: Any) -> None:
+    """Clamp a map's own rate to a provider's rate-limit headers."""
+    for dimension, remaining, reset in read_rate_headers(headers):
+        gate.clamp(dimension, remaining, reset)
+
+
+def _headers_of(exc: BaseException) -> Any:
+    headers = _get(exc, "headers")
+    return headers if headers is not None else _get(_get(exc, "response"), "headers")
+
+
+def metered(
+    call: Call,
+    meter: Meter,
+    *,
+    gate: RateGate | WeightedGate | None,
+    limiter: Limiter | None,
+    budget: UsageBudget | None,
+) -> Call:
+    """Wrap ``call`` with reservations, settlement and the budget, per attempt.
+
+    In order: the item's cost is computed; the Limiter's slot (and its
+    rate, reserving the cost) is taken; the map's own rate reserves it too;
+    the budget is checked. The call runs; its usage (or an error's) settles
+    every reservation. A failure with rate-limit headers (a 429's) clamps
+    the rates to them, and a Retry-After cools the Limiter down, as for
+    any Limiter; an adaptive Limiter learns from the latency and outcome.
+    """
+    cost_of, usage_of, usage_of_error = meter.cost_of, meter.read_usage, meter.usage_of_error
+    keyed = limiter is not None and limiter.key is not None
+    timed = limiter is not None and limiter.adaptive is not None
+    auto: Any = gate if gate is not None and hasattr(gate, "feedback") else None  # rate="auto"
+
+    def settle(own: Limiter | None, cost: Usage | None, used: Usage | None) -> None:
+        if not used:
+            return
+        if gate is not None and isinstance(gate, WeightedGate):
+            gate.settle(cost, used)
+        if own is not None:
+            own.settle(cost, used)
+        if budget is not None:
+            budget.settle(cost, used)
+
+    async def run(item: Any) -> Any:
+        cost = cost_of(item)
+        own = limiter.for_item(item) if keyed else limiter  # type: ignore[union-attr]
+        if own is not None:
+            # acquire() alone when there is no cost: a Limiter subclass may not take one.
+            await (own.acquire() if cost is None else own.acquire(cost))
+        try:
+            if gate is not None and not gate.wait_nowait(cost):
+                await gate.wait(cost)
+            if budget is not None:
+                budget.start(cost)
+        except BaseException:
+            if own is not None:
+                own.release()  # a slot held, but no call will start
+            raise
+        clock = asyncio.get_running_loop().time
+        began = clock() if timed else 0.0
+        try:
+            value = await call(item)
+        except BaseException as exc:
+            if auto is not None:
+                auto.feedback(exc, clock())
+            if isinstance(exc, Exception):
+                settle(own, cost, usage_of_error(exc))
+                headers = _headers_of(exc)
+                if headers is not None:
+                    if own is not None:
+                        own.sync_headers(headers)
+                    if gate is not None:
+                        sync_gate(gate, headers)
+            if own is not None:
+                own.record_error(clock() - began if timed else 0.0, exc)
+                own.release()
+            raise
+        if auto is not None:
+            auto.success()
+        try:
+            settle(own, cost, usage_of(value))
+        finally:
+            if own is not None:
+                if timed:
+                    now = clock()
+                    own.record_success(now - began, now)
+                own.release()
+        return value
+
+    return run
