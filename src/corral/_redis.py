@@ -1,0 +1,1051 @@
+"""One budget shared by many processes and machines, kept in Redis.
+
+``corral.Limiter(limit=50, rate="200/s", redis="redis://HOST:6379/0",
+name="api-key-1")`` is a :class:`~corral.Limiter` whose slots and rate live in
+Redis, so every Limiter with the same Redis and ``name``, in any process on
+any machine, draws on one budget: the case of N workers calling one API that
+allows 200 requests a second from one key.
+
+Three things are kept in Redis, under keys that share the hash tag
+``{name}`` (so they live on one Redis Cluster node too):
+
+- ``corral:{name}:holders``, the concurrency cap: a sorted set of *leases*,
+  one per slot held, scored by when the lease ends (Redis server time, in
+  microseconds). A holder's process renews its leases while it is alive
+  (every third of the lease); a holder that dies without releasing (a
+  SIGKILL, a lost machine) stops renewing, and its slots come back once its
+  leases end. Nobody has to notice the death.
+- ``corral:{name}:tat``, the rate: one number, GCRA's theoretical arrival
+  time (see :class:`corral.Rate`). A start *reserves* its slot in one atomic
+  step and then sleeps until it, so every grant costs exactly one round trip
+  however many clients compete: no "try, fail, retry" storm.
+- ``corral:{name}:cool``, a shared cooldown (:meth:`Limiter.cooldown`, a
+  server's Retry-After): no slot is granted anywhere until it ends, then the
+  slots reopen in steps.
+
+All times are Redis's own clock (``TIME`` inside the scripts), never a
+client's: machines whose clocks disagree still share one schedule.
+
+Each grant is one Lua script run (``EVALSHA``), atomic on the server. A
+process that finds every slot taken queues its callers locally, in arrival
+order, and one task per process asks again whenever any holder anywhere
+releases a slot (releases publish on ``corral:{name}:released``) or the
+earliest lease may have ended. Across processes, a freed slot goes to the
+process that asks first.
+
+Releasing is synchronous in the Limiter API (``release()`` is a plain
+method), so releases, rate give-backs and cooldowns are queued and sent in
+batches by one background task per event loop. Everything this process
+still holds is given back when the event loop shuts down
+(``asyncio.run``'s end), or at :meth:`RedisLimiter.aclose`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import os
+import sys
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from ._adaptive import Adaptive
+from ._limits import (
+    RAMP_FRACTION,
+    RAMP_MAX,
+    RAMP_STEPS,
+    Limiter,
+    Rate,
+    RateLike,
+    _is_real,
+    as_rate,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
+__all__ = ["DEFAULT_LEASE", "RedisLimiter"]
+
+logger = logging.getLogger("corral")
+
+#: Seconds a slot's lease lasts without renewal; holders renew every third of it.
+DEFAULT_LEASE = 10.0
+#: Connections to Redis per Limiter and event loop (callers beyond it wait for one).
+POOL_SIZE = 16
+#: The most waiting callers one round trip asks slots for.
+GRANT_BATCH = 64
+#: The most releases sent in one round trip.
+RELEASE_BATCH = 512
+#: After a failed send, wait this long before trying again (seconds).
+RESEND_DELAY = 0.2
+
+_URL_SCHEMES = ("redis", "rediss", "unix")
+
+# ---------------------------------------------------------------------------
+# The scripts. Numbers are integer microseconds (exact in Lua's doubles up to
+# 2**53 us, some 285 years); string.format('%.0f') writes them back exactly.
+# Reading TIME before writing is allowed since Redis 5 (effects replication,
+# the only mode from Redis 7 on); replicate_commands() asks for it on 3.2-4.
+# ---------------------------------------------------------------------------
+
+_PRELUDE = """
+if redis.replicate_commands then redis.replicate_commands() end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local function us(x) return string.format('%.0f', x) end
+"""
+
+# KEYS: holders, tat, cool, queue, queue leases, wants. ARGV: limit (0: no
+# cap), lease, interval (0: no rate), tolerance, channel, ticket ('' for
+# none), slots the ticket's process wants, the number of tokens to release
+# first, those tokens, then one token per slot asked for now.
+#
+# The queue makes the sharing fair between processes: a process whose
+# callers had to wait queues a ticket (scored by arrival, with a lease of its
+# own, renewed by each ask) saying how many slots it wants, and free slots go
+# to tickets in arrival order; a newcomer gets one only when the queue's
+# wants leave one free. Without it a process that releases and re-asks in
+# one breath would keep its slots for ever.
+#
+# Returns {granted, retry, cooling, now, then for each grant when there is a
+# rate: wait, tat after it, tat before it}. With nothing granted, `retry` is when
+# asking again may help: the cooldown's end, the next ramp step, or the
+# earliest lease's end (a release publishes a message before that).
+_ACQUIRE = (
+    _PRELUDE
+    + """
+local limit = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+local interval = tonumber(ARGV[3])
+local tolerance = tonumber(ARGV[4])
+local ticket = ARGV[6]
+local want = tonumber(ARGV[7])
+local nrel = tonumber(ARGV[8])
+local first = 9 + nrel
+local granted = #ARGV - first + 1
+if nrel > 0 then
+  local n = redis.call('ZREM', KEYS[1], unpack(ARGV, 9, first - 1))
+  if n > 0 then redis.call('PUBLISH', ARGV[5], n) end
+end
+local cap = limit
+local retry = lease
+local cool = redis.call('HMGET', KEYS[3], 'until', 'ramp', 'steps')
+local untl = tonumber(cool[1])
+if untl then
+  if now < untl then return {0, untl - now, 1} end
+  local ramp = tonumber(cool[2])
+  if limit > 0 and now < untl + ramp then
+    -- the ramp: step k of n (from 1) opens ceil(limit * k / n) slots
+    local steps = math.min(limit, tonumber(cool[3]))
+    local step = math.floor((now - untl) * steps / ramp) + 1
+    cap = math.ceil(limit * step / steps)
+    retry = math.ceil(untl + ramp * step / steps - now)
+  end
+end
+if limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)) do
+    redis.call('ZREM', KEYS[4], gone)
+    redis.call('ZREM', KEYS[5], gone)
+    redis.call('HDEL', KEYS[6], gone)
+  end
+  local free = cap - redis.call('ZCARD', KEYS[1])
+  for _, ahead in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    if ahead == ticket then break end
+    free = free - (tonumber(redis.call('HGET', KEYS[6], ahead)) or 0)
+  end
+  if free < granted then granted = math.max(free, 0) end
+  if ticket ~= '' then
+    if granted < want then
+      if not redis.call('ZSCORE', KEYS[4], ticket) then
+        redis.call('ZADD', KEYS[4], us(now), ticket)
+      end
+      redis.call('ZADD', KEYS[5], us(now + lease), ticket)
+      redis.call('HSET', KEYS[6], ticket, want - granted)
+      local ttl = math.ceil(lease / 1000) + 1000
+      redis.call('PEXPIRE', KEYS[4], ttl)
+      redis.call('PEXPIRE', KEYS[5], ttl)
+      redis.call('PEXPIRE', KEYS[6], ttl)
+    else
+      redis.call('ZREM', KEYS[4], ticket)
+      redis.call('ZREM', KEYS[5], ticket)
+      redis.call('HDEL', KEYS[6], ticket)
+    end
+  end
+  if granted == 0 then
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    if oldest[2] then retry = math.min(retry, tonumber(oldest[2]) - now) end
+    return {0, math.max(retry, 1), 0}
+  end
+  for i = 0, granted - 1 do
+    redis.call('ZADD', KEYS[1], us(now + lease), ARGV[first + i])
+  end
+  redis.call('PEXPIRE', KEYS[1], math.ceil(lease / 1000) + 1000)
+end
+local out = {granted, 0, 0, now}
+if interval > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[2])) or now
+  if tat < now then tat = now end
+  for i = 1, granted do
+    local wait = tat - tolerance - now
+    if wait < 0 then wait = 0 end
+    out[#out + 1] = wait
+    out[#out + 1] = tat + interval
+    out[#out + 1] = tat
+    tat = tat + interval
+  end
+  redis.call('SET', KEYS[2], us(tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+end
+return out
+"""
+)
+
+# KEYS: queue, queue leases, wants. ARGV: a ticket, which leaves the queue.
+_LEAVE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: holders. ARGV: lease, tokens. Extends the leases still held; returns
+# the tokens whose lease had already been taken back. (A lease past its end
+# but not yet purged is renewed: nobody can have been granted its slot, since
+# every grant purges first.)
+_RENEW = (
+    _PRELUDE
+    + """
+local lost = {}
+local ends = us(now + tonumber(ARGV[1]))
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], 'XX', ends, ARGV[i])
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) / 1000) + 1000)
+return lost
+"""
+)
+
+# KEYS: holders. ARGV: channel, tokens. Idempotent: a token not held is skipped.
+_RELEASE = """
+local n = redis.call('ZREM', KEYS[1], unpack(ARGV, 2))
+if n > 0 then redis.call('PUBLISH', ARGV[1], n) end
+return n
+"""
+
+# KEYS: tat. ARGV: the tat a start left, the tat before it. Undoes the start's
+# reservation only if no later start was booked on top of it.
+_GIVE_BACK = (
+    _PRELUDE
+    + """
+if tonumber(redis.call('GET', KEYS[1])) ~= tonumber(ARGV[1]) then return 0 end
+local before = tonumber(ARGV[2])
+if before > now then
+  redis.call('SET', KEYS[1], us(before), 'PX', math.ceil((before - now) / 1000) + 1000)
+else
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+)
+
+# KEYS: cool. ARGV: seconds (us), ramp (us), ramp steps. A cooldown ending
+# later replaces the current one; one ending earlier changes nothing.
+_COOLDOWN = (
+    _PRELUDE
+    + """
+local untl = now + tonumber(ARGV[1])
+local old = tonumber(redis.call('HGET', KEYS[1], 'until'))
+if old and old >= untl then return 0 end
+redis.call('HSET', KEYS[1], 'until', us(untl), 'ramp', ARGV[2], 'steps', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil((untl - now + tonumber(ARGV[2])) / 1000) + 1000)
+return 1
+"""
+)
+
+
+# ---------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------
+
+
+def _check_url(url: object) -> str:
+    message = (
+        "redis must be a Redis URL like 'redis://127.0.0.1:6379/0' (also rediss:// or "
+        f"unix://); got redis={url!r}"
+    )
+    if not isinstance(url, str):
+        raise TypeError(message)
+    if urlsplit(url).scheme not in _URL_SCHEMES:
+        raise ValueError(message)
+    return url
+
+
+def _check_name(name: object) -> str:
+    message = (
+        "a Limiter shared through Redis needs name=, a non-empty str naming the budget "
+        f"every Limiter with that name shares, like name='api-key-1'; got name={name!r}"
+    )
+    if not isinstance(name, str):
+        raise TypeError(message)
+    if not name:
+        raise ValueError(message)
+    return name
+
+
+def _check_lease(lease: object) -> float:
+    if lease is None:
+        return DEFAULT_LEASE
+    message = (
+        "lease must be a number of seconds >= 0.01 (how long a slot stays held after its "
+        f"holder stops renewing it), like lease=10; got lease={lease!r}"
+    )
+    if not _is_real(lease):
+        raise TypeError(message)
+    if not (math.isfinite(lease) and lease >= 0.01):
+        raise ValueError(message)
+    return float(lease)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for reprs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + netloc).geturl()
+
+
+def _import_redis() -> Any:
+    try:
+        import redis.asyncio
+    except ImportError:
+        raise ImportError(
+            "corral.Limiter(redis=...) needs redis-py (redis>=5): pip install 'corral[redis]'"
+        ) from None
+    return redis.asyncio
+
+
+def _restore(options: dict[str, Any]) -> RedisLimiter:
+    """Unpickle: a new Limiter on the same budget (connections are never pickled)."""
+    limiter = Limiter(**options)
+    assert isinstance(limiter, RedisLimiter)
+    return limiter
+
+
+# A grant: the slot's token (None for a rate-only Limiter), then the loop time
+# at which its rate slot comes, the TAT after this start and before it (0.0,
+# 0, 0 without a rate).
+_Grant = tuple[str | None, float, int, int]
+
+#: How fast the estimate of Redis's clock against the loop's may drift (s/s):
+#: far above what real clocks do, so a start is never early because of it.
+CLOCK_DRIFT = 1e-4
+
+
+# ---------------------------------------------------------------------------
+# One event loop's connection to Redis, and the tasks serving it
+# ---------------------------------------------------------------------------
+
+
+class _Binding:
+    """What a RedisLimiter has on one event loop: a client, its scripts, its tasks."""
+
+    __slots__ = (
+        "acquire",
+        "client",
+        "closed",
+        "cool",
+        "give_back",
+        "guard",
+        "leave",
+        "loop",
+        "n_rate",
+        "n_waiting",
+        "offset",
+        "offset_at",
+        "outbox",
+        "pump",
+        "release",
+        "renew",
+        "renewer",
+        "sender",
+        "to_give_back",
+        "to_leave",
+        "to_release",
+        "waiters",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, url: str) -> None:
+        aioredis = _import_redis()
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE)
+        client: Redis = aioredis.Redis(connection_pool=pool)
+        self.loop = loop
+        self.client = client
+        self.acquire: AsyncScript = client.register_script(_ACQUIRE)
+        self.renew: AsyncScript = client.register_script(_RENEW)
+        self.release: AsyncScript = client.register_script(_RELEASE)
+        self.give_back: AsyncScript = client.register_script(_GIVE_BACK)
+        self.leave: AsyncScript = client.register_script(_LEAVE)
+        self.cool: AsyncScript = client.register_script(_COOLDOWN)
+        # Callers in line for a slot, first come first served; n_waiting counts
+        # the live ones (a cancelled future stays in the deque until skipped).
+        self.waiters: deque[asyncio.Future[_Grant]] = deque()
+        self.n_waiting = 0
+        self.n_rate = 0  # callers holding a grant, sleeping until their rate slot
+        # Queued for the sender: tokens to release, (after, before) rate
+        # reservations to give back, cooldown seconds to announce.
+        self.to_release: list[str] = []
+        self.to_give_back: list[tuple[int, int]] = []
+        self.to_leave: list[str] = []
+        self.outbox: list[float] = []
+        self.pump: asyncio.Task[None] | None = None
+        self.renewer: asyncio.Task[None] | None = None
+        self.sender: asyncio.Task[None] | None = None
+        self.guard: AsyncGenerator[None, None] | None = None
+        self.closed = False
+        # Redis's clock minus this loop's, estimated from replies (see _start_at).
+        self.offset = -math.inf
+        self.offset_at = 0.0
+
+
+async def _close_at_shutdown(
+    limiter: RedisLimiter, binding: _Binding
+) -> AsyncGenerator[None, None]:
+    """An async generator the loop finalises at shutdown: gives back slots, closes sockets.
+
+    ``asyncio.run`` (and ``asyncio.Runner``, uvloop's too) calls
+    ``loop.shutdown_asyncgens()`` before closing the loop, which runs this
+    ``finally`` while the loop can still do I/O. Without it, slots held when
+    the loop ended would stay taken until their leases run out, and the
+    sockets would be left for the garbage collector.
+    """
+    try:
+        yield
+    finally:
+        # redis-py's pool runs async context managers (async generators)
+        # inside; the loop would warn that they start after its shutdown
+        # began. They run to completion here, so the loop need not track them.
+        hooks = sys.get_asyncgen_hooks()
+        sys.set_asyncgen_hooks(firstiter=None, finalizer=None)
+        try:
+            await limiter._close(binding)
+        finally:
+            sys.set_asyncgen_hooks(*hooks)
+
+
+def _start_at(b: _Binding, now_us: int, wait_us: int) -> float:
+    """The loop time of a rate slot that Redis put ``wait_us`` after its ``now_us``.
+
+    Sleeping ``wait`` from when the reply arrived would start each call late
+    by however long its reply took, and replies take different times under
+    load: two starts could come closer than the rate's interval. Instead,
+    each process keeps an estimate of Redis's clock minus the loop's, taking
+    the highest ``server now - arrival`` seen (a lower bound of the true
+    offset, tight for the fastest replies) and letting it sink by
+    ``CLOCK_DRIFT`` per second so clock drift cannot make it too high. So
+    starts keep Redis's spacing, and none comes before its slot.
+    """
+    arrived = b.loop.time()
+    sample = now_us / 1e6 - arrived
+    offset = b.offset - CLOCK_DRIFT * (arrived - b.offset_at)
+    if sample > offset or offset - sample > 1.0:  # a tighter bound, or a clock step
+        offset = sample
+    b.offset, b.offset_at = offset, arrived
+    return (now_us + wait_us) / 1e6 - offset
+
+
+def _running(task: asyncio.Task[None] | None) -> bool:
+    # Under an eager task factory a task may finish inside create_task(),
+    # before the caller stores it: a stored task is not necessarily running.
+    return task is not None and not task.done()
+
+
+class RedisLimiter(Limiter):
+    """A :class:`corral.Limiter` whose budget lives in Redis, shared by every process.
+
+    Made by ``corral.Limiter(limit=..., rate=..., redis=URL, name=NAME)``; it
+    is a ``Limiter`` in every way ``corral.map`` and ``async with`` use one.
+    Every Limiter created with the same Redis and ``name`` shares one cap and
+    one rate, whatever process or machine it is in; give them all the same
+    ``limit``, ``rate`` and ``lease`` (each grant applies the asking
+    Limiter's numbers).
+
+    What differs from a Limiter in one process:
+
+    - each grant is one round trip to Redis (a Lua script, atomic on the
+      server, on Redis's clock), so it costs a fraction of a millisecond
+      instead of a microsecond: meant for calls that take milliseconds;
+    - a slot is a *lease*: held slots are renewed every ``lease / 3``
+      seconds while their process lives, and the slots of a process that
+      died are free again at most ``lease`` seconds after its last renewal.
+      A process whose event loop stays blocked longer than ``2 * lease / 3``
+      may lose its leases (a warning is logged on the ``corral`` logger);
+    - callers in one process are served in arrival order; between
+      processes a freed slot goes to whichever asks first;
+    - :meth:`cooldown` (and a Retry-After seen by ``corral.map``) pauses
+      every process sharing the name; the slots then reopen in steps;
+    - ``limit`` is an int (an adaptive limit is one process's view, and is
+      not shared), and there is no ``key=`` and no ``acquire_nowait()``.
+
+    It can be pickled (to ship to worker processes): the copy opens its own
+    connections. Slots still held are given back when the event loop ends
+    (``asyncio.run`` returns), or at :meth:`aclose`.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = (
+        "_binding",
+        "_counter",
+        "_held",
+        "_interval_us",
+        "_keys",
+        "_lease",
+        "_lease_us",
+        "_name",
+        "_prefix",
+        "_pumps",
+        "_tolerance_us",
+        "_url",
+    )
+
+    def __init__(
+        self,
+        limit: int | Adaptive | str | None = None,
+        *,
+        rate: RateLike = None,
+        key: object = None,
+        redis: str | None = None,
+        name: str | None = None,
+        lease: float | None = None,
+    ) -> None:
+        url = _check_url(redis)
+        budget = _check_name(name)
+        self._lease = _check_lease(lease)
+        if key is not None:
+            raise TypeError(
+                "key= is not available on a Limiter shared through Redis: give each key its "
+                f"own name= instead; got key={key!r}"
+            )
+        if isinstance(limit, Adaptive | str):
+            raise ValueError(
+                "a Limiter shared through Redis takes an int limit (an adaptive limit is one "
+                f"process's view of the service, and is not shared); got limit={limit!r}"
+            )
+        if isinstance(rate, list | tuple) or (isinstance(rate, Rate) and not _is_real(rate.n)):
+            raise ValueError(
+                "a Limiter shared through Redis takes one plain rate, like '200/s' or "
+                f"corral.Rate(200, per=1.0, burst=5); got rate={rate!r}"
+            )
+        rate_spec = as_rate(rate)
+        super().__init__(limit, rate=rate)
+        _import_redis()  # fail now, not at the first call, when redis-py is missing
+        self._url = url
+        self._name = budget
+        tag = "{" + budget + "}"
+        self._keys = tuple(
+            f"corral:{tag}:{part}"
+            for part in ("holders", "tat", "cool", "queue", "queue-leases", "wants")
+        )
+        self._lease_us = max(1, round(self._lease * 1e6))
+        # Whole microseconds: the rounding is below a microsecond per start.
+        self._interval_us = max(1, round(rate_spec.interval * 1e6)) if rate_spec else 0
+        self._tolerance_us = round(rate_spec.tolerance * 1e6) if rate_spec else 0
+        self._prefix = f"{uuid.uuid4().hex[:12]}:{os.getpid()}:"
+        self._counter = itertools.count()
+        self._pumps = itertools.count()  # numbers the queue tickets of this process
+        self._held: list[str] = []  # tokens of the slots this process holds
+        self._binding: _Binding | None = None
+
+    # -- what it is --------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The name of the shared budget."""
+        return self._name
+
+    @property
+    def lease(self) -> float:
+        """Seconds a slot stays held after its holder stops renewing it."""
+        return self._lease
+
+    @property
+    def waiting(self) -> int:
+        """Callers of this process inside ``acquire()``: in line for a slot or for the rate."""
+        b = self._binding
+        return 0 if b is None else b.n_waiting + b.n_rate
+
+    @property
+    def cooling_down(self) -> bool:
+        """True while a shared cooldown this process knows of is running."""
+        b = self._binding
+        return b is not None and not b.loop.is_closed() and self._cool_until > b.loop.time()
+
+    def __repr__(self) -> str:
+        return (
+            f"<corral.Limiter limit={self._limit!r} rate={self.rate!r} "
+            f"redis={_safe_url(self._url)!r} name={self._name!r} "
+            f"in_flight={self._in_flight} waiting={self.waiting}>"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        options = {
+            "limit": self._limit,
+            "rate": self.rate,
+            "redis": self._url,
+            "name": self._name,
+            "lease": self._lease,
+        }
+        return (_restore, (options,))
+
+    # -- taking and giving back slots ----------------------------------------
+
+    async def acquire(self, cost: object = None) -> None:
+        """Wait for a slot of the shared budget (and then for the rate); pair with :meth:`release`.
+
+        One round trip to Redis when a slot is free. Cancelled while
+        waiting, the caller holds nothing afterwards: its place in line is
+        given up, a slot granted to it is released, and its rate
+        reservation is given back when no later start was booked after it.
+
+        Raises:
+            redis.exceptions.RedisError: Redis cannot be reached (a
+                ``ConnectionError``) or refused the script.
+            TypeError: a ``cost`` (a shared budget has a plain rate only).
+        """
+        if cost is not None:
+            raise TypeError(
+                "a Limiter shared through Redis counts requests only, so a call has no "
+                f"cost= to pay; got cost={cost!r}"
+            )
+        b = self._bound()
+        if self._limit is None:
+            grant = await self._reserve_rate(b)
+        elif b.n_waiting:  # callers of this process are in line: join them
+            grant = await self._wait_in_line(b)
+        else:
+            grants, _ = await self._ask(b, 1)
+            grant = grants[0] if grants else await self._wait_in_line(b)
+        if grant[1] > b.loop.time():
+            await self._wait_for_rate(b, grant)
+
+    def acquire_nowait(self) -> bool:
+        """Not available: every grant of a shared budget is a round trip to Redis.
+
+        Raises:
+            TypeError: always; use ``await limiter.acquire()`` or ``async with``.
+        """
+        raise TypeError(
+            "a Limiter shared through Redis asks Redis for every slot, which cannot be done "
+            "without waiting: use `await limiter.acquire()` or `async with limiter:`"
+        )
+
+    def release(self) -> None:
+        """Give a slot back to the shared budget (sent to Redis in the background).
+
+        Raises:
+            RuntimeError: nothing is acquired (more releases than acquires).
+        """
+        if not self._in_flight:
+            raise RuntimeError(
+                "Limiter.release() called with nothing acquired: every release() must "
+                "match one acquire() (or use `async with limiter:`)"
+            )
+        self._in_flight -= 1
+        if self._held:
+            b = self._bound()
+            b.to_release.append(self._held.pop())
+            self._send(b)
+
+    def cooldown(self, seconds: float) -> None:
+        """Grant no slot for ``seconds`` in any process sharing this budget.
+
+        Calls already running go on. Then the slots reopen in
+        ``min(limit, RAMP_STEPS)`` even steps over ``RAMP_FRACTION`` of the
+        wait (at most ``RAMP_MAX`` seconds). A cooldown ending earlier than
+        one already running changes nothing. The announcement is sent to
+        Redis in the background. Needs a running event loop.
+
+        Raises:
+            ValueError: ``seconds`` is negative, NaN or infinite.
+        """
+        if not (_is_real(seconds) and math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(
+                f"cooldown seconds must be a finite number >= 0; got seconds={seconds!r}"
+            )
+        b = self._bound()
+        if seconds == 0:
+            return
+        self._cool_until = max(self._cool_until, b.loop.time() + seconds)
+        b.outbox.append(float(seconds))
+        self._send(b)
+
+    async def aclose(self) -> None:
+        """Give back everything this process holds here, and close the connections.
+
+        Callers still waiting for a slot get a ``RuntimeError``. Optional:
+        the same happens when the event loop shuts down (at the end of
+        ``asyncio.run``). The Limiter stays usable: a later call connects
+        again.
+        """
+        b = self._binding
+        if b is not None and b.loop is asyncio.get_running_loop():
+            await self._close(b)
+
+    # -- internals ---------------------------------------------------------
+
+    def _bound(self) -> _Binding:
+        """This event loop's binding, made on first use (sync: no await, no race)."""
+        loop = asyncio.get_running_loop()
+        b = self._binding
+        if b is not None and b.loop is loop and not b.closed:
+            return b
+        if b is not None and not b.closed and not b.loop.is_closed():  # noqa: SIM102
+            if b.n_waiting or b.n_rate:
+                raise RuntimeError(
+                    "this Limiter has tasks waiting on another event loop that is still open; "
+                    "a Limiter can serve successive event loops, not two at once"
+                )
+        b = self._binding = _Binding(loop, self._url)
+        self._cool_until = -math.inf  # the old loop's clock means nothing here
+        guard = _close_at_shutdown(self, b)
+        # Started once so the loop tracks it (its first-iteration hook) and
+        # finalises it at shutdown; it stops at its first `yield`, before any
+        # await, so this step completes here and now.
+        step = guard.asend(None).__await__()
+        try:
+            step.send(None)
+        except StopIteration:
+            pass
+        b.guard = guard
+        if self._held:  # slots taken on an earlier loop: keep their leases alive
+            self._renew_soon(b)
+        return b
+
+    def _token(self) -> str:
+        return f"{self._prefix}{next(self._counter)}"
+
+    async def _ask(
+        self, b: _Binding, n: int, ticket: str = "", want: int = 0
+    ) -> tuple[list[_Grant], float]:
+        """Ask Redis for up to ``n`` slots (each with its rate reservation); one round trip.
+
+        Releases still queued here go first, in the same script run, so a
+        slot given back just before is free for this ask. ``ticket`` and
+        ``want``: the pump's place in the shared queue and how many slots its
+        callers wait for.
+
+        Returns the grants, and with none, the seconds after which asking
+        again may succeed even if no release is announced.
+        """
+        tokens = [self._token() for _ in range(n)]
+        releases = b.to_release[:RELEASE_BATCH]
+        del b.to_release[: len(releases)]
+        try:
+            reply: list[int] = await b.acquire(
+                keys=self._keys,
+                args=[
+                    self._limit or 0,
+                    self._lease_us,
+                    self._interval_us,
+                    self._tolerance_us,
+                    self._channel,
+                    ticket,
+                    want,
+                    len(releases),
+                    *releases,
+                    *tokens,
+                ],
+            )
+        except BaseException:
+            # The script may or may not have run: release the releases again
+            # and these tokens too (a token not held is skipped).
+            b.to_release.extend(releases)
+            b.to_release.extend(tokens)
+            self._send(b)
+            raise
+        granted = int(reply[0])
+        if not granted:
+            retry = int(reply[1]) / 1e6
+            if reply[2]:
+                self._cool_until = max(self._cool_until, b.loop.time() + retry)
+            return [], retry
+        grants: list[_Grant] = []
+        for i in range(granted):
+            if self._interval_us:
+                wait, after, before = reply[4 + 3 * i : 7 + 3 * i]
+                start_at = _start_at(b, int(reply[3]), int(wait))
+                grants.append((tokens[i], start_at, int(after), int(before)))
+            else:
+                grants.append((tokens[i], 0.0, 0, 0))
+        # Hold them now (counted, renewed); whoever they go to releases them.
+        self._held.extend(tokens[:granted])
+        self._in_flight += granted
+        self._renew_soon(b)
+        return grants, 0.0
+
+    async def _wait_in_line(self, b: _Binding) -> _Grant:
+        fut: asyncio.Future[_Grant] = b.loop.create_future()
+        b.waiters.append(fut)
+        b.n_waiting += 1
+        if not _running(b.pump):
+            b.pump = b.loop.create_task(self._pump(b))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.cancelled():  # still in line: leave it; the pump skips its future
+                b.n_waiting -= 1
+                if not b.n_waiting:
+                    b.waiters.clear()  # only cancelled futures are left
+            else:  # granted a slot, cancelled before resuming: give it all back
+                self._drop(b, fut.result())
+            raise
+
+    async def _reserve_rate(self, b: _Binding) -> _Grant:
+        """A rate-only Limiter: reserve the next start (waiting out a shared cooldown)."""
+        while True:
+            reply: list[int] = await b.acquire(
+                keys=self._keys,
+                args=[0, self._lease_us, self._interval_us, self._tolerance_us, "", "", 0, 0, "-"],
+            )
+            if reply[0]:
+                break
+            self._cool_until = max(self._cool_until, b.loop.time() + int(reply[1]) / 1e6)
+            await asyncio.sleep(int(reply[1]) / 1e6)
+        self._in_flight += 1
+        return (None, _start_at(b, int(reply[3]), int(reply[4])), int(reply[5]), int(reply[6]))
+
+    async def _wait_for_rate(self, b: _Binding, grant: _Grant) -> None:
+        b.n_rate += 1
+        try:
+            await asyncio.sleep(grant[1] - b.loop.time())
+        except asyncio.CancelledError:
+            self._drop(b, grant)
+            raise
+        finally:
+            b.n_rate -= 1
+
+    def _drop(self, b: _Binding, grant: _Grant) -> None:
+        """A caller granted a slot will not start: release it and give its rate slot back."""
+        token, _, after, before = grant
+        self._in_flight -= 1
+        if token is not None:
+            self._held.remove(token)
+            b.to_release.append(token)
+        if after:
+            b.to_give_back.append((after, before))
+        self._send(b)
+
+    # Sending: releases, give-backs and cooldowns queue up here; one task per
+    # loop sends them in batches, so release() never waits and a burst of
+    # releases costs one round trip. Releasing a token twice is harmless (the
+    # script skips tokens not held), so a send cut short is simply repeated.
+
+    def _send(self, b: _Binding) -> None:
+        if not _running(b.sender) and not b.closed:
+            b.sender = b.loop.create_task(self._sender(b))
+
+    async def _sender(self, b: _Binding) -> None:
+        failures = 0
+        while b.to_release or b.to_give_back or b.outbox or b.to_leave:
+            try:
+                await self._send_once(b)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                # Redis unreachable: slots not given back come back anyway
+                # when their leases end, so give up after about a lease.
+                if failures * RESEND_DELAY >= self._lease:
+                    logger.warning(
+                        "corral: could not reach Redis to give back %d slot(s) of %r (%r); "
+                        "they are free again when their leases end",
+                        len(b.to_release),
+                        self._name,
+                        exc,
+                    )
+                    b.to_release.clear()
+                    b.to_give_back.clear()
+                    b.outbox.clear()
+                    b.to_leave.clear()
+                    return
+                await asyncio.sleep(RESEND_DELAY)
+
+    async def _send_once(self, b: _Binding) -> None:
+        # Each item leaves its queue before the await (an ask may take
+        # releases meanwhile) and goes back if the send fails.
+        if b.to_release:
+            batch = b.to_release[:RELEASE_BATCH]
+            del b.to_release[: len(batch)]
+            try:
+                await b.release(keys=self._keys[:1], args=[self._channel, *batch])
+            except BaseException:
+                b.to_release.extend(batch)
+                raise
+        if b.to_leave:
+            ticket = b.to_leave.pop()
+            try:
+                await b.leave(keys=self._keys[3:], args=[ticket])
+            except BaseException:
+                b.to_leave.append(ticket)
+                raise
+        if b.to_give_back:
+            reservation = b.to_give_back.pop()
+            try:
+                await b.give_back(keys=self._keys[1:2], args=list(reservation))
+            except BaseException:
+                b.to_give_back.append(reservation)
+                raise
+        if b.outbox:
+            seconds = b.outbox.pop()
+            ramp = min(RAMP_MAX, RAMP_FRACTION * seconds)
+            try:
+                await b.cool(
+                    keys=self._keys[2:3],
+                    args=[round(seconds * 1e6), max(1, round(ramp * 1e6)), RAMP_STEPS],
+                )
+            except BaseException:
+                b.outbox.append(seconds)
+                raise
+
+    @property
+    def _channel(self) -> str:
+        return f"corral:{{{self._name}}}:released"
+
+    # The pump: while callers of this process wait in line, ask Redis for
+    # slots for as many of them as possible in one round trip, then wait for
+    # a release anywhere (a published message) or for the moment the earliest
+    # lease, the cooldown or a ramp step ends, and ask again. It subscribes
+    # before its first ask, so no release after a refusal goes unnoticed.
+
+    async def _pump(self, b: _Binding) -> None:
+        pubsub = b.client.pubsub()
+        ticket = f"{self._prefix}queue{next(self._pumps)}"
+        try:
+            await pubsub.subscribe(self._channel)
+            while b.n_waiting:
+                n = min(b.n_waiting, GRANT_BATCH)
+                grants, retry = await self._ask(b, n, ticket, b.n_waiting)
+                self._give_out(b, grants)
+                if not grants and b.n_waiting:
+                    # Every slot taken: ask again after a release anywhere, or
+                    # when a lease, the cooldown or a ramp step may have ended,
+                    # and often enough to keep the ticket's lease.
+                    timeout = min(retry, self._lease / 3)
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+                    # Several releases may have come: one ask serves them all.
+                    while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0):
+                        pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis unreachable: the callers in line get the error
+            while b.waiters:
+                fut = b.waiters.popleft()
+                if not fut.done():
+                    b.n_waiting -= 1
+                    fut.set_exception(exc)
+        finally:
+            # Out of the queue (a no-op when the last ask served everyone).
+            b.to_leave.append(ticket)
+            self._send(b)
+            close: Callable[[], Awaitable[None]] = pubsub.aclose  # untyped in redis-py
+            await close()
+            # A caller that queued while the subscription closed found this
+            # task still running and started none.
+            if b.n_waiting and not b.closed:
+                b.pump = b.loop.create_task(self._pump(b))
+
+    def _give_out(self, b: _Binding, grants: Sequence[_Grant]) -> None:
+        """Give granted slots to the callers in line, first come first served."""
+        waiters = b.waiters
+        for grant in grants:
+            while waiters and waiters[0].done():  # cancelled in line
+                waiters.popleft()
+            if not waiters:
+                self._drop(b, grant)  # they all left while we asked
+                continue
+            b.n_waiting -= 1
+            waiters.popleft().set_result(grant)
+
+    def _renew_soon(self, b: _Binding) -> None:
+        if not _running(b.renewer) and not b.closed:
+            b.renewer = b.loop.create_task(self._renewer(b))
+
+    async def _renewer(self, b: _Binding) -> None:
+        """While this process holds slots, extend their leases every third of a lease."""
+        while self._held:
+            await asyncio.sleep(self._lease / 3)
+            held = list(self._held)
+            if not held:
+                return
+            try:
+                lost: list[bytes] = await b.renew(keys=self._keys[:1], args=[self._lease_us, *held])
+            except Exception as exc:
+                logger.warning(
+                    "corral: could not renew %d lease(s) of %r (%r); retrying",
+                    len(held),
+                    self._name,
+                    exc,
+                )
+                continue
+            # A slot released while the renewal was on its way is not lost.
+            still = set(self._held)
+            lost = [token for token in lost if token.decode() in still]
+            if lost:
+                logger.warning(
+                    "corral: %d slot(s) of %r outlived their lease (was the event loop "
+                    "blocked for over %.3g s?); others may have been granted them",
+                    len(lost),
+                    self._name,
+                    self._lease * 2 / 3,
+                )
+
+    async def _close(self, b: _Binding) -> None:
+        """Stop this loop's tasks, give back what is held or queued, close the sockets."""
+        if b.closed:
+            return
+        b.closed = True
+        if self._binding is b:
+            self._binding = None
+        for task in (b.pump, b.renewer, b.sender):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (b.pump, b.renewer, b.sender):
+            if task is not None:
+                try:
+                    await task
+                except BaseException:
+                    pass  # cancelled, or failed and already logged
+        error = RuntimeError(f"the Redis Limiter {self._name!r} was closed while waiting")
+        while b.waiters:
+            fut = b.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(error)
+        b.n_waiting = 0
+        # Slots still held on this loop will never be released by their tasks.
+        b.to_release.extend(self._held)
+        self._held.clear()
+        self._in_flight = 0
+        try:
+            while b.to_release or b.to_give_back or b.to_leave:
+                await self._send_once(b)
+        except Exception as exc:
+            logger.warning(
+                "corral: could not give back %d slot(s) of %r on close (%r); they are free "
+                "again when their leases end",
+                len(b.to_release),
+                self._name,
+                exc,
+            )
+        finally:
+            await b.client.aclose(close_connection_pool=True)
