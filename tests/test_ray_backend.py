@@ -1,0 +1,468 @@
+"""backend="ray": a map on a real local Ray cluster (loopback only), started once per module.
+
+Ray is a heavy optional extra (``corral[ray]``): these tests skip with a
+reason where it is not installed, except under ``CI``, where .ci/run installs
+it on the default Python and a missing Ray is a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import corral
+from _work import worker_processes
+
+if importlib.util.find_spec("ray") is None:  # pragma: no cover - depends on the machine
+    _REASON = "Ray is not installed (pip install 'corral[ray]'); the Ray backend's tests need it"
+    if os.environ.get("CI"):
+        pytest.fail(
+            f"{_REASON}. .ci/run installs it on the default Python: CI must not skip these.",
+            pytrace=False,
+        )
+    pytest.skip(_REASON, allow_module_level=True)
+
+import ray
+
+from corral import _ray
+
+pytestmark = pytest.mark.slow
+
+
+def _cluster_processes(session_dir: str) -> list[str]:
+    """``pid name`` of every live process started for the Ray session ``session_dir``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            status = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if session_dir in cmdline and status != "Z":
+            found.append(f"{entry.name} {cmdline[:80]}")
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+    except OSError:
+        return "(gone)"
+
+
+def _wait_gone(session_dir: str, seconds: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while (left := _cluster_processes(session_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[str]:
+    """The local cluster corral starts, shared by the module; shut down and checked after."""
+    # The actors cannot import this test module by name (tests/ is not on
+    # their path): its functions travel by value, as a script's would.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    _ray.connect_sync(None)
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
+    assert _cluster_processes(session_dir), "the local cluster runs no process of its session"
+    yield session_dir
+    assert _ray.shutdown() is True
+    left = _wait_gone(session_dir)
+    assert not left, f"processes of the local Ray cluster survived its shutdown: {left}"
+    deadline = time.monotonic() + 30
+    while worker_processes():
+        assert time.monotonic() < deadline, "a process the cluster started outlived it: " + str(
+            {pid: _cmdline(pid) for pid in worker_processes()}
+        )
+        time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while any(t.name == "corral-ray" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "corral's Ray thread outlived the cluster"
+        time.sleep(0.01)
+
+
+# -- functions the actors run (imported by name there, so at module level) ---
+
+
+def mark(directory: str | Path, name: str) -> None:
+    """Leave a marker file: what ran where, seen from the test afterwards."""
+    Path(directory, name).touch()
+
+
+def marked(directory: Path, prefix: str) -> set[str]:
+    """The markers named ``prefix-X``: their X."""
+    return {p.name.removeprefix(f"{prefix}-") for p in directory.glob(f"{prefix}-*")}
+
+
+class Boom(Exception):
+    """An exception type of this module: it must come back as itself."""
+
+
+async def jittered_square(item: int) -> int:
+    # Later items often finish first: order is the merge's work, not luck.
+    await asyncio.sleep(((item * 7919) % 13) / 2000)
+    return item * item
+
+
+async def slow_head(item: int) -> int:
+    await asyncio.sleep(1.0 if item == 0 else 0.001)
+    return item
+
+
+def tagged(item: int, state: dict[str, Any]) -> tuple[int, int, str]:
+    return item, os.getpid(), state["token"]
+
+
+class Session:
+    """What a setup= may return: a live client with an async close."""
+
+    def __init__(self, marker_dir: str) -> None:
+        self.token = f"{os.getpid()}-{id(self)}"
+        self.marker_dir = marker_dir
+
+    async def aclose(self) -> None:
+        mark(self.marker_dir, f"closed-{self.token}")
+
+
+async def use_session(item: int, session: Session) -> tuple[int, int, str]:
+    await asyncio.sleep(0)
+    return item, os.getpid(), session.token
+
+
+def failing_on_7(item: int) -> int:
+    if item == 7:
+        raise Boom(f"item {item}")
+    return item
+
+
+# ---------------------------------------------------------------------------
+
+
+async def test_results_come_back_in_input_order_exactly_once() -> None:
+    """Ordered: every item's result once, in input order, though chunks finish out of order."""
+    async with corral.map(
+        jittered_square, range(3000), backend="ray", limit=40, ray_actors=2
+    ) as results:
+        got = [r async for r in results]
+        handles = results._run.actor_handles  # type: ignore[attr-defined]
+    assert got == [i * i for i in range(3000)]
+    stats = results.stats
+    assert (stats.completed, stats.failed, stats.in_flight, stats.started) == (3000, 0, 0, 3000)
+    assert stats.latency_p50 is not None
+    assert len(handles) == 2
+    for handle in handles:  # the map killed its actors on the way out
+        with pytest.raises(ray.exceptions.RayActorError):
+            await handle.pid.remote()
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=st.integers(0, 2500),
+    limit=st.one_of(st.none(), st.integers(1, 300)),
+    actors=st.integers(1, 3),
+    ordered=st.booleans(),
+)
+def test_every_item_comes_back_exactly_once_whatever_the_split(
+    size: int, limit: int | None, actors: int, ordered: bool
+) -> None:
+    """Property: any size, limit, actor count and order mode: each result once."""
+
+    async def main() -> list[int]:
+        async with corral.map(
+            jittered_square,
+            range(size),
+            backend="ray",
+            limit=limit,
+            ray_actors=actors,
+            ordered=ordered,
+        ) as results:
+            return [r async for r in results]
+
+    got = asyncio.run(main())
+    expected = [i * i for i in range(size)]
+    if ordered:
+        assert got == expected
+    else:
+        assert sorted(got) == expected
+
+
+async def test_as_completed_mode_yields_every_result_once_in_completion_order() -> None:
+    """ordered=False: the slow first item's chunk comes last; nothing lost or doubled."""
+    async with corral.map(
+        slow_head, range(640), backend="ray", limit=20, ordered=False, ray_actors=2
+    ) as results:
+        got = [r async for r in results]
+    assert sorted(got) == list(range(640))
+    assert got[0] != 0  # item 0's chunk was still running while others were handed out
+    assert got.index(0) > 64
+
+
+def test_setup_runs_once_per_actor_and_its_state_reaches_fn() -> None:
+    """setup=: one state per actor, passed as fn's second argument."""
+    out = corral.run(
+        tagged,
+        range(400),
+        backend="ray",
+        ray_actors=2,
+        limit=4,
+        setup=lambda: {"token": os.urandom(8).hex()},
+    )
+    assert [item for item, _, _ in out] == list(range(400))
+    tokens_by_pid: dict[int, set[str]] = {}
+    for _, pid, token in out:
+        tokens_by_pid.setdefault(pid, set()).add(token)
+    assert 1 <= len(tokens_by_pid) <= 2
+    assert all(len(tokens) == 1 for tokens in tokens_by_pid.values())
+    assert len({t for tokens in tokens_by_pid.values() for t in tokens}) == len(tokens_by_pid)
+
+
+async def test_an_async_setup_is_awaited_and_its_state_closed_at_the_end(
+    tmp_path: Path,
+) -> None:
+    """An async setup= (e.g. an HTTP session) is awaited once per actor and closed after."""
+    marker_dir = str(tmp_path)
+
+    async def open_session() -> Session:
+        await asyncio.sleep(0)
+        return Session(marker_dir)
+
+    out = await corral.gather(
+        use_session, range(300), backend="ray", ray_actors=2, setup=open_session
+    )
+    assert [item for item, _, _ in out] == list(range(300))
+    tokens = {token for _, _, token in out}
+    assert tokens <= marked(tmp_path, "closed")
+
+
+def test_an_exception_comes_back_as_its_own_type() -> None:
+    """The first failure is raised as itself (not Ray's wrapper), the actor's traceback noted."""
+    with pytest.raises(Boom, match=r"^item 7\n") as caught:
+        corral.run(failing_on_7, range(200), backend="ray", ray_actors=2)
+    assert type(caught.value) is Boom
+    assert any("Traceback in the Ray actor" in n for n in caught.value.__notes__)
+
+
+def test_return_exceptions_puts_the_exception_in_the_items_place() -> None:
+    """return_exceptions=True: the Boom takes item 7's place, the rest are results."""
+    out = corral.run(failing_on_7, range(200), backend="ray", return_exceptions=True)
+    assert out[:7] == list(range(7))
+    assert out[8:] == list(range(8, 200))
+    assert type(out[7]) is Boom
+    assert str(out[7]) == "item 7"
+
+
+def test_an_error_in_setup_is_unwrapped_from_rays_task_error() -> None:
+    """setup= failing raises its own exception type too."""
+
+    def broken_setup() -> None:
+        raise Boom("no session")
+
+    with pytest.raises(Boom, match=r"^no session\n"):
+        corral.run(tagged, range(10), backend="ray", ray_actors=1, setup=broken_setup)
+
+
+def test_the_first_failure_cancels_running_coroutines_on_every_actor(tmp_path: Path) -> None:
+    """Item 0 fails; the calls running on both actors see CancelledError (ray.cancel)."""
+    marker_dir = str(tmp_path)
+
+    async def fail_first(item: int) -> int:
+        if item == 0:
+            await asyncio.sleep(1.0)  # both actors are busy by then
+            raise Boom("first")
+        mark(marker_dir, f"started-{item}")
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            mark(marker_dir, f"cancelled-{item}")
+            raise
+        return item
+
+    began = time.monotonic()
+    with pytest.raises(Boom, match="first"):
+        corral.run(fail_first, range(128), backend="ray", limit=16, ray_actors=2)
+    assert time.monotonic() - began < 30
+    started = {int(x) for x in marked(tmp_path, "started")}
+    cancelled = {int(x) for x in marked(tmp_path, "cancelled")}
+    # Actor 0 ran items 1-7 beside item 0 (and 8 may take 0's place as it
+    # fails); actor 1 ran the first 8 of its chunk (64-71). No other item started.
+    assert set(range(1, 8)) | set(range(64, 72)) <= started
+    assert started <= set(range(1, 9)) | set(range(64, 72))
+    assert cancelled == started
+
+
+async def test_cancelling_the_consumer_cancels_the_calls_in_the_actors(tmp_path: Path) -> None:
+    """A cancelled consumer: ray.cancel reaches every running call before the map returns."""
+    marker_dir = str(tmp_path)
+
+    async def hang(item: int) -> int:
+        mark(marker_dir, f"started-{item}")
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            mark(marker_dir, f"cancelled-{item}")
+            raise
+        return item
+
+    async def consume() -> None:
+        async with corral.map(hang, range(1000), backend="ray", limit=10, ray_actors=2) as out:
+            async for _ in out:
+                pass
+
+    task = asyncio.ensure_future(consume())
+    deadline = time.monotonic() + 60
+    while len(marked(tmp_path, "started")) < 10:
+        assert time.monotonic() < deadline, "the actors did not start 10 calls"
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = marked(tmp_path, "started")
+    cancelled = marked(tmp_path, "cancelled")
+    # A call cancelled first frees its slot for a queued one of the actor's
+    # other chunk, which is cancelled in turn: every call that started saw it.
+    assert len(started) >= 10
+    assert cancelled == started
+
+
+async def test_a_sigkilled_actor_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
+    """An actor killed mid-run is restarted, its chunk re-run; results still exactly once."""
+    calls_dir = tmp_path
+
+    async def record(item: int) -> int:
+        await asyncio.sleep(0.005)
+        mark(calls_dir, f"{item}-{os.getpid()}-{os.urandom(4).hex()}")
+        return item * 3
+
+    got: list[int] = []
+    async with corral.map(record, range(1500), backend="ray", limit=20, ray_actors=2) as out:
+        async for value in out:
+            got.append(value)
+            if len(got) == 200:
+                victim = out._run.actor_handles[1]  # type: ignore[attr-defined]
+                pid = await victim.pid.remote()
+                os.kill(pid, signal.SIGKILL)
+    assert got == [i * 3 for i in range(1500)]
+    assert out.stats.completed == 1500
+    calls: dict[int, int] = {}
+    pids: set[str] = set()
+    for path in calls_dir.iterdir():
+        item, pid, _ = path.name.split("-")
+        calls[int(item)] = calls.get(int(item), 0) + 1
+        pids.add(pid)
+    assert set(calls) == set(range(1500))  # every item ran; some maybe twice (at-least-once)
+    assert str(pid) in pids
+    assert len(pids) == 3  # two actors, and the killed one's successor took over
+
+
+async def test_cancel_ends_early_keeping_what_is_done() -> None:
+    """results.cancel(): the results already merged are handed out, then iteration ends."""
+    got: list[int] = []
+    async with corral.map(
+        jittered_square, range(100_000), backend="ray", limit=20, ray_actors=2
+    ) as results:
+        async for value in results:
+            got.append(value)
+            if len(got) == 100:
+                results.cancel()
+    assert len(got) >= 100
+    assert got == [i * i for i in range(len(got))]  # an unbroken prefix, in order
+    assert results.stats.completed < 100_000
+    assert results.stats.in_flight == 0
+
+
+def test_a_local_cluster_corral_started_is_shut_down_at_exit(tmp_path: Path) -> None:
+    """A script using backend='ray' leaves no Ray process behind once it exits."""
+    script = textwrap.dedent(
+        """
+        import corral, ray
+        print(corral.run(abs, [-1, -2], backend="ray", ray_actors=1))
+        print(ray._private.worker._global_node.get_session_dir_path(), flush=True)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split()
+    assert lines[:2] == ["[1,", "2]"]
+    session_dir = lines[2]
+    left = _wait_gone(session_dir)
+    assert not left, f"the cluster outlived the script: {left}"
+
+
+def test_an_existing_cluster_is_used_by_address_and_left_running(tmp_path: Path) -> None:
+    """ray_address= (or RAY_ADDRESS) joins a cluster another process runs; corral leaves it up."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # that cluster too stays on 127.0.0.1
+    owner_code = (
+        "import ray, sys; ray.init(address='local', include_dashboard=False, num_cpus=1); "
+        "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", owner_code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        assert owner.stdout is not None
+        address = owner.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), address
+        user_code = (
+            "import os, corral, ray\n"
+            "print(corral.run(lambda x: x + 1, [1, 2], backend='ray', ray_actors=1, "
+            "ray_address=os.environ.pop('CORRAL_TEST_ADDRESS', None)))\n"
+            "print(ray.get_runtime_context().gcs_address, corral._ray._started_here)\n"
+        )
+        # A client of a cluster with token authentication (Ray's default) says so.
+        client_env = {**env, "RAY_AUTH_MODE": "token"}
+        for extra in ({"CORRAL_TEST_ADDRESS": address}, {"RAY_ADDRESS": address}):
+            done = subprocess.run(
+                [sys.executable, "-c", user_code],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**client_env, **extra},
+                cwd=tmp_path,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert done.stdout.splitlines() == ["[2, 3]", f"{address} False"]
+            assert owner.poll() is None  # the cluster corral only joined is still up
+    finally:
+        if owner.stdin is not None:
+            owner.stdin.close()  # the owner exits, shutting its cluster down
+        try:
+            owner.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a hung owner
+            owner.kill()
+            owner.wait()
+        if owner.stdout is not None:
+            owner.stdout.close()
