@@ -3,6 +3,8 @@
     python benchmarks/checkpoint.py                  # full: 200k-item overhead, 1M-item resume
     python benchmarks/checkpoint.py --quick          # 50k and 200k items, 3 runs: about a minute
     python benchmarks/checkpoint.py --json out.json  # also write every raw measurement
+    python benchmarks/checkpoint.py --cases overhead --baseline /tmp/old/src
+                                    # the same overhead runs on another corral too
 
 The cases
 ---------
@@ -31,7 +33,14 @@ dir; the clock covers only the map (process start, imports and a warm-up on
 variants, and the median is reported with the spread ((max - min) / median).
 The header gives Python, SQLite, the CPU count and the load average at start:
 on a shared 2-core machine expect 10% noise, and trust only the ratios of
-variants measured side by side in the same run.
+variants measured side by side in the same run. Each run also reports the
+process's CPU time (both threads: the loop's and the writer's), which other
+processes disturb less than wall time.
+
+``--baseline DIR`` runs the overhead variants a second time with ``DIR`` (the
+``src`` directory of another corral, e.g. from ``git archive HEAD src | tar -x
+-C /tmp/old``) first on ``PYTHONPATH``, interleaved with the others: a
+before/after comparison in one run, under the same load.
 """
 
 from __future__ import annotations
@@ -116,17 +125,21 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         results = await _run(spec["form"], fn, n, checkpoint)
         return results, time.perf_counter() - start
 
+    cpu = time.process_time()
     results, wall = asyncio.run(timed())
+    cpu = time.process_time() - cpu  # includes imports-free warm-up: a few ms
     return {
         "status": "ok" if results == list(range(n)) else "wrong results",
         "wall_s": wall,
+        "cpu_s": cpu,
         "us_per_item": wall / n * 1e6,
     }
 
 
 def run_in_fresh_process(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    src = spec.get("src") or str(SRC)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     env.pop("CORRAL_MONITOR", None)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     try:
@@ -170,6 +183,7 @@ def summarise(name: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
         "variant": name,
         "status": "ok" if not bad else f"{len(bad)} failed: {bad[0]}",
         "median_s": median,
+        "cpu_s": statistics.median(s["cpu_s"] for s in samples if s.get("status") == "ok"),
         "spread": (max(walls) - min(walls)) / median,
         "runs": len(walls),
     }
@@ -181,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="repeats per variant (quick: 3, full: 5)")
     parser.add_argument("--json", metavar="FILE", help="also write every raw measurement here")
     parser.add_argument("--cases", default="overhead,resume,partial", help="comma-separated")
+    parser.add_argument(
+        "--baseline", metavar="DIR", help="also run the overhead cases on the corral in DIR"
+    )
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -209,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
                     {**base, "checkpoint": str(work / f"new-{form}-{i}.sqlite")}
                     for i in range(runs)
                 ]
+                if args.baseline:
+                    old = {**base, "src": str(Path(args.baseline).resolve())}
+                    variants[f"baseline {form} plain"] = [{**old, "checkpoint": None}]
+                    variants[f"baseline {form} checkpoint"] = [
+                        {**old, "checkpoint": str(work / f"old-{form}-{i}.sqlite")}
+                        for i in range(runs)
+                    ]
         if "resume" in cases:
             full = work / "full.sqlite"
             print(
@@ -250,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     medians = {row["variant"]: row.get("median_s") for row in table}
-    print(f"{'variant':36} {'median s':>9} {'µs/item':>8} {'spread':>7} {'x plain':>8}")
+    print(
+        f"{'variant':36} {'median s':>9} {'µs/item':>8} {'spread':>7} {'x plain':>8} "
+        f"{'cpu s':>7} {'cpu x':>6}"
+    )
+    cpus = {row["variant"]: row.get("cpu_s") for row in table}
     for row in table:
         name = row["variant"]
         if row["status"] != "ok" and "median_s" not in row:
@@ -258,11 +286,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         n = resume_n if name.startswith("resume") else overhead_n
         form = name.split()[1]
-        plain = medians.get(f"overhead {form} plain")
-        ratio = f"{row['median_s'] / plain:8.2f}" if plain and not name.startswith("resume") else ""
+        base = "baseline" if name.startswith("baseline") else "overhead"
+        plain = medians.get(f"{base} {form} plain")
+        plain_cpu = cpus.get(f"{base} {form} plain")
+        compared = plain and not name.startswith("resume")
+        ratio = f"{row['median_s'] / plain:8.2f}" if compared else ""
+        cpu_ratio = f"{row['cpu_s'] / plain_cpu:6.2f}" if compared and plain_cpu else ""
         print(
             f"{name:36} {row['median_s']:9.3f} {row['median_s'] / n * 1e6:8.2f} "
-            f"{row['spread']:7.0%} {ratio:>8}"
+            f"{row['spread']:7.0%} {ratio:>8} {row['cpu_s']:7.3f} {cpu_ratio:>6}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"raw": raw, "table": table}, indent=2))

@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import corral
 from corral import _checkpoint
@@ -463,7 +466,7 @@ async def test_a_failed_write_stops_the_map(
 ) -> None:
     """A write the disk refuses ends the map with that error; nothing unrecorded is seen."""
 
-    def refuse(self: object, rows: object) -> None:
+    def refuse(self: object, plain: object, others: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(_checkpoint._Database, "insert", refuse)
@@ -805,3 +808,166 @@ def test_killed_runs_resume_to_exactly_once_in_order(tmp_path: Path) -> None:
     # fn ran once per item, plus once more for each call in flight (started,
     # not recorded) at a kill: equality, which is stronger than the issue's <=.
     assert total_calls == n + unfinished_at_kills, f"seed {seed}"
+
+
+INTERRUPTED_RUN = """
+import asyncio, os, sys
+import corral
+
+checkpoint, calls_file = sys.argv[1:3]
+calls = os.open(calls_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+
+async def double(item):
+    os.write(calls, b"%d\\n" % item)
+    await asyncio.sleep(0.005)
+    return item * 2
+
+results = corral.run(double, range({n}), limit=20, checkpoint=checkpoint, uvloop={uvloop})
+print(results == [i * 2 for i in range({n})], len(results))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_ctrl_c_on_run_keeps_what_is_done_and_says_how_to_resume(
+    tmp_path: Path, uvloop: bool
+) -> None:
+    """SIGINT to corral.run: KeyboardInterrupt after a consistent close; a re-run completes."""
+    if uvloop:
+        pytest.importorskip("uvloop")
+    n = 5000
+    script = tmp_path / "interrupted_run.py"
+    script.write_text(
+        textwrap.dedent(INTERRUPTED_RUN.replace("{n}", str(n))).replace("{uvloop}", str(uvloop))
+    )
+    checkpoint = tmp_path / "run.sqlite"
+    first_calls, second_calls = tmp_path / "calls-1", tmp_path / "calls-2"
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(checkpoint), str(first_calls)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(_lines(first_calls)) < 500 and process.poll() is None:
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+
+    # Python ends an uncaught KeyboardInterrupt by dying of SIGINT.
+    assert process.returncode == -signal.SIGINT, err
+    assert out == ""
+    assert err.splitlines()[-1] == "KeyboardInterrupt"
+    assert "CancelledError" not in err
+    # The close folded the write-ahead log into the file: nothing half-written.
+    assert files(tmp_path) == sorted(["interrupted_run.py", "run.sqlite", "calls-1"])
+    done = recorded(checkpoint)
+    hint = (
+        f"corral: interrupted. {len(done)} results are recorded in checkpoint="
+        f"{str(checkpoint)!r}; run the same call again to resume: the recorded items are "
+        "returned without calling fn again."
+    )
+    assert hint in err.splitlines()
+    calls = _lines(first_calls)
+    assert 500 - 20 <= len(done) < n  # 500 calls had started, at most 20 in flight
+    assert done == {i: (_checkpoint.PLAIN, i * 2) for i in done}
+    assert set(done) <= set(calls)
+    # Stopped like results.cancel(): only the calls in flight were cut short.
+    assert len(set(calls) - set(done)) <= 20
+    assert len(calls) == len(set(calls))
+
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(checkpoint), str(second_calls)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.split() == ["True", str(n)]
+    again = _lines(second_calls)
+    assert sorted(again) == sorted(set(range(n)) - set(done)), "each item exactly once"
+    assert recorded(checkpoint) == {i: (_checkpoint.PLAIN, i * 2) for i in range(n)}
+
+
+# -- repeated ids, collisions and resumes, at random ------------------------------------
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None)
+@given(
+    items=st.lists(st.integers(min_value=-4, max_value=12), max_size=40),
+    failing=st.sets(st.integers(min_value=-4, max_value=12), max_size=3),
+    first_share=st.integers(min_value=0, max_value=40),
+    limit=st.integers(min_value=1, max_value=8),
+    ordered=st.booleans(),
+)
+def test_every_id_is_computed_once_across_a_stopped_run_and_its_resume(
+    items: list[int], failing: set[int], first_share: int, limit: int, ordered: bool
+) -> None:
+    """Repeated ids, ids whose hashes collide (-1 and -2), failures and a resume.
+
+    A first run is stopped after ``first_share`` results (``results.cancel()``);
+    the second runs the whole input. Every occurrence of an id yields that id's
+    one outcome, and fn ran once per id over both runs, except for the calls the
+    stop cut short.
+    """
+    assert hash(-1) == hash(-2)  # CPython: the collision this exercises
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "run.sqlite"
+        spy = Spy(fail=failing)
+
+        def expected(item: int) -> object:
+            return ("error", item) if item in failing else item * 10
+
+        def seen(value: object) -> object:
+            return (
+                ("error", int(str(value).split()[-1])) if isinstance(value, ValueError) else value
+            )
+
+        async def first() -> list[object]:
+            out: list[object] = []
+            async with corral.map(
+                spy, items, limit=limit, ordered=ordered, return_exceptions=True, checkpoint=path
+            ) as results:
+                async for value in results:
+                    out.append(seen(value))
+                    if len(out) >= first_share:
+                        results.cancel()
+            return out
+
+        out = asyncio.run(first())
+        if ordered:
+            assert out == [expected(i) for i in items[: len(out)]]
+        else:
+            assert sorted(map(repr, out)) <= sorted(map(repr, map(expected, items)))
+        done = set(recorded(path)) if path.exists() else set()
+        first_calls = list(spy.calls)
+        assert len(first_calls) == len(set(first_calls)), "an id was computed twice"
+        assert done <= set(first_calls)
+
+        spy.calls.clear()
+        again = asyncio.run(
+            corral.gather(spy, items, limit=limit, return_exceptions=True, checkpoint=path)
+        )
+        assert [seen(v) for v in again] == [expected(i) for i in items]
+        assert len(spy.calls) == len(set(spy.calls)), "an id was computed twice on resume"
+        assert not set(spy.calls) & done, "a recorded id was computed again"
+        assert set(spy.calls) | done == set(items)
+        assert (set(recorded(path)) if items else path.exists()) == (set(items) or False)
+
+
+@pytest.mark.slow
+async def test_items_waiting_for_a_halted_call_with_their_id_halt_too(tmp_path: Path) -> None:
+    """A budget stops the call an id waits on: the map ends, nothing hangs or runs twice."""
+    spy = Spy()
+    items = [1, 2, 2, 2, 3, 2]
+    with pytest.raises(corral.BudgetExhausted):
+        await asyncio.wait_for(
+            corral.gather(spy, items, limit=6, budget={"requests": 1}, checkpoint=tmp_path / "b"),
+            timeout=10,
+        )
+    # The calls wait for the file to open, then go in any order: one of them
+    # spends the budget, the others (and those waiting on an id) stop.
+    [called] = spy.calls
+    assert recorded(tmp_path / "b") == {called: (_checkpoint.PLAIN, called * 10)}

@@ -41,29 +41,46 @@ resume with another fingerprint is refused, since the recorded results may
 not be what the new ``fn`` would return; ``resume="ignore-fingerprint"``
 reuses them anyway. The serializer is recorded as well and must match.
 
-Cost: group commit on one thread, and a gate at the consumer
-------------------------------------------------------------
+Cost: batched writes on one thread, a hook instead of a wrapper, a gate at the consumer
+-------------------------------------------------------------------------------------
 The event loop never touches the disk. All database work runs on one
 dedicated thread (the sqlite3 connection lives there), and rows are written
-in groups: the first row recorded while no write is in progress schedules one
-for the end of the loop iteration; rows recorded while a write is in progress
-go in the next one. The batch size thus follows the load with no timer: one
-row per commit when results trickle in, thousands when they pour.
+in batches: a write takes every row recorded up to ``WRITE_DELAY`` (10 ms)
+after the first of them, or goes at once when ``WRITE_BATCH`` rows wait and
+the thread is free; rows recorded while a write is in progress go in the next
+one. Every write costs the loop thread the same handful of GIL hand-overs to
+the writing thread, and on a busy machine each of those can cost a scheduler
+time slice, so fewer, larger writes are what keeps the loop going: 200k
+``sleep(0)`` results take about 50 writes.
 
-The call wrapper does not wait for its row's commit: a worker that waited
-would hold its place in ``limit`` for a disk round trip, and with every worker
-waiting on the same commit the loop would sit idle while the thread writes
-(measured: 3-4x slower on ``sleep(0)`` calls). Instead the *consumer* waits:
-:class:`CheckpointedStream` hands out a result only once every row recorded
-before it reached the ready queue is committed. One wait covers every result
-queued at that moment, so the consumer waits about once per commit, not once
-per result, while the workers go on computing into the engine's window.
-``gather`` returns only after the map has closed, and closing commits every
-row.
+A new item costs no coroutine of its own. The call wrapper is a plain function
+that looks the id up and hands the engine ``fn``'s own coroutine; the row is
+recorded by a hook the engine runs when the call returns, before the result
+is delivered (:class:`~corral._engine.Recorder`). A wrapping ``async def``
+would add a frame to every resumption of every call: measured, that alone
+costs 10-20% on ``sleep(0)`` calls. Recorded items go through a coroutine that
+replays them.
 
-Per item the loop pays for the id, a set lookup, one tuple appended to a list
-and, for anything but a plain ``str``, ``int``, ``float`` or ``None`` result
-(stored as SQLite values as they are), a pickle.
+Neither the call nor the hook waits for the row's commit: a worker that
+waited would hold its place in ``limit`` for a disk round trip, and with
+every worker waiting on the same commit the loop would sit idle while the
+thread writes (measured: 3-4x slower on ``sleep(0)`` calls). Instead the
+*consumer* waits: :class:`CheckpointedStream` hands out a result only once
+every row recorded before it reached the ready queue is committed. One wait
+covers every result queued at that moment, so the consumer waits about once
+per commit, not once per result, while the workers go on computing into the
+engine's window. ``gather`` returns only after the map has closed, and
+closing commits every row.
+
+Per new item the loop pays for the id, a set lookup and insert, a dict entry
+while the call runs (so that a repeated id can wait for it), and two list
+appends for a plain ``str``, ``int``, ``float`` or ``None`` result (stored as
+an SQLite value as it is, kind PLAIN implied by the statement: two bound
+parameters per row); any other result is pickled on the loop thread, so that
+one that cannot be stored stops the map at once, naming its item. That is
+about 0.5 µs per item on a 2-core VM: a fifth of the cheapest call that
+suspends (``sleep(0)``: about 3 µs of corral per item), nothing next to a real
+call's milliseconds.
 
 Why one big ``INSERT`` per commit
 ---------------------------------
@@ -71,8 +88,10 @@ Python's sqlite3 module releases the GIL inside each ``sqlite3_step`` and
 takes it back afterwards. While the event loop thread keeps the GIL busy,
 taking it back can take a full switch interval (5 ms): ``executemany`` steps
 once per row, and measured 27x slower next to a busy loop than next to an idle
-one. A single ``INSERT ... VALUES (?,?,?), (?,?,?), ...`` is one step for the
-whole batch, and in autocommit mode that step is the transaction too. The
+one. A single ``INSERT ... VALUES (?,0,?), (?,0,?), ...`` (plain rows; other
+rows bind their kind too) is one step for the whole batch, and in autocommit
+mode that step is the transaction too (a batch with both sorts of rows, or
+more rows than one statement binds, is one transaction of a few). The
 statement's row count is rounded up to a few fixed sizes (padding repeats the
 last row, which ``INSERT OR REPLACE`` absorbs) so the prepared statements stay
 in sqlite3's cache.
@@ -101,6 +120,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import functools
 import itertools
@@ -108,8 +128,9 @@ import operator
 import os
 import pickle
 import reprlib
+import sys
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -141,15 +162,25 @@ FAILED = 2  # value is the pickled (or JSON) final failure
 #: The file layout; a file written by another layout is refused, not misread.
 FORMAT = 1
 
-#: Rows recorded but not yet committed at which a worker waits for the commit
-#: before going on (``gather`` has no consumer to pace it).
+#: Rows recorded but not yet committed at which new calls wait for the commit
+#: before they start (``gather`` has no consumer to pace it).
 MAX_BACKLOG = 20_000
+
+#: A write takes the rows recorded up to WRITE_DELAY seconds after the first
+#: of them, or as soon as WRITE_BATCH are waiting (see "Cost" above).
+WRITE_DELAY = 0.01
+WRITE_BATCH = 4096
 
 #: How many more results the workers of a checkpointed map may run ahead of
 #: the consumer (beyond the engine's ``2 * limit``): while the consumer waits
 #: for a commit (a few ms, more when the loop keeps the GIL busy) the workers
-#: go on, and the next commit takes all they produced meanwhile.
-CONSUMER_LAG = 8192
+#: go on, and the next commit takes all they produced meanwhile. A commit
+#: next to a busy loop takes 10-30 ms (the writing thread waits for the GIL a
+#: few times), in which ``sleep(0)`` calls produce ~10k results: with a lag of
+#: 8192 the workers stalled on a full window (measured 1.8x the plain map's
+#: time on 200k items), with 32768 far less (1.4x). It bounds the results held
+#: in memory for the consumer, as ``2 * limit`` does.
+CONSUMER_LAG = 32_768
 
 #: Lookups sent to the thread as soon as this many are waiting (else at the
 #: end of the loop iteration).
@@ -421,7 +452,7 @@ class _Database:
         variables = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
         self._rows_per_statement = min(4096, variables // 3 // 64 * 64)
         self._keys_per_statement = min(1024, variables // 64 * 64)
-        self._insert_sql: dict[int, str] = {}
+        self._insert_sql: dict[tuple[int, int], str] = {}
         self._select_sql: dict[int, str] = {}
 
     @classmethod
@@ -490,36 +521,44 @@ class _Database:
             raise
         _check_meta(meta, path, fingerprint, serializer, resume)
 
-    def insert(self, rows: list[Row]) -> None:
-        """Insert the rows and commit."""
+    def insert(self, plain: list[Any], others: list[Row]) -> None:
+        """Insert the rows and commit: ``plain`` flat (id, value, id, value...), kind PLAIN."""
         db = self._db
-        params = list(itertools.chain.from_iterable(rows))
+        size = 2 * self._rows_per_statement
+        statements = [plain[start : start + size] for start in range(0, len(plain), size)]
+        params = list(itertools.chain.from_iterable(others))
         size = 3 * self._rows_per_statement
-        if len(params) <= size:
+        statements += [params[start : start + size] for start in range(0, len(params), size)]
+        widths = [2] * -(-len(plain) // (2 * self._rows_per_statement))
+        widths += [3] * (len(statements) - len(widths))
+        if len(statements) == 1:
             # Autocommit: the one statement is the whole transaction, one step.
-            db.execute(self._insert(params), params)
+            db.execute(self._insert(statements[0], widths[0]), statements[0])
             return
         db.execute("BEGIN IMMEDIATE")
         try:
-            for start in range(0, len(params), size):
-                chunk = params[start : start + size]
-                db.execute(self._insert(chunk), chunk)
+            for chunk, width in zip(statements, widths, strict=True):
+                db.execute(self._insert(chunk, width), chunk)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
 
-    def _insert(self, params: list[Any]) -> str:
-        """The statement for these rows; pads ``params`` to its size with the last row."""
-        rows = len(params) // 3
+    def _insert(self, params: list[Any], width: int) -> str:
+        """The statement for these rows (``width`` 2: plain rows, 3: with their kind).
+
+        Pads ``params`` to the statement's size with its last row.
+        """
+        rows = len(params) // width
         shape = _shape(rows)
-        params.extend(params[-3:] * (shape - rows))
-        sql = self._insert_sql.get(shape)
+        params.extend(params[-width:] * (shape - rows))
+        sql = self._insert_sql.get((shape, width))
         if sql is None:
-            values = ", ".join(["(?, ?, ?)"] * shape)
+            row = f"(?, {PLAIN}, ?)" if width == 2 else "(?, ?, ?)"
+            values = ", ".join([row] * shape)
             sql = f"INSERT OR REPLACE INTO corral_results (id, kind, value) VALUES {values}"
-            self._insert_sql[shape] = sql
+            self._insert_sql[shape, width] = sql
         return sql
 
     def select(self, keys: list[Key], ahead: int) -> tuple[list[StoredRow], list[StoredRow]]:
@@ -615,10 +654,15 @@ class Checkpoint:
         self.is_open = False
         #: Hashes of the recorded ids and of every id this run started.
         self.seen: set[int] = set()
-        #: Rows recorded and not yet sent to the thread. The call wrapper
-        #: appends to it directly, and calls :meth:`first_row` when it is empty.
-        self.rows: list[Row] = []
+        #: Plain rows recorded and not yet sent to the thread, flat: id, value,
+        #: id, value... (as sqlite3 binds them: no tuple per row to build and
+        #: flatten). The recorder appends to it directly, and calls
+        #: :meth:`first_plain` when it is empty.
+        self.rows: list[Any] = []
+        #: The other rows (pickled results, failures) not yet sent: :meth:`record`.
+        self.others: list[Row] = []
         self.committed = 0
+        self.recorded_at_open = 0  # results the file held when this map opened it
         self._sent = 0  # rows sent to the thread
         self._phase = _Phase.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -626,7 +670,8 @@ class Checkpoint:
         self._opening: asyncio.Future[_Database] | None = None
         self._db: _Database | None = None
         self._writes = 0  # write jobs sent to the thread and not finished
-        self._write_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None  # the next write, when none is in flight
+        self._flushing = False  # closing: write at once, no more batching
         self._commit_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._error: BaseException | None = None  # a write failed: nothing more is recorded
         self._error_raised = False  # ... and someone was told
@@ -643,7 +688,11 @@ class Checkpoint:
 
     @property
     def appended(self) -> int:
-        return self._sent + len(self.rows)
+        return self._sent + len(self.rows) // 2 + len(self.others)
+
+    @property
+    def unsent(self) -> int:
+        return len(self.rows) // 2 + len(self.others)
 
     # -- open and close ----------------------------------------------------
 
@@ -690,6 +739,7 @@ class Checkpoint:
         self._db = self._opening.result()
         self._phase = _Phase.OPEN
         self.is_open = True
+        self.recorded_at_open = len(self.seen)
 
     async def close(self) -> None:
         """Commit every recorded row, close the file and stop the thread; idempotent.
@@ -708,6 +758,7 @@ class Checkpoint:
                 self._opened()
             except Exception:
                 return  # the calls that awaited the open reported its error
+            self._flushing = True
             if self._error is None and self.committed < self.appended:
                 try:
                     await self._committed(self.appended)
@@ -721,6 +772,9 @@ class Checkpoint:
 
     async def _shutdown(self) -> None:
         self._phase = _Phase.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.is_open = False
         executor, self._executor = self._executor, None
         if executor is None:
@@ -739,8 +793,8 @@ class Checkpoint:
 
     # -- recording ---------------------------------------------------------
 
-    def first_row(self, row: Row) -> None:
-        """Record ``row`` when :attr:`rows` is empty, and schedule a write for it.
+    def first_plain(self, key: Key, value: Any) -> None:
+        """Record a plain row when :attr:`rows` is empty, and see that a write takes it.
 
         Raises:
             Halt: an earlier write failed; the checkpoint records nothing more.
@@ -748,31 +802,61 @@ class Checkpoint:
         if self._error is not None:
             self._error_raised = True
             raise Halt(self._error)
-        self.rows.append(row)
-        if not self._writes and not self._write_scheduled:
-            # At the end of this loop iteration: the rows recorded meanwhile
-            # go in the same write.
-            self._write_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._write)
+        self.rows += (key, value)
+        if not self.others:
+            self._schedule()
+
+    def record(self, row: Row) -> None:
+        """Record a row of another kind than plain, and see that a write takes it.
+
+        Raises:
+            Halt: an earlier write failed; the checkpoint records nothing more.
+        """
+        if self._error is not None:
+            self._error_raised = True
+            raise Halt(self._error)
+        others = self.others
+        others.append(row)
+        if len(others) == 1 and not self.rows:
+            self._schedule()
+        elif len(others) >= WRITE_BATCH and not self._writes:
+            self._send_write()
+
+    def full(self) -> bool:
+        """The recorder holds WRITE_BATCH plain rows: write them now if the thread is free.
+
+        Returns whether MAX_BACKLOG rows wait (new calls should wait for a commit).
+        """
+        if not self._writes:
+            self._send_write()
+        return self.unsent >= MAX_BACKLOG
+
+    def _schedule(self) -> None:
+        """The first row since the last write: have a write take it within WRITE_DELAY."""
+        if not self._writes and self._timer is None and self._loop is not None:
+            self._timer = self._loop.call_later(WRITE_DELAY, self._write)
 
     def _write(self) -> None:
-        self._write_scheduled = False
+        self._timer = None
         if not self._writes:
             self._send_write()
 
     def _send_write(self) -> None:
         """Send the rows recorded so far to the thread as one write."""
-        rows = self.rows
-        if not rows or self._error is not None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        rows, others = self.rows, self.others
+        if not (rows or others) or self._error is not None:
             return
-        batch = rows.copy()
+        plain, other = rows.copy(), others.copy()
         rows.clear()
-        self._sent += len(batch)
+        others.clear()
+        self._sent += len(plain) // 2 + len(other)
         self._writes += 1
         assert self._loop is not None
         assert self._db is not None
-        job = self._loop.run_in_executor(self._executor, self._db.insert, batch)
+        job = self._loop.run_in_executor(self._executor, self._db.insert, plain, other)
         job.add_done_callback(functools.partial(self._written, self._sent))
 
     def _written(self, through: int, job: asyncio.Future[None]) -> None:
@@ -782,8 +866,9 @@ class Checkpoint:
         if error is not None:
             if self._error is None:
                 self._error = error
-            # The next record sees the error (first_row) instead of piling up.
+            # The next record sees the error (first_plain) instead of piling up.
             self.rows.clear()
+            self.others.clear()
             while waiters:
                 waiter = waiters.popleft()[1]
                 if not waiter.done():
@@ -794,9 +879,13 @@ class Checkpoint:
             waiter = waiters.popleft()[1]
             if not waiter.done():
                 waiter.set_result(None)
-        if self.rows and not self._writes:
+        if self._writes or not (self.rows or self.others):
+            return
+        if self._flushing or self.unsent >= WRITE_BATCH:
             # Group commit: what was recorded during this write goes in the next.
             self._send_write()
+        else:
+            self._schedule()
 
     async def wait_committed(self, through: int) -> None:
         """Wait until the first ``through`` rows recorded are committed.
@@ -819,9 +908,12 @@ class Checkpoint:
         waiter = self._loop.create_future()
         self._commit_waiters.append((through, waiter))
         if through > self._sent:
-            # Someone is waiting for these rows: send them now, behind any
-            # write in progress, rather than after it.
-            self._send_write()
+            if self._flushing and not self._writes:
+                self._send_write()
+            else:
+                # Not at once: the rows recorded meanwhile go in the same write,
+                # and fewer, larger writes cost the loop less (see "Cost").
+                self._schedule()
         await waiter
 
     # -- lookups -----------------------------------------------------------
@@ -849,14 +941,18 @@ class Checkpoint:
         cache = self.cache
         # A repeated id may ask for a row recorded but not yet sent to the
         # thread (rows sent are written before any later SELECT runs).
-        pending = {row[0]: row for row in self.rows} if self.rows else {}
+        pending: dict[Key, tuple[int, Any]] = {}
+        if self.rows:
+            plain = iter(self.rows)
+            pending.update((key, (PLAIN, value)) for key, value in zip(plain, plain, strict=True))
+        pending.update((row[0], (row[1], row[2])) for row in self.others)
         lookups = []
         for key, waiter in self._lookups:
             if waiter.done():  # its call was cancelled
                 continue
-            row = pending.get(key)
-            if row is not None:
-                waiter.set_result((row[1], row[2]))
+            found = pending.get(key)
+            if found is not None:
+                waiter.set_result(found)
                 continue
             stored = cache.pop(key, None)  # read ahead since the call looked
             if stored is not None:
@@ -948,11 +1044,24 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------------
-# The call wrapper
+# The call wrapper and the recorder
 # ---------------------------------------------------------------------------
 
-#: How a call ended: (kind, result or exception); None: it did not (cancelled).
-_Outcome = tuple[int, Any] | None
+#: What items waiting on another item with their id get: (kind, result or
+#: exception), with kind PLAIN, ENCODED, FAILED or _HALTED (the Halt's reason).
+_Outcome = tuple[int, Any]
+_HALTED = -1
+
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """A checkpointed map's :class:`~corral._engine.Recorder`: plain functions, no self."""
+
+    result: Callable[[Any, Any], None]
+    failure: Callable[[Any, Exception], None]
+    halted: Callable[[Any, Halt], None]
 
 
 def with_checkpoint(
@@ -960,31 +1069,46 @@ def with_checkpoint(
     checkpoint: Checkpoint,
     *,
     item_id: Callable[[Any], Any] | None,
-    return_exceptions: bool,
-) -> Call:
-    """Wrap ``call`` so that recorded items replay and new outcomes are recorded.
+) -> tuple[Call, Hooks]:
+    """Wrap ``call`` so that recorded items replay; the hooks record new outcomes.
+
+    Returns the call for the engine, and the :class:`Hooks` the engine runs
+    with each outcome before delivering it (see "Cost" above: the wrapper is
+    a plain function that hands a new item's call straight to the engine, and
+    recording happens in the hook, so a new item costs no extra coroutine).
 
     Meant as the outermost wrapper: a recorded item takes no limiter slot,
     rate token, retry or timeout. Errors of the checkpoint itself (the file,
     an item with no id, a result that cannot be stored) stop the map through
     :class:`~corral._engine.Halt`, even with ``return_exceptions=True``: they
-    are no item's failure.
+    are no item's failure. Failures are recorded only when the engine delivers
+    them (``return_exceptions=True``): only then does it call ``failure``.
     """
     cp = checkpoint
     codec = cp.codec
     dumps = codec.dumps
     rows = cp.rows
+    append = rows.append
     seen = cp.seen
+    seen_add = seen.add
     cache = cp.cache
-    first_row = cp.first_row
-    # The ids being computed now -> the futures of later items with the same id.
-    inflight: dict[Key, list[asyncio.Future[_Outcome]] | None] = {}
-
-    async def open_or_halt() -> None:
-        try:
-            await cp.open()
-        except Exception as exc:
-            raise Halt(exc) from None
+    first_plain = cp.first_plain
+    record = cp.record
+    # The ids being computed now (by the items the wrapper sent to `call`).
+    inflight: dict[Key, None] = {}
+    forget = inflight.pop
+    # Later items with an id being computed now: they wait for its outcome.
+    joiners: dict[Key, list[asyncio.Future[_Outcome]]] = {}
+    # With item_id=, the id of each item being computed, by id(item): the
+    # hooks find it there instead of calling item_id a second time.
+    keys: dict[int, Key] = {}
+    # Ids computed after a hash collision (the replay path found no row), and
+    # their outcome once known: another item with the id whose lookup ran
+    # while this one computed finds it here (the row may not be written yet).
+    collided: dict[Key, _Outcome | None] = {}
+    opened = False
+    backlog = False  # MAX_BACKLOG rows wait for the thread: new items wait for a commit
+    full_at = 2 * WRITE_BATCH  # len(rows) at which to ask for a write now (cp.full)
 
     def key_or_halt(ident: object, item: object) -> Key:
         key = as_key(ident)
@@ -1006,25 +1130,9 @@ def with_checkpoint(
             )
         )
 
-    async def join(key: Key) -> _Outcome:
-        """The outcome of the item with this id that is being computed now."""
-        waiter: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
-        waiters = inflight[key]
-        if waiters is None:
-            inflight[key] = [waiter]
-        else:
-            waiters.append(waiter)
-        return await waiter
-
-    async def drain() -> None:
-        try:
-            await cp.wait_committed(cp.appended)
-        except Exception as exc:
-            raise Halt(exc) from None
-
-    async def checkpointed(item: Any) -> Any:
-        if not cp.is_open:
-            await open_or_halt()
+    def checkpointed(item: Any) -> Awaitable[Any]:
+        if not opened:
+            return opening(item)
         ident = item if item_id is None else item_id(item)
         kind = type(ident)
         if kind is str or (kind is int and _INT64_MIN <= ident <= _INT64_MAX):
@@ -1034,80 +1142,200 @@ def with_checkpoint(
         hashed = hash(key)
         if hashed in seen:
             # Recorded (or started earlier in this run): replay it.
-            outcome: _Outcome
-            ahead = cache.pop(key, None)
-            if ahead is not None:  # read ahead: no wait at all
-                cp.hits += 1
-                if len(cache) < REFILL_BELOW:
-                    cp.refill()
-                if ahead[2] == PLAIN:
-                    return ahead[3]
-                outcome = codec.decode(ahead[2], ahead[3])
-            elif key in inflight:
+            return replay(key, item)
+        seen_add(hashed)
+        if backlog:
+            return backlogged(key, item)
+        inflight[key] = None
+        if item_id is not None:
+            keys[id(item)] = key
+        return call(item)
+
+    async def opening(item: Any) -> Any:
+        nonlocal opened
+        try:
+            await cp.open()
+        except Exception as exc:
+            raise Halt(exc) from None
+        opened = True
+        return await checkpointed(item)
+
+    async def backlogged(key: Key, item: Any) -> Any:
+        # gather has no consumer to pace it: wait for the thread to catch up.
+        nonlocal backlog
+        inflight[key] = None  # from now on, an item with this id joins this one
+        if item_id is not None:
+            keys[id(item)] = key
+        try:
+            await cp.wait_committed(cp.appended)
+        except Exception as exc:
+            raise Halt(exc) from None
+        backlog = False
+        return await call(item)
+
+    async def join(key: Key) -> _Outcome:
+        """The outcome of the item with this id that is being computed now."""
+        waiter: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
+        waiters = joiners.get(key)
+        if waiters is None:
+            joiners[key] = [waiter]
+        else:
+            waiters.append(waiter)
+        return await waiter
+
+    async def replay(key: Key, item: Any) -> Any:
+        outcome: _Outcome | None
+        ahead = cache.pop(key, None)
+        if ahead is not None:  # read ahead: no wait at all
+            cp.hits += 1
+            if len(cache) < REFILL_BELOW:
+                cp.refill()
+            if ahead[2] == PLAIN:
+                return ahead[3]
+            outcome = codec.decode(ahead[2], ahead[3])
+        elif key in inflight:
+            outcome = await join(key)
+        else:
+            try:
+                found = await cp.lookup(key)
+            except Exception as exc:
+                raise Halt(exc) from None
+            if found is not None:
+                outcome = codec.decode(*found)
+            elif key in inflight:  # started while this lookup ran
                 outcome = await join(key)
             else:
-                try:
-                    found = await cp.lookup(key)
-                except Exception as exc:
-                    raise Halt(exc) from None
-                outcome = None if found is None else codec.decode(*found)
-            if outcome is not None:
-                if outcome[0] == FAILED:
-                    raise outcome[1]
-                return outcome[1]
-            # Not recorded after all: a hash collision, or the earlier item
-            # with this id did not finish. Compute it.
-        else:
-            seen.add(hashed)
+                outcome = collided.get(key)  # or even finished
+        if outcome is not None:
+            kind = outcome[0]
+            if kind == FAILED:
+                raise outcome[1]
+            if kind == _HALTED:
+                raise Halt(outcome[1])
+            return outcome[1]
+        # Not recorded after all: a hash collision. Compute it.
+        collided[key] = None
         inflight[key] = None
-        recorded: BaseException | bool = False  # what later items with this id get
+        if item_id is not None:
+            keys[id(item)] = key
+        return await call(item)
+
+    def computed(item: Any) -> Key | None:
+        """The id of ``item`` if the wrapper sent it to ``call`` (and forget it), else None.
+
+        ``result`` repeats this inline: it runs for every item.
+        """
+        if item_id is None:
+            kind = type(item)
+            if kind is str or (kind is int and _INT64_MIN <= item <= _INT64_MAX):
+                key: Key | None = item
+            else:
+                key = as_key(item)
+        else:
+            key = keys.pop(id(item), None)
+        if key is None or inflight.pop(key, _MISSING) is _MISSING:
+            return None  # replayed, or no id: recorded already, or nothing to record
+        return key
+
+    def settle(key: Key, outcome: _Outcome) -> None:
+        for waiter in joiners.pop(key, ()):
+            if not waiter.done():
+                waiter.set_result(outcome)
+
+    def result(item: Any, value: Any) -> None:
+        nonlocal backlog, full_at
+        if not inflight:
+            return  # nothing is being computed: a replayed item (all of a full resume)
+        # computed(item), inline.
+        key: Key | None
+        if item_id is None:
+            kind = type(item)
+            if kind is str or (kind is int and _INT64_MIN <= item <= _INT64_MAX):
+                key = item
+            else:
+                key = as_key(item)
+        else:
+            key = keys.pop(id(item), None)
+        if key is None or forget(key, _MISSING) is _MISSING:
+            return  # replayed: recorded already
+        kind = type(value)
         try:
-            try:
-                value = await call(item)
-            except Exception as exc:
-                if return_exceptions:
-                    row = (key, FAILED, codec.dump_failure(exc))
-                    if rows:
-                        rows.append(row)
-                    else:
-                        first_row(row)
-                    recorded = exc
-                raise
-            kind = type(value)
             if (
                 kind is str
                 or value is None
                 or (kind is int and _INT64_MIN <= value <= _INT64_MAX)
                 or (kind is float and value == value)  # NaN: SQLite would store NULL
             ):
-                row = (key, PLAIN, value)
+                if rows:
+                    append(key)
+                    append(value)
+                    if len(rows) >= full_at:  # flat: two entries a row
+                        backlog = cp.full()
+                        full_at = len(rows) + 2 * WRITE_BATCH
+                else:
+                    full_at = 2 * WRITE_BATCH
+                    first_plain(key, value)
             else:
                 try:
-                    row = (key, ENCODED, dumps(value))
+                    encoded = dumps(value)
                 except Exception as exc:
                     raise Halt(codec.unrecordable(cp.path, item, exc)) from None
-            if rows:
-                rows.append(row)
-                if len(rows) >= MAX_BACKLOG:
-                    await drain()
-            else:
-                first_row(row)
-            recorded = True
-            return value
-        finally:
-            waiters = inflight.pop(key, None)
-            if waiters:
-                if recorded is True:
-                    outcome = (PLAIN, value)
-                elif recorded is False:
-                    outcome = None
-                else:
-                    outcome = (FAILED, recorded)
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(outcome)
+                record((key, ENCODED, encoded))
+                if cp.unsent >= MAX_BACKLOG:
+                    backlog = True
+        except Halt as halt:  # not recordable, or a write failed: nothing more is recorded
+            settle(key, (_HALTED, halt.reason))
+            raise
+        if joiners:
+            settle(key, (PLAIN, value))
+        if collided and key in collided:
+            collided[key] = (PLAIN, value)
 
-    return checkpointed
+    def failure(item: Any, exc: Exception) -> None:
+        key = computed(item)
+        if key is None:
+            return
+        try:
+            record((key, FAILED, codec.dump_failure(exc)))
+        except Halt:
+            pass  # a write failed: the consumer (or gather's close) is told that
+        settle(key, (FAILED, exc))
+        if key in collided:
+            collided[key] = (FAILED, exc)
+
+    def halted(item: Any, halt: Halt) -> None:
+        key = computed(item)
+        if key is not None:
+            # The item did not run (a budget, the file failing): neither do
+            # the items waiting for it.
+            settle(key, (_HALTED, halt.reason))
+
+    return checkpointed, Hooks(result, failure, halted)
+
+
+@contextlib.contextmanager
+def resume_hint(checkpoint: Checkpoint | None) -> Iterator[None]:
+    """Around ``corral.run``: on Ctrl-C, say on stderr how to resume, then re-raise.
+
+    The interrupt itself ends the map like ``results.cancel()``: asyncio's
+    runner cancels the map, which closes as on any cancellation (the calls in
+    flight are cancelled, every result recorded so far is committed, the file
+    is closed), and only then does ``KeyboardInterrupt`` reach this.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if checkpoint is None:
+            raise
+        recorded = checkpoint.recorded_at_open + checkpoint.committed
+        print(
+            f"corral: interrupted. {recorded} results are recorded in checkpoint="
+            f"{checkpoint.path!r}; run the same call again to resume: the recorded items "
+            "are returned without calling fn again.",
+            file=sys.stderr,
+        )
+        # The CancelledError asyncio turned Ctrl-C into says nothing more.
+        raise KeyboardInterrupt from None
 
 
 # ---------------------------------------------------------------------------

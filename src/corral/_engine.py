@@ -88,6 +88,23 @@ class Observer(Protocol):
     def stop(self) -> None: ...
 
 
+class Recorder(Protocol):
+    """Sees each call's outcome before it is delivered (``checkpoint=``).
+
+    ``result`` runs in the worker right after the call returns, before the
+    result is delivered, and may raise only :class:`Halt`; ``failure`` (a
+    failure delivered with ``return_exceptions=True``) and ``halted`` (the
+    call raised :class:`Halt`) never raise. A hook, not a call wrapper: an
+    extra coroutine around every call costs more than the whole record.
+    """
+
+    def result(self, item: Any, value: Any) -> None: ...
+
+    def failure(self, item: Any, exc: Exception) -> None: ...
+
+    def halted(self, item: Any, halt: Halt) -> None: ...
+
+
 class _Retried:
     """A mutable counter the call wrappers share with the engine's stats."""
 
@@ -252,8 +269,10 @@ class Engine(Generic[T, R]):
         retried: _Retried,
         on_close: Callable[[bool], Awaitable[None]] | None = None,
         deadline: float | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self._call = call
+        self._recorder = recorder
         self._items = items
         self._max_workers = workers
         self._window = window
@@ -396,6 +415,8 @@ class Engine(Generic[T, R]):
         clock = loop.time
         histogram = self._histogram
         countdown = stride = 1
+        recorder = self._recorder
+        record = recorder.result if recorder is not None else None
         self._unstarted -= 1
         first = True
         try:
@@ -423,16 +444,22 @@ class Engine(Generic[T, R]):
                             stride = countdown = (
                                 1 if histogram.total < EXACT_SAMPLES else SAMPLE_STRIDE
                             )
+                        if record is not None:
+                            record(item, value)
                     except Exception as exc:
                         self._failed += 1
                         if not self._return_exceptions:
                             self.fail(exc)
                             return
+                        if recorder is not None:
+                            recorder.failure(item, exc)
                         value = exc
                     except asyncio.CancelledError as exc:
                         self._check_cancellation(exc, index, item)
                         return
                     except Halt as halt:
+                        if recorder is not None:
+                            recorder.halted(item, halt)
                         self.halt(halt.reason, cancel_in_flight=False)
                         return
                     if collect:

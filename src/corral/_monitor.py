@@ -394,7 +394,14 @@ class LoopWatch:
         self._loop_thread = 0
         self._handle: asyncio.Handle | None = None
         self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        # The watchdog sleeps by acquiring this lock (held from start to stop)
+        # with a timeout: a C call from sleep to wake-up, where Event.wait
+        # runs a dozen lines of Python holding the GIL on every wake-up.
+        # stop() releases it, which wakes the watchdog at once.
+        self._asleep = threading.Lock()
+        self._asleep.acquire()
+        #: How often the watchdog woke up (for the overhead benchmark).
+        self.wakeups = 0
 
     def __repr__(self) -> str:
         return (
@@ -472,7 +479,7 @@ class LoopWatch:
         if threading.get_ident() != self._loop_thread:
             raise RuntimeError("LoopWatch.stop() must be called on the thread of the watched loop")
         self._state = _State.STOPPED
-        self._stopping.set()
+        self._asleep.release()
         assert self._thread is not None
         assert self._handle is not None
         self._thread.join()
@@ -565,9 +572,12 @@ class LoopWatch:
         # tick: a healthy loop keeps pushing that moment back, so we wake about
         # once per threshold (every wake-up takes the GIL from the loop), yet
         # a stall is caught the moment it crosses threshold. While it lasts,
-        # sample every tick. Event.wait, not sleep: stop() wakes us at once.
+        # sample every tick. A lock's timed acquire, not sleep: stop() wakes us
+        # at once (see _asleep).
         wait = tick
-        while not self._stopping.wait(wait):
+        asleep = self._asleep.acquire
+        while not asleep(timeout=wait):
+            self.wakeups += 1
             overdue = monotonic() - self._due  # unlocked read: a hint
             if overdue <= threshold:
                 wait = max(_MIN_TICK, min(threshold - overdue, threshold + self._interval))
