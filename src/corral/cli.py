@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from corral.lab.llm_server import LLMServer
     from corral.lab.server import ServerStats, TargetServer
 
 __all__ = ["main"]
@@ -289,10 +290,22 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="set the capacity to N at T seconds after the start, e.g. 5:32,10:64",
     )
     add("--seed", type=int, default=0, help="seeds jitter, stalls and failures")
+    from corral.lab.llm_model import add_serve_arguments
+
+    add_serve_arguments(parser)
     parser.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from corral.lab.llm_model import misplaced_options
+
+    misplaced = misplaced_options(args)
+    if misplaced:
+        where = "apply to the capacity model, not --llm" if args.llm else "apply to --llm only"
+        print(f"corral serve: error: {', '.join(misplaced)} {where}", file=sys.stderr)
+        return 2
+    if args.llm:
+        return _run_serve_llm(args)
     try:
         from corral.lab.server import TargetServer
     except ModuleNotFoundError as exc:
@@ -319,10 +332,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"corral serve: error: {exc}", file=sys.stderr)
         return 2
-    return _run_async(_serve_until_signalled(server, args.status))
+    return _run_async(_serve_until_signalled(server, lambda: _summary(server.stats(), args.status)))
 
 
-async def _serve_until_signalled(server: TargetServer, status: int) -> int:
+async def _serve_until_signalled(
+    server: TargetServer | LLMServer, report: Callable[[], str]
+) -> int:
     try:
         url = await server.start()
     except OSError as exc:
@@ -340,8 +355,24 @@ async def _serve_until_signalled(server: TargetServer, status: int) -> int:
         for sig in signals:
             loop.remove_signal_handler(sig)
         await server.stop()
-    print(_summary(server.stats(), status), flush=True)
+    print(report(), flush=True)
     return 0
+
+
+def _run_serve_llm(args: argparse.Namespace) -> int:
+    try:
+        from corral.lab import llm_server
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.startswith("corral"):
+            raise
+        print(LAB_EXTRA_MESSAGE.format(command="serve --llm"), file=sys.stderr)
+        return 2
+    try:
+        server = llm_server.server_from_args(args)
+    except ValueError as exc:
+        print(f"corral serve: error: {exc}", file=sys.stderr)
+        return 2
+    return _run_async(_serve_until_signalled(server, lambda: llm_server.summary(server)))
 
 
 def _summary(stats: ServerStats, status: int) -> str:

@@ -5,6 +5,9 @@
     async with corral.lab.serve(capacity=64, service_ms=10) as url:
         ...
 
+    async with corral.lab.serve_llm(rpm=500, output_tpm=40_000) as url:
+        ...   # a mock OpenAI/Anthropic API at f"{url}/v1"
+
 The lab needs the ``lab`` extra (``pip install 'corral[lab]'``). ``import
 corral`` never imports this package, and importing it loads nothing either:
 each name is imported from its module on first use.
@@ -16,15 +19,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from corral.lab.llm_model import LLMStats
+    from corral.lab.llm_server import LLMServer, serve_llm
     from corral.lab.server import ServerStats, TargetServer, serve
 
-__all__ = ["ServerStats", "TargetServer", "serve"]
+__all__ = ["LLMServer", "LLMStats", "ServerStats", "TargetServer", "serve", "serve_llm"]
 
 # name -> the module that defines it; imported on first attribute access.
 _LAZY = {
     "ServerStats": "corral.lab.server",
     "TargetServer": "corral.lab.server",
     "serve": "corral.lab.server",
+    "LLMServer": "corral.lab.llm_server",
+    "LLMStats": "corral.lab.llm_model",
+    "serve_llm": "corral.lab.llm_server",
 }
 
 LAB_EXTRA_HINT = "pip install 'corral[lab]'"

@@ -38,6 +38,12 @@ Parts (``--only`` takes their names):
 ``blocking``
     How long the loop stalls while one coroutine makes a blocking call, and
     while it offloads the same call to a thread (seed 003).
+``llm``
+    The same prompts (5,000; 1,000 with ``--quick``) to a mock LLM API with
+    hidden per-minute limits on requests, input and output tokens, through the
+    ``openai`` SDK: semaphore + gather + tenacity, the cookbook processor's
+    pause after a 429, the SDK's own retries, and corral (see
+    :mod:`corral.lab.llm_bench`). Needs the ``llm`` extra.
 
 Output, in ``--out`` (default ``./corral-bench/``): ``results.json`` (every
 measurement with its spec), PNG plots, and ``report.md``.
@@ -72,6 +78,7 @@ PARTS: dict[str, str] = {
     "cpu": "CPU-bound calls: loop, threads, processes",
     "memory": "memory per pending task",
     "blocking": "a blocking call on the loop",
+    "llm": "a rate-limited LLM API: tenacity, cookbook, SDK retries, corral",
 }
 
 #: The HTTP part's API: like the demo's, with service times varying +/- 50%.
@@ -112,6 +119,7 @@ class Profile:
     semaphore_memory_max: int  #: Task-per-item + Semaphore only up to this size
     blocking_s: tuple[float, ...]
     timeout: float  #: seconds for one child process
+    llm_n: int = 5_000  #: prompts sent to the mock LLM API
 
     def scaled(self, factor: float) -> Profile:
         """Every size and the trial time times ``factor`` (minimums keep each run meaningful)."""
@@ -136,6 +144,7 @@ class Profile:
             memory_sizes=tuple(n(s, 100) for s in self.memory_sizes),
             semaphore_memory_max=n(self.semaphore_memory_max, 100),
             blocking_s=tuple(s for s in self.blocking_s if s <= 0.2) or (0.05,),
+            llm_n=n(self.llm_n, 100),
         )
 
 
@@ -172,6 +181,7 @@ QUICK = Profile(
     semaphore_memory_max=10_000,
     blocking_s=(0.01, 0.1, 0.3),
     timeout=180.0,
+    llm_n=1_000,
 )
 
 
@@ -589,6 +599,12 @@ async def part_blocking(bench: Bench) -> None:
     )
 
 
+async def part_llm(bench: Bench) -> None:
+    from corral.lab.llm_bench import part_llm as run_part
+
+    await run_part(bench)
+
+
 PART_RUNNERS: dict[str, Callable[[Bench], Any]] = {
     "overhead": part_overhead,
     "seed001": part_seed001,
@@ -597,6 +613,7 @@ PART_RUNNERS: dict[str, Callable[[Bench], Any]] = {
     "cpu": part_cpu,
     "memory": part_memory,
     "blocking": part_blocking,
+    "llm": part_llm,
 }
 
 

@@ -1036,6 +1036,11 @@ def draw_plots(results: Results, out: Path) -> list[str]:
             note=note,
         )
 
+    def llm(path: Path) -> None:
+        from corral.lab import llm_bench
+
+        llm_bench.draw(results, path)
+
     for name, fn in (
         ("overhead.png", overhead),
         ("concurrency.png", concurrency),
@@ -1047,6 +1052,7 @@ def draw_plots(results: Results, out: Path) -> list[str]:
         ("cpu.png", cpu),
         ("memory.png", memory),
         ("blocking.png", blocking),
+        ("llm.png", llm),
     ):
         draw(name, fn)
     return drawn
@@ -1113,6 +1119,12 @@ def _numbers(r: dict[str, Any]) -> str:
             f"{r['items_per_s']:,.0f} calls/s ({r['item_ms']:.2f} ms each), "
             f"loop lag up to {r['max_lag_ms']:,.0f} ms"
         )
+    if measure == "llm":
+        return (
+            f"{r['wall_s']:.1f} s, {r['items_per_s']:,.1f} items/s, {r['failed']:,} failed, "
+            f"{r['rejected_429']:,} x 429 in {r['attempts']:,} attempts, "
+            f"{r['wasted_input_tokens']:,} input tokens on 429s"
+        )
     if measure == "blocking":
         return "; ".join(
             f"{x['how']} {x['seconds']:g} s: lag {x['max_lag_s'] * 1e3:,.1f} ms" for x in r["rows"]
@@ -1167,6 +1179,9 @@ def markdown(results: Results, verdicts: list[Verdict], plots: list[str]) -> str
         for plot in verdict.plots:
             if plot in plots:
                 lines += [f"![{plot}]({plot})", ""]
+    from corral.lab.llm_bench import markdown_lines
+
+    lines += markdown_lines(results)
     lines += ["## Every measurement", "", *_part_tables(results)]
     if meta.get("auto_unavailable"):
         lines += [f"Note: corral auto was not measured: {meta['auto_unavailable']}", ""]
@@ -1187,3 +1202,14 @@ def print_summary(display: Display, results: Results, verdicts: list[Verdict]) -
         right={0},
         styles=[styles[v.verdict] for v in verdicts],
     )
+    from corral.lab.llm_bench import COLUMNS, summary_rows
+
+    llm_rows = summary_rows(results)
+    if llm_rows:
+        display.print()
+        display.table(
+            "A rate-limited LLM API: the same prompts",
+            COLUMNS,
+            llm_rows,
+            right={1, 2, 3, 4, 5, 6, 7},
+        )

@@ -34,6 +34,9 @@ with a ``status`` (``"ok"``, ``"unavailable: ..."``, ``"error: ..."``):
     How long the loop stalls while a coroutine calls ``time.sleep(d)``, and
     while it awaits the same sleep in a thread; with :func:`corral.watch_loop`
     when it exists, to name the culprit.
+``llm``
+    A strategy of :mod:`corral.lab.llm_bench` sending ``n`` prompts to the
+    mock LLM API through the ``openai`` SDK (the ``llm`` extra).
 
 The module imports nothing outside the standard library at import time: the
 process pools of the ``cpu`` measure import it in every worker.
@@ -753,6 +756,13 @@ async def measure_blocking(spec: Spec) -> Result:
     }
 
 
+async def measure_llm(spec: Spec) -> Result:
+    """A strategy against the mock LLM API (see :mod:`corral.lab.llm_bench`)."""
+    from corral.lab.llm_bench import measure_llm as measure
+
+    return await measure(spec)
+
+
 MEASURES: dict[str, Callable[[Spec], Coroutine[Any, Any, Result]]] = {
     "fanout": measure_fanout,
     "http": measure_http,
@@ -760,6 +770,7 @@ MEASURES: dict[str, Callable[[Spec], Coroutine[Any, Any, Result]]] = {
     "sweep": measure_sweep,
     "cpu": measure_cpu,
     "blocking": measure_blocking,
+    "llm": measure_llm,
 }
 
 
