@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit bench bench-quick clean
+.PHONY: demo test lint typecheck unit bench bench-quick clean ray test-ray
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,14 +20,25 @@ demo: $(VENV)/.installed
 test: lint typecheck unit
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
 unit: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## backend="ray" needs the heavy `ray` extra (~285 MB): added to this venv on demand.
+ray: $(VENV)/.ray
+
+$(VENV)/.ray: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[ray]'
+	touch $@
+
+## The Ray backend's tests alone (a local Ray cluster on 127.0.0.1).
+test-ray: $(VENV)/.ray
+	$(BIN)/python -m pytest tests/test_ray_backend.py $(PYTEST_ARGS)
 
 ## Benchmarks run on demand, never in CI's pass/fail.
 bench: $(VENV)/.installed

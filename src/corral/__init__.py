@@ -28,7 +28,9 @@ from ._limits import Limiter, Rate
 from ._monitor import BlockReport, LagStats, LoopWatch, watch_loop
 from ._offload import WorkerCrashed
 from ._retry import Retry, RetryAfter, transient
+from ._retry_budget import RetryBudget, RetryBudgetExhausted
 from ._stats import Stats
+from ._usage import token_usage
 
 __all__ = [
     "Adaptive",
@@ -43,12 +45,15 @@ __all__ = [
     "ResultStream",
     "Retry",
     "RetryAfter",
+    "RetryBudget",
+    "RetryBudgetExhausted",
     "Stats",
     "WorkerCrashed",
     "__version__",
     "gather",
     "map",
     "run",
+    "token_usage",
     "transient",
     "watch_loop",
 ]

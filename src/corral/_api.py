@@ -20,28 +20,34 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mappin
 from typing import Any, Literal, TypedDict, TypeVar, Unpack, overload
 
 from ._adaptive import Adaptive
+from ._auto_rate import AutoRateGate, with_auto_rate
 from ._checkpoint import (
     CONSUMER_LAG,
     Checkpoint,
     CheckpointedStream,
     as_checkpoint,
     closing,
+    resume_hint,
     with_checkpoint,
 )
 from ._engine import Call, Engine, Halt, ResultStream, _Retried
 from ._errors import BudgetExhausted
-from ._limits import Limiter, Rate, RateGate, as_rate
+from ._limits import Limiter, Rate, RateGate, as_rate, as_rates, gate_for
 from ._monitor import DEFAULT_THRESHOLD, LoopWatch, monitor_from_env
 from ._offload import is_async_callable, offload
 from ._progress import Progress, ProgressLike, check_progress, total_of
-from ._retry import Retry, as_retry
+from ._ray import RayStream, check_actors, check_address, check_setup, map_on_ray
+from ._retry import Retry, as_retry, retry_after_seconds, retry_kind
+from ._retry_budget import RetryBudgetExhausted, RetryBudgetState
 from ._shard import ShardedStream, map_sharded
+from ._usage import Meter, UsageBudget, metered
+from ._weighted import WeightedGate
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 LimitLike = int | Literal["auto"] | Adaptive | Limiter | None
-RateLike = Rate | float | str | None
+RateLike = Rate | list[Rate] | float | str | None  # str: "20/s", or "auto" (adaptive)
 ExecutorLike = str | concurrent.futures.Executor | None
 
 #: A Limiter that caps only the rate still gets this many workers per map.
@@ -139,7 +145,7 @@ def _with_timeout(call: Call, timeout: float) -> Call:
 
 
 def _with_limiter(call: Call, limiter: Limiter) -> Call:
-    if limiter.adaptive is not None or limiter.key is not None:
+    if limiter.adaptive is not None or limiter.key is not None or limiter.auto_rate:
         return _with_feedback(call, limiter)
 
     async def limited(item: Any) -> Any:
@@ -208,8 +214,12 @@ def _with_rate(call: Call, gate: RateGate) -> Call:
     return paced
 
 
-def _with_retries(call: Call, retry: Retry, retried: _Retried) -> Call:
+def _with_retries(
+    call: Call, retry: Retry, retried: _Retried, budget: RetryBudgetState | None = None
+) -> Call:
     rng = random.Random()
+    if budget is not None:
+        return _with_budgeted_retries(call, retry, retried, budget, rng)
 
     async def retrying(item: Any) -> Any:
         calls = 1
@@ -220,6 +230,45 @@ def _with_retries(call: Call, retry: Retry, retried: _Retried) -> Call:
                 wait = retry.next_wait(exc, calls, rng)
                 if wait is None:
                     raise
+            retried.count += 1
+            calls += 1
+            await asyncio.sleep(wait)
+
+    return retrying
+
+
+def _with_budgeted_retries(
+    call: Call, retry: Retry, retried: _Retried, budget: RetryBudgetState, rng: random.Random
+) -> Call:
+    """Retries drawing on a retry budget: successes feed it, each retry spends from it."""
+    success, try_retry = budget.success, budget.try_retry
+
+    async def retrying(item: Any) -> Any:
+        calls = 1
+        while True:
+            try:
+                value = await call(item)
+            except Exception as exc:
+                wait = retry.next_wait(exc, calls, rng)
+                if wait is None:
+                    raise
+                kind = retry_kind(exc)
+                # A server that names its wait (Retry-After, RetryAfter) invites
+                # the retry, and the limiter's cooldown paces it: only retries
+                # nobody asked for draw on the budget.
+                invited = retry_after_seconds(exc) is not None
+                if not invited and not try_retry(kind, asyncio.get_running_loop().time()):
+                    b = budget.budget
+                    which = "throttled (429/503)" if kind == 0 else "failed"
+                    raise RetryBudgetExhausted(
+                        f"retry budget exhausted: retries of {which} calls already reached "
+                        f"{b.floor:g} + {b.ratio:g} x the successful calls in the last "
+                        f"{b.window:g} s; not retrying item {item!r} after {exc!r}",
+                        exc,
+                    ) from exc
+            else:
+                success(asyncio.get_running_loop().time())
+                return value
             retried.count += 1
             calls += 1
             await asyncio.sleep(wait)
@@ -238,7 +287,9 @@ class Options(TypedDict, total=False):
     return_exceptions: bool
     executor: ExecutorLike
     deadline: float | None
-    budget: Mapping[str, int] | None
+    budget: Mapping[str, float] | None
+    cost: Callable[[Any], Mapping[str, float] | None] | None
+    usage: Callable[[Any], Mapping[str, float] | None] | None
     progress: ProgressLike
     checkpoint: str | os.PathLike[str] | None
     item_id: Callable[[Any], Any] | None
@@ -247,6 +298,10 @@ class Options(TypedDict, total=False):
     serializer: Literal["pickle", "json"]
     processes: int | None
     monitor: bool | float
+    backend: Literal["local", "ray"]
+    ray_address: str | None
+    ray_actors: int | None
+    setup: Callable[[], Any] | None
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -259,6 +314,8 @@ _DEFAULTS: dict[str, Any] = {
     "executor": None,
     "deadline": None,
     "budget": None,
+    "cost": None,
+    "usage": None,
     "progress": False,
     "checkpoint": None,
     "item_id": None,
@@ -267,6 +324,10 @@ _DEFAULTS: dict[str, Any] = {
     "serializer": "pickle",
     "processes": None,
     "monitor": False,
+    "backend": "local",
+    "ray_address": None,
+    "ray_actors": None,
+    "setup": None,
 }
 
 
@@ -277,6 +338,19 @@ def _check_keywords(caller: str, options: Mapping[str, Any]) -> dict[str, Any]:
         close = difflib.get_close_matches(name, _DEFAULTS, n=1)
         hint = f"; did you mean {close[0]}=?" if close else ""
         raise TypeError(f"corral.{caller}() got an unexpected keyword argument {name!r}{hint}")
+    backend = options.get("backend", "local")
+    if backend not in ("local", "ray"):
+        raise ValueError(
+            "backend must be 'local' (this process) or 'ray' (a Ray cluster's actors); "
+            f"got backend={backend!r}"
+        )
+    if backend == "local":
+        for name in _RAY_ONLY:
+            if options.get(name) is not None:
+                raise ValueError(
+                    f"{name}= is used with backend='ray' only; got {name}={options[name]!r} "
+                    "and backend='local'. Pass backend='ray' too, or drop it."
+                )
     return {**_DEFAULTS, **options}
 
 
@@ -310,28 +384,47 @@ def _check_deadline(deadline: object) -> float | None:
     return float(deadline)
 
 
-def _check_budget(budget: object) -> int | None:
-    """The request budget; other dimensions need usage accounting, which maps do not have."""
+def _check_budget(budget: object) -> dict[str, float] | None:
+    """The map's budget per dimension: ``requests`` (calls started) or any usage dimension."""
     if budget is None:
         return None
-    if not isinstance(budget, Mapping) or set(budget) != {"requests"}:
+    if not isinstance(budget, Mapping) or not budget:
         raise ValueError(
-            "budget must be a dict like {'requests': 50_000} (calls started, retries "
-            f"included); got budget={budget!r}"
+            "budget must be a dict like {'requests': 50_000} or {'output_tokens': 2_000_000} "
+            f"(any dimension the usage reports); got budget={budget!r}"
         )
-    requests = budget["requests"]
-    if isinstance(requests, bool) or not isinstance(requests, int) or requests < 0:
-        raise ValueError(f"budget['requests'] must be an int >= 0; got budget={budget!r}")
-    return requests
+    for name, value in budget.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(
+                f"budget dimensions must be named by strings like 'requests'; got budget={budget!r}"
+            )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (value >= 0 and math.isfinite(value))
+        ):
+            raise ValueError(
+                f"budget[{name!r}] must be a finite number >= 0; got budget={budget!r}"
+            )
+    return dict(budget)
 
 
-def _with_budget(call: Call, requests: int) -> Call:
+def _check_meter_fn(name: str, fn: object) -> None:
+    if fn is not None and not callable(fn):
+        raise TypeError(
+            f"{name} must be a function (of the item for cost=, of the result for usage=) "
+            f"returning a dict of amounts per dimension, or None; got {name}={fn!r}"
+        )
+
+
+def _with_budget(call: Call, requests: float) -> Call:
+    """A requests-only budget without usage accounting: one counter, the fast path."""
     spent = 0
 
     async def budgeted(item: Any) -> Any:
         nonlocal spent
         if spent >= requests:
-            raise Halt(BudgetExhausted(f"the map's budget of {requests} requests is spent"))
+            raise Halt(BudgetExhausted(f"the map's budget of {requests:g} requests is spent"))
         spent += 1
         return await call(item)
 
@@ -351,13 +444,15 @@ def _engine_and_checkpoint(
     limit = opts["limit"]
     _check_fn(fn, caller)
     _check_limit(limit)
-    rate = as_rate(opts["rate"])
+    rate = as_rates(opts["rate"])
     seconds = _check_timeout(opts["timeout"])
     retry = as_retry(opts["retries"])
     _check_flag("ordered", opts["ordered"])
     _check_flag("return_exceptions", opts["return_exceptions"])
     deadline = _check_deadline(opts["deadline"])
     budget = _check_budget(opts["budget"])
+    _check_meter_fn("cost", opts["cost"])
+    _check_meter_fn("usage", opts["usage"])
     executor = opts["executor"]
     fn_is_async = is_async_callable(fn)
     _check_executor(executor, fn_is_async)
@@ -404,22 +499,50 @@ def _engine_and_checkpoint(
         call, on_close = offload(fn, executor, workers, retried)
     if seconds is not None:
         call = _with_timeout(call, seconds)
-    if budget is not None:
-        call = _with_budget(call, budget)
-    if rate is not None:
-        call = _with_rate(call, RateGate(rate))
-    if limiter is not None:
-        call = _with_limiter(call, limiter)
+    gate = gate_for(rate)
+    if (
+        opts["cost"] is not None
+        or opts["usage"] is not None
+        or isinstance(gate, WeightedGate)
+        or (limiter is not None and _weighted_limiter(limiter))
+        or (budget is not None and set(budget) != {"requests"})
+    ):
+        # Weighted accounting (see _usage): one wrapper reserves, settles and budgets.
+        call = metered(
+            call,
+            Meter(opts["cost"], opts["usage"]),
+            gate=gate,
+            limiter=limiter,
+            budget=UsageBudget(budget) if budget is not None else None,
+        )
+    else:
+        if budget is not None:
+            call = _with_budget(call, budget["requests"])
+        if isinstance(gate, AutoRateGate):
+            call = with_auto_rate(call, gate)
+        elif gate is not None:
+            assert isinstance(gate, RateGate)
+            call = _with_rate(call, gate)
+        if limiter is not None:
+            call = _with_limiter(call, limiter)
     if retry is not None:
-        call = _with_retries(call, retry, retried)
+        state = None
+        if retry.budget is not None:
+            assert not isinstance(retry.budget, float | int)  # normalised by Retry
+            # Per Limiter when the map draws on one; per map otherwise.
+            state = (
+                limiter.retry_budget(retry.budget)
+                if limiter is not None
+                else RetryBudgetState(retry.budget)
+            )
+        call = _with_retries(call, retry, retried, state)
     # checkpoint= (see _checkpoint): outermost, so a recorded item takes no
     # limiter slot, rate token, budget or retry; the file closes with the map.
     checkpoint = None
+    recorder = None
     if spec is not None:
         checkpoint = Checkpoint(spec)
-        call = with_checkpoint(
-            call, checkpoint, item_id=spec.item_id, return_exceptions=opts["return_exceptions"]
-        )
+        call, recorder = with_checkpoint(call, checkpoint, item_id=spec.item_id)
         on_close = closing(on_close, checkpoint)
 
     window = None if collect or workers is None else 2 * workers
@@ -437,6 +560,7 @@ def _engine_and_checkpoint(
         retried=retried,
         on_close=on_close,
         deadline=deadline,
+        recorder=recorder,
     )
     # progress=: a timer that pulls engine.stats() while the run goes (see _progress).
     display = Progress.create(progress, engine.stats, total)
@@ -455,7 +579,22 @@ def _engine_and_checkpoint(
 # ---------------------------------------------------------------------------
 
 #: Keywords a sharded map does not take (yet).
-_NOT_SHARDED = ("executor", "deadline", "budget", "progress", "checkpoint", "monitor")
+_NOT_SHARDED = (
+    "executor",
+    "deadline",
+    "budget",
+    "cost",
+    "usage",
+    "progress",
+    "checkpoint",
+    "monitor",
+)
+
+
+def _weighted_limiter(limiter: Limiter) -> bool:
+    """Whether a Limiter's rate is weighted or several windows (it needs weighted accounting)."""
+    spec = limiter.rate
+    return isinstance(spec, tuple) or (isinstance(spec, Rate) and spec.weighted)
 
 
 def _check_processes(processes: object) -> int | None:
@@ -479,7 +618,13 @@ def _sharded(
         return None
     _check_fn(fn, caller)
     _check_limit(opts["limit"])
-    rate = as_rate(opts["rate"])
+    spec = as_rates(opts["rate"])
+    if isinstance(spec, tuple | str) or (spec is not None and spec.weighted):
+        raise ValueError(
+            "a weighted, adaptive or multiple rate is not available with processes=N; got "
+            f"rate={opts['rate']!r} and processes={processes!r}. Drop one of them."
+        )
+    rate = as_rate(spec)
     seconds = _check_timeout(opts["timeout"])
     retry = as_retry(opts["retries"])
     _check_flag("ordered", opts["ordered"])
@@ -503,7 +648,60 @@ def _sharded(
     )
 
 
-async def _collect(stream: ShardedStream[Any]) -> list[Any]:
+# ---------------------------------------------------------------------------
+# backend="ray": the map runs on a Ray cluster's async actors (see _ray).
+# ---------------------------------------------------------------------------
+
+#: Keywords that mean something with backend="ray" only.
+_RAY_ONLY = ("ray_address", "ray_actors", "setup")
+#: Keywords a map on Ray takes; every other one must keep its default there.
+_ON_RAY = frozenset(
+    {"limit", "ordered", "timeout", "retries", "return_exceptions", "backend", *_RAY_ONLY}
+)
+
+
+def _on_ray(caller: str, fn: Any, items: Any, options: Mapping[str, Any]) -> RayStream[Any] | None:
+    """The stream of a map on Ray when ``backend="ray"``, else None."""
+    opts = _check_keywords(caller, options)
+    if opts["backend"] != "ray":
+        return None
+    _check_fn(fn, caller)
+    limit = opts["limit"]
+    _check_limit(limit)
+    seconds = _check_timeout(opts["timeout"])
+    retry = as_retry(opts["retries"])
+    _check_flag("ordered", opts["ordered"])
+    _check_flag("return_exceptions", opts["return_exceptions"])
+    check_address(opts["ray_address"])
+    actors = check_actors(opts["ray_actors"])
+    check_setup(opts["setup"])
+    for name, default in _DEFAULTS.items():
+        if name not in _ON_RAY and opts[name] != default:
+            raise ValueError(
+                f"{name}= is not available with backend='ray'; got {name}={opts[name]!r} "
+                "and backend='ray'. Drop one of them."
+            )
+    if not (limit is None or (isinstance(limit, int) and not isinstance(limit, bool))):
+        raise ValueError(
+            "backend='ray' splits an int limit across its actors; a Limiter or an adaptive "
+            f"limit lives in this process. Pass an int or None; got limit={limit!r} and "
+            "backend='ray'"
+        )
+    return map_on_ray(
+        fn,
+        _as_items(items),
+        address=opts["ray_address"],
+        setup=opts["setup"],
+        actors=actors,
+        limit=limit,
+        ordered=opts["ordered"] if caller == "map" else True,
+        timeout=seconds,
+        retry=retry,
+        return_exceptions=opts["return_exceptions"],
+    )
+
+
+async def _collect(stream: ShardedStream[Any] | RayStream[Any]) -> list[Any]:
     async with stream:
         return [result async for result in stream]
 
@@ -548,13 +746,23 @@ def map(
             service's capacity from latency and failures (or a
             :class:`corral.Adaptive` to bound it), or a shared :class:`corral.Limiter`.
         rate: the most call starts per time: ``20`` (per second), ``"20/s"``,
-            ``"600/min"``, ``"5/100ms"`` or ``corral.Rate(20, per=1.0, burst=5)``.
+            ``"600/min"``, ``"5/100ms"`` or ``corral.Rate(20, per=1.0, burst=5)``;
+            ``"auto"`` finds and follows the rate the service allows (slow
+            start, then a cut on each 429/503, additive growth after);
+            a weighted rate of several dimensions,
+            ``corral.Rate({"requests": 500, "output_tokens": 40_000}, per=60)``,
+            spends each call's ``cost`` and settles its ``usage``; a list of
+            rates enforces them all (per minute and per day).
         ordered: results in input order (``True``, default) or as they complete.
         timeout: seconds per attempt; a late attempt raises ``TimeoutError``,
             which is retried like any transient failure.
         retries: extra attempts (an int, default 0), or a :class:`corral.Retry`.
             A worker waiting to retry an item keeps its place in ``limit``; a
-            shared Limiter's slot is given back during the wait.
+            shared Limiter's slot is given back during the wait. Retries draw
+            on a retry budget (``Retry(budget=)``): about 10% of the calls
+            that succeed, shared by every map using one Limiter, else per map;
+            a retry beyond it fails the item with
+            :class:`corral.RetryBudgetExhausted`.
         return_exceptions: ``False`` (default): the first failure (after its
             retries) cancels everything in flight and is raised as itself.
             ``True``: the exception object takes the item's place.
@@ -562,6 +770,24 @@ def map(
             own event loop and engine, for ``async def`` calls that also use
             CPU; ``limit`` is split among them, ``rate`` stays global, ``stats``
             add up. ``fn`` must be importable (defined at module level).
+        backend: ``"local"`` (default): this process. ``"ray"``: long-lived
+            async actors on a Ray cluster (the ``corral[ray]`` extra), one
+            per CPU of the cluster (or ``ray_actors``), each running corral's
+            engine on its share of an int ``limit``; chunks of the input are
+            fed lazily and results merged in input order (or as completed).
+            A killed actor is restarted and its unfinished chunk re-run:
+            results stay exactly once, side effects are at-least-once. Takes
+            ``limit``, ``ordered``, ``timeout``, ``retries`` and
+            ``return_exceptions``; other keywords are refused.
+        ray_address: the Ray cluster to use (``"10.0.0.5:6379"``, ``"auto"``,
+            ``"ray://host:10001"``); default ``RAY_ADDRESS``, else a local
+            cluster on 127.0.0.1 (no dashboard) that corral starts on first
+            use and shuts down when the interpreter exits.
+        ray_actors: how many actors (default: one per CPU of the cluster).
+        setup: a function of no argument (or ``async def``) run once per
+            actor; its return value (e.g. an HTTP session, which cannot be
+            pickled) is passed to ``fn`` as a second argument, and closed
+            (``aclose()``/``close()``) when the map ends.
         executor: for a plain ``def`` fn: ``None``/``"thread"``, ``"process"``,
             or a ``concurrent.futures.Executor`` that corral uses but does not
             shut down.
@@ -569,8 +795,25 @@ def map(
             calls in flight are cancelled, and :class:`corral.DeadlineExceeded`
             is raised after the results already produced were handed out (with
             ``return_exceptions=True`` each cancelled call yields one instead).
-        budget: ``{"requests": N}``: start at most N calls (retries count).
-            Calls in flight finish, then :class:`corral.BudgetExhausted` is raised.
+        budget: what the whole map may spend: ``{"requests": N}`` starts at
+            most N calls (retries count); any dimension the usage reports too,
+            like ``{"output_tokens": 2_000_000, "requests": 50_000}``. A soft
+            cap, checked before each start: the overshoot is at most what the
+            calls in flight spend. Once reached no call starts, the calls in
+            flight finish, and :class:`corral.BudgetExhausted` is raised after
+            the results were handed out.
+        cost: a function of the item returning what its call is expected to
+            spend, per dimension: ``{"input_tokens": 1200, "output_tokens":
+            500}`` (one request is implied). Reserved on every weighted rate
+            (the map's and its Limiter's) before each attempt starts; an
+            attempt that fails keeps it spent unless the error carries a
+            ``usage`` attribute. Default: one request, no tokens.
+        usage: a function of the result returning what the call spent, per
+            dimension (dimensions it leaves out keep their reservation; None
+            keeps all). The difference from ``cost`` is refunded to the rates
+            or carried as debt that delays later starts, and counted against
+            ``budget``. Default: :func:`corral.token_usage`, which reads the
+            ``usage`` of OpenAI and Anthropic responses.
         progress: ``True``: a live display on stderr (needs the
             ``corral[progress]`` extra): done / total (when ``items`` has a
             ``len()``), rate, calls in flight, limit, failures, retries, ETA;
@@ -607,6 +850,9 @@ def map(
     Raises:
         TypeError, ValueError: at once, for a bad argument (the message names it).
     """
+    on_ray = _on_ray("map", fn, items, options)
+    if on_ray is not None:
+        return on_ray
     sharded = _sharded("map", fn, items, options)
     if sharded is not None:
         return sharded
@@ -634,6 +880,9 @@ async def gather(
     The list is in input order, whatever ``ordered`` says. Takes the same
     keywords as :func:`map`.
     """
+    on_ray = _on_ray("gather", fn, items, options)
+    if on_ray is not None:
+        return await _collect(on_ray)
     sharded = _sharded("gather", fn, items, options)
     if sharded is not None:
         return await _collect(sharded)
@@ -684,12 +933,17 @@ def run(
             "use `await corral.gather(...)` in async code"
         )
     loop_factory = _loop_factory(uvloop)
+    on_ray = _on_ray("run", fn, items, options)
+    if on_ray is not None:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_collect(on_ray))
     sharded = _sharded("run", fn, items, options)
     if sharded is not None:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(_collect(sharded))
-    engine = _engine("run", fn, items, collect=True, options=options)
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+    engine, checkpoint = _engine_and_checkpoint("run", fn, items, collect=True, options=options)
+    # Ctrl-C: asyncio cancels the map, which keeps what is done; then say how to resume.
+    with resume_hint(checkpoint), asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(engine.run_to_end())
 
 

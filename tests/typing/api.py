@@ -59,3 +59,40 @@ async def _typed_more() -> None:
     for report in watch.reports:
         assert_type(report, corral.BlockReport)
         assert_type(report.lineno, int)
+
+
+async def _typed_paid_apis() -> None:
+    llm = corral.Limiter(
+        limit="auto",
+        rate=[
+            corral.Rate(
+                {"requests": 500, "input_tokens": 200_000, "output_tokens": 40_000}, per=60
+            ),
+            corral.Rate({"requests": 10_000}, per=86_400),
+        ],
+    )
+    assert_type(llm.rate, corral.Rate | tuple[corral.Rate, ...] | None)
+    llm.sync_headers({"x-ratelimit-remaining-tokens": "100"})
+    await llm.acquire({"output_tokens": 500})
+    llm.settle({"output_tokens": 500}, {"output_tokens": 120})
+    llm.release()
+    assert_type(
+        await corral.gather(
+            page_size,
+            ["a"],
+            limit=llm,
+            rate=[corral.Rate({"tokens": 1000}, per=60)],
+            cost=lambda url: {"input_tokens": len(url)},
+            usage=corral.token_usage,
+            budget={"output_tokens": 2_000_000, "requests": 50_000},
+            retries=corral.Retry(attempts=3, budget=corral.RetryBudget(ratio=0.2)),
+        ),
+        list[int],
+    )
+    assert_type(corral.token_usage(None, cache_reads=False), dict[str, float] | None)
+    auto = corral.Limiter(limit="auto", rate="auto")
+    assert_type(auto.auto_rate, bool)
+    assert_type(await corral.gather(page_size, ["a"], rate="auto"), list[int])
+    assert_type(corral.Retry(budget=None).budget, corral.RetryBudget | float | None)
+    error = corral.RetryBudgetExhausted("spent", ValueError())
+    assert_type(error.error, BaseException | None)
