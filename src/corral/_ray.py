@@ -54,7 +54,6 @@ import atexit
 import concurrent.futures
 import enum
 import importlib
-import importlib.metadata
 import importlib.util
 import inspect
 import itertools
@@ -111,6 +110,8 @@ def require_ray() -> None:
     Raises:
         ImportError: Ray is not installed, or older than 2.50.
     """
+    import importlib.metadata  # here, not at the top: it costs `import corral` ~25 ms
+
     if importlib.util.find_spec("ray") is None:
         raise ImportError(
             "backend='ray' needs Ray, which is not installed: "
