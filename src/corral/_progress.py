@@ -56,6 +56,7 @@ and ``SystemExit`` are not caught.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import enum
 import importlib.util
@@ -259,19 +260,21 @@ def final_line(stats: Stats, total: int | None) -> str:
 # ---------------------------------------------------------------------------
 
 
-class _Sink:
+class _Sink(abc.ABC):
     """Receives each snapshot, then the final one."""
 
-    def begin(self, stats: Stats) -> None:
+    def begin(self, stats: Stats) -> None:  # noqa: B027 - an optional hook: no-op by default
         """The map started; ``stats`` is its first snapshot."""
 
+    @abc.abstractmethod
     def update(self, stats: Stats) -> None:
-        raise NotImplementedError
+        """A snapshot while the map runs."""
 
+    @abc.abstractmethod
     def finish(self, stats: Stats) -> None:
-        raise NotImplementedError
+        """The final snapshot, however the map ended."""
 
-    def abandon(self) -> None:
+    def abandon(self) -> None:  # noqa: B027 - an optional hook: no-op by default
         """Drawing failed: release what the sink holds (best effort, must not raise)."""
 
 
