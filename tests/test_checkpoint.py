@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import corral
 from corral import _checkpoint
-from corral._checkpoint import RecordedFailure, as_key, default_fingerprint
+from corral._checkpoint import RecordedFailure, as_key, default_fingerprint, read_checkpoint
 
 
 class Spy:
@@ -49,14 +49,7 @@ def files(directory: Path) -> list[str]:
 
 def recorded(path: Path) -> dict[Any, tuple[int, Any]]:
     """What the file holds: {id: (kind, value)}."""
-    db = sqlite3.connect(path)
-    try:
-        return {
-            key: (kind, value)
-            for key, kind, value in db.execute("SELECT id, kind, value FROM corral_results")
-        }
-    finally:
-        db.close()
+    return {key: (kind, value) for key, kind, value in read_checkpoint(path)}
 
 
 #: For re-runs with another fn than the first run's (the default fingerprint is fn's name).
@@ -78,7 +71,7 @@ def test_items_are_their_own_ids_when_str_int_bytes_or_tuples() -> None:
     assert as_key(1) == 1
     assert as_key("1") == "1"
     assert as_key(True) == as_key(1)  # True == 1 in Python: the same id
-    assert as_key(2**70) == b"1180591620717411303424"
+    assert as_key(2**70) == 2**70
     assert as_key((True,)) == as_key((1,))
 
 
@@ -201,17 +194,13 @@ async def test_resume_calls_fn_only_for_the_rest_in_input_order(tmp_path: Path) 
 async def test_the_consumer_only_sees_recorded_results(tmp_path: Path) -> None:
     """Whenever the consumer holds a result, another connection finds it in the file."""
     path = tmp_path / "run.sqlite"
-    reader: sqlite3.Connection | None = None
     checked = 0
     async with corral.map(Spy(), range(3000), limit=50, checkpoint=path) as results:
         async for value in results:
             if value % 700 == 0:
-                reader = reader or sqlite3.connect(path)
-                query = "SELECT value FROM corral_results WHERE id = ?"
-                assert reader.execute(query, (value // 10,)).fetchall() == [(value,)]
+                # read_checkpoint opens a connection of its own, as another process would.
+                assert recorded(path)[value // 10] == (_checkpoint.PLAIN, value)
                 checked += 1
-    assert reader is not None
-    reader.close()
     assert checked == 43
 
 
@@ -318,6 +307,58 @@ async def test_repeated_ids_are_computed_once_and_yielded_each_time(tmp_path: Pa
         "result 4 #1",
         "result 3 #1",
     ]
+
+
+@pytest.mark.slow
+async def test_a_repeat_of_an_id_written_earlier_in_the_run_is_replayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repeat that comes after its id's row reached the file is read back, not recomputed."""
+    monkeypatch.setattr(_checkpoint, "WRITE_BATCH", 8)  # rows reach the file at once
+    monkeypatch.setattr(_checkpoint, "CHUNK_ROWS", 5)  # and span several chunks
+    spy = Spy()
+    items = [*range(60), 0, 13, 59, 13]
+    path = tmp_path / "run.sqlite"
+    async with corral.map(spy, items, limit=3, checkpoint=path) as results:
+        values = [value async for value in results]
+    assert values == [10 * i for i in items]
+    assert sorted(spy.calls) == list(range(60))
+    assert recorded(path) == {i: (_checkpoint.PLAIN, 10 * i) for i in range(60)}
+
+
+@pytest.mark.slow
+async def test_ids_with_the_same_hash_are_told_apart(tmp_path: Path) -> None:
+    """hash(-1) == hash(-2) in CPython: each id still gets its own result, recorded once."""
+    assert hash(-1) == hash(-2)
+    path = tmp_path / "run.sqlite"
+    first = Spy()
+    assert await corral.gather(first, [-1, -2, -1, -2], limit=1, checkpoint=path) == [
+        -10,
+        -20,
+        -10,
+        -20,
+    ]
+    assert sorted(first.calls) == [-2, -1]
+    # Resumed: -1 is recorded; -2 has -1's hash and must not be taken for it.
+    path = tmp_path / "only-one.sqlite"
+    await corral.gather(Spy(), [-1], checkpoint=path)
+    again = Spy()
+    assert await corral.gather(again, [-2, -1, -2], limit=2, checkpoint=path) == [-20, -10, -20]
+    assert again.calls == [-2]
+    assert recorded(path) == {-1: (_checkpoint.PLAIN, -10), -2: (_checkpoint.PLAIN, -20)}
+
+
+@pytest.mark.slow
+async def test_a_damaged_file_is_refused_naming_it(tmp_path: Path) -> None:
+    """A chunk whose ids cannot be read is a clear error, not a crash or a wrong result."""
+    path = tmp_path / "run.sqlite"
+    await corral.gather(Spy(), range(3), checkpoint=path)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE corral_chunks SET ids = x'00ff'")
+    db.commit()
+    db.close()
+    with pytest.raises(ValueError, match=rf"^checkpoint={re.escape(repr(str(path)))} is damaged"):
+        await corral.gather(Spy(), range(3), checkpoint=path)
 
 
 @pytest.mark.slow
@@ -492,6 +533,7 @@ async def test_a_failed_read_stops_the_resume(
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(_checkpoint._Database, "select", refuse)
+    monkeypatch.setattr(_checkpoint, "FIRST_READ", 0)  # no rows read with the opening
     with pytest.raises(sqlite3.OperationalError, match=r"^disk I/O error$"):
         await corral.gather(Spy(), range(10), checkpoint=path, return_exceptions=True)
 
@@ -512,7 +554,8 @@ async def test_a_file_in_another_format_is_refused(tmp_path: Path) -> None:
     await corral.gather(Spy(), range(3), checkpoint=path)
     set_format(path, 99)
     text = (
-        f"checkpoint={str(path)!r} was written in format 99, and this corral reads format 1; "
+        f"checkpoint={str(path)!r} was written in format 99, and this corral reads format "
+        f"{_checkpoint.FORMAT}; "
         "resume it with the corral that wrote it, or pass the path of a new file"
     )
     with pytest.raises(ValueError, match=message(text)):
