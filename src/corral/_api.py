@@ -45,6 +45,7 @@ from ._weighted import WeightedGate
 
 T = TypeVar("T")
 R = TypeVar("R")
+S = TypeVar("S")  # what setup= returns: a two-argument fn's second argument
 
 LimitLike = int | Literal["auto"] | Adaptive | Limiter | None
 RateLike = Rate | list[Rate] | float | str | None  # str: "20/s", or "auto" (adaptive)
@@ -276,8 +277,9 @@ def _with_budgeted_retries(
     return retrying
 
 
-class Options(TypedDict, total=False):
-    """The keywords ``map``, ``gather`` and ``run`` share (documented on :func:`map`)."""
+class _OptionsBesidesSetup(TypedDict, total=False):
+    """Every keyword of :class:`Options` but ``setup``: the overloads for a two-argument
+    ``fn`` take ``setup`` on its own, typed by ``fn``'s second parameter."""
 
     limit: LimitLike
     rate: RateLike
@@ -301,6 +303,11 @@ class Options(TypedDict, total=False):
     backend: Literal["local", "ray"]
     ray_address: str | None
     ray_actors: int | None
+
+
+class Options(_OptionsBesidesSetup, total=False):
+    """The keywords ``map``, ``gather`` and ``run`` share (documented on :func:`map`)."""
+
     setup: Callable[[], Any] | None
 
 
@@ -721,8 +728,16 @@ def map(
 def map(
     fn: Callable[[T], R], items: Iterable[T] | AsyncIterable[T], **options: Unpack[Options]
 ) -> ResultStream[R]: ...
+@overload
 def map(
-    fn: Callable[[Any], Any], items: Iterable[Any] | AsyncIterable[Any], **options: Unpack[Options]
+    fn: Callable[[T, S], Awaitable[R]],
+    items: Iterable[T] | AsyncIterable[T],
+    *,
+    setup: Callable[[], Awaitable[S]] | Callable[[], S],
+    **options: Unpack[_OptionsBesidesSetup],
+) -> ResultStream[R]: ...
+def map(
+    fn: Callable[..., Any], items: Iterable[Any] | AsyncIterable[Any], **options: Unpack[Options]
 ) -> ResultStream[Any]:
     """Call ``fn`` on every item, at most ``limit`` at a time, and stream the results.
 
@@ -872,8 +887,16 @@ async def gather(
 async def gather(
     fn: Callable[[T], R], items: Iterable[T] | AsyncIterable[T], **options: Unpack[Options]
 ) -> list[R]: ...
+@overload
 async def gather(
-    fn: Callable[[Any], Any], items: Iterable[Any] | AsyncIterable[Any], **options: Unpack[Options]
+    fn: Callable[[T, S], Awaitable[R]],
+    items: Iterable[T] | AsyncIterable[T],
+    *,
+    setup: Callable[[], Awaitable[S]] | Callable[[], S],
+    **options: Unpack[_OptionsBesidesSetup],
+) -> list[R]: ...
+async def gather(
+    fn: Callable[..., Any], items: Iterable[Any] | AsyncIterable[Any], **options: Unpack[Options]
 ) -> list[Any]:
     """Call ``fn`` on every item like :func:`map` and return the results as a list.
 
@@ -905,8 +928,17 @@ def run(
     uvloop: bool | None = ...,
     **options: Unpack[Options],
 ) -> builtins.list[R]: ...
+@overload
 def run(
-    fn: Callable[[Any], Any],
+    fn: Callable[[T, S], Awaitable[R]],
+    items: Iterable[T] | AsyncIterable[T],
+    *,
+    setup: Callable[[], Awaitable[S]] | Callable[[], S],
+    uvloop: bool | None = ...,
+    **options: Unpack[_OptionsBesidesSetup],
+) -> builtins.list[R]: ...
+def run(
+    fn: Callable[..., Any],
     items: Iterable[Any] | AsyncIterable[Any],
     *,
     uvloop: bool | None = None,

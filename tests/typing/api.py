@@ -96,3 +96,26 @@ async def _typed_paid_apis() -> None:
     assert_type(corral.Retry(budget=None).budget, corral.RetryBudget | float | None)
     error = corral.RetryBudgetExhausted("spent", ValueError())
     assert_type(error.error, BaseException | None)
+
+
+class Session:
+    """Stands for something each Ray actor makes once, like an HTTP session."""
+
+    async def get(self, url: str) -> bytes:
+        return url.encode()
+
+
+async def fetch(url: str, session: Session) -> bytes:
+    return await session.get(url)
+
+
+async def open_session() -> Session:
+    return Session()
+
+
+async def _typed_setup() -> None:
+    async with corral.map(fetch, ["a"], backend="ray", setup=open_session) as pages:
+        async for page in pages:
+            assert_type(page, bytes)
+    assert_type(await corral.gather(fetch, ["a"], backend="ray", setup=Session), list[bytes])
+    assert_type(corral.run(fetch, ["a"], backend="ray", setup=open_session, limit=4), list[bytes])
