@@ -349,6 +349,28 @@ async def test_ids_with_the_same_hash_are_told_apart(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+async def test_large_results_are_split_into_smaller_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk holds at most CHUNK_BYTES of values, so no stored value outgrows SQLite's cap."""
+    monkeypatch.setattr(_checkpoint, "CHUNK_BYTES", 1000)
+    path = tmp_path / "run.sqlite"
+
+    async def big(i: int) -> Any:
+        return "x" * 300 + str(i) if i % 2 else [i] * 100  # plain and pickled rows
+
+    assert await corral.gather(big, range(40), checkpoint=path) == [await big(i) for i in range(40)]
+    db = sqlite3.connect(path)
+    sizes = [length for (length,) in db.execute("SELECT length(vals) FROM corral_chunks")]
+    db.close()
+    assert len(sizes) >= 10
+    assert max(sizes) <= 1000
+    assert await corral.gather(
+        Spy(), range(40), checkpoint=path, fingerprint=SAME, resume="ignore-fingerprint"
+    ) == [await big(i) for i in range(40)]
+
+
+@pytest.mark.slow
 async def test_a_damaged_file_is_refused_naming_it(tmp_path: Path) -> None:
     """A chunk whose ids cannot be read is a clear error, not a crash or a wrong result."""
     path = tmp_path / "run.sqlite"

@@ -174,6 +174,9 @@ FORMAT = 2
 #: per result is tiny, small enough that looking up one id out of order
 #: decodes little (see "How results are stored" above).
 CHUNK_ROWS = 256
+#: ... and at most this many bytes of values (unless one result is larger):
+#: SQLite refuses a value over 1 GB, and a lookup decodes a whole chunk.
+CHUNK_BYTES = 4 << 20
 #: marshal's format 4 is read by every Python since 3.4: a file outlives an upgrade.
 MARSHAL_VERSION = 4
 
@@ -446,9 +449,18 @@ class _Codec:
 # ---------------------------------------------------------------------------
 
 
-def _encode_chunk(keys: list[Key], kinds: bytes | None, values: list[Any]) -> tuple[Any, ...]:
-    """One stored chunk's columns: ids, kinds (NULL when every row is plain), values."""
-    return (marshal.dumps(keys, MARSHAL_VERSION), kinds, marshal.dumps(values, MARSHAL_VERSION))
+def _encode_chunks(
+    keys: list[Key], kinds: bytes | None, values: list[Any], into: list[tuple[Any, ...]]
+) -> None:
+    """Add the stored columns of these rows to ``into``: ids, kinds (NULL when every row
+    is plain), values; split in halves while the values take more than CHUNK_BYTES."""
+    encoded = marshal.dumps(values, MARSHAL_VERSION)
+    if len(encoded) > CHUNK_BYTES and len(values) > 1:
+        half = len(values) // 2
+        _encode_chunks(keys[:half], kinds and kinds[:half], values[:half], into)
+        _encode_chunks(keys[half:], kinds and kinds[half:], values[half:], into)
+        return
+    into.append((marshal.dumps(keys, MARSHAL_VERSION), kinds, encoded))
 
 
 def _decode_chunk(row: tuple[int, bytes, bytes | None, bytes]) -> Chunk:
@@ -458,17 +470,18 @@ def _decode_chunk(row: tuple[int, bytes, bytes | None, bytes]) -> Chunk:
 
 def chunks_of(plain: list[Any], others: list[Row]) -> list[tuple[Any, ...]]:
     """The recorded rows as stored chunks of at most CHUNK_ROWS rows each."""
-    chunks = []
+    chunks: list[tuple[Any, ...]] = []
     keys, values = plain[0::2], plain[1::2]  # plain is flat: id, value, id, value...
     for start in range(0, len(keys), CHUNK_ROWS):
         end = start + CHUNK_ROWS
-        chunks.append(_encode_chunk(keys[start:end], None, values[start:end]))
+        _encode_chunks(keys[start:end], None, values[start:end], chunks)
     for start in range(0, len(others), CHUNK_ROWS):
         part = others[start : start + CHUNK_ROWS]
-        chunks.append(
-            _encode_chunk(
-                [row[0] for row in part], bytes(row[1] for row in part), [row[2] for row in part]
-            )
+        _encode_chunks(
+            [row[0] for row in part],
+            bytes(row[1] for row in part),
+            [row[2] for row in part],
+            chunks,
         )
     return chunks
 
