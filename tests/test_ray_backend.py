@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import _flaky
 import corral
 from _work import worker_processes
 
@@ -79,6 +80,7 @@ def cluster() -> Iterator[str]:
     # The actors cannot import this test module by name (tests/ is not on
     # their path): its functions travel by value, as a script's would.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(_flaky)
     _ray.connect_sync(None)
     session_dir = ray._private.worker._global_node.get_session_dir_path()
     assert _cluster_processes(session_dir), "the local cluster runs no process of its session"
@@ -144,6 +146,17 @@ class Session:
 async def use_session(item: int, session: Session) -> tuple[int, int, str]:
     await asyncio.sleep(0)
     return item, os.getpid(), session.token
+
+
+async def hang_marked(marker_dir: str, item: int) -> int:
+    """Sleep a minute, leaving a marker when started and another when cancelled."""
+    mark(marker_dir, f"started-{item}")
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        mark(marker_dir, f"cancelled-{item}")
+        raise
+    return item
 
 
 def failing_on_7(item: int) -> int:
@@ -296,13 +309,7 @@ def test_the_first_failure_cancels_running_coroutines_on_every_actor(tmp_path: P
         if item == 0:
             await asyncio.sleep(1.0)  # both actors are busy by then
             raise Boom("first")
-        mark(marker_dir, f"started-{item}")
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            mark(marker_dir, f"cancelled-{item}")
-            raise
-        return item
+        return await hang_marked(marker_dir, item)
 
     began = time.monotonic()
     with pytest.raises(Boom, match="first"):
@@ -322,13 +329,7 @@ async def test_cancelling_the_consumer_cancels_the_calls_in_the_actors(tmp_path:
     marker_dir = str(tmp_path)
 
     async def hang(item: int) -> int:
-        mark(marker_dir, f"started-{item}")
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            mark(marker_dir, f"cancelled-{item}")
-            raise
-        return item
+        return await hang_marked(marker_dir, item)
 
     async def consume() -> None:
         async with corral.map(hang, range(1000), backend="ray", limit=10, ray_actors=2) as out:
@@ -395,6 +396,32 @@ async def test_cancel_ends_early_keeping_what_is_done() -> None:
     assert got == [i * i for i in range(len(got))]  # an unbroken prefix, in order
     assert results.stats.completed < 100_000
     assert results.stats.in_flight == 0
+
+
+def test_the_retry_budget_holds_across_actors(tmp_path: Path) -> None:
+    """Half of all calls fail, 6 attempts each: attempts stay <= 1.1 x items + the floor."""
+    retry = _flaky.budgeted_retry(ratio=0.1, attempts=6)
+    options = {"backend": "ray", "ray_actors": 2, "limit": 20, "retries": retry}
+    inputs = _flaky.jobs(tmp_path, 1_000)
+    results, stats = asyncio.run(
+        _flaky.collect(_flaky.half_failing, inputs, **options, return_exceptions=True)
+    )
+    _flaky.check_budget_held(tmp_path, results, stats, attempts=6)
+
+
+def test_the_retry_budget_floor_is_not_multiplied_by_the_actors(tmp_path: Path) -> None:
+    """Every call fails, ratio 0, floor 10 over 2 actors: 10 retries in all, not 20."""
+    out = corral.run(
+        _flaky.always_failing,
+        _flaky.jobs(tmp_path, 200),
+        backend="ray",
+        ray_actors=2,
+        limit=8,  # chunks of 64: both actors get two
+        retries=_flaky.budgeted_retry(ratio=0.0, attempts=3),
+        return_exceptions=True,
+    )
+    assert _flaky.attempts_logged(tmp_path) == 200 + _flaky.FLOOR
+    assert all(isinstance(r, ConnectionError | corral.RetryBudgetExhausted) for r in out)
 
 
 def test_a_local_cluster_corral_started_is_shut_down_at_exit(tmp_path: Path) -> None:

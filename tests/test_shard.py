@@ -16,6 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import corral
+from _flaky import (
+    FLOOR,
+    always_failing,
+    attempts_logged,
+    budgeted_retry,
+    check_budget_held,
+    collect,
+    half_failing,
+    jobs,
+)
 from _loops import run
 from _work import (
     async_exit_on_three,
@@ -33,7 +43,9 @@ from _work import (
     square,
     worker_processes,
 )
+from corral import _shard as corral_shard
 from corral._offload import WorkerCrashed
+from corral._remote import split_retry_budget
 from corral._shard import ShardedStream, split_limit
 
 # ---------------------------------------------------------------------------
@@ -84,6 +96,17 @@ def test_a_shared_limiter_cannot_be_split_across_processes() -> None:
     """A Limiter lives in one process: refused, asking for an int."""
     with pytest.raises(TypeError, match=r"Pass an int or None; got limit=<corral.Limiter"):
         corral.map(async_square, range(3), processes=2, limit=corral.Limiter(5))
+
+
+def test_retries_that_cannot_be_pickled_are_refused_at_once() -> None:
+    """A Retry(on=lambda) cannot reach the processes: TypeError naming it and the fix."""
+    with pytest.raises(
+        TypeError,
+        match=r"^processes=N sends retries= to its processes, but retries=Retry\(.*\) cannot "
+        r"be pickled \(.*\)\. Give Retry\(on=\.\.\.\) exception types or a module-level "
+        r"function\.$",
+    ):
+        corral.map(async_square, range(3), processes=2, retries=corral.Retry(on=lambda e: True))
 
 
 def test_keywords_a_sharded_map_does_not_take_are_refused() -> None:
@@ -203,9 +226,11 @@ def test_the_rate_is_global_across_the_processes() -> None:
 @pytest.mark.slow
 def test_retries_run_in_the_children_and_stats_add_up() -> None:
     """Each item fails once (transient) and is retried in its process; stats sum it all."""
+    # Every item's retry is wanted here: no retry budget (its tests are below).
+    retry = corral.Retry(attempts=2, budget=None)
 
     async def main() -> tuple[list[int], corral.Stats]:
-        async with corral.map(async_flaky, range(40), processes=2, limit=8, retries=1) as out:
+        async with corral.map(async_flaky, range(40), processes=2, limit=8, retries=retry) as out:
             return [r async for r in out], out.stats
 
     results, stats = run(main)
@@ -214,6 +239,41 @@ def test_retries_run_in_the_children_and_stats_add_up() -> None:
     assert (stats.in_flight, stats.limit) == (0, 8)
     assert stats.latency_p50 is not None
     assert stats.elapsed > 0
+
+
+def test_the_retry_budget_floor_is_split_across_the_processes() -> None:
+    """Each process keeps the ratio of its own successes; the floor is shared out, not copied."""
+    budget = corral.RetryBudget(ratio=0.2, floor=10, window=30.0)
+    shares = split_retry_budget(corral.Retry(budget=budget), 4)
+    assert [b.floor if b else None for b in shares] == [3, 3, 2, 2]
+    assert all(b == corral.RetryBudget(ratio=0.2, floor=b.floor, window=30.0) for b in shares if b)
+    odd = split_retry_budget(corral.Retry(budget=corral.RetryBudget(floor=2.5)), 2)
+    assert [b.floor if b else None for b in odd] == [1.25, 1.25]
+    assert split_retry_budget(corral.Retry(budget=None), 3) == [None] * 3
+    assert split_retry_budget(None, 2) == [None] * 2
+
+
+@pytest.mark.slow
+def test_the_retry_budget_holds_across_processes(tmp_path: Path) -> None:
+    """Half of all calls fail, 6 attempts each: attempts stay <= 1.1 x items + the floor."""
+    retry = budgeted_retry(ratio=0.1, attempts=6)
+    options = {"processes": 2, "limit": 40, "retries": retry, "return_exceptions": True}
+    results, stats = run(lambda: collect(half_failing, jobs(tmp_path, 2_000), **options))
+    check_budget_held(tmp_path, results, stats, attempts=6)
+
+
+@pytest.mark.slow
+def test_the_retry_budget_floor_is_not_multiplied_by_the_processes(tmp_path: Path) -> None:
+    """Every call fails, ratio 0, floor 10 over 3 processes: 10 retries in all, not 30."""
+    retry = budgeted_retry(ratio=0.0, attempts=3)
+    options = {"processes": 3, "limit": 90, "retries": retry, "return_exceptions": True}
+    results, stats = run(lambda: collect(always_failing, jobs(tmp_path, 90), **options))
+    assert attempts_logged(tmp_path) == 90 + FLOOR
+    assert (stats.started, stats.completed, stats.failed, stats.retried) == (90, 0, 90, FLOOR)
+    exhausted = sum(isinstance(r, corral.RetryBudgetExhausted) for r in results)
+    # An item retried twice ends on its last attempt's ConnectionError instead.
+    assert 85 <= exhausted <= 90
+    assert all(isinstance(r, ConnectionError | corral.RetryBudgetExhausted) for r in results)
 
 
 @pytest.mark.slow
@@ -326,6 +386,21 @@ def test_ctrl_c_leaves_no_worker_process(tmp_path: Path) -> None:
     stderr, survivors = ctrl_c(call, tmp_path, workers=2)
     assert b"KeyboardInterrupt" in stderr
     assert survivors == []
+
+
+async def test_processes_that_cannot_start_end_the_map_saying_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure while starting the processes is raised to the consumer, not waited on."""
+
+    def no_fork_server(context: object) -> None:
+        raise OSError("the fork server cannot start here")
+
+    monkeypatch.setattr(corral_shard, "warm_up_start_method", no_fork_server)
+    async with asyncio.timeout(30):  # hang guard
+        with pytest.raises(OSError, match=r"^the fork server cannot start here$"):
+            await corral.gather(async_square, range(5), processes=2)
+    assert worker_processes() == set()
 
 
 @pytest.mark.slow

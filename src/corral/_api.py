@@ -775,9 +775,9 @@ def map(
             A worker waiting to retry an item keeps its place in ``limit``; a
             shared Limiter's slot is given back during the wait. Retries draw
             on a retry budget (``Retry(budget=)``): about 10% of the calls
-            that succeed, shared by every map using one Limiter, else per map;
-            a retry beyond it fails the item with
-            :class:`corral.RetryBudgetExhausted`.
+            that succeed, shared by every map using one Limiter, else per map
+            (split among its processes or Ray actors); a retry beyond it fails
+            the item with :class:`corral.RetryBudgetExhausted`.
         return_exceptions: ``False`` (default): the first failure (after its
             retries) cancels everything in flight and is raised as itself.
             ``True``: the exception object takes the item's place.

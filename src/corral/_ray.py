@@ -32,6 +32,9 @@ What each guarantee becomes
   first failure (``return_exceptions=False``) ends the map and cancels the
   chunks in flight with ``ray.cancel``, which raises ``CancelledError``
   inside their running coroutines.
+- **Retries** run in the actor, per attempt; each actor keeps the retry
+  budget for its own calls with a share of its floor (see _remote), so the
+  map's retries stay ``floor + ratio x successes`` as in one process.
 - **A dead actor** (its process killed, its node lost) is restarted by Ray
   (``max_restarts``) and the chunks it held are re-run there
   (``max_task_retries``); the driver still hands out each result exactly
@@ -52,11 +55,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import enum
 import importlib
 import importlib.util
 import inspect
-import itertools
 import logging
 import math
 import os
@@ -65,16 +66,25 @@ import sys
 import threading
 import traceback
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
-from ._engine import ResultStream
+from ._engine import _Retried
 from ._limits import Limiter
 from ._offload import WorkerCrashed, is_async_callable
+from ._remote import (
+    RemoteOptions,
+    RemoteRun,
+    RemoteStream,
+    _Phase,
+    finish_tasks,
+    split_limit,
+    split_retry_budget,
+    worker_call,
+)
 from ._retry import Retry
-from ._retry_budget import RetryBudgetState
-from ._shard import split_limit
-from ._stats import LatencyHistogram, Stats
+from ._retry_budget import RetryBudget, RetryBudgetState
+from ._stats import LatencyHistogram
 
 R = TypeVar("R")
 
@@ -289,6 +299,7 @@ class _Actor:
         share: int | None,
         timeout: float | None,
         retry: Retry | None,
+        budget: RetryBudget | None,
         return_exceptions: bool,
     ) -> None:
         self._fn = fn
@@ -296,6 +307,8 @@ class _Actor:
         self._timeout = timeout
         self._retry = retry
         self._return_exceptions = return_exceptions
+        # This actor's share of the retry budget (see split_retry_budget), shared by its chunks.
+        self._retry_budget = None if budget is None else RetryBudgetState(budget)
         self._limiter = None if share is None else Limiter(limit=share)
         self._threads = (
             None
@@ -305,7 +318,6 @@ class _Actor:
             )
         )
         self._state_task: asyncio.Future[Any] | None = None
-        self._retry_budget: RetryBudgetState | None = None  # per actor, shared by its chunks
 
     async def _state(self) -> Any:
         """The setup state, made once per actor (a restarted actor makes it again)."""
@@ -337,20 +349,16 @@ class _Actor:
 
     async def run_chunk(self, items: list[Any]) -> ChunkOutcome:
         """Run one chunk on corral's engine; every outcome in the chunk's order."""
-        # Imported here: _api imports this module.
-        from ._api import _with_retries, _with_timeout
-        from ._api import map as corral_map
-        from ._engine import _Retried
+        from ._api import map as corral_map  # here: _api imports this module
 
-        call = self._call(await self._state())
-        if self._timeout is not None:
-            call = _with_timeout(call, self._timeout)
         retried = _Retried()
-        if self._retry is not None:
-            if self._retry_budget is None and self._retry.budget is not None:
-                assert not isinstance(self._retry.budget, float | int)  # normalised by Retry
-                self._retry_budget = RetryBudgetState(self._retry.budget)
-            call = _with_retries(call, self._retry, retried, self._retry_budget)
+        call = worker_call(
+            self._call(await self._state()),
+            timeout=self._timeout,
+            retry=self._retry,
+            budget=self._retry_budget,
+            retried=retried,
+        )
         clock = asyncio.get_running_loop().time
         histogram = LatencyHistogram()
 
@@ -428,13 +436,6 @@ def _growth(histogram: LatencyHistogram) -> dict[int, int]:
 # ---------------------------------------------------------------------------
 
 
-class _Phase(enum.Enum):
-    IDLE = "idle"  # created; nothing started
-    RUNNING = "running"  # connecting, actors starting or running, chunks flowing
-    CLOSING = "closing"  # ended, failed or left: chunks being cancelled, actors killed
-    CLOSED = "closed"  # every actor killed, every task finished
-
-
 class _Slot:
     """The driver's view of one actor."""
 
@@ -456,92 +457,43 @@ class _Chunk:
         self.ref = ref
 
 
-class RayRun(Generic[R]):
-    """The driver's side of a map on Ray: connection, actors, feeder, merge, cleanup."""
+class RayRun(RemoteRun[R]):
+    """The driver's side of a map on Ray: connection, actors, chunks in flight.
+
+    Feeding, merging, stats and cleanup are :class:`RemoteRun`'s.
+    """
+
+    workers_name = "Ray actors"
 
     def __init__(
         self,
         fn: Callable[..., Any],
         items: Iterable[Any] | AsyncIterable[Any],
+        options: RemoteOptions,
         *,
         address: str | None,
         setup: Callable[[], Any] | None,
         actors: int | None,
-        limit: int | None,
-        ordered: bool,
-        timeout: float | None,
-        retry: Retry | None,
-        return_exceptions: bool,
     ) -> None:
-        self._fn = fn
-        self._items = items
+        super().__init__(fn, items, options)
         self._address = address
         self._setup = setup
         self._actors_wanted = actors
-        self._limit = limit
-        self._ordered = ordered
-        self._timeout = timeout
-        self._retry = retry
-        self._return_exceptions = return_exceptions
-
-        self._phase = _Phase.IDLE
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._ray: Any = None
         self._slots: list[_Slot] = []
         self._chunk_size = MAX_CHUNK
         self._per_actor = CHUNKS_PER_ACTOR
-        self._window = 0  # items the driver may run ahead of the consumer
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._window = 0  # set with the actors
         self._chunk_tasks: set[asyncio.Task[None]] = set()
         self._outstanding: dict[int, _Chunk] = {}  # by first index: sent, not back
-        self._error: BaseException | None = None
-        self._halted = False
-        self._input_done = False
-        self._next_index = 0
-        self._ready: deque[Any] = deque()
-        self._pending: dict[int, list[Any]] = {}  # ordered: chunks done early, by first index
-        self._next_delivery = 0
-        self._consumed = 0
-        self._consumer: asyncio.Future[None] | None = None
-        self._room: asyncio.Future[None] | None = None
-        self._completed = 0
-        self._failed = 0
         self._retried = 0
         self._sent = 0
-        self._histogram = LatencyHistogram()
-        self._started_at = 0.0
-        self._ended_at: float | None = None
-        self._closed: asyncio.Future[None] | None = None
 
-    # -- lifecycle --------------------------------------------------------
-
-    def start(self) -> None:
-        if self._phase is not _Phase.IDLE:
-            return
-        loop = self._loop = asyncio.get_running_loop()
-        self._started_at = loop.time()
-        self._phase = _Phase.RUNNING
-        self._spawn(self._boot())
-
-    def _spawn(self, coro: Awaitable[None], into: set[asyncio.Task[None]] | None = None) -> None:
-        assert self._loop is not None
-        tasks = self._tasks if into is None else into
-        task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    @property
-    def finished(self) -> bool:
-        return self._phase is _Phase.CLOSED
+    # -- the actors -------------------------------------------------------
 
     async def _boot(self) -> None:
-        assert self._loop is not None
-        try:
-            ray = self._ray = await connect_async(self._address)
-            self._start_actors(ray)
-        except Exception as exc:
-            self._fail(exc)
-            return
+        ray = self._ray = await connect_async(self._address)
+        self._start_actors(ray)
         await self._feed()
 
     def _start_actors(self, ray: Any) -> None:
@@ -564,60 +516,70 @@ class RayRun(Generic[R]):
             max_task_retries=MAX_RESTARTS,
             scheduling_strategy="SPREAD",
         )
-        for number, share in enumerate(shares):
+        options = self._options
+        budgets = split_retry_budget(options.retry, len(shares))
+        for number, (share, budget) in enumerate(zip(shares, budgets, strict=True)):
             handle = actor_class.remote(
-                self._fn, self._setup, share, self._timeout, self._retry, self._return_exceptions
+                self._fn,
+                self._setup,
+                share,
+                options.timeout,
+                options.retry,
+                budget,
+                options.return_exceptions,
             )
             self._slots.append(_Slot(number, handle))
 
     def _all_done(self) -> bool:
         return self._input_done and not self._outstanding
 
+    def _stop_workers(self) -> None:
+        ray = self._ray
+        if ray is not None:
+            for chunk in list(self._outstanding.values()):
+                try:
+                    ray.cancel(chunk.ref)  # CancelledError inside the actor's coroutines
+                except Exception:  # pragma: no cover - the actor is already gone
+                    pass
+
+    async def _settle(self) -> None:
+        await super()._settle()
+        # Cancelled chunks report back once their coroutines have stopped.
+        await finish_tasks(self._chunk_tasks, cancel=False, grace=CANCEL_GRACE)
+
+    async def _release(self, clean: bool) -> None:
+        ray = self._ray
+        if ray is None or not self._slots:
+            return
+        if clean and self._setup is not None:
+            closing = [asyncio.ensure_future(slot.handle.close.remote()) for slot in self._slots]
+            await asyncio.wait(closing, timeout=CLOSE_GRACE)
+            for future in closing:
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # seen: a failed close is not the map's error
+        for slot in self._slots:
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception:  # pragma: no cover - already dead
+                pass
+
+    def _counts(self, done: int, running: bool) -> tuple[int, int, int]:
+        return self._sent, (self._sent - done) if running else 0, self._retried
+
+    @property
+    def actor_handles(self) -> list[Any]:
+        """The actors' handles, in slot order (for tests and diagnostics)."""
+        return [slot.handle for slot in self._slots]
+
     # -- feeding ----------------------------------------------------------
 
-    def _room_left(self) -> int:
-        """Items the feeder may send now (0: wait)."""
-        if not any(slot.held < self._per_actor for slot in self._slots):
-            return 0
-        ahead = self._consumed + self._window - self._next_index
-        return max(0, min(self._chunk_size, ahead))
-
-    async def _wait_for_room(self) -> int:
-        assert self._loop is not None
-        while (room := self._room_left()) <= 0:
-            self._room = self._loop.create_future()
-            try:
-                await self._room
-            finally:
-                self._room = None
-        return room
-
-    def _wake_feeder(self) -> None:
-        room = self._room
-        if room is not None and not room.done():
-            room.set_result(None)
-
-    async def _feed(self) -> None:
-        items = self._items
-        try:
-            if isinstance(items, AsyncIterable):
-                await self._feed_async(aiter(items))
-            else:
-                await self._feed_sync(iter(items))
-        except Exception as exc:  # the input itself raised (or a chunk could not be sent)
-            self._fail(exc)
-            return
-        self._input_done = True
-        self._check_end()
-
-    async def _feed_sync(self, iterator: Iterator[Any]) -> None:
-        while True:
-            room = await self._wait_for_room()
-            chunk = list(itertools.islice(iterator, room))
-            if not chunk:
-                return
-            self._send(chunk)
-            await asyncio.sleep(0)  # let outcomes in before pulling more
+    def _worker_room(self) -> int:
+        """A chunk's worth when an actor has room for one, else 0."""
+        if any(slot.held < self._per_actor for slot in self._slots):
+            return self._chunk_size
+        return 0
 
     async def _feed_async(self, iterator: AsyncIterator[Any]) -> None:
         # A pump pulls ahead into a buffer of one chunk, so a slow source sends
@@ -658,21 +620,21 @@ class RayRun(Generic[R]):
                     return
                 chunk = [buffer.popleft() for _ in range(min(room, len(buffer)))]
                 space.set()
-                self._send(chunk)
+                self._dispatch(chunk)
                 await asyncio.sleep(0)
         finally:
             if not pumping.done():
                 pumping.cancel()
                 await asyncio.gather(pumping, return_exceptions=True)
 
-    def _send(self, chunk: list[Any]) -> None:
+    def _dispatch(self, batch: list[Any]) -> None:
         slot = min(self._slots, key=lambda s: s.held)
         start = self._next_index
-        ref = slot.handle.run_chunk.remote(chunk)
-        self._next_index += len(chunk)
-        self._sent += len(chunk)
+        ref = slot.handle.run_chunk.remote(batch)
+        self._next_index += len(batch)
+        self._sent += len(batch)
         slot.held += 1
-        record = _Chunk(start, len(chunk), slot, ref)
+        record = _Chunk(start, len(batch), slot, ref)
         self._outstanding[start] = record
         self._spawn(self._await_chunk(record), self._chunk_tasks)
 
@@ -717,14 +679,11 @@ class RayRun(Generic[R]):
     # -- outcomes ---------------------------------------------------------
 
     def _on_outcome(self, chunk: _Chunk, outcome: ChunkOutcome) -> None:
-        if self._phase is not _Phase.RUNNING or self._error is not None or self._halted:
+        if not self._live():
             return
         values, failed, error, retried, latency = outcome
         self._retried += retried
-        histogram = self._histogram
-        for bucket, count in latency.items():
-            histogram.counts[bucket] += count
-            histogram.total += count
+        self._add_latency(latency)
         if error is not None:
             self._failed += 1
             self._fail(error)
@@ -737,229 +696,11 @@ class RayRun(Generic[R]):
                 )
             )
             return
-        self._failed += len(failed)
-        self._completed += chunk.size - len(failed)
-        if self._ordered:
-            if chunk.start != self._next_delivery:
-                self._pending[chunk.start] = values
-                return
-            self._ready.extend(values)
-            index = chunk.start + chunk.size
-            pending = self._pending
-            while index in pending:
-                later = pending.pop(index)
-                self._ready.extend(later)
-                index += len(later)
-            self._next_delivery = index
-        else:
-            self._ready.extend(values)
-        self._wake_consumer()
+        self._deliver_chunk(chunk.start, values, len(failed))
         self._check_end()
 
-    def _check_end(self) -> None:
-        if not self._all_done():
-            return
-        if self._ended_at is None and self._loop is not None:
-            self._ended_at = self._loop.time()
-        if self._pending or self._completed + self._failed != self._next_index:
-            self._fail(  # pragma: no cover - a bug, loudly
-                RuntimeError(
-                    f"corral bug: {self._next_index} items were sent to the Ray actors, "
-                    f"{self._completed + self._failed} results came back; please report it"
-                )
-            )
-        self._wake_consumer()
 
-    # -- failure and early ends -------------------------------------------
-
-    def _fail(self, exc: BaseException) -> None:
-        """End the run with ``exc`` (the first failure wins); cancel the chunks in flight."""
-        if self._error is not None or self._halted:
-            return
-        self._error = exc
-        self._stop_now()
-        self._wake_consumer()
-
-    def halt(self) -> None:
-        """``cancel()``: stop sending and running chunks; keep the results already ready."""
-        if self._phase is not _Phase.RUNNING or self._error is not None or self._halted:
-            return
-        self._halted = True
-        self._pending.clear()
-        self._stop_now()
-        self._wake_consumer()
-
-    def _stop_now(self) -> None:
-        for task in self._tasks:
-            task.cancel()  # the feeder: nothing more is pulled or sent
-        ray = self._ray
-        if ray is not None:
-            for chunk in list(self._outstanding.values()):
-                try:
-                    ray.cancel(chunk.ref)  # CancelledError inside the actor's coroutines
-                except Exception:  # pragma: no cover - the actor is already gone
-                    pass
-        if self._ended_at is None and self._loop is not None:
-            self._ended_at = self._loop.time()
-
-    # -- the consumer -----------------------------------------------------
-
-    @property
-    def ready(self) -> deque[Any]:
-        return self._ready
-
-    def take(self) -> Any:
-        self._consumed += 1
-        if self._room is not None:
-            self._wake_feeder()
-        return self._ready.popleft()
-
-    def _wake_consumer(self) -> None:
-        consumer = self._consumer
-        if consumer is not None and not consumer.done():
-            consumer.set_result(None)
-
-    async def wait_next(self) -> bool:
-        """Wait until a result is ready (True) or the run is over (False); raise its error."""
-        self.start()
-        while True:
-            if self._error is not None:
-                await self.aclose()
-                raise self._error
-            if self._ready:
-                return True
-            if self._halted or self._all_done() or self._phase is not _Phase.RUNNING:
-                await self.aclose()
-                if self._error is not None:
-                    raise self._error
-                return False
-            assert self._loop is not None
-            self._consumer = self._loop.create_future()
-            try:
-                await self._consumer
-            finally:
-                self._consumer = None
-
-    # -- cleanup ----------------------------------------------------------
-
-    async def aclose(self) -> None:
-        """Cancel the chunks in flight, kill the actors, finish every task; idempotent."""
-        if self._phase is _Phase.CLOSED:
-            return
-        if self._phase is _Phase.CLOSING:
-            assert self._closed is not None
-            await asyncio.shield(self._closed)
-            return
-        if self._phase is _Phase.IDLE:
-            self._phase = _Phase.CLOSED
-            await _close_input(self._items)
-            return
-        clean = self._error is None and not self._halted and self._all_done()
-        assert self._loop is not None
-        self._closed = self._loop.create_future()
-        if not clean:
-            self._stop_now()
-        self._phase = _Phase.CLOSING
-        try:
-            await _finish(self._tasks, cancel=True)
-            # Cancelled chunks report back once their coroutines have stopped.
-            await _finish(self._chunk_tasks, cancel=False, grace=CANCEL_GRACE)
-        finally:
-            try:
-                await self._stop_actors(clean)
-            finally:
-                if self._ended_at is None:
-                    self._ended_at = self._loop.time()
-                self._phase = _Phase.CLOSED
-                self._closed.set_result(None)
-                self._wake_consumer()
-                await _close_input(self._items)
-
-    async def _stop_actors(self, clean: bool) -> None:
-        ray = self._ray
-        if ray is None or not self._slots:
-            return
-        if clean and self._setup is not None:
-            closing = [asyncio.ensure_future(slot.handle.close.remote()) for slot in self._slots]
-            await asyncio.wait(closing, timeout=CLOSE_GRACE)
-            for future in closing:
-                if not future.done():
-                    future.cancel()
-                elif not future.cancelled():
-                    future.exception()  # seen: a failed close is not the map's error
-        for slot in self._slots:
-            try:
-                ray.kill(slot.handle, no_restart=True)
-            except Exception:  # pragma: no cover - already dead
-                pass
-
-    def abandon(self) -> None:
-        """The consumer dropped the stream unclosed: cancel now, close in the background."""
-        if self._phase in (_Phase.IDLE, _Phase.CLOSED) or self._loop is None:
-            return
-        self._stop_now()
-        if not self._loop.is_closed():
-            loop = self._loop
-            loop.call_soon_threadsafe(lambda: loop.create_task(self.aclose()))
-
-    # -- stats ------------------------------------------------------------
-
-    @property
-    def actor_handles(self) -> list[Any]:
-        """The actors' handles, in slot order (for tests and diagnostics)."""
-        return [slot.handle for slot in self._slots]
-
-    def stats(self) -> Stats:
-        if self._phase is _Phase.IDLE or self._loop is None:
-            return Stats(0, 0, 0, 0, 0, 0.0, 0.0, self._limit, None, None, None)
-        ended = self._ended_at if self._ended_at is not None else self._loop.time()
-        elapsed = ended - self._started_at
-        done = self._completed + self._failed
-        running = self._phase is _Phase.RUNNING and self._error is None and not self._halted
-        in_flight = self._sent - done if running else 0
-        histogram = self._histogram
-        return Stats(
-            started=self._sent,
-            completed=self._completed,
-            failed=self._failed,
-            retried=self._retried,
-            in_flight=in_flight,
-            elapsed=elapsed,
-            throughput=done / elapsed if elapsed > 0 else 0.0,
-            limit=self._limit,
-            latency_p50=histogram.percentile(0.50),
-            latency_p90=histogram.percentile(0.90),
-            latency_p99=histogram.percentile(0.99),
-        )
-
-
-async def _finish(
-    tasks: set[asyncio.Task[None]], *, cancel: bool, grace: float | None = None
-) -> None:
-    """Wait for ``tasks`` (cancelling them first, or after ``grace`` seconds)."""
-    while tasks:
-        batch = list(tasks)
-        if cancel:
-            for task in batch:
-                task.cancel()
-            await asyncio.wait(batch)
-            continue
-        _, late = await asyncio.wait(batch, timeout=grace)
-        cancel = True  # whatever is still waiting after the grace is cancelled
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.wait(late)
-
-
-async def _close_input(items: object) -> None:
-    if isinstance(items, AsyncIterable):
-        aclose = getattr(items, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-class RayStream(ResultStream[R]):
+class RayStream(RemoteStream[R]):
     """The results of ``corral.map(..., backend="ray")``: same protocol as :class:`ResultStream`.
 
     ``async with`` it and ``async for`` over it; ``stats`` counts what came
@@ -967,49 +708,6 @@ class RayStream(ResultStream[R]):
     ``aclose()`` (or leaving ``async with``) cancels the chunks in flight and
     kills the actors.
     """
-
-    def __init__(self, run: RayRun[R]) -> None:  # no super().__init__: there is no engine
-        self._run = run
-        self._ready = run.ready
-
-    @property
-    def stats(self) -> Stats:
-        """A frozen snapshot of the run's counters and latency (measured in the actors)."""
-        return self._run.stats()
-
-    async def __aenter__(self) -> RayStream[R]:
-        self._run.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> AsyncIterator[R]:
-        return self
-
-    async def __anext__(self) -> R:
-        run = self._run
-        if self._ready:
-            return run.take()  # type: ignore[no-any-return]
-        if await run.wait_next():
-            return run.take()  # type: ignore[no-any-return]
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        """End the map early, keeping what is done (see :meth:`ResultStream.cancel`)."""
-        self._run.halt()
-
-    async def aclose(self) -> None:
-        """Stop the map: cancel its chunks in flight and kill its actors."""
-        await self._run.aclose()
-
-    def __del__(self) -> None:
-        run = getattr(self, "_run", None)
-        if run is not None and not run.finished:
-            try:
-                run.abandon()
-            except RuntimeError:  # pragma: no cover - the loop is already closed
-                pass
 
 
 def check_setup(setup: object) -> None:
@@ -1060,16 +758,6 @@ def map_on_ray(
         ImportError: at once, when Ray is not installed.
     """
     require_ray()
-    run: RayRun[Any] = RayRun(
-        fn,
-        items,
-        address=address,
-        setup=setup,
-        actors=actors,
-        limit=limit,
-        ordered=ordered,
-        timeout=timeout,
-        retry=retry,
-        return_exceptions=return_exceptions,
-    )
+    options = RemoteOptions(limit, ordered, timeout, retry, return_exceptions)
+    run: RayRun[Any] = RayRun(fn, items, options, address=address, setup=setup, actors=actors)
     return RayStream(run)

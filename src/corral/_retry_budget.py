@@ -52,6 +52,10 @@ class RetryBudgetExhausted(Exception):
     def __init__(self, message: str, error: BaseException | None = None) -> None:
         super().__init__(message, error)
         self.error = error
+        if error is not None:
+            # Also when rebuilt from a pickle (from a worker process or a Ray
+            # actor), which keeps the arguments but not ``raise ... from``.
+            self.__cause__ = error
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -32,6 +32,12 @@ What each guarantee becomes
   with its input index and is delivered once; an exception comes back as its
   own type with the remote traceback as a note. ``timeout`` and ``retries``
   apply in the child, per attempt, as in one process.
+- **Retry budget, for the whole map**: each child keeps ``Retry(budget=)``
+  for its own calls (retries up to the ratio of its successes) with a share
+  of the floor (10 over 4 children: 3, 3, 2, 2), so the map's retries stay
+  ``floor + ratio x successes`` as in one process, not N floors. A retry
+  the budget refuses fails its item with :class:`corral.RetryBudgetExhausted`
+  (counted in ``failed``).
 - **Structured**: leaving the map by any path stops the children: after a
   clean end they exit on their own; on failure, cancellation or ``break``
   they are terminated at once (killed a second later if need be). A child
@@ -49,18 +55,16 @@ What each guarantee becomes
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import pickle
-import random
 import reprlib
 import socket
 import sys
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._engine import ResultStream
+from ._engine import _Retried
 from ._limits import Rate, RateGate
 from ._offload import (
     Link,
@@ -76,8 +80,18 @@ from ._offload import (
     wait_exit,
     warm_up_start_method,
 )
+from ._remote import (
+    RemoteOptions,
+    RemoteRun,
+    RemoteStream,
+    _Phase,
+    split_limit,
+    split_retry_budget,
+    worker_call,
+)
 from ._retry import Retry
-from ._stats import LatencyHistogram, Stats
+from ._retry_budget import RetryBudget, RetryBudgetState
+from ._stats import LatencyHistogram
 
 if TYPE_CHECKING:
     from multiprocessing.context import ForkServerContext, SpawnContext
@@ -95,23 +109,24 @@ STATS_INTERVAL = 0.25
 EXIT_GRACE = 5.0
 
 
-def split_limit(limit: int, processes: int) -> list[int]:
-    """Shares of ``limit`` for ``processes`` children, as equal as can be, none zero."""
-    count = min(processes, limit)
-    base, extra = divmod(limit, count)
-    return [base + (1 if i < extra else 0) for i in range(count)]
+def _refuse_unpicklable(value: object, explain: Callable[[Exception], str]) -> None:
+    """TypeError(explain(why)) when ``value`` cannot be pickled for the children."""
+    try:
+        pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise TypeError(explain(exc)) from None
 
 
 def check_shardable(fn: Callable[..., Any], limit: object, retry: Retry | None) -> None:
     """Refuse at once what cannot run in worker processes, saying why and what to do."""
-    try:
-        pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise TypeError(
+    _refuse_unpicklable(
+        fn,
+        lambda exc: (
             f"processes=N runs fn in other processes, which import it by name; {fn!r} "
             f"cannot be sent there ({exc}). Define it with `async def` at module level in "
             "a module (not a lambda, a closure or a function defined inside another)."
-        ) from None
+        ),
+    )
     if not is_async_callable(fn):
         raise TypeError(
             f"processes=N runs an `async def` fn on N event loops; {fn!r} is a plain "
@@ -130,20 +145,13 @@ def check_shardable(fn: Callable[..., Any], limit: object, retry: Retry | None) 
             "adaptive limit lives in one process and cannot be split. Pass an int or None; "
             f"got limit={limit!r}"
         )
-    try:
-        pickle.dumps(retry, pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise TypeError(
+    _refuse_unpicklable(
+        retry,
+        lambda exc: (
             f"processes=N sends retries= to its processes, but retries={retry!r} cannot be "
             f"pickled ({exc}). Give Retry(on=...) exception types or a module-level function."
-        ) from None
-
-
-class _Phase(enum.Enum):
-    IDLE = "idle"  # created; no process started
-    RUNNING = "running"  # children started or starting, items flowing
-    CLOSING = "closing"  # ended, failed or left: children being stopped
-    CLOSED = "closed"  # every child stopped and reaped, every task finished
+        ),
+    )
 
 
 class _Child:
@@ -184,86 +192,52 @@ class _Child:
         return self.capacity - self.outstanding - len(self.outbox)
 
 
-class ShardRun(Generic[R]):
-    """The parent's side of a sharded map: children, feeder, delivery, cleanup."""
+class ShardRun(RemoteRun[R]):
+    """The parent's side of a sharded map: the children, their messages and rate tokens.
+
+    Feeding, merging, stats and cleanup are :class:`RemoteRun`'s.
+    """
+
+    workers_name = "worker processes"
 
     def __init__(
         self,
         fn: Callable[[Any], Awaitable[R]],
         items: Iterable[Any] | AsyncIterable[Any],
+        options: RemoteOptions,
         *,
         processes: int,
-        limit: int | None,
         rate: Rate | None,
-        ordered: bool,
-        timeout: float | None,
-        retry: Retry | None,
-        return_exceptions: bool,
     ) -> None:
-        self._fn = fn
-        self._items = items
-        self._limit = limit
+        super().__init__(fn, items, options)
         self._rate = rate
-        self._ordered = ordered
-        self._return_exceptions = return_exceptions
+        limit, timeout, retry = options.limit, options.timeout, options.retry
         shares: list[int | None]
         shares = [None] * processes if limit is None else list(split_limit(limit, processes))
         self._children = [
             _Child(number, None if share is None else 2 * share)
             for number, share in enumerate(shares)
         ]
+        budgets = split_retry_budget(retry, len(shares))
         self._payloads = [
-            pickle.dumps((fn, share, timeout, retry, rate is not None), pickle.HIGHEST_PROTOCOL)
-            for share in shares
+            pickle.dumps(
+                (fn, share, timeout, retry, budget, rate is not None), pickle.HIGHEST_PROTOCOL
+            )
+            for share, budget in zip(shares, budgets, strict=True)
         ]
         self._window = None if limit is None else WINDOW_PER_LIMIT * limit
-
-        self._phase = _Phase.IDLE
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._context: ForkServerContext | SpawnContext | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._error: BaseException | None = None
-        self._halted = False  # cancel(): no more results beyond those ready
-        self._input_done = False
-        self._next_index = 0  # the index the next pulled item gets
-        self._ready: deque[Any] = deque()
-        self._pending: dict[int, Any] = {}  # ordered: done, waiting for earlier items
-        self._next_delivery = 0  # ordered: the index the consumer gets next
-        self._consumed = 0
-        self._consumer: asyncio.Future[None] | None = None
-        self._room: asyncio.Future[None] | None = None  # the feeder waiting for room
         self._flush_handle: asyncio.Handle | None = None
         self._token_requests: deque[_Child] = deque()
         self._token_waiter: asyncio.Future[None] | None = None
-        self._completed = 0
-        self._failed = 0
-        self._histogram = LatencyHistogram()
-        self._started_at = 0.0
-        self._ended_at: float | None = None
-        self._closed: asyncio.Future[None] | None = None  # set when aclose() has finished
 
-    # -- lifecycle --------------------------------------------------------
-
-    def start(self) -> None:
-        if self._phase is not _Phase.IDLE:
-            return
-        loop = self._loop = asyncio.get_running_loop()
-        self._started_at = loop.time()
-        self._phase = _Phase.RUNNING
-        self._context = mp_context()
-        self._spawn(self._boot())
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        assert self._loop is not None
-        task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    # -- the children -----------------------------------------------------
 
     async def _boot(self) -> None:
         assert self._loop is not None
-        assert self._context is not None
+        context = self._context = mp_context()
         # Starting the fork server blocks for ~0.1 s the first time: not on the loop.
-        await self._loop.run_in_executor(None, warm_up_start_method, self._context)
+        await self._loop.run_in_executor(None, warm_up_start_method, context)
         for child, payload in zip(self._children, self._payloads, strict=True):
             await self._start_child(child, payload)
         if self._rate is not None:
@@ -292,72 +266,39 @@ class ShardRun(Generic[R]):
         await connect(parent_end, link)
         child.link = link
 
-    @property
-    def finished(self) -> bool:
-        return self._phase is _Phase.CLOSED
-
     def _all_done(self) -> bool:
         return self._input_done and all(child.finished for child in self._children)
 
-    # -- feeding ----------------------------------------------------------
+    def _stop_workers(self) -> None:
+        for child in self._children:
+            if child.process is not None and child.process.exitcode is None:
+                child.process.terminate()
 
-    def _free(self) -> int:
-        free = sum(child.free() for child in self._children)
-        if self._window is not None:
-            free = min(free, self._consumed + self._window - self._next_index)
-        return free
+    async def _settle(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        await super()._settle()
 
-    async def _wait_for_room(self) -> None:
-        assert self._loop is not None
-        while self._free() <= 0:
-            self._room = self._loop.create_future()
-            try:
-                await self._room
-            finally:
-                self._room = None
-
-    def _wake_feeder(self) -> None:
-        room = self._room
-        if room is not None and not room.done():
-            room.set_result(None)
-
-    async def _feed(self) -> None:
-        items = self._items
-        try:
-            if isinstance(items, AsyncIterable):
-                await self._feed_async(aiter(items))
-            else:
-                await self._feed_sync(iter(items))
-        except Exception as exc:  # the input itself raised
-            self._fail(exc)
-            return
-        self._input_done = True
-        self._flush()
+    async def _release(self, clean: bool) -> None:
         for child in self._children:
             if child.link is not None:
-                child.link.send(("end",))
-        self._check_end()
+                child.link.close()
+        processes = [c.process for c in self._children if c.process is not None]
+        await stop_processes(processes, grace=EXIT_GRACE if clean else 0.0)
 
-    async def _feed_sync(self, iterator: Iterator[Any]) -> None:
-        while True:
-            await self._wait_for_room()
-            batch = list(itertools.islice(iterator, self._free()))
-            if not batch:
-                return
-            self._assign(batch)
-            # Let results in (and the batch out) before pulling more.
-            await asyncio.sleep(0)
+    def _counts(self, done: int, running: bool) -> tuple[int, int, int]:
+        in_flight = 0
+        if running:
+            in_flight = sum(max(0, c.started - c.done) for c in self._children)
+        return done + in_flight, in_flight, sum(child.retried for child in self._children)
 
-    async def _feed_async(self, iterator: AsyncIterator[Any]) -> None:
-        while True:
-            await self._wait_for_room()
-            try:
-                item = await anext(iterator)
-            except StopAsyncIteration:
-                return
-            self._assign([item])
+    # -- feeding ----------------------------------------------------------
 
-    def _assign(self, batch: list[Any]) -> None:
+    def _worker_room(self) -> int:
+        return sum(child.free() for child in self._children)
+
+    def _dispatch(self, batch: list[Any]) -> None:
         """Give the items, with their indexes, to the children: the least loaded get the most.
 
         Water-filling: children in order of room, smallest first, each taking
@@ -377,6 +318,12 @@ class ShardRun(Generic[R]):
             position += take
         assert position >= len(pairs), "assigned more items than there was room for"
         self._schedule_flush()
+
+    def _input_ended(self) -> None:
+        self._flush()
+        for child in self._children:
+            if child.link is not None:
+                child.link.send(("end",))
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and self._loop is not None:
@@ -409,7 +356,7 @@ class ShardRun(Generic[R]):
                 f"the item {reprlib.repr(item)} cannot be sent to a worker process: it "
                 f"cannot be pickled ({exc})"
             )
-            self._finish_item(index, False, error)
+            self._deliver_items([(index, False, error)])
             return False
         return True
 
@@ -434,15 +381,14 @@ class ShardRun(Generic[R]):
     # -- messages from the children ---------------------------------------
 
     def _on_message(self, child: _Child, message: Any) -> None:
-        if self._phase is not _Phase.RUNNING or self._error is not None or self._halted:
+        if not self._live():
             return  # over: what was still on its way is not wanted
         kind = message[0]
         if kind == "results":
             _, outcomes, child.started, child.retried = message
             child.outstanding -= len(outcomes)
             child.done += len(outcomes)
-            for index, ok, value in outcomes:
-                self._finish_item(index, ok, value)
+            self._deliver_items(outcomes)
             self._wake_feeder()
         elif kind == "want":
             self._token_requests.extend(itertools.repeat(child, message[1]))
@@ -451,10 +397,7 @@ class ShardRun(Generic[R]):
                 waiter.set_result(None)
         elif kind == "progress":
             _, child.started, child.retried, latency = message
-            histogram = self._histogram
-            for bucket, count in latency.items():
-                histogram.counts[bucket] += count
-                histogram.total += count
+            self._add_latency(latency)
         elif kind == "done":
             child.finished = True
             self._check_end()
@@ -468,30 +411,6 @@ class ShardRun(Generic[R]):
             self._fail(error)
         elif kind in ("fatal", "undecodable"):  # the child's map failed, or garbled news
             self._fail(message[1])
-
-    def _finish_item(self, index: int, ok: bool, value: Any) -> None:
-        if ok:
-            self._completed += 1
-        else:
-            self._failed += 1
-            if not self._return_exceptions:
-                self._fail(value)
-                return
-        if self._ordered:
-            if index != self._next_delivery:
-                self._pending[index] = value
-                return
-            ready = self._ready
-            ready.append(value)
-            index += 1
-            pending = self._pending
-            while index in pending:
-                ready.append(pending.pop(index))
-                index += 1
-            self._next_delivery = index
-        else:
-            self._ready.append(value)
-        self._wake_consumer()
 
     def _on_lost(self, child: _Child) -> None:
         if self._phase is _Phase.RUNNING and not child.finished:
@@ -510,226 +429,14 @@ class ShardRun(Generic[R]):
             )
         )
 
-    def _check_end(self) -> None:
-        if not self._all_done():
-            return
-        if self._ended_at is None and self._loop is not None:
-            self._ended_at = self._loop.time()
-        ended = self._completed + self._failed
-        if self._pending or ended != self._next_index:  # pragma: no cover - a bug, loudly
-            self._fail(
-                RuntimeError(
-                    f"corral bug: {self._next_index} items were sent to the worker processes, "
-                    f"{ended} results came back; please report it"
-                )
-            )
-        self._wake_consumer()
 
-    # -- failure and early ends -------------------------------------------
-
-    def _fail(self, exc: BaseException) -> None:
-        """End the run with ``exc`` (the first failure wins); stop the children now."""
-        if self._error is not None or self._halted:
-            return
-        self._error = exc
-        self._stop_now()
-        self._wake_consumer()
-
-    def halt(self) -> None:
-        """``cancel()``: stop starting and running calls; keep the results already ready."""
-        if self._phase is not _Phase.RUNNING or self._error is not None or self._halted:
-            return
-        self._halted = True
-        self._pending.clear()  # in input order: nothing after the first unfinished item
-        self._stop_now()
-        self._wake_consumer()
-
-    def _stop_now(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for child in self._children:
-            if child.process is not None and child.process.exitcode is None:
-                child.process.terminate()
-        if self._ended_at is None and self._loop is not None:
-            self._ended_at = self._loop.time()
-
-    # -- the consumer -----------------------------------------------------
-
-    @property
-    def ready(self) -> deque[Any]:
-        return self._ready
-
-    def take(self) -> Any:
-        self._consumed += 1
-        if self._room is not None:
-            self._wake_feeder()
-        return self._ready.popleft()
-
-    def _wake_consumer(self) -> None:
-        consumer = self._consumer
-        if consumer is not None and not consumer.done():
-            consumer.set_result(None)
-
-    async def wait_next(self) -> bool:
-        """Wait until a result is ready (True) or the run is over (False); raise its error."""
-        self.start()
-        while True:
-            if self._error is not None:
-                await self.aclose()
-                raise self._error
-            if self._ready:
-                return True
-            if self._halted or self._all_done() or self._phase is not _Phase.RUNNING:
-                await self.aclose()
-                if self._error is not None:
-                    raise self._error
-                return False
-            assert self._loop is not None
-            self._consumer = self._loop.create_future()
-            try:
-                await self._consumer
-            finally:
-                self._consumer = None
-
-    # -- cleanup ----------------------------------------------------------
-
-    async def aclose(self) -> None:
-        """Stop the children and every task; idempotent."""
-        if self._phase is _Phase.CLOSED:
-            return
-        if self._phase is _Phase.CLOSING:
-            assert self._closed is not None
-            await asyncio.shield(self._closed)  # another caller is closing: wait for it
-            return
-        if self._phase is _Phase.IDLE:
-            self._phase = _Phase.CLOSED
-            await _close_input(self._items)
-            return
-        clean = self._error is None and not self._halted and self._all_done()
-        self._phase = _Phase.CLOSING
-        assert self._loop is not None
-        self._closed = self._loop.create_future()
-        if not clean:
-            self._stop_now()
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        try:
-            while self._tasks:
-                tasks = list(self._tasks)
-                for task in tasks:
-                    task.cancel()
-                await asyncio.wait(tasks)
-        finally:
-            for child in self._children:
-                if child.link is not None:
-                    child.link.close()
-            processes = [c.process for c in self._children if c.process is not None]
-            try:
-                await stop_processes(processes, grace=EXIT_GRACE if clean else 0.0)
-            finally:
-                if self._ended_at is None:
-                    assert self._loop is not None
-                    self._ended_at = self._loop.time()
-                self._phase = _Phase.CLOSED
-                self._closed.set_result(None)
-                self._wake_consumer()
-                await _close_input(self._items)
-
-    def abandon(self) -> None:
-        """The consumer dropped the stream unclosed: stop the children, close in the background."""
-        if self._phase in (_Phase.IDLE, _Phase.CLOSED) or self._loop is None:
-            return
-        self._stop_now()
-        if not self._loop.is_closed():
-            loop = self._loop
-            loop.call_soon_threadsafe(lambda: loop.create_task(self.aclose()))
-
-    # -- stats ------------------------------------------------------------
-
-    def stats(self) -> Stats:
-        if self._phase is _Phase.IDLE or self._loop is None:
-            return Stats(0, 0, 0, 0, 0, 0.0, 0.0, self._limit, None, None, None)
-        ended = self._ended_at if self._ended_at is not None else self._loop.time()
-        elapsed = ended - self._started_at
-        done = self._completed + self._failed
-        in_flight = 0
-        if self._phase is _Phase.RUNNING and self._error is None and not self._halted:
-            in_flight = sum(max(0, c.started - c.done) for c in self._children)
-        histogram = self._histogram
-        return Stats(
-            started=done + in_flight,
-            completed=self._completed,
-            failed=self._failed,
-            retried=sum(child.retried for child in self._children),
-            in_flight=in_flight,
-            elapsed=elapsed,
-            throughput=done / elapsed if elapsed > 0 else 0.0,
-            limit=self._limit,
-            latency_p50=histogram.percentile(0.50),
-            latency_p90=histogram.percentile(0.90),
-            latency_p99=histogram.percentile(0.99),
-        )
-
-
-async def _close_input(items: object) -> None:
-    # Like the engine: an async generator's cleanup runs inside the map.
-    if isinstance(items, AsyncIterable):
-        aclose = getattr(items, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-class ShardedStream(ResultStream[R]):
+class ShardedStream(RemoteStream[R]):
     """The results of ``corral.map(..., processes=N)``: same protocol as :class:`ResultStream`.
 
     ``async with`` it and ``async for`` over it; ``stats`` sums the children's
     counters; ``cancel()`` ends early keeping what is done; ``aclose()`` (or
     leaving ``async with``) stops every worker process.
     """
-
-    def __init__(self, run: ShardRun[R]) -> None:  # no super().__init__: there is no engine
-        self._run = run
-        self._ready = run.ready
-
-    @property
-    def stats(self) -> Stats:
-        """A frozen snapshot of the run's counters (summed over the processes) and latency."""
-        return self._run.stats()
-
-    async def __aenter__(self) -> ShardedStream[R]:
-        self._run.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> AsyncIterator[R]:
-        return self
-
-    async def __anext__(self) -> R:
-        run = self._run
-        if self._ready:
-            return run.take()  # type: ignore[no-any-return]
-        if await run.wait_next():
-            return run.take()  # type: ignore[no-any-return]
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        """End the map early, keeping what is done (see :meth:`ResultStream.cancel`)."""
-        self._run.halt()
-
-    async def aclose(self) -> None:
-        """Stop the map: terminate the worker processes (unless they are done) and reap them."""
-        await self._run.aclose()
-
-    def __del__(self) -> None:
-        run = getattr(self, "_run", None)
-        if run is not None and not run.finished:
-            try:
-                run.abandon()
-            except RuntimeError:  # pragma: no cover - the loop is already closed
-                pass
 
 
 def map_sharded(
@@ -752,18 +459,8 @@ def map_sharded(
             cannot be pickled.
     """
     check_shardable(fn, limit, retry)
-    run = ShardRun(
-        fn,
-        items,
-        processes=processes,
-        limit=limit,
-        rate=rate,
-        ordered=ordered,
-        timeout=timeout,
-        retry=retry,
-        return_exceptions=return_exceptions,
-    )
-    return ShardedStream(run)
+    options = RemoteOptions(limit, ordered, timeout, retry, return_exceptions)
+    return ShardedStream(ShardRun(fn, items, options, processes=processes, rate=rate))
 
 
 # ---------------------------------------------------------------------------
@@ -826,7 +523,7 @@ class _ChildSession:
         self._tokens: _Tokens | None = None
         self._tokens_wanted = 0
         self._started = 0
-        self._retried = 0
+        self._retried = _Retried()
         self._histogram = LatencyHistogram()
         self._reported = [0] * len(self._histogram.counts)
         self._closed: asyncio.Future[None] | None = None
@@ -854,7 +551,7 @@ class _ChildSession:
 
     async def _serve(self) -> None:
         try:
-            fn, limit, timeout, retry, paced = pickle.loads(self._payload)
+            fn, limit, timeout, retry, budget, paced = pickle.loads(self._payload)
         except Exception as exc:
             self._link.send(("broken", portable(exc)))
             return
@@ -865,7 +562,7 @@ class _ChildSession:
         loop = asyncio.get_running_loop()
         self._report_handle = loop.call_later(STATS_INTERVAL, self._report_progress)
         try:
-            run_item = self._item_runner(fn, timeout, retry)
+            run_item = self._item_runner(fn, timeout, retry, budget)
             async with corral_map(run_item, self._items(), limit=limit, ordered=False) as out:
                 async for outcome in out:
                     self._outbox.append(outcome)
@@ -883,38 +580,38 @@ class _ChildSession:
         self._link.send(("done",))
 
     def _item_runner(
-        self, fn: Callable[[Any], Awaitable[Any]], timeout: float | None, retry: Retry | None
+        self,
+        fn: Callable[[Any], Awaitable[Any]],
+        timeout: float | None,
+        retry: Retry | None,
+        budget: RetryBudget | None,
     ) -> Callable[[tuple[int, Any]], Awaitable[tuple[int, bool, Any]]]:
-        """The per-item call: tokens, timeout and retries around ``fn``; never raises."""
-        rng = random.Random()
+        """The per-item call: tokens, timeout and retries around ``fn``; never raises.
+
+        Retries draw on this process's share of the retry budget (see
+        :func:`split_retry_budget`), so the map's retries stay the budget's
+        share of all its successes however many processes run it.
+        """
         tokens = self._tokens
+        call = worker_call(
+            fn,
+            timeout=timeout,
+            retry=retry,
+            budget=None if budget is None else RetryBudgetState(budget),
+            retried=self._retried,
+            pace=None if tokens is None else tokens.acquire,
+        )
         histogram = self._histogram
         clock = asyncio.get_running_loop().time
-
-        async def attempt(item: Any) -> Any:
-            if tokens is not None:
-                await tokens.acquire()
-            if timeout is None:
-                return await fn(item)
-            async with asyncio.timeout(timeout):
-                return await fn(item)
 
         async def run_item(pair: tuple[int, Any]) -> tuple[int, bool, Any]:
             index, item = pair
             self._started += 1
             began = clock()
-            calls = 1
             try:
-                while True:
-                    try:
-                        return (index, True, await attempt(item))
-                    except Exception as exc:
-                        wait = None if retry is None else retry.next_wait(exc, calls, rng)
-                        if wait is None:
-                            return (index, False, portable(exc))
-                    self._retried += 1
-                    calls += 1
-                    await asyncio.sleep(wait)
+                return (index, True, await call(item))
+            except Exception as exc:
+                return (index, False, portable(exc))
             finally:
                 histogram.add(clock() - began)
 
@@ -973,7 +670,7 @@ class _ChildSession:
         if not self._outbox:
             return
         outcomes, self._outbox = self._outbox, []
-        message = ("results", outcomes, self._started, self._retried)
+        message = ("results", outcomes, self._started, self._retried.count)
         try:
             payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         except Exception:
@@ -982,7 +679,7 @@ class _ChildSession:
                 checked = picklable_value(value)
                 safe.append((index, ok and checked is value, checked))
             payload = pickle.dumps(
-                ("results", safe, self._started, self._retried), pickle.HIGHEST_PROTOCOL
+                ("results", safe, self._started, self._retried.count), pickle.HIGHEST_PROTOCOL
             )
         self._link.send_payload(payload)
 
@@ -991,7 +688,7 @@ class _ChildSession:
         counts, reported = self._histogram.counts, self._reported
         delta = {i: c - reported[i] for i, c in enumerate(counts) if c != reported[i]}
         self._reported = list(counts)
-        self._link.send(("progress", self._started, self._retried, delta))
+        self._link.send(("progress", self._started, self._retried.count, delta))
 
     def _report_progress(self) -> None:
         self._send_progress()
