@@ -35,6 +35,14 @@ Small fixed limits run fewer requests (``400 x limit``, at most the full
 count): a limit of 1 needs 12 ms per request, and 20k of them would take four
 minutes to say what 400 say. Every other run uses the full count.
 
+Warm-up and steady state
+------------------------
+Every number in the tables counts the whole run: for ``limit="auto"`` that
+includes its slow start from 4 calls in flight (a few hundred ms), while a
+fixed limit starts at its value. The verdict also gives the *steady state*:
+the calls that ended from ``WARMUP`` (1 s) into each run on, the same cut
+for every strategy, with the best fixed limit picked again on those numbers.
+
 Two scenarios
 -------------
 1. *Sweep*: every fixed limit and auto, ``--rounds`` times, in an order
@@ -95,6 +103,7 @@ RETRY = corral.Retry(attempts=10, backoff=0.05)
 HALVE_AT = 2.0  # seconds after the server starts
 SAMPLE_EVERY = 0.05  # seconds between samples of auto's limit
 RUN_TIMEOUT = 180.0  # a run taking longer is cancelled and shown as "timeout"
+WARMUP = 1.0  # seconds of every run left out of its "steady" numbers
 
 
 # --------------------------------------------------------------------------------------
@@ -269,12 +278,20 @@ async def measure(
     )
     ordered = sorted(probe.latencies)
     p50, p99 = _percentile(ordered, 50), _percentile(ordered, 99)
+    # Steady state: calls that ended after the first WARMUP seconds, the same
+    # cut for every strategy (a fixed limit opens its connections then too).
+    steady = sorted(
+        lat for lat, t in zip(probe.latencies, probe.done_at, strict=True) if t >= WARMUP
+    )
+    steady_p99 = _percentile(steady, 99)
     return {
         "strategy": strategy,
         "status": status,
         "n": n,
         "wall_s": wall,
         "throughput": len(probe.latencies) / wall,
+        "steady_throughput": len(steady) / (wall - WARMUP) if wall > 2 * WARMUP else None,
+        "steady_p99_ms": steady_p99 * 1e3 if steady_p99 is not None and wall > 2 * WARMUP else None,
         "p50_ms": p50 * 1e3 if p50 is not None else None,
         "p99_ms": p99 * 1e3 if p99 is not None else None,
         "failed": failed,
@@ -322,6 +339,8 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     row["status"] = "ok" if all(r["status"] == "ok" for r in runs) else "timeout"
     for key in (
         "throughput",
+        "steady_throughput",
+        "steady_p99_ms",
         "p50_ms",
         "p99_ms",
         "failed",
@@ -644,8 +663,23 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{x:.2f}x" for x in p99s),
             flush=True,
         )
+    # Steady state (every run from WARMUP s on), and the best fixed limit by
+    # steady throughput, picked again on those numbers.
+    steady_rows = [r for r in fixed_rows if r["steady_throughput"]]
+    steady_best = max(steady_rows, key=lambda r: r["steady_throughput"]) if steady_rows else None
     verdict = {
         "auto_vs_best_throughput": auto["throughput"] / best["throughput"],
+        "steady_best_fixed": steady_best["strategy"] if steady_best else None,
+        "steady_auto_vs_best_throughput": (
+            auto["steady_throughput"] / steady_best["steady_throughput"]
+            if steady_best and auto["steady_throughput"]
+            else None
+        ),
+        "steady_auto_p99_vs_best": (
+            auto["steady_p99_ms"] / steady_best["steady_p99_ms"]
+            if steady_best and auto["steady_p99_ms"] and steady_best["steady_p99_ms"]
+            else None
+        ),
         "auto_vs_top_fixed_same_round": paired,
         "auto_failed": auto["failed"],
         "auto_p99_vs_best": (auto["p99_ms"] / best["p99_ms"]) if best["p99_ms"] else None,
@@ -661,6 +695,13 @@ def main(argv: list[str] | None = None) -> int:
         f"after halving: settles in {_fmt(verdict['halving_settle_s'], '.2f')} s, "
         f"{verdict['halving_auto_failed']:.0f} failed items; best fixed got "
         f"{verdict['halving_best_fixed_429s']:.0f} 429s",
+        flush=True,
+    )
+    print(
+        f"Steady state (from {WARMUP:g} s into each run; best fixed "
+        f"{verdict['steady_best_fixed']}): auto throughput "
+        f"{_fmt(verdict['steady_auto_vs_best_throughput'], '.1%')} of it, p99 "
+        f"{_fmt(verdict['steady_auto_p99_vs_best'], '.2f')}x",
         flush=True,
     )
 

@@ -44,8 +44,8 @@ async def test_auto_finds_a_limit_without_overloading_the_server() -> None:
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
         ):
             urls = [f"{server.url}/item/{i}" for i in range(240)]
-            # Starting below the capacity measures the unloaded latency first
-            # (the default initial of 16 would start above it).
+            # Starting below the capacity (4, the default) measures the
+            # unloaded latency first.
             auto = corral.Adaptive(initial=4)
             async with corral.map(fetcher(session), urls, limit=auto) as results:
                 bodies = [body async for body in results]
@@ -71,7 +71,9 @@ async def test_auto_follows_a_capacity_drop() -> None:
             TargetServer(capacity=16, service_ms=50, queue=400) as server,
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
         ):
-            urls = [f"{server.url}/item/{i}" for i in range(520)]
+            # 200 requests after the drop: at 2 x 50 ms that is 5 s, time for
+            # a few round trips of 0.5 s even on a loaded machine.
+            urls = [f"{server.url}/item/{i}" for i in range(600)]
             async with corral.map(fetcher(session), urls, limit=limiter) as results:
                 seen = 0
                 async for _ in results:
@@ -80,7 +82,7 @@ async def test_auto_follows_a_capacity_drop() -> None:
                         before = limiter.limit
                         server.set_capacity(2)
             stats = server.stats()
-    assert (stats.served, stats.rejected) == (520, 0)
+    assert (stats.served, stats.rejected) == (600, 0)
     assert before is not None
     assert limiter.limit is not None
     assert limiter.limit <= 4 * 2 <= before
