@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,7 +17,7 @@ import corral
 from _loops import run
 from corral import Rate
 from corral._limits import RateGate, as_rates, gate_for
-from corral._weighted import WeightedGate
+from corral._weighted import Cell, WeightedGate
 
 
 def exactly(message: str) -> str:
@@ -175,6 +176,48 @@ async def test_a_refund_never_banks_capacity_before_now() -> None:
 
 
 @pytest.mark.virtual_time
+async def test_a_refund_is_set_against_a_later_debt_of_a_call_in_flight() -> None:
+    """Settling is as if each call had reserved what it used when it started.
+
+    A reserves 30 tokens at t=0 and uses none; B, started at t=1, reserves
+    none and uses 20. Had they reserved that, the schedule would stand at
+    t=3 (B's 20 tokens from t=1): so it does, although A's refund came at t=2,
+    when "now" was already past B's start.
+    """
+    # 0.1 s a token and a request; 2 s of lead (burst 21).
+    gate = gate_for(Rate({"requests": 600, "tokens": 600}, per=60, burst=21))
+    assert isinstance(gate, WeightedGate)
+    await gate.wait({"tokens": 30})  # A, t=0: booked to t=3
+    await asyncio.sleep(1)
+    await gate.wait({"tokens": 0})  # B, t=1
+    await asyncio.sleep(1)
+    gate.settle({"tokens": 30}, {"tokens": 0})  # A's refund, at t=2
+    gate.settle({"tokens": 0}, {"tokens": 20})  # B's debt
+    starts = []
+    for _ in range(4):
+        await gate.wait({"tokens": 10})
+        starts.append(_loop_time())
+    # From t=3 with 2 s of lead: two starts at once, then one a second. Had the
+    # refund stopped at t=2, B's debt would count from there: [2, 3, 4, 5].
+    assert starts == pytest.approx([2.0, 2.0, 3.0, 4.0])
+
+
+@pytest.mark.virtual_time
+async def test_a_refund_while_idle_gives_no_more_than_the_burst() -> None:
+    """100 tokens refunded after 20 idle seconds: still a burst of 3, then the pace."""
+    gate = gate_for(Rate({"requests": 600, "tokens": 600}, per=60, burst=3))
+    assert isinstance(gate, WeightedGate)
+    await gate.wait({"tokens": 100})  # booked to t=10
+    await asyncio.sleep(20)
+    gate.settle({"tokens": 100}, {"tokens": 0})
+    starts = []
+    for _ in range(5):
+        await gate.wait({"tokens": 1})
+        starts.append(_loop_time())
+    assert starts == pytest.approx([20.0, 20.0, 20.0, 20.1, 20.2])
+
+
+@pytest.mark.virtual_time
 async def test_several_windows_apply_at_once() -> None:
     """10/s and 12 per minute: a burst of 10 at the second's pace, then the minute's."""
     minute = Rate({"requests": 12}, per=60, burst=12)
@@ -275,6 +318,24 @@ async def test_a_shared_weighted_limiter_is_shared_by_maps() -> None:
     # 100 tokens at 100 tokens/s: one start per second across both maps; the
     # default usage reader found OpenAI's usage (100 tokens, as reserved).
     assert sorted(starts) == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+@pytest.mark.virtual_time
+async def test_a_metered_map_feeds_a_limiters_adaptive_rate() -> None:
+    """cost= on a Limiter(rate="auto"): each success grows its rate, as without cost=."""
+    limiter = corral.Limiter(limit=4, rate="auto")
+    first = limiter.rate
+    assert isinstance(first, Rate)
+
+    async def ask(n: int) -> int:
+        return n
+
+    await corral.gather(ask, range(40), limit=limiter, cost=lambda n: {"tokens": 1})
+    grown = limiter.rate
+    assert isinstance(grown, Rate)
+    assert isinstance(first.n, float)
+    assert isinstance(grown.n, float)
+    assert grown.n > first.n + 10  # slow start: every success adds to the rate
 
 
 @pytest.mark.virtual_time
@@ -413,27 +474,23 @@ _call = st.tuples(
     st.floats(0.0, 3.0),  # duration
 )
 
-
-@pytest.mark.slow
-@settings(max_examples=150, deadline=None)
-@given(
-    calls=st.lists(_call, min_size=1, max_size=25),
-    tokens=st.sampled_from([60, 600, 3000]),
-    burst=st.integers(1, 4),
+#: Calls that mostly reserve far more than they use and settle long after
+#: their reservation's schedule has passed (so their refunds reach back before
+#: "now"), with idle gaps between them and a few debts among them.
+_overreserving_call = st.tuples(
+    st.floats(0.0, 30.0),  # arrival: idle spells between calls
+    st.integers(10, 60),  # reserved tokens
+    st.one_of(st.integers(0, 10), st.integers(0, 100)),  # actual: mostly a refund
+    st.floats(0.0, 10.0),  # duration: often longer than the reservation's schedule
 )
-def test_settled_usage_stays_within_the_rate_but_for_what_was_in_flight(
-    calls: list[tuple[float, int, int, float]], tokens: int, burst: int
-) -> None:
-    """Over any window, usage <= allowance + the last start's own amount + what was in flight.
 
-    The allowance of a window [a, b] is (b - a + tolerance) / interval. What
-    was in flight: for every call in flight at some moment of the window
-    (started by b, settled after a), the difference its settlement made
-    (a debt beyond its reservation, or a refund of part of it).
-    """
-    rate = Rate({"requests": 20, "tokens": tokens}, per=1.0, burst=burst)
-    # start time, settle time, reserved, used, start's and settle's places in event order
-    records: list[tuple[float, float, int, int, int, int]] = []
+# start time, settle time, reserved, used, start's and settle's places in event order
+_Record = tuple[float, float, int, int, int, int]
+
+
+def _run_calls(calls: list[tuple[float, int, int, float]], rate: Rate) -> list[_Record]:
+    """Each call waits for the gate with its reservation, runs, and settles its usage."""
+    records: list[_Record] = []
     events = iter(range(10**6))
 
     async def main() -> None:
@@ -453,6 +510,19 @@ def test_settled_usage_stays_within_the_rate_but_for_what_was_in_flight(
                 tg.create_task(caller(*call))
 
     run(main, virtual_time=True)
+    return records
+
+
+def _assert_within_the_rate_but_for_what_was_in_flight(
+    records: list[_Record], rate: Rate, tokens: int
+) -> None:
+    """Over any window, usage <= allowance + the last start's own amount + what was in flight.
+
+    The allowance of a window [a, b] is (b - a + tolerance) / interval. What
+    was in flight: for every call in flight at some moment of the window
+    (started by b, settled after a), the difference its settlement made
+    (a debt beyond its reservation, or a refund of part of it).
+    """
     interval = rate.per / tokens
     starts = sorted(r[0] for r in records)
     for a in starts:
@@ -472,6 +542,109 @@ def test_settled_usage_stays_within_the_rate_but_for_what_was_in_flight(
     for i, a in enumerate(starts):
         for j in range(i, len(starts)):
             assert j - i + 1 <= (starts[j] - a + rate.tolerance) / rate.interval + 1 + 1e-6
+
+
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None)
+@given(
+    calls=st.lists(_call, min_size=1, max_size=25),
+    tokens=st.sampled_from([60, 600, 3000]),
+    burst=st.integers(1, 4),
+)
+def test_settled_usage_stays_within_the_rate_but_for_what_was_in_flight(
+    calls: list[tuple[float, int, int, float]], tokens: int, burst: int
+) -> None:
+    rate = Rate({"requests": 20, "tokens": tokens}, per=1.0, burst=burst)
+    _assert_within_the_rate_but_for_what_was_in_flight(_run_calls(calls, rate), rate, tokens)
+
+
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None)
+@given(
+    calls=st.lists(_overreserving_call, min_size=1, max_size=25),
+    tokens=st.sampled_from([20, 60, 600]),
+    burst=st.integers(1, 6),
+)
+def test_refunds_before_now_stay_within_the_rate_but_for_what_was_in_flight(
+    calls: list[tuple[float, int, int, float]], tokens: int, burst: int
+) -> None:
+    """The same bound when refunds reach back before "now" and debts follow them."""
+    rate = Rate({"requests": 20, "tokens": tokens}, per=1.0, burst=burst)
+    _assert_within_the_rate_but_for_what_was_in_flight(_run_calls(calls, rate), rate, tokens)
+
+
+def _ideal_delay(booked: list[list[Any]], rate: Rate, tokens: int, now: float) -> float:
+    """When the next start would conform had each call booked ``amount`` at its ``start``."""
+    ready = 0.0
+    for interval, amount_of in ((rate.interval, lambda amount: 1.0), (1.0 / tokens, float)):
+        tat = -math.inf
+        for start, _, amount in booked:
+            tat = max(tat, start) + amount_of(amount) * interval
+        ready = max(ready, tat - rate.tolerance - now)
+    return ready
+
+
+class _BookingGate(WeightedGate):
+    """Notes each start the moment the gate books it: [loop time, the cost, amount booked]."""
+
+    def __init__(self, rate: Rate, booked: list[list[Any]]) -> None:
+        super().__init__(
+            [Cell(d, rate.per / n, rate.tolerance, rate.per) for d, n in rate.limits.items()], rate
+        )
+        self.booked = booked
+
+    def wait_nowait(self, cost: Mapping[str, float] | None = None) -> bool:
+        if not super().wait_nowait(cost):
+            return False
+        assert cost is not None
+        self.booked.append([_loop_time(), cost, cost["tokens"]])
+        return True
+
+    def _take(self, now: float, cost: Mapping[str, float] | None) -> None:
+        super()._take(now, cost)  # a start granted from the line
+        assert cost is not None
+        self.booked.append([now, cost, cost["tokens"]])
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None)
+@given(
+    calls=st.lists(_overreserving_call, min_size=1, max_size=20),
+    tokens=st.sampled_from([20, 60, 600]),
+    burst=st.integers(1, 6),
+)
+def test_a_refund_never_leaves_the_gate_stricter_than_reserving_the_usage(
+    calls: list[tuple[float, int, int, float]], tokens: int, burst: int
+) -> None:
+    """Nothing an over-reservation kept back is lost once it is refunded.
+
+    After every settlement, the next start may come no later than if every
+    call settled so far had reserved exactly what it used (and every call
+    still in flight what it reserved), at the same start times.
+    """
+    rate = Rate({"requests": 20, "tokens": tokens}, per=1.0, burst=burst)
+    booked: list[list[Any]] = []  # in the order the gate booked them
+
+    async def main() -> None:
+        gate = _BookingGate(rate, booked)
+
+        async def caller(at: float, reserved: int, used: int, duration: float) -> None:
+            used = min(used, reserved)  # refunds only: a debt may cost more than the ideal
+            cost = {"tokens": float(reserved)}
+            await asyncio.sleep(at)
+            await gate.wait(cost)
+            await asyncio.sleep(duration)
+            gate.settle(cost, {"tokens": used})
+            [mine] = [entry for entry in booked if entry[1] is cost]
+            mine[2] = used
+            now = _loop_time()
+            assert gate.delay(now) <= _ideal_delay(booked, rate, tokens, now) + 1e-9
+
+        async with asyncio.TaskGroup() as tg:
+            for call in calls:
+                tg.create_task(caller(*call))
+
+    run(main, virtual_time=True)
 
 
 def test_no_loop_needed_to_build_a_weighted_limiter() -> None:

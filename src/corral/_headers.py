@@ -17,9 +17,22 @@ budget is full again. Anthropic-style::
 
 The reset is an RFC 3339 time. Dimensions: ``requests``; OpenAI's
 ``tokens`` and Anthropic's ``tokens`` map to ``tokens``; Anthropic's
-input/output ones to ``input_tokens`` and ``output_tokens``. Everything else
-is ignored, as is any value that does not parse: a broken header must never
-break a call that succeeded.
+input/output ones to ``input_tokens`` and ``output_tokens`` (and so do
+``x-ratelimit-*-input-tokens`` / ``-output-tokens``, which OpenAI-compatible
+servers with split token limits send, ``corral serve --llm`` among them).
+Both styles also send each budget's size (``x-ratelimit-limit-*``,
+``anthropic-ratelimit-*-limit``). Everything else is ignored, as is any value
+that does not parse: a broken header must never break a call that succeeded.
+
+**What "reset" means.** Both providers refill their buckets continuously
+(a token bucket, not a fixed window): the reset is when the bucket will be
+*full* again, not when the next unit comes back. With the budget's size
+``limit``, ``remaining`` units left and ``reset`` seconds to full, the bucket
+refills at ``(limit - remaining) / reset`` units per second, so a start that
+needs ``need`` units, more than remain, can go after
+``(need - remaining) * reset / (limit - remaining)`` seconds: see
+:func:`refill_wait` and :func:`server_pace`. Without ``limit`` the pace is
+unknown and only the full reset is certain.
 """
 
 from __future__ import annotations
@@ -28,24 +41,31 @@ import math
 import re
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["parse_duration", "parse_reset", "read_rate_headers"]
+__all__ = [
+    "RateHeader",
+    "parse_duration",
+    "parse_reset",
+    "read_rate_headers",
+    "read_rate_limits",
+    "refill_wait",
+    "server_pace",
+]
 
-# header name (lower case) -> (dimension, "remaining" | "reset")
-_KNOWN: dict[str, tuple[str, str]] = {}
-for _dimension, _openai in (("requests", "requests"), ("tokens", "tokens")):
-    _KNOWN[f"x-ratelimit-remaining-{_openai}"] = (_dimension, "remaining")
-    _KNOWN[f"x-ratelimit-reset-{_openai}"] = (_dimension, "reset")
-for _dimension, _anthropic in (
+_STEMS = (
     ("requests", "requests"),
     ("tokens", "tokens"),
     ("input_tokens", "input-tokens"),
     ("output_tokens", "output-tokens"),
-):
-    _KNOWN[f"anthropic-ratelimit-{_anthropic}-remaining"] = (_dimension, "remaining")
-    _KNOWN[f"anthropic-ratelimit-{_anthropic}-reset"] = (_dimension, "reset")
-del _dimension, _openai, _anthropic
+)
+# header name (lower case) -> (dimension, "remaining" | "reset" | "limit")
+_KNOWN: dict[str, tuple[str, str]] = {}
+for _dimension, _stem in _STEMS:
+    for _field in ("remaining", "reset", "limit"):
+        _KNOWN[f"x-ratelimit-{_field}-{_stem}"] = (_dimension, _field)
+        _KNOWN[f"anthropic-ratelimit-{_stem}-{_field}"] = (_dimension, _field)
+del _dimension, _stem, _field
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(h|ms|m|s|us|µs|ns)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -84,15 +104,27 @@ def parse_reset(text: str, *, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def read_rate_headers(
-    headers: Any, *, now: float | None = None
-) -> list[tuple[str, float, float | None]]:
-    """The budgets a response's headers report: ``(dimension, remaining, reset seconds)``.
+class RateHeader(NamedTuple):
+    """One budget a response's headers report."""
+
+    dimension: str
+    #: Units left now.
+    remaining: float
+    #: Seconds until the budget is full again; None when not sent or unreadable.
+    reset: float | None
+    #: The budget's size (units per window); None when not sent or unreadable.
+    limit: float | None
+
+
+def read_rate_limits(headers: Any, *, now: float | None = None) -> list[RateHeader]:
+    """The budgets a response's headers report, with their sizes when sent.
 
     ``headers`` is any mapping with ``items()`` (dict, aiohttp ``CIMultiDict``,
     httpx ``Headers``), matched case-insensitively. A dimension appears only
-    when its *remaining* header parses (a number >= 0); its reset is None when
-    missing or unreadable. Anything that is not a mapping gives an empty list.
+    when its *remaining* header parses (a number >= 0); its reset and limit
+    are None when missing or unreadable (a limit must be > 0). Anything that
+    is not a mapping gives an empty list. ``now`` is the wall-clock time for
+    RFC 3339 resets (``time.time()`` when None).
     """
     found: dict[str, list[float | None]] = {}
     try:
@@ -106,15 +138,68 @@ def read_rate_headers(
         if known is None:
             continue
         dimension, field = known
-        slot = found.setdefault(dimension, [None, None])
-        if field == "remaining":
-            text = value.strip()
-            if _NUMBER.fullmatch(text):
-                slot[0] = float(text)
-        else:
+        slot = found.setdefault(dimension, [None, None, None])
+        if field == "reset":
             slot[1] = parse_reset(value, now=now)
+            continue
+        text = value.strip()
+        if not _NUMBER.fullmatch(text):
+            continue
+        number = float(text)
+        if field == "remaining":
+            slot[0] = number
+        elif number > 0 and math.isfinite(number):
+            slot[2] = number
     return [
-        (dimension, remaining, reset)
-        for dimension, (remaining, reset) in found.items()
+        RateHeader(dimension, remaining, reset, limit)
+        for dimension, (remaining, reset, limit) in found.items()
         if remaining is not None
     ]
+
+
+def read_rate_headers(
+    headers: Any, *, now: float | None = None
+) -> list[tuple[str, float, float | None]]:
+    """The budgets a response's headers report: ``(dimension, remaining, reset seconds)``.
+
+    :func:`read_rate_limits` without the budgets' sizes.
+    """
+    return [(h.dimension, h.remaining, h.reset) for h in read_rate_limits(headers, now=now)]
+
+
+def server_pace(remaining: float, reset: float | None, limit: float | None) -> float | None:
+    """Seconds per unit at which a server's bucket refills: ``reset / (limit - remaining)``.
+
+    None when the headers do not tell: no reset, no limit, or a bucket already full.
+    """
+    if reset is None or limit is None or limit <= remaining:
+        return None
+    return reset / (limit - remaining)
+
+
+def refill_wait(
+    remaining: float,
+    need: float,
+    reset: float | None,
+    limit: float | None,
+    interval: float,
+) -> float:
+    """Seconds until a server's bucket holds ``need`` units, when ``remaining < need``.
+
+    The bucket refills continuously and ``reset`` is when it is full: with
+    ``limit`` known, it refills at ``(limit - remaining) / reset`` units per
+    second, so ``need`` units are there after ``(need - remaining)`` units'
+    worth of that, and never later than ``reset``. Without ``limit`` the pace
+    is unknown: ``reset`` (the only time the server vouches for). Without
+    ``reset``, ``interval`` (the local rate's seconds per unit) per missing unit.
+    """
+    missing = need - remaining
+    if missing <= 0:
+        return 0.0
+    if reset is None:
+        return missing * interval
+    pace = server_pace(remaining, reset, limit)
+    if pace is None:
+        return reset
+    wait = missing * pace
+    return wait if wait < reset else reset

@@ -536,21 +536,35 @@ class RateGate:
             raise
         self._granted -= 1
 
-    def clamp(self, dimension: str, remaining: float, reset: float | None) -> bool:
+    def clamp(
+        self, dimension: str, remaining: float, reset: float | None, limit: float | None = None
+    ) -> bool:
         """Follow a server saying ``remaining`` requests are left (see ``WeightedGate.clamp``).
 
         Only the ``requests`` dimension applies; returns False for any other.
         """
         if dimension != "requests":
             return False
+        from ._headers import refill_wait, server_pace
+
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._rebind(loop)
         now = loop.time()
+        configured = self.rate.interval
         if remaining >= 1:
+            if self._interval != configured and (limit is None or remaining >= limit / 2):
+                self._interval = configured  # the server has room again: the rate's own pace
             floor = now + self._tolerance - (remaining - 1) * self._interval
         else:
-            floor = now + self._tolerance + (reset if reset is not None else self._interval)
+            # The server refills continuously: one request is back long before its reset;
+            # and while it refills slower than the rate, starts follow its pace.
+            pace = server_pace(remaining, reset, limit)
+            if pace is not None:
+                self._interval = pace if pace > configured else configured
+            floor = (
+                now + self._tolerance + refill_wait(remaining, 1.0, reset, limit, self._interval)
+            )
         if floor > self._tat:
             self._tat = floor
         return True
@@ -1118,11 +1132,11 @@ class Limiter:
         Raises:
             TypeError: on a per-key Limiter (settle on ``for_item(item)``).
         """
-        if self._key is not None:
-            self._refuse_keyed("settle()")
         gate = self._gate
         if usage and isinstance(gate, WeightedGate):
-            gate.settle(cost, usage)
+            gate.settle(cost, usage)  # per call: the common case first (a keyed one has no gate)
+        elif self._key is not None:
+            self._refuse_keyed("settle()")
 
     def sync_headers(self, headers: Any) -> None:
         """Clamp the local budget to what the server's rate-limit headers say remains.
@@ -1137,21 +1151,29 @@ class Limiter:
 
         For each dimension the rate limits (its shortest window, when several
         apply), the next starts may use at most what the server says remains.
-        With nothing left (fewer than one request, or no tokens), nothing
-        starts until the server's reset. Without a rate, a server with no
-        requests left puts the Limiter in a :meth:`cooldown` until its reset.
-        Needs a running event loop.
+        When that is not enough for the next start (no request left, or fewer
+        tokens than the latest start reserved), the next start waits until the
+        server has refilled the difference. Servers refill continuously and
+        their reset is when the bucket is *full*, so with the budget's size
+        (``x-ratelimit-limit-*``, ``anthropic-ratelimit-*-limit``) that wait
+        is the missing units at ``reset / (limit - remaining)`` seconds each,
+        not the whole reset; without the size, the whole reset. If the server
+        refills slower than the rate allows (a rate set above the real
+        limit), starts then follow the server's pace until it reports its
+        bucket half full again. Without a rate, a server with no requests
+        left puts the Limiter in a :meth:`cooldown` for that wait. Needs a
+        running event loop.
         """
-        from ._headers import read_rate_headers
+        from ._headers import read_rate_limits, refill_wait
 
         if self._key is not None:
             self._refuse_keyed("sync_headers()")
         gate = self._gate
-        for dimension, remaining, reset in read_rate_headers(headers):
+        for dimension, remaining, reset, size in read_rate_limits(headers):
             if gate is not None:
-                gate.clamp(dimension, remaining, reset)
+                gate.clamp(dimension, remaining, reset, size)
             elif dimension == "requests" and remaining < 1 and reset:
-                self.cooldown(reset)
+                self.cooldown(refill_wait(remaining, 1.0, reset, size, 0.0))
 
     def retry_budget(self, budget: Any) -> Any:
         """The retry budget state the maps retrying through this Limiter share.

@@ -35,7 +35,7 @@ from typing import Any
 
 from ._engine import Halt
 from ._errors import BudgetExhausted
-from ._headers import read_rate_headers
+from ._headers import read_rate_limits
 from ._limits import Limiter, RateGate
 from ._weighted import WeightedGate
 
@@ -43,6 +43,8 @@ __all__ = ["Meter", "UsageBudget", "metered", "token_usage"]
 
 Usage = Mapping[str, float]
 Call = Callable[[Any], Awaitable[Any]]
+
+_INF = math.inf
 
 
 def _get(obj: object, name: str) -> Any:
@@ -117,21 +119,42 @@ def token_usage(result: object, *, cache_reads: bool = True) -> dict[str, float]
         fields.get if type(fields) is dict else functools.partial(_get, usage)
     )
 
-    # Raw values first, checked only when present: this runs once per call.
+    # Raw values first, checked only when present: this runs once per call,
+    # so a plain int or float (what JSON and the SDKs give) is checked inline
+    # and kept as it is (an int is a fine amount).
     raw_in, raw_out = get("input_tokens"), get("output_tokens")
     details = "input_tokens_details"
     if raw_in is None and raw_out is None:
         raw_in, raw_out = get("prompt_tokens"), get("completion_tokens")
         details = "prompt_tokens_details"
-    input_tokens = None if raw_in is None else _num(raw_in)
-    output_tokens = None if raw_out is None else _num(raw_out)
-    if input_tokens is None and output_tokens is None:
-        return None
-    input_tokens = input_tokens or 0.0
-    output_tokens = output_tokens or 0.0
+    kind = type(raw_in)
+    if (kind is int or kind is float) and 0 <= raw_in < _INF:
+        input_tokens: float | None = raw_in
+    else:
+        input_tokens = None if raw_in is None else _num(raw_in)
+    kind = type(raw_out)
+    if (kind is int or kind is float) and 0 <= raw_out < _INF:
+        output_tokens: float | None = raw_out
+    else:
+        output_tokens = None if raw_out is None else _num(raw_out)
+    if input_tokens is None:
+        if output_tokens is None:
+            return None
+        input_tokens = 0.0
+    elif output_tokens is None:
+        output_tokens = 0.0
     raw_read, raw_write = get("cache_read_input_tokens"), get("cache_creation_input_tokens")
-    cache_read = None if raw_read is None else _num(raw_read)
-    cache_write = None if raw_write is None else _num(raw_write)
+    if raw_read is None and raw_write is None:
+        if cache_reads:
+            return {
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "tokens": input_tokens + output_tokens,
+            }
+        cache_read = cache_write = None
+    else:
+        cache_read = None if raw_read is None else _num(raw_read)
+        cache_write = None if raw_write is None else _num(raw_write)
     if cache_read is not None or cache_write is not None:
         # Anthropic: the cache's tokens are reported apart from input_tokens.
         input_tokens += cache_write or 0.0
@@ -199,9 +222,18 @@ class Meter:
 
     def cost_of(self, item: Any) -> Usage | None:
         """The reservation for ``item``'s call: ``cost(item)``, or None (one request)."""
-        if self._cost is None:
+        cost = self._cost
+        if cost is None:
             return None
-        amounts = self._cost(item)
+        amounts = cost(item)
+        if type(amounts) is dict:
+            # _checked()'s common case, inline: this runs before every call.
+            for name, value in amounts.items():
+                kind = type(value)
+                if not ((kind is float or kind is int) and 0 <= value < _INF and type(name) is str):
+                    break
+            else:
+                return amounts
         return None if amounts is None else _checked("cost", amounts, item)
 
     def usage_of(self, result: Any) -> Usage | None:
@@ -275,8 +307,12 @@ class UsageBudget:
 
 def sync_gate(gate: RateGate | WeightedGate, headers: Any) -> None:
     """Clamp a map's own rate to a provider's rate-limit headers."""
-    for dimension, remaining, reset in read_rate_headers(headers):
-        gate.clamp(dimension, remaining, reset)
+    for dimension, remaining, reset, limit in read_rate_limits(headers):
+        gate.clamp(dimension, remaining, reset, limit)
+
+
+def _no_clock() -> float:
+    return 0.0
 
 
 def _headers_of(exc: BaseException) -> Any:
@@ -299,28 +335,74 @@ def metered(
     the budget is checked. The call runs; its usage (or an error's) settles
     every reservation. A failure with rate-limit headers (a 429's) clamps
     the rates to them, and a Retry-After cools the Limiter down, as for
-    any Limiter; an adaptive Limiter learns from the latency and outcome.
+    any Limiter; an adaptive Limiter (or one with ``rate="auto"``) learns
+    from the latency and outcome.
     """
     cost_of, usage_of, usage_of_error = meter.cost_of, meter.read_usage, meter.usage_of_error
     keyed = limiter is not None and limiter.key is not None
-    timed = limiter is not None and limiter.adaptive is not None
+    # Whether each call's end is reported: an adaptive limit learns from its
+    # latency, rate="auto" from its outcome (Limiter.record_success does both).
+    timed = limiter is not None and (limiter.adaptive is not None or limiter.auto_rate)
     auto: Any = gate if gate is not None and hasattr(gate, "feedback") else None  # rate="auto"
+    weighted = gate if isinstance(gate, WeightedGate) else None
 
-    def settle(own: Limiter | None, cost: Usage | None, used: Usage | None) -> None:
-        if not used:
-            return
-        if gate is not None and isinstance(gate, WeightedGate):
-            gate.settle(cost, used)
-        if own is not None:
-            own.settle(cost, used)
-        if budget is not None:
-            budget.settle(cost, used)
+    def failed(own: Limiter | None, cost: Usage | None, exc: BaseException, now: float) -> None:
+        """After a failed attempt: settle what the error says it used, follow its headers."""
+        if auto is not None:
+            auto.feedback(exc, now)
+        if not isinstance(exc, Exception):
+            return  # cancelled: the reservation stands, nothing to learn
+        used = usage_of_error(exc)
+        if used:
+            if weighted is not None:
+                weighted.settle(cost, used)
+            if own is not None:
+                own.settle(cost, used)
+            if budget is not None:
+                budget.settle(cost, used)
+        headers = _headers_of(exc)
+        if headers is not None:
+            if own is not None:
+                own.sync_headers(headers)
+            if gate is not None:
+                sync_gate(gate, headers)
+
+    if limiter is not None and not keyed and not timed and gate is None and budget is None:
+        # The common case, one shared Limiter (a weighted one, usually): its
+        # methods looked up once, no clock read, nothing else to settle.
+        acquire, release = limiter.acquire, limiter.release
+        settle: Callable[[Usage | None, Usage | None], None] = limiter.settle
+        own_gate = limiter._gate
+        if type(limiter).settle is Limiter.settle and isinstance(own_gate, WeightedGate):
+            settle = own_gate.settle  # all that Limiter.settle does for a key-less Limiter
+
+        async def limited(item: Any) -> Any:
+            cost = cost_of(item)
+            # acquire() alone when there is no cost: a Limiter subclass may not take one.
+            await (acquire() if cost is None else acquire(cost))
+            try:
+                value = await call(item)
+            except BaseException as exc:
+                try:
+                    failed(limiter, cost, exc, 0.0)
+                    limiter.record_error(0.0, exc)
+                finally:
+                    release()
+                raise
+            try:
+                used = usage_of(value)
+                if used:
+                    settle(cost, used)
+            finally:
+                release()
+            return value
+
+        return limited
 
     async def run(item: Any) -> Any:
         cost = cost_of(item)
         own = limiter.for_item(item) if keyed else limiter  # type: ignore[union-attr]
         if own is not None:
-            # acquire() alone when there is no cost: a Limiter subclass may not take one.
             await (own.acquire() if cost is None else own.acquire(cost))
         try:
             if gate is not None and not gate.wait_nowait(cost):
@@ -331,29 +413,32 @@ def metered(
             if own is not None:
                 own.release()  # a slot held, but no call will start
             raise
-        clock = asyncio.get_running_loop().time
+        # The loop's clock only for what reads it: no clock read per call otherwise.
+        clock = asyncio.get_running_loop().time if timed or auto is not None else _no_clock
         began = clock() if timed else 0.0
         try:
             value = await call(item)
         except BaseException as exc:
-            if auto is not None:
-                auto.feedback(exc, clock())
-            if isinstance(exc, Exception):
-                settle(own, cost, usage_of_error(exc))
-                headers = _headers_of(exc)
-                if headers is not None:
-                    if own is not None:
-                        own.sync_headers(headers)
-                    if gate is not None:
-                        sync_gate(gate, headers)
-            if own is not None:
-                own.record_error(clock() - began if timed else 0.0, exc)
-                own.release()
+            try:
+                now = clock()
+                failed(own, cost, exc, now)
+                if own is not None:
+                    own.record_error(now - began if timed else 0.0, exc)
+            finally:
+                if own is not None:
+                    own.release()
             raise
         if auto is not None:
             auto.success()
         try:
-            settle(own, cost, usage_of(value))
+            used = usage_of(value)
+            if used:
+                if weighted is not None:
+                    weighted.settle(cost, used)
+                if own is not None:
+                    own.settle(cost, used)
+                if budget is not None:
+                    budget.settle(cost, used)
         finally:
             if own is not None:
                 if timed:

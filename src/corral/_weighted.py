@@ -15,11 +15,18 @@ window still runs (it would never fit otherwise), and over any window ``w``
 the amounts started stay within ``(w + tolerance) / interval`` plus the last
 start's own amount.
 
-When the call ends, its actual usage *settles* the reservation: a debt
-(``actual > reserved``) pushes TAT later by the difference; a refund pulls it
-earlier, but never before "now", so an early estimate that was too high
-cannot bank capacity for a burst later. A dimension the usage does not
-mention keeps its reservation.
+When the call ends, its actual usage *settles* the reservation, as if the
+call had reserved what it used when it started: a debt (``actual >
+reserved``) pushes TAT later by the difference; a refund pulls it earlier by
+the unused part, down to the latest start's time at the lowest. A TAT before
+"now" means the same as "now" to every start (a start books from
+``max(TAT, now)``: a full bucket holds no more than its burst), so a refund
+never banks capacity for a burst later; but it is not lost either: a debt
+settled afterwards by a call still in flight is set against it, exactly as
+if that call and the refunded one had reserved their actual usage. (Stopping
+the refund at "now" instead would make such a debt count from "now", as if its
+call had started then.) A dimension the usage does not mention keeps its
+reservation.
 
 :class:`WeightedGate` enforces the cells on an event loop, first come first
 served, exactly as :class:`corral.RateGate` does for one plain rate (whose
@@ -30,11 +37,31 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from ._headers import refill_wait, server_pace
+
 __all__ = ["Cell", "WeightedGate"]
+
+_get_running_loop = asyncio.get_running_loop
+_INF = math.inf
+_NO_COST: dict[str, float] = {}
+
+
+def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """``loop.time``, or ``time.monotonic`` itself when that is all ``loop.time`` does.
+
+    asyncio's own loops read ``time.monotonic()`` through a Python method;
+    calling the C function directly saves a frame per call on the hot path.
+    A loop with its own clock (uvloop, a virtual-time loop) keeps it.
+    """
+    method = loop.time
+    if getattr(method, "__func__", None) is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return method
 
 
 class Cell(NamedTuple):
@@ -70,14 +97,16 @@ class WeightedGate:
     __slots__ = (
         "_by_dimension",
         "_cells",
-        "_dimensions",
+        "_clock",
         "_granted",
         "_grants",
+        "_last_cost",
         "_last_now",
         "_loop",
         "_queued",
         "_rate",
         "_ready",
+        "_rows",
         "_shortest",
         "_tats",
         "_timer",
@@ -94,11 +123,13 @@ class WeightedGate:
             (c.dimension, 1.0 if c.dimension == "requests" else 0.0, c.interval, c.tolerance)
             for c in cells
         )
-        self._dimensions = tuple(c.dimension for c in cells)
-        self._tats = [-math.inf] * len(cells)
+        # What the per-call loops walk, built once: the cells with their index
+        # (cheaper than enumerate() per call).
+        self._rows = tuple((i, *cell) for i, cell in enumerate(self._cells))
+        self._tats = [-_INF] * len(cells)
         # When the next start conforms: max(TAT - tolerance) over the cells,
         # kept up to date by whatever moves a TAT, so the hot path compares once.
-        self._ready = -math.inf
+        self._ready = -_INF
         by_dimension: dict[str, list[int]] = {}
         for i, c in enumerate(cells):
             by_dimension.setdefault(c.dimension, []).append(i)
@@ -107,9 +138,15 @@ class WeightedGate:
         self._shortest = {
             d: min(indices, key=lambda i: cells[i].per) for d, indices in by_dimension.items()
         }
-        self._last_now = -math.inf
+        # The loop time of the latest start (or of the switch to this loop): a
+        # refund moves no TAT before it, as every call still in flight started
+        # by then (see the module docstring).
+        self._last_now = -_INF
+        # The latest start's cost: what the next start likely needs, for clamp().
+        self._last_cost: Mapping[str, float] | None = None
         self._grants = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: Callable[[], float] = time.monotonic  # the loop's clock, set by _rebind
         # (future, cost) per caller in line, first come first served.
         self._waiters: deque[
             tuple[asyncio.Future[tuple[int, list[float]]], Mapping[str, float] | None]
@@ -117,7 +154,7 @@ class WeightedGate:
         self._queued = 0
         self._granted = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = -math.inf
+        self._timer_when = -_INF
 
     # -- what it is ----------------------------------------------------------
 
@@ -152,36 +189,30 @@ class WeightedGate:
 
     def _update_ready(self) -> None:
         tats = self._tats
-        self._ready = max(tats[i] - cell[3] for i, cell in enumerate(self._cells))
+        ready = -_INF
+        for i, _, _, _, tolerance in self._rows:
+            tat = tats[i] - tolerance
+            if tat > ready:
+                ready = tat
+        self._ready = ready
 
     def _take(self, now: float, cost: Mapping[str, float] | None) -> None:
         # Every cell moves to max(TAT, now), even for an amount of 0: a debt
         # settled later adds to a TAT no earlier than this start, so it can
         # never vanish into idle time that passed before the call began.
         tats = self._tats
-        ready = -math.inf
-        i = 0
-        if cost is None:
-            for _, default, interval, tolerance in self._cells:
-                tat = tats[i]
-                tat = (tat if tat > now else now) + default * interval
-                tats[i] = tat
-                tat -= tolerance
-                if tat > ready:
-                    ready = tat
-                i += 1
-        else:
-            get = cost.get
-            for dimension, default, interval, tolerance in self._cells:
-                tat = tats[i]
-                tat = (tat if tat > now else now) + get(dimension, default) * interval
-                tats[i] = tat
-                tat -= tolerance
-                if tat > ready:
-                    ready = tat
-                i += 1
+        get = (_NO_COST if cost is None else cost).get
+        ready = -_INF
+        for i, dimension, default, interval, tolerance in self._rows:
+            tat = tats[i]
+            tat = (tat if tat > now else now) + get(dimension, default) * interval
+            tats[i] = tat
+            tat -= tolerance
+            if tat > ready:
+                ready = tat
         self._ready = ready
         self._last_now = now
+        self._last_cost = cost
 
     def wait_nowait(self, cost: Mapping[str, float] | None = None) -> bool:
         """Reserve ``cost`` now if a start conforms and nobody is ahead; never suspends.
@@ -189,32 +220,28 @@ class WeightedGate:
         Returns True when the caller may start (``cost`` is reserved), False
         when it would have to wait (nothing is reserved). Needs a running loop.
         """
-        loop = asyncio.get_running_loop()
+        loop = _get_running_loop()
         if loop is not self._loop:
             self._rebind(loop)
         if self._queued or self._granted:
             return False
-        now = loop.time()
+        now = self._clock()
         if now < self._ready:
             return False
-        # _take(), inlined for a cost: the per-call hot path.
-        if cost is None:
-            self._take(now, None)
-            return True
+        # _take(), inlined: the per-call hot path.
         tats = self._tats
-        ready = -math.inf
-        get = cost.get
-        i = 0
-        for dimension, default, interval, tolerance in self._cells:
+        get = (_NO_COST if cost is None else cost).get
+        ready = -_INF
+        for i, dimension, default, interval, tolerance in self._rows:
             tat = tats[i]
             tat = (tat if tat > now else now) + get(dimension, default) * interval
             tats[i] = tat
             tat -= tolerance
             if tat > ready:
                 ready = tat
-            i += 1  # noqa: SIM113  (enumerate() costs more here)
         self._ready = ready
         self._last_now = now
+        self._last_cost = cost
         return True
 
     async def wait(self, cost: Mapping[str, float] | None = None) -> None:
@@ -243,79 +270,112 @@ class WeightedGate:
         """Reconcile a reservation with the usage the call reported.
 
         For each dimension in ``used``: a debt (used more than reserved) moves
-        the schedule later, a refund moves it earlier but never before now.
-        Dimensions ``used`` does not mention keep their reservation; ``used``
-        None keeps all of it (a failed attempt whose usage is unknown).
+        the schedule later; a refund moves it earlier, by the unused part of
+        this reservation, but not before the latest start (which is, for
+        every start from now on, the same as not before now: see the module
+        docstring). Dimensions ``used`` does not mention keep their
+        reservation; ``used`` None keeps all of it (a failed attempt whose
+        usage is unknown).
         """
         if not used:
             return
-        loop = self._loop
-        if loop is None:
+        if self._loop is None:
             return  # nothing was ever reserved here
-        now = -math.inf  # read on the first refund only
+        floor = self._last_now
         tats = self._tats
-        earlier = False
-        ready = -math.inf
         get = used.get
-        for i, (dimension, default, interval, tolerance) in enumerate(self._cells):
+        before = (_NO_COST if reserved is None else reserved).get
+        earlier = False
+        ready = -_INF
+        for i, dimension, default, interval, tolerance in self._rows:
             tat = tats[i]
             actual = get(dimension)
             if actual is not None:
-                before = default if reserved is None else reserved.get(dimension, default)
-                delta = (actual - before) * interval
+                delta = actual - before(dimension, default)
                 if delta > 0:
-                    tat += delta  # debt: the next starts wait for it
+                    tat += delta * interval  # debt: the next starts wait for it
                     tats[i] = tat
-                elif delta < 0:
-                    if not earlier:
-                        now = loop.time()
-                    if tat > now:
-                        tat += delta
-                        if tat < now:
-                            tat = now
-                        tats[i] = tat
-                        earlier = True
+                elif delta < 0 and tat > floor:
+                    tat += delta * interval
+                    if tat < floor:
+                        tat = floor
+                    tats[i] = tat
+                    earlier = True
             tat -= tolerance
             if tat > ready:
                 ready = tat
         self._ready = ready
         if earlier and self._timer is not None and self._queued:
             self._timer.cancel()
+            loop = self._loop
+            assert loop is not None  # a timer is set on the gate's loop
             self._arm(loop)
 
-    def clamp(self, dimension: str, remaining: float, reset: float | None) -> bool:
+    def clamp(
+        self, dimension: str, remaining: float, reset: float | None, limit: float | None = None
+    ) -> bool:
         """Follow a server that says ``remaining`` units of ``dimension`` are left.
 
-        The shortest window's cell of ``dimension`` is moved so that it allows
-        at most ``remaining`` more units before its schedule refills them
-        (``remaining - 1`` more *starts* for requests, as the start itself
-        takes one). With nothing remaining and ``reset`` seconds until the
-        server's budget is back, no start is allowed before then. That is
-        cautious: providers refill continuously and their ``reset`` is the
-        time until the bucket is *full* again, longer than the wait for the
-        next call, so a run that reads every answer's headers can lose some
-        throughput to it; it never earns a 429. Returns
-        False when the gate has no such dimension. Needs a running loop.
+        The shortest window's cell of ``dimension`` is moved so that the
+        next starts use no more than ``remaining``: a start needs one request,
+        and of a token dimension about what the latest start reserved of it
+        (at least one unit when nothing remains). While ``remaining`` covers
+        that, it may be spent ahead of the schedule (a start pays its tokens
+        after, so a token dimension lets a start go as long as what remains
+        covers the latest start's amount). When it does not, the next start
+        waits until the server has refilled the difference: servers refill
+        continuously and their ``reset`` is when the bucket is *full*, so with
+        the budget's size ``limit`` the wait is the missing units at the
+        server's pace, ``reset / (limit - remaining)`` seconds each (see
+        :func:`corral._headers.refill_wait`), never later than ``reset``;
+        without ``limit``, ``reset`` itself.
+
+        The starts after it keep the rate's own pace, unless the server
+        refills slower than that (a rate set above the real limit): then the
+        cell runs at the server's pace, never faster than the server says,
+        until the server reports its bucket at least half full again. The
+        clamp only ever delays: it never grants more than the local rate does.
+
+        Returns False when the gate has no such dimension. Needs a running loop.
         """
         index = self._shortest.get(dimension)
         if index is None:
             return False
-        loop = asyncio.get_running_loop()
+        loop = _get_running_loop()
         if loop is not self._loop:
             self._rebind(loop)
-        now = loop.time()
-        _, _, interval, tolerance = self._cells[index]
-        # What may still start ahead of the schedule: a start takes one request
-        # itself, and pays its tokens after, so any tokens left let one start.
-        usable = remaining - 1 if dimension == "requests" else (remaining if remaining > 0 else -1)
-        if usable >= 0:
-            floor = now + tolerance - usable * interval
+        now = self._clock()
+        _, _, configured, tolerance = self._cells[index]
+        interval = self._rows[index][3]  # in force: the server's pace after a clamp, if slower
+        if dimension == "requests":
+            need = 1.0
         else:
-            floor = now + tolerance + (reset if reset is not None else interval)
+            last = self._last_cost
+            need = last.get(dimension, 0.0) if last is not None else 0.0
+        at_least = need if need > 1.0 else 1.0
+        if remaining >= at_least:
+            if interval != configured and (limit is None or remaining >= limit / 2):
+                interval = self._pace(index, configured)  # the server has room again
+            # What may still go ahead of the schedule, once the next start's share is kept.
+            floor = now + tolerance - (remaining - need) * interval
+        else:
+            pace = server_pace(remaining, reset, limit)
+            if pace is not None:
+                interval = self._pace(index, pace if pace > configured else configured)
+            floor = now + tolerance + refill_wait(remaining, at_least, reset, limit, interval)
         if floor > self._tats[index]:
             self._tats[index] = floor
             self._update_ready()
         return True
+
+    def _pace(self, index: int, interval: float) -> float:
+        """Put ``interval`` in force for cell ``index`` (the per-call loops read it from _rows)."""
+        row = self._rows[index]
+        if row[3] != interval:
+            rows = list(self._rows)
+            rows[index] = (row[0], row[1], row[2], interval, row[4])
+            self._rows = tuple(rows)
+        return interval
 
     # -- the line ----------------------------------------------------------------
 
@@ -381,10 +441,11 @@ class WeightedGate:
         # What the last starts still owe carries over, as if no time had passed.
         now = loop.time()
         last = self._last_now
-        self._tats = [now + (t - last) if t > last else -math.inf for t in self._tats]
+        self._tats = [now + (t - last) if t > last else -_INF for t in self._tats]
         self._update_ready()
         self._last_now = now
         self._waiters.clear()
         self._queued = self._granted = 0
         self._timer = None
         self._loop = loop
+        self._clock = loop_clock(loop)
