@@ -371,6 +371,29 @@ async def test_large_results_are_split_into_smaller_chunks(
 
 
 @pytest.mark.slow
+async def test_ids_with_the_same_hash_in_different_chunks_both_replay(tmp_path: Path) -> None:
+    """-1 (a result) and -2 (a failure) land in two chunks; a resume finds each, twice."""
+    path = tmp_path / "run.sqlite"
+    spy = Spy(fail={-2})
+    await corral.gather(spy, [-1, -2], limit=1, return_exceptions=True, checkpoint=path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM corral_chunks").fetchone() == (2,)
+    db.close()
+    again = Spy(fail={-2})
+    out = await corral.gather(
+        again, [-1, -1, -2, -2, -1], limit=1, return_exceptions=True, checkpoint=path
+    )
+    assert again.calls == []
+    assert [value if isinstance(value, int) else str(value) for value in out] == [
+        -10,
+        -10,
+        "bad item -2",
+        "bad item -2",
+        -10,
+    ]
+
+
+@pytest.mark.slow
 async def test_a_damaged_file_is_refused_naming_it(tmp_path: Path) -> None:
     """A chunk whose ids cannot be read is a clear error, not a crash or a wrong result."""
     path = tmp_path / "run.sqlite"

@@ -177,6 +177,8 @@ CHUNK_ROWS = 256
 #: ... and at most this many bytes of values (unless one result is larger):
 #: SQLite refuses a value over 1 GB, and a lookup decodes a whole chunk.
 CHUNK_BYTES = 4 << 20
+#: In the id index, a hash that several recorded chunks have (see _Database).
+SHARED_HASH = -1
 #: marshal's format 4 is read by every Python since 3.4: a file outlives an upgrade.
 MARSHAL_VERSION = 4
 
@@ -493,13 +495,22 @@ class _Database:
     created there and never leaves it.
     """
 
-    def __init__(self, connection: sqlite3.Connection, index: dict[int, int], last: int) -> None:
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        index: dict[int, int],
+        shared: dict[int, list[int]],
+        last: int,
+    ) -> None:
         import sqlite3
 
         self._db = connection
         #: hash(id) -> the seq of the chunk holding it, for the ids recorded
         #: when the file was opened; 0 for an id this run started (see Checkpoint.seen).
         self._index = index
+        #: For a hash in ``index`` as SHARED_HASH: every chunk holding an id
+        #: with that hash (two ids with one hash, or an id recorded twice).
+        self._shared = shared
         # sqlite3 binds at most this many parameters per statement (999 before 3.32).
         variables = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
         self._chunks_per_statement = min(64, variables // 3)
@@ -529,7 +540,7 @@ class _Database:
             raise OSError(f"checkpoint={path!r} cannot be opened: {exc}") from exc
         try:
             cls._prepare(db, path, fingerprint, serializer, resume)
-            rows, last = cls._load(db, path, index)
+            rows, last, shared = cls._load(db, path, index)
         except sqlite3.DatabaseError as exc:
             db.close()
             raise ValueError(
@@ -539,13 +550,16 @@ class _Database:
         except BaseException:
             db.close()
             raise
-        database = cls(db, index, last)
+        database = cls(db, index, shared, last)
         return database, rows, database.read_ahead(0, FIRST_READ) if rows else []
 
     @staticmethod
-    def _load(db: sqlite3.Connection, path: str, index: dict[int, int]) -> tuple[int, int]:
-        """Index the recorded ids; the number of rows and the last chunk's seq."""
+    def _load(
+        db: sqlite3.Connection, path: str, index: dict[int, int]
+    ) -> tuple[int, int, dict[int, list[int]]]:
+        """Index the recorded ids; the number of rows, the last chunk's seq, the shared hashes."""
         rows = last = 0
+        shared: dict[int, list[int]] = {}
         for seq, ids in db.execute("SELECT seq, ids FROM corral_chunks ORDER BY seq"):
             try:
                 keys = marshal.loads(ids)
@@ -555,10 +569,20 @@ class _Database:
                     "pass the path of a new file"
                 ) from exc
             rows += len(keys)
-            # Later chunks win: a row recorded again (two runs at once) replaces the first.
-            index.update(zip(map(hash, keys), itertools.repeat(seq)))
             last = seq
-        return rows, last
+            hashes = list(map(hash, keys))
+            if index.keys().isdisjoint(hashes):  # one C-speed check a chunk: nearly always
+                index.update(zip(hashes, itertools.repeat(seq)))
+                continue
+            # A hash an earlier chunk has too: keep every chunk that has it.
+            for hashed in hashes:
+                earlier = index.setdefault(hashed, seq)
+                if earlier == SHARED_HASH:
+                    shared[hashed].append(seq)
+                elif earlier != seq:
+                    shared[hashed] = [earlier, seq]
+                    index[hashed] = SHARED_HASH
+        return rows, last, shared
 
     @staticmethod
     def _prepare(
@@ -631,25 +655,27 @@ class _Database:
         the items near one that was looked up tend to come soon), followed
         by up to ``ahead`` chunks recorded after the last one read.
         """
-        index = self._index
+        index, shared = self._index, self._shared
         wanted: dict[int, list[Key]] = {}
-        unplaced: list[Key] = []
         for key in keys:
-            seq = index.get(hash(key))
-            if seq:
+            hashed = hash(key)
+            seq = index.get(hashed)
+            if seq == SHARED_HASH:
+                for each in shared[hashed]:
+                    wanted.setdefault(each, []).append(key)
+            elif seq:
                 wanted.setdefault(seq, []).append(key)
-            else:
-                unplaced.append(key)  # started by this run (or not recorded at all)
-        found: list[Row] = []
+            # else: started by this run (or not recorded at all): see below
+        rows: dict[Key, Row] = {}
         read = self._chunks(sorted(wanted))
-        for seq, ids, kinds, values in read:
+        for seq, ids, kinds, values in read:  # by seq: a row recorded again wins
             position = {key: at for at, key in enumerate(ids)}
-            for key in wanted.pop(seq):
+            for key in wanted[seq]:
                 at = position.get(key)
-                if at is None:
-                    unplaced.append(key)  # a hash collision
-                else:
-                    found.append((key, PLAIN if kinds is None else kinds[at], values[at]))
+                if at is not None:
+                    rows[key] = (key, PLAIN if kinds is None else kinds[at], values[at])
+        found = list(rows.values())
+        unplaced = [key for key in keys if key not in rows]
         if unplaced:
             # An id this run started (repeated in the input), or another id
             # with the same hash: look in the chunks this run wrote.

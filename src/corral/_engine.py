@@ -105,6 +105,35 @@ class Recorder(Protocol):
     def halted(self, item: Any, halt: Halt) -> None: ...
 
 
+class Run(Protocol):
+    """What a :class:`ResultStream` drives: an :class:`Engine`, or a map run elsewhere.
+
+    ``ready`` holds the results ready for the consumer; ``take()`` hands out
+    the first; ``wait_next()`` waits until one is ready (True) or the run is
+    over (False), raising its error.
+    """
+
+    @property
+    def ready(self) -> deque[Any]: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def take(self) -> Any: ...
+
+    async def wait_next(self) -> bool: ...
+
+    def stats(self) -> Stats: ...
+
+    def cancel(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
 class _Retried:
     """A mutable counter the call wrappers share with the engine's stats."""
 
@@ -718,6 +747,10 @@ class Engine(Generic[T, R]):
             if self._on_close is not None:
                 await self._on_close(clean)
 
+    def cancel(self) -> None:
+        """End the run early, keeping what is done (see :meth:`ResultStream.cancel`)."""
+        self.halt(None, cancel_in_flight=True)
+
     def abandon(self) -> None:
         """Close the run in the background: its consumer is gone without closing it."""
         if self._phase in (_Phase.IDLE, _Phase.CLOSED) or self._loop is None:
@@ -780,7 +813,7 @@ class ResultStream(Generic[R]):
     garbage-collected, so prefer ``async with`` there.
     """
 
-    def __init__(self, engine: Engine[Any, R]) -> None:
+    def __init__(self, engine: Run) -> None:
         self._engine = engine
         self._ready = engine.ready
 
@@ -816,7 +849,7 @@ class ResultStream(Generic[R]):
         ``stats`` are final. Callable from the consumer's loop body or from
         another task.
         """
-        self._engine.halt(None, cancel_in_flight=True)
+        self._engine.cancel()
 
     async def aclose(self) -> None:
         """Stop the map: cancel and await everything it started."""

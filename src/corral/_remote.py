@@ -51,7 +51,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._engine import ResultStream
 from ._stats import LatencyHistogram, Stats
@@ -430,7 +430,7 @@ class RemoteRun(abc.ABC, Generic[R]):
         self._stop_now()
         self._wake_consumer()
 
-    def halt(self) -> None:
+    def cancel(self) -> None:
         """``cancel()``: stop starting and running calls; keep the results already ready."""
         if not self._live():
             return
@@ -559,45 +559,6 @@ class RemoteStream(ResultStream[R]):
     ``aclose()`` (or leaving ``async with``) stops every worker.
     """
 
-    def __init__(self, run: RemoteRun[R]) -> None:  # no super().__init__: there is no engine
-        self._run = run
-        self._ready = run.ready
-
-    @property
-    def stats(self) -> Stats:
-        """A frozen snapshot of the run's counters (summed over the workers) and latency."""
-        return self._run.stats()
-
-    async def __aenter__(self) -> Self:
-        self._run.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> AsyncIterator[R]:
-        return self
-
-    async def __anext__(self) -> R:
-        run = self._run
-        if self._ready:
-            return run.take()  # type: ignore[no-any-return]
-        if await run.wait_next():
-            return run.take()  # type: ignore[no-any-return]
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        """End the map early, keeping what is done (see :meth:`ResultStream.cancel`)."""
-        self._run.halt()
-
-    async def aclose(self) -> None:
-        """Stop the map: stop its workers' calls and the workers, and wait until they are gone."""
-        await self._run.aclose()
-
-    def __del__(self) -> None:
-        run = getattr(self, "_run", None)
-        if run is not None and not run.finished:
-            try:
-                run.abandon()
-            except RuntimeError:  # pragma: no cover - the loop is already closed
-                pass
+    def __init__(self, run: RemoteRun[R]) -> None:
+        super().__init__(run)
+        self._run = run  # the backend's own run (its workers), beyond the Run protocol
