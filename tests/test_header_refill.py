@@ -15,23 +15,9 @@ from datetime import UTC, datetime
 import pytest
 
 import corral
+from _limiting import now, starts
 from corral import Rate
 from corral._headers import RateHeader, read_rate_limits, refill_wait
-
-
-def _now() -> float:
-    return asyncio.get_running_loop().time()
-
-
-async def _starts(
-    limiter: corral.Limiter, n: int, cost: dict[str, float] | None = None
-) -> list[float]:
-    times = []
-    for _ in range(n):
-        await limiter.acquire(cost)
-        times.append(_now())
-        limiter.release()
-    return times
 
 
 def _rfc3339_in(seconds: float) -> str:
@@ -104,7 +90,7 @@ async def test_no_request_left_waits_for_one_request_not_for_the_full_reset() ->
         }
     )
     # Then the rate's own pace (0.12 s), without the burst it had in hand.
-    assert await _starts(limiter, 3) == pytest.approx([0.12, 0.24, 0.36])
+    assert await starts(limiter, 3) == pytest.approx([0.12, 0.24, 0.36])
 
 
 @pytest.mark.virtual_time
@@ -119,7 +105,7 @@ async def test_never_faster_than_the_server_refills() -> None:
         }
     )
     # One a second, the server's pace, not one every 0.1 s...
-    assert await _starts(limiter, 3) == pytest.approx([1.0, 2.0, 3.0])
+    assert await starts(limiter, 3) == pytest.approx([1.0, 2.0, 3.0])
     # ...until the server's bucket is half full again: then the rate's own pace.
     limiter.sync_headers(
         {
@@ -128,7 +114,7 @@ async def test_never_faster_than_the_server_refills() -> None:
             "x-ratelimit-reset-requests": "30s",
         }
     )
-    assert await _starts(limiter, 3) == pytest.approx([4.0, 4.1, 4.2])
+    assert await starts(limiter, 3) == pytest.approx([4.0, 4.1, 4.2])
 
 
 @pytest.mark.virtual_time
@@ -145,15 +131,15 @@ async def test_a_token_rate_above_the_servers_follows_its_pace_while_it_is_short
         "anthropic-ratelimit-output-tokens-reset": _rfc3339_in(60.0),
     }
     limiter.sync_headers(headers)
-    assert await _starts(limiter, 3, cost) == pytest.approx([1.0, 2.0, 3.0], abs=1e-3)
+    assert await starts(limiter, 3, cost) == pytest.approx([1.0, 2.0, 3.0], abs=1e-3)
     # Room again (more than a start needs, but under half the bucket): still its pace.
     headers["anthropic-ratelimit-output-tokens-remaining"] = "500"
     limiter.sync_headers(headers)
-    assert await _starts(limiter, 1, cost) == pytest.approx([4.0], abs=1e-3)
+    assert await starts(limiter, 1, cost) == pytest.approx([4.0], abs=1e-3)
     # Half full: the rate's own pace (0.5 s per 100 tokens) again.
     headers["anthropic-ratelimit-output-tokens-remaining"] = "3000"
     limiter.sync_headers(headers)
-    assert await _starts(limiter, 2, cost) == pytest.approx([5.0, 5.5], abs=1e-3)
+    assert await starts(limiter, 2, cost) == pytest.approx([5.0, 5.5], abs=1e-3)
 
 
 @pytest.mark.virtual_time
@@ -174,8 +160,8 @@ async def test_no_tokens_left_waits_for_what_a_start_takes_at_the_refill_pace() 
             "anthropic-ratelimit-output-tokens-reset": _rfc3339_in(60.0),
         }
     )
-    starts = await _starts(limiter, 3, cost)
-    assert starts == pytest.approx([1.0, 2.0, 3.0], abs=1e-3)
+    started = await starts(limiter, 3, cost)
+    assert started == pytest.approx([1.0, 2.0, 3.0], abs=1e-3)
 
 
 @pytest.mark.virtual_time
@@ -195,7 +181,7 @@ async def test_tokens_left_must_cover_what_the_next_start_takes() -> None:
         }
     )
     # 150 covers one start of 100 (50 left); the next needs 50 more (0.05 s), then the pace.
-    assert await _starts(limiter, 3, cost) == pytest.approx([0.0, 0.05, 0.15])
+    assert await starts(limiter, 3, cost) == pytest.approx([0.0, 0.05, 0.15])
 
 
 @pytest.mark.virtual_time
@@ -211,7 +197,7 @@ async def test_a_limit_only_limiter_cools_down_until_one_request_is_back() -> No
     assert limiter.cooling_down
     await limiter.acquire()
     # 0.12 s, then the cooldown's short jittered ramp: nowhere near the 60 s reset.
-    assert 0.12 <= _now() < 0.5
+    assert 0.12 <= now() < 0.5
     limiter.release()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 from typing import Any
 
@@ -11,6 +10,7 @@ import multidict
 import pytest
 
 import corral
+from _limiting import now, starts
 from corral import Rate
 from corral._headers import parse_duration, parse_reset, read_rate_headers
 
@@ -94,21 +94,6 @@ def test_garbage_and_non_mappings_are_ignored() -> None:
     ) == [("requests", 3.0, None)]
 
 
-def _now() -> float:
-    return asyncio.get_running_loop().time()
-
-
-async def _starts(
-    limiter: corral.Limiter, n: int, cost: dict[str, float] | None = None
-) -> list[float]:
-    times = []
-    for _ in range(n):
-        await limiter.acquire(cost)
-        times.append(_now())
-        limiter.release()
-    return times
-
-
 @pytest.mark.virtual_time
 async def test_sync_headers_clamps_requests_to_what_remains() -> None:
     """Burst 10 locally, but the server says 3 remain: 3 start now, then the rate's pace."""
@@ -116,7 +101,7 @@ async def test_sync_headers_clamps_requests_to_what_remains() -> None:
     limiter.sync_headers(
         {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "9s"}
     )
-    assert await _starts(limiter, 5) == pytest.approx([0.0, 0.0, 0.0, 1.0, 2.0])
+    assert await starts(limiter, 5) == pytest.approx([0.0, 0.0, 0.0, 1.0, 2.0])
 
 
 @pytest.mark.virtual_time
@@ -129,7 +114,7 @@ async def test_nothing_remaining_waits_for_the_reset() -> None:
             "x-ratelimit-remaining-widgets": "0",  # unknown: ignored
         }
     )
-    assert await _starts(limiter, 2, {"output_tokens": 10}) == pytest.approx([7.0, 7.1])
+    assert await starts(limiter, 2, {"output_tokens": 10}) == pytest.approx([7.0, 7.1])
 
 
 @pytest.mark.virtual_time
@@ -140,7 +125,7 @@ async def test_tokens_remaining_clamp_the_token_budget() -> None:
     )
     limiter.sync_headers({"x-ratelimit-remaining-tokens": "100"})
     # 100 tokens may go ahead of the schedule: two starts of 60 (pay after), then the pace.
-    assert await _starts(limiter, 3, {"tokens": 60}) == pytest.approx([0.0, 0.0, 0.02])
+    assert await starts(limiter, 3, {"tokens": 60}) == pytest.approx([0.0, 0.0, 0.02])
 
 
 @pytest.mark.virtual_time
@@ -151,7 +136,7 @@ async def test_a_limit_only_limiter_cools_down_when_no_request_remains() -> None
     )
     assert limiter.cooling_down
     await limiter.acquire()
-    assert _now() >= 2.0
+    assert now() >= 2.0
     limiter.release()
     limiter.sync_headers({"x-ratelimit-remaining-tokens": "0"})  # no token rate: ignored
 
@@ -178,7 +163,7 @@ async def test_a_429s_headers_clamp_the_shared_limiter_in_a_map() -> None:
     starts: list[float] = []
 
     async def ask(n: int) -> int:
-        starts.append(_now())
+        starts.append(now())
         if n == 0:
             raise Throttled({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "4s"})
         return n
