@@ -220,5 +220,6 @@ def test_a_clamp_carries_over_to_the_next_event_loop() -> None:
         return time.perf_counter() - began
 
     asyncio.run(clamp())
-    # 0.12 s for the next request (as if no time passed between the loops), not 60 s.
-    assert asyncio.run(asyncio.wait_for(start(), 5.0)) < 1.0
+    # 0.12 s for the next request (as if no time passed between the loops), not 60 s:
+    # bounds far from both, so a loaded machine cannot make it flake.
+    assert asyncio.run(asyncio.wait_for(start(), 30.0)) < 10.0

@@ -346,6 +346,15 @@ def metered(
     auto: Any = gate if gate is not None and hasattr(gate, "feedback") else None  # rate="auto"
     weighted = gate if isinstance(gate, WeightedGate) else None
 
+    def settle_everywhere(own: Limiter | None, cost: Usage | None, used: Usage) -> None:
+        """Settle a call's reservation against what it used, everywhere it was reserved."""
+        if weighted is not None:
+            weighted.settle(cost, used)
+        if own is not None:
+            own.settle(cost, used)
+        if budget is not None:
+            budget.settle(cost, used)
+
     def failed(own: Limiter | None, cost: Usage | None, exc: BaseException, now: float) -> None:
         """After a failed attempt: settle what the error says it used, follow its headers."""
         if auto is not None:
@@ -354,12 +363,7 @@ def metered(
             return  # cancelled: the reservation stands, nothing to learn
         used = usage_of_error(exc)
         if used:
-            if weighted is not None:
-                weighted.settle(cost, used)
-            if own is not None:
-                own.settle(cost, used)
-            if budget is not None:
-                budget.settle(cost, used)
+            settle_everywhere(own, cost, used)
         headers = _headers_of(exc)
         if headers is not None:
             if own is not None:
@@ -433,12 +437,7 @@ def metered(
         try:
             used = usage_of(value)
             if used:
-                if weighted is not None:
-                    weighted.settle(cost, used)
-                if own is not None:
-                    own.settle(cost, used)
-                if budget is not None:
-                    budget.settle(cost, used)
+                settle_everywhere(own, cost, used)
         finally:
             if own is not None:
                 if timed:
