@@ -23,6 +23,13 @@ The cases
 ``partial``: the 200k-item overhead case (quick: 50k) resumed from a file
     holding every other item: half the items are looked up, half are called
     and recorded, side by side on one loop.
+``processes``: the overhead case's map on ``processes=2`` (limit 1000 split
+    between them), 100k items (quick: 25k): as it runs without checkpoint (the
+    parent merges the workers' results), with ``checkpoint=`` (an engine in the
+    parent pulls, records and orders, the workers run the calls), and with
+    ``progress=`` only (that engine without a file). Each ``sleep(0)`` call
+    crosses two process boundaries, so this is the most the parent's engine
+    can cost.
 
 How it measures
 ---------------
@@ -98,10 +105,12 @@ async def partial_fn(x: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-async def _run(form: str, fn: Any, n: int, checkpoint: str | None) -> list[int]:
+async def _run(
+    form: str, fn: Any, n: int, checkpoint: str | None, extra: dict[str, Any] | None = None
+) -> list[int]:
     # fingerprint= is fixed so the files the parent filled (with noop) resume
     # under any fn.
-    options: dict[str, Any] = {"limit": LIMIT}
+    options: dict[str, Any] = {"limit": LIMIT, **(extra or {})}
     if checkpoint is not None:
         options.update(checkpoint=checkpoint, fingerprint="benchmark")
     if form == "gather":
@@ -119,10 +128,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     n: int = spec["n"]
     checkpoint: str | None = spec["checkpoint"]
 
+    extra: dict[str, Any] = {}
+    if spec.get("processes"):
+        extra["processes"] = spec["processes"]
+    if spec.get("progress"):
+        extra["progress"] = _ignore
+
     async def timed() -> tuple[list[int], float]:
         await _run(spec["form"], noop, 3, None)  # warm-up: code paths, first-call costs
         start = time.perf_counter()
-        results = await _run(spec["form"], fn, n, checkpoint)
+        results = await _run(spec["form"], fn, n, checkpoint, extra)
         return results, time.perf_counter() - start
 
     cpu = time.process_time()
@@ -134,6 +149,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": cpu,
         "us_per_item": wall / n * 1e6,
     }
+
+
+def _ignore(stats: Any) -> None:
+    """progress= that shows nothing: the cost of the engine in front of the processes alone."""
 
 
 def run_in_fresh_process(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -194,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, 3 runs")
     parser.add_argument("--runs", type=int, help="repeats per variant (quick: 3, full: 5)")
     parser.add_argument("--json", metavar="FILE", help="also write every raw measurement here")
-    parser.add_argument("--cases", default="overhead,resume,partial", help="comma-separated")
+    parser.add_argument(
+        "--cases", default="overhead,resume,partial,processes", help="comma-separated"
+    )
     parser.add_argument(
         "--baseline", metavar="DIR", help="also run the overhead cases on the corral in DIR"
     )
@@ -252,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
                 variants[f"partial {form} half recorded"] = [
                     {"form": form, "fn": "partial", "n": overhead_n, "checkpoint": str(half)}
                 ]
+        if "processes" in cases:
+            base = {"form": "map", "fn": "sleep0", "n": overhead_n // 2, "processes": 2}
+            variants["processes map plain"] = [{**base, "checkpoint": None}]
+            variants["processes map checkpoint"] = [
+                {**base, "checkpoint": str(work / f"processes-{i}.sqlite")} for i in range(runs)
+            ]
+            variants["processes map progress"] = [{**base, "checkpoint": None, "progress": True}]
         names = list(variants)
         for repeat in range(runs):
             # Round-robin, starting one later each repeat: a noisy moment of
@@ -287,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         n = resume_n if name.startswith("resume") else overhead_n
         form = name.split()[1]
         base = "baseline" if name.startswith("baseline") else "overhead"
+        if name.startswith("processes"):
+            n, base = overhead_n // 2, "processes"
         plain = medians.get(f"{base} {form} plain")
         plain_cpu = cpus.get(f"{base} {form} plain")
         compared = plain and not name.startswith("resume")

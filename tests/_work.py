@@ -126,6 +126,44 @@ async def async_sleep(seconds: float) -> int:
     return os.getpid()
 
 
+async def async_logged(arg: tuple[str, int]) -> int:
+    """``x * x`` for ``(log, x)``, appending ``"pid x"`` to the file ``log`` first.
+
+    Every call, in any process, leaves a line (one small O_APPEND write each,
+    so lines from several processes never mix): the tests count the calls.
+    A negative ``x`` fails with ValueError(x); ``x`` of 10**6 and more sleeps
+    a minute (for deadlines and kills).
+    """
+    log, x = arg
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, b"%d %d\n" % (os.getpid(), x))
+    finally:
+        os.close(fd)
+    await asyncio.sleep(60 if x >= 10**6 else 0.0005 * (x % 5))
+    if x < 0:
+        raise ValueError(x)
+    return x * x
+
+
+async def async_logged_dies_at_25(arg: tuple[str, int]) -> int:
+    """:func:`async_logged`, but the process running item 25 dies (exit code 7)."""
+    if arg[1] == 25:
+        await asyncio.sleep(0.05)  # let some results reach the parent first
+        os._exit(7)
+    return await async_logged(arg)
+
+
+def logged_calls(log: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """The ``(pid, x)`` of every call :func:`async_logged` started, complete lines only."""
+    if not os.path.exists(log):
+        return []
+    with open(log, "rb") as file:
+        data = file.read()
+    lines = data[: data.rfind(b"\n") + 1].split(b"\n")
+    return [(int(pid), int(x)) for pid, x in (line.split() for line in lines if line)]
+
+
 async def async_start_time(x: int) -> float:
     """The time.monotonic() at which the call started (the same clock in every process)."""
     return time.monotonic()

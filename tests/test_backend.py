@@ -49,11 +49,8 @@ def test_without_ray_installed_the_ray_backend_says_how_to_install_it(
     [
         ("processes", 2),
         ("rate", "10/s"),
-        ("checkpoint", "run.sqlite"),
-        ("progress", True),
         ("monitor", True),
         ("executor", "thread"),
-        ("deadline", 60),
         ("budget", {"requests": 10}),
     ],
 )

@@ -8,6 +8,7 @@ it on the default Python and a missing Ray is a failure.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import os
 import signal
@@ -26,7 +27,8 @@ from hypothesis import strategies as st
 
 import _flaky
 import corral
-from _work import worker_processes
+from _work import logged_calls, worker_processes
+from corral._checkpoint import read_checkpoint
 
 if importlib.util.find_spec("ray") is None:  # pragma: no cover - depends on the machine
     _REASON = "Ray is not installed (pip install 'corral[ray]'); the Ray backend's tests need it"
@@ -396,6 +398,71 @@ async def test_cancel_ends_early_keeping_what_is_done() -> None:
     assert got == [i * i for i in range(len(got))]  # an unbroken prefix, in order
     assert results.stats.completed < 100_000
     assert results.stats.in_flight == 0
+
+
+async def test_a_checkpointed_map_on_ray_resumes_calling_fn_only_for_the_rest(
+    tmp_path: Path,
+) -> None:
+    """checkpoint= with backend="ray": the driver records; a re-run sends only the rest."""
+    log, path = tmp_path / "calls", tmp_path / "run.sqlite"
+
+    async def logged(item: tuple[str, int]) -> int:
+        # Like _work.async_logged, defined here: the actors cannot import _work.
+        name, x = item
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, b"%d %d\n" % (os.getpid(), x))
+        os.close(fd)
+        await asyncio.sleep(0)
+        if x < 0:
+            raise ValueError(x)
+        return x * x
+
+    options: dict[str, Any] = {
+        "backend": "ray",
+        "ray_actors": 2,
+        "limit": 20,
+        "checkpoint": path,
+        "item_id": lambda item: item[1],
+        "return_exceptions": True,
+    }
+    xs = [*range(150), -1]
+    first = await corral.gather(logged, [(str(log), x) for x in xs], **options)
+    assert first[:150] == [x * x for x in range(150)]
+    assert isinstance(first[150], ValueError)
+    assert sorted(x for _, x in logged_calls(log)) == sorted(xs)
+
+    log.unlink()
+    xs = [*range(250), -1]
+    async with corral.map(logged, [(str(log), x) for x in xs], **options) as results:
+        second = [r async for r in results]
+    assert second[:250] == [x * x for x in range(250)]
+    assert isinstance(second[250], ValueError)  # replayed: recorded as a failure
+    assert sorted(x for _, x in logged_calls(log)) == list(range(150, 250))
+    assert {key for key, _, _ in read_checkpoint(path)} == set(xs)
+
+
+async def test_the_deadline_on_ray_cancels_the_chunks_in_flight(tmp_path: Path) -> None:
+    """deadline= with backend="ray": the results done, then DeadlineExceeded; the
+    coroutines still running in the actors are cancelled."""
+    got = []
+    with pytest.raises(corral.DeadlineExceeded):
+        async with corral.map(
+            functools.partial(hang_marked, str(tmp_path)),
+            range(4),
+            backend="ray",
+            ray_actors=2,
+            limit=4,
+            deadline=10.0,
+        ) as results:
+            async for value in results:
+                got.append(value)
+    assert got == []
+    deadline = time.monotonic() + 30
+    while marked(tmp_path, "cancelled") != marked(tmp_path, "started") or not marked(
+        tmp_path, "started"
+    ):
+        assert time.monotonic() < deadline, "the actors' calls were not cancelled"
+        await asyncio.sleep(0.05)
 
 
 def test_the_retry_budget_holds_across_actors(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from ._checkpoint import (
     CONSUMER_LAG,
     Checkpoint,
     CheckpointedStream,
+    OnClose,
     as_checkpoint,
     closing,
     resume_hint,
@@ -36,10 +37,11 @@ from ._limits import Limiter, Rate, RateGate, as_rate, as_rates, gate_for
 from ._monitor import DEFAULT_THRESHOLD, LoopWatch, monitor_from_env
 from ._offload import is_async_callable, offload
 from ._progress import Progress, ProgressLike, check_progress, total_of
-from ._ray import RayStream, check_actors, check_address, check_setup, map_on_ray
+from ._ray import RayStream, check_actors, check_address, check_setup, map_on_ray, ray_call
+from ._remote import RemoteCall, RemoteStream
 from ._retry import Retry, as_retry, retry_after_seconds, retry_kind
 from ._retry_budget import RetryBudgetExhausted, RetryBudgetState
-from ._shard import ShardedStream, map_sharded
+from ._shard import ShardedStream, map_sharded, sharded_call
 from ._usage import Meter, UsageBudget, metered
 from ._weighted import WeightedGate
 
@@ -445,8 +447,20 @@ def _engine(
 
 
 def _engine_and_checkpoint(
-    caller: str, fn: Any, items: Any, *, collect: bool, options: Mapping[str, Any]
+    caller: str,
+    fn: Any,
+    items: Any,
+    *,
+    collect: bool,
+    options: Mapping[str, Any],
+    remote: RemoteCall | None = None,
 ) -> tuple[Engine[Any, Any], Checkpoint | None]:
+    """The engine of a map in this process, and its checkpoint if it has one.
+
+    With ``remote`` (``processes=N`` or ``backend="ray"`` with a keyword only
+    this engine serves, see :data:`_HOSTED`), the calls are ``remote``'s: the
+    workers there apply ``limit``, ``rate``, ``timeout`` and ``retries``.
+    """
     opts = _check_keywords(caller, options)
     limit = opts["limit"]
     _check_fn(fn, caller)
@@ -479,70 +493,84 @@ def _engine_and_checkpoint(
     )
     source = _as_items(items)
 
-    if isinstance(limit, str | Adaptive):
-        limit = Limiter(limit)  # "auto": this map's own adaptive limit
-    if isinstance(limit, Limiter):
-        limiter: Limiter | None = limit
-        # Enough workers for the highest the limit can go; a per-key limit
-        # caps each key, not the map.
-        ceiling = limit.ceiling if limit.key is None else None
-        workers: int | None = ceiling or DEFAULT_LIMIT
-
-        def limit_reader() -> int | None:
-            return limiter.limit if limiter is not None else None
-    else:
-        limiter = None
-        workers = limit
-
-        def limit_reader() -> int | None:
-            return workers
-
     call: Call
-    on_close = None
+    on_close: OnClose | None = None
     retried = _Retried()
-    if fn_is_async:
-        call = fn
+    workers: int | None
+    limiter: Limiter | None = None
+    if remote is not None:
+        # The workers there take twice their share of the limit (one share
+        # running, one queued), so that many calls are kept in flight.
+        call = remote
+        on_close = remote.close
+        retried = remote.retried
+        fixed: int | None = limit
+        workers = None if fixed is None else 2 * fixed
+
+        def limit_reader() -> int | None:
+            return fixed
+
     else:
-        call, on_close = offload(fn, executor, workers, retried)
-    if seconds is not None:
-        call = _with_timeout(call, seconds)
-    gate = gate_for(rate)
-    if (
-        opts["cost"] is not None
-        or opts["usage"] is not None
-        or isinstance(gate, WeightedGate)
-        or (limiter is not None and _weighted_limiter(limiter))
-        or (budget is not None and set(budget) != {"requests"})
-    ):
-        # Weighted accounting (see _usage): one wrapper reserves, settles and budgets.
-        call = metered(
-            call,
-            Meter(opts["cost"], opts["usage"]),
-            gate=gate,
-            limiter=limiter,
-            budget=UsageBudget(budget) if budget is not None else None,
-        )
-    else:
-        if budget is not None:
-            call = _with_budget(call, budget["requests"])
-        if isinstance(gate, AutoRateGate):
-            call = with_auto_rate(call, gate)
-        elif gate is not None:
-            assert isinstance(gate, RateGate)
-            call = _with_rate(call, gate)
-        if limiter is not None:
-            call = _with_limiter(call, limiter)
-    if retry is not None:
-        state = None
-        if retry.budget is not None:
-            assert not isinstance(retry.budget, float | int)  # normalised by Retry
-            # Per Limiter when the map draws on one; per map otherwise.
-            state = (
-                limiter.retry_budget(retry.budget)
-                if limiter is not None
-                else RetryBudgetState(retry.budget)
+        if isinstance(limit, str | Adaptive):
+            limit = Limiter(limit)  # "auto": this map's own adaptive limit
+        if isinstance(limit, Limiter):
+            limiter = limit
+            # Enough workers for the highest the limit can go; a per-key limit
+            # caps each key, not the map.
+            ceiling = limit.ceiling if limit.key is None else None
+            workers = ceiling or DEFAULT_LIMIT
+
+            def limit_reader() -> int | None:
+                return limiter.limit if limiter is not None else None
+        else:
+            workers = limit
+
+            def limit_reader() -> int | None:
+                return workers
+
+        if fn_is_async:
+            call = fn
+        else:
+            call, on_close = offload(fn, executor, workers, retried)
+        if seconds is not None:
+            call = _with_timeout(call, seconds)
+        gate = gate_for(rate)
+        if (
+            opts["cost"] is not None
+            or opts["usage"] is not None
+            or isinstance(gate, WeightedGate)
+            or (limiter is not None and _weighted_limiter(limiter))
+            or (budget is not None and set(budget) != {"requests"})
+        ):
+            # Weighted accounting (see _usage): one wrapper reserves, settles and budgets.
+            call = metered(
+                call,
+                Meter(opts["cost"], opts["usage"]),
+                gate=gate,
+                limiter=limiter,
+                budget=UsageBudget(budget) if budget is not None else None,
             )
-        call = _with_retries(call, retry, retried, state)
+        else:
+            if budget is not None:
+                call = _with_budget(call, budget["requests"])
+            if isinstance(gate, AutoRateGate):
+                call = with_auto_rate(call, gate)
+            elif gate is not None:
+                assert isinstance(gate, RateGate)
+                call = _with_rate(call, gate)
+            if limiter is not None:
+                call = _with_limiter(call, limiter)
+        if retry is not None:
+            state = None
+            if retry.budget is not None:
+                assert not isinstance(retry.budget, float | int)  # normalised by Retry
+                # Per Limiter when the map draws on one; per map otherwise.
+                state = (
+                    limiter.retry_budget(retry.budget)
+                    if limiter is not None
+                    else RetryBudgetState(retry.budget)
+                )
+            call = _with_retries(call, retry, retried, state)
     # checkpoint= (see _checkpoint): outermost, so a recorded item takes no
     # limiter slot, rate token, budget or retry; the file closes with the map.
     checkpoint = None
@@ -586,16 +614,16 @@ def _engine_and_checkpoint(
 # ---------------------------------------------------------------------------
 
 #: Keywords a sharded map does not take (yet).
-_NOT_SHARDED = (
-    "executor",
-    "deadline",
-    "budget",
-    "cost",
-    "usage",
-    "progress",
-    "checkpoint",
-    "monitor",
-)
+_NOT_SHARDED = ("executor", "budget", "cost", "usage", "monitor")
+
+#: Keywords served by an engine in this process in front of the remote workers
+#: (see _remote.RemoteCall): with any of them, a map on processes or on Ray is
+#: that engine with a call that runs each item remotely.
+_HOSTED = ("checkpoint", "deadline", "progress")
+
+
+def _hosted(opts: Mapping[str, Any]) -> bool:
+    return any(opts[name] != _DEFAULTS[name] for name in _HOSTED)
 
 
 def _weighted_limiter(limiter: Limiter) -> bool:
@@ -617,8 +645,12 @@ def _check_processes(processes: object) -> int | None:
 
 def _sharded(
     caller: str, fn: Any, items: Any, options: Mapping[str, Any]
-) -> ShardedStream[Any] | None:
-    """The sharded stream when ``processes=`` is given, else None."""
+) -> ShardedStream[Any] | RemoteCall | None:
+    """The sharded stream when ``processes=`` is given, else None.
+
+    With a keyword of :data:`_HOSTED`, the processes as a call for an engine
+    in this process instead.
+    """
     opts = _check_keywords(caller, options)
     processes = _check_processes(opts["processes"])
     if processes is None:
@@ -642,6 +674,10 @@ def _sharded(
                 f"{name}= is not available with processes=N; got {name}={opts[name]!r} "
                 f"and processes={processes!r}. Drop one of them."
             )
+    if _hosted(opts):
+        return sharded_call(
+            fn, processes=processes, limit=opts["limit"], rate=rate, timeout=seconds, retry=retry
+        )
     return map_sharded(
         fn,
         _as_items(items),
@@ -663,12 +699,32 @@ def _sharded(
 _RAY_ONLY = ("ray_address", "ray_actors", "setup")
 #: Keywords a map on Ray takes; every other one must keep its default there.
 _ON_RAY = frozenset(
-    {"limit", "ordered", "timeout", "retries", "return_exceptions", "backend", *_RAY_ONLY}
+    {
+        "limit",
+        "ordered",
+        "timeout",
+        "retries",
+        "return_exceptions",
+        "backend",
+        *_RAY_ONLY,
+        *_HOSTED,
+        # checkpoint='s own (as_checkpoint refuses them without it)
+        "item_id",
+        "fingerprint",
+        "resume",
+        "serializer",
+    }
 )
 
 
-def _on_ray(caller: str, fn: Any, items: Any, options: Mapping[str, Any]) -> RayStream[Any] | None:
-    """The stream of a map on Ray when ``backend="ray"``, else None."""
+def _on_ray(
+    caller: str, fn: Any, items: Any, options: Mapping[str, Any]
+) -> RayStream[Any] | RemoteCall | None:
+    """The stream of a map on Ray when ``backend="ray"``, else None.
+
+    With a keyword of :data:`_HOSTED`, the actors as a call for an engine in
+    this process instead.
+    """
     opts = _check_keywords(caller, options)
     if opts["backend"] != "ray":
         return None
@@ -694,6 +750,16 @@ def _on_ray(caller: str, fn: Any, items: Any, options: Mapping[str, Any]) -> Ray
             f"limit lives in this process. Pass an int or None; got limit={limit!r} and "
             "backend='ray'"
         )
+    if _hosted(opts):
+        return ray_call(
+            fn,
+            address=opts["ray_address"],
+            setup=opts["setup"],
+            actors=actors,
+            limit=limit,
+            timeout=seconds,
+            retry=retry,
+        )
     return map_on_ray(
         fn,
         _as_items(items),
@@ -708,9 +774,19 @@ def _on_ray(caller: str, fn: Any, items: Any, options: Mapping[str, Any]) -> Ray
     )
 
 
-async def _collect(stream: ShardedStream[Any] | RayStream[Any]) -> list[Any]:
+async def _collect(stream: RemoteStream[Any]) -> list[Any]:
     async with stream:
         return [result async for result in stream]
+
+
+def _remote(
+    caller: str, fn: Any, items: Any, options: Mapping[str, Any]
+) -> RemoteStream[Any] | RemoteCall | None:
+    """A map on Ray or on processes (its stream, or a call for an engine here), else None."""
+    on_ray = _on_ray(caller, fn, items, options)
+    if on_ray is not None:
+        return on_ray
+    return _sharded(caller, fn, items, options)
 
 
 # ---------------------------------------------------------------------------
@@ -785,6 +861,9 @@ def map(
             own event loop and engine, for ``async def`` calls that also use
             CPU; ``limit`` is split among them, ``rate`` stays global, ``stats``
             add up. ``fn`` must be importable (defined at module level).
+            With ``checkpoint``, ``deadline`` or ``progress``, corral's engine
+            runs in this process in front of the workers: it pulls, records,
+            replays and orders, and the workers make the calls.
         backend: ``"local"`` (default): this process. ``"ray"``: long-lived
             async actors on a Ray cluster (the ``corral[ray]`` extra), one
             per CPU of the cluster (or ``ray_actors``), each running corral's
@@ -792,8 +871,10 @@ def map(
             fed lazily and results merged in input order (or as completed).
             A killed actor is restarted and its unfinished chunk re-run:
             results stay exactly once, side effects are at-least-once. Takes
-            ``limit``, ``ordered``, ``timeout``, ``retries`` and
-            ``return_exceptions``; other keywords are refused.
+            ``limit``, ``ordered``, ``timeout``, ``retries``,
+            ``return_exceptions``, and ``checkpoint``, ``deadline`` and
+            ``progress`` (kept by this process, as with ``processes``);
+            other keywords are refused.
         ray_address: the Ray cluster to use (``"10.0.0.5:6379"``, ``"auto"``,
             ``"ray://host:10001"``); default ``RAY_ADDRESS``, else a local
             cluster on 127.0.0.1 (no dashboard) that corral starts on first
@@ -865,13 +946,12 @@ def map(
     Raises:
         TypeError, ValueError: at once, for a bad argument (the message names it).
     """
-    on_ray = _on_ray("map", fn, items, options)
-    if on_ray is not None:
-        return on_ray
-    sharded = _sharded("map", fn, items, options)
-    if sharded is not None:
-        return sharded
-    engine, checkpoint = _engine_and_checkpoint("map", fn, items, collect=False, options=options)
+    remote = _remote("map", fn, items, options)
+    if isinstance(remote, RemoteStream):
+        return remote
+    engine, checkpoint = _engine_and_checkpoint(
+        "map", fn, items, collect=False, options=options, remote=remote
+    )
     if checkpoint is not None:  # results handed out only once recorded
         return CheckpointedStream(engine, checkpoint)
     return ResultStream(engine)
@@ -903,13 +983,13 @@ async def gather(
     The list is in input order, whatever ``ordered`` says. Takes the same
     keywords as :func:`map`.
     """
-    on_ray = _on_ray("gather", fn, items, options)
-    if on_ray is not None:
-        return await _collect(on_ray)
-    sharded = _sharded("gather", fn, items, options)
-    if sharded is not None:
-        return await _collect(sharded)
-    return await _engine("gather", fn, items, collect=True, options=options).run_to_end()
+    remote = _remote("gather", fn, items, options)
+    if isinstance(remote, RemoteStream):
+        return await _collect(remote)
+    engine, _ = _engine_and_checkpoint(
+        "gather", fn, items, collect=True, options=options, remote=remote
+    )
+    return await engine.run_to_end()
 
 
 @overload
@@ -965,15 +1045,13 @@ def run(
             "use `await corral.gather(...)` in async code"
         )
     loop_factory = _loop_factory(uvloop)
-    on_ray = _on_ray("run", fn, items, options)
-    if on_ray is not None:
+    remote = _remote("run", fn, items, options)
+    if isinstance(remote, RemoteStream):
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(_collect(on_ray))
-    sharded = _sharded("run", fn, items, options)
-    if sharded is not None:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(_collect(sharded))
-    engine, checkpoint = _engine_and_checkpoint("run", fn, items, collect=True, options=options)
+            return runner.run(_collect(remote))
+    engine, checkpoint = _engine_and_checkpoint(
+        "run", fn, items, collect=True, options=options, remote=remote
+    )
     # Ctrl-C: asyncio cancels the map, which keeps what is done; then say how to resume.
     with resume_hint(checkpoint), asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(engine.run_to_end())

@@ -73,9 +73,11 @@ from ._engine import _Retried
 from ._limits import Limiter
 from ._offload import WorkerCrashed, is_async_callable
 from ._remote import (
+    RemoteCall,
     RemoteOptions,
     RemoteRun,
     RemoteStream,
+    Submissions,
     _Phase,
     finish_tasks,
     split_limit,
@@ -468,7 +470,7 @@ class RayRun(RemoteRun[R]):
     def __init__(
         self,
         fn: Callable[..., Any],
-        items: Iterable[Any] | AsyncIterable[Any],
+        items: Iterable[Any] | AsyncIterable[Any] | Submissions,
         options: RemoteOptions,
         *,
         address: str | None,
@@ -696,7 +698,7 @@ class RayRun(RemoteRun[R]):
                 )
             )
             return
-        self._deliver_chunk(chunk.start, values, len(failed))
+        self._deliver_chunk(chunk.start, values, failed)
         self._check_end()
 
 
@@ -761,3 +763,25 @@ def map_on_ray(
     options = RemoteOptions(limit, ordered, timeout, retry, return_exceptions)
     run: RayRun[Any] = RayRun(fn, items, options, address=address, setup=setup, actors=actors)
     return RayStream(run)
+
+
+def ray_call(
+    fn: Callable[..., Any],
+    *,
+    address: str | None,
+    setup: Callable[[], Any] | None,
+    actors: int | None,
+    limit: int | None,
+    timeout: float | None,
+    retry: Retry | None,
+) -> RemoteCall:
+    """The actors of ``backend="ray"`` as a call of one item (see RemoteCall).
+
+    Raises:
+        ImportError: at once, when Ray is not installed.
+    """
+    require_ray()
+    submissions = Submissions()
+    options = RemoteOptions(limit, False, timeout, retry, True)
+    run: RayRun[Any] = RayRun(fn, submissions, options, address=address, setup=setup, actors=actors)
+    return RemoteCall(run, submissions, _Retried())

@@ -32,6 +32,16 @@ the same, and lives here::
   backend says what was started, is in flight and was retried.
 
 :class:`RemoteStream` is :class:`ResultStream`'s protocol over a run.
+
+``checkpoint=``, ``deadline=`` and ``progress=`` belong to corral's engine,
+and a remote run has none here. With one of them the map is that engine,
+in this process, whose call of one item is :class:`RemoteCall`: it hands the
+item to a run (fed by :class:`Submissions` instead of the input) and returns
+a future its outcome settles. The engine keeps the order, the window, the
+checkpoint's records and replays, the deadline and the progress display; the
+workers keep the limit, rate, timeouts and retries. It costs a future and a
+trip through the engine per item, so a map without those keywords keeps the
+direct path above.
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._engine import ResultStream
+from ._engine import Halt, ResultStream
 from ._stats import LatencyHistogram, Stats
 
 if TYPE_CHECKING:
@@ -188,7 +198,7 @@ class RemoteRun(abc.ABC, Generic[R]):
     def __init__(
         self,
         fn: Callable[..., Any],
-        items: Iterable[Any] | AsyncIterable[Any],
+        items: Iterable[Any] | AsyncIterable[Any] | Submissions,
         options: RemoteOptions,
     ) -> None:
         self._fn = fn
@@ -198,6 +208,8 @@ class RemoteRun(abc.ABC, Generic[R]):
         self._ordered = options.ordered
         self._return_exceptions = options.return_exceptions
         self._window: int | None = None  # items the run may go ahead of the consumer
+        # Set by RemoteCall: outcomes go to its per-item futures, not to a consumer.
+        self._sink: RemoteCall | None = None
 
         self._phase = _Phase.IDLE
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -293,7 +305,7 @@ class RemoteRun(abc.ABC, Generic[R]):
     def _space(self) -> int:
         """Items the feeder may pull now (<= 0: wait)."""
         room = self._worker_room()
-        if self._window is not None:
+        if self._window is not None and self._sink is None:
             room = min(room, self._consumed + self._window - self._next_index)
         return room
 
@@ -315,7 +327,9 @@ class RemoteRun(abc.ABC, Generic[R]):
     async def _feed(self) -> None:
         items = self._items
         try:
-            if isinstance(items, AsyncIterable):
+            if isinstance(items, Submissions):
+                await self._feed_submissions(items)
+            elif isinstance(items, AsyncIterable):
                 await self._feed_async(aiter(items))
             else:
                 await self._feed_sync(iter(items))
@@ -345,6 +359,15 @@ class RemoteRun(abc.ABC, Generic[R]):
                 return
             self._dispatch([item])
 
+    async def _feed_submissions(self, submissions: Submissions) -> None:
+        # Whatever the calls handed over since the last batch goes as one.
+        while True:
+            room = await self._wait_for_room()
+            batch = await submissions.take(room)
+            if batch is None:
+                return
+            self._dispatch(batch)
+
     # -- merging ----------------------------------------------------------
 
     # A run delivers either item by item (its pending values are outcomes)
@@ -356,6 +379,14 @@ class RemoteRun(abc.ABC, Generic[R]):
 
         A failed one (``ok`` false) ends the run unless ``return_exceptions``.
         """
+        if self._sink is not None:
+            for _, ok, _ in outcomes:
+                if ok:
+                    self._completed += 1
+                else:
+                    self._failed += 1
+            self._sink.deliver(outcomes)
+            return
         ready, pending = self._ready, self._pending
         for index, ok, value in outcomes:
             if ok:
@@ -378,10 +409,20 @@ class RemoteRun(abc.ABC, Generic[R]):
                 self._next_delivery = index
         self._wake_consumer()
 
-    def _deliver_chunk(self, start: int, values: list[Any], failed: int) -> None:
-        """Count and hand out the outcomes of items ``start`` onwards, ``failed`` of them errors."""
-        self._failed += failed
-        self._completed += len(values) - failed
+    def _deliver_chunk(self, start: int, values: list[Any], failed: list[int]) -> None:
+        """Count and hand out the outcomes of items ``start`` onwards.
+
+        ``failed`` holds the offsets (in ``values``) of the failed ones, whose
+        values are their exceptions.
+        """
+        self._failed += len(failed)
+        self._completed += len(values) - len(failed)
+        if self._sink is not None:
+            errors = set(failed)
+            self._sink.deliver(
+                (start + offset, offset not in errors, value) for offset, value in enumerate(values)
+            )
+            return
         ready, pending = self._ready, self._pending
         if not self._ordered:
             ready.extend(values)
@@ -428,6 +469,8 @@ class RemoteRun(abc.ABC, Generic[R]):
             return
         self._error = exc
         self._stop_now()
+        if self._sink is not None:
+            self._sink.fail(exc)
         self._wake_consumer()
 
     def cancel(self) -> None:
@@ -562,3 +605,140 @@ class RemoteStream(ResultStream[R]):
     def __init__(self, run: RemoteRun[R]) -> None:
         super().__init__(run)
         self._run = run  # the backend's own run (its workers), beyond the Run protocol
+
+
+# ---------------------------------------------------------------------------
+# A remote run as a per-item call, for a map whose engine runs in this process
+# ---------------------------------------------------------------------------
+
+
+class Submissions:
+    """The input of a run driven by :class:`RemoteCall`: items handed over one by one."""
+
+    __slots__ = ("_closed", "_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        self._wake()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self, room: int) -> list[Any] | None:
+        """Up to ``room`` items, waiting for one; None once closed and empty."""
+        while not self._items:
+            if self._closed:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        batch = self._items[:room]
+        del self._items[:room]
+        return batch
+
+
+class RemoteCall:
+    """A :class:`RemoteRun` seen as a call of one item, for a map run by an engine here.
+
+    ``checkpoint=``, ``deadline=`` and ``progress=`` are features of corral's
+    engine, which runs in this process: with ``processes=N`` or
+    ``backend="ray"`` they keep working by putting that engine in front of
+    the remote workers. The engine pulls the items, orders the results,
+    records and replays them, keeps the deadline and shows progress; its
+    call hands an item to the run and returns a future the item's outcome
+    settles. The run's workers still make the calls (timeouts, retries, rate
+    and the limit are theirs); they see the items the engine sends, so a
+    replayed item never leaves this process.
+
+    The run delivers outcomes as they come (``ordered=False``) and every
+    failure as an outcome (``return_exceptions=True``): the engine decides
+    what a failure means. A failure of the run itself (a worker crashed, fn
+    cannot be loaded) is no item's failure: every waiting call raises
+    :class:`~corral._engine.Halt` with it, which stops the map without
+    recording anything.
+    """
+
+    def __init__(self, run: RemoteRun[Any], submissions: Submissions, retried: _Retried) -> None:
+        self._run = run
+        self._submissions = submissions
+        self.retried = retried  # the engine's stats read the workers' retries here
+        self._futures: dict[int, asyncio.Future[Any]] = {}  # by run index: no outcome yet
+        self._submitted = 0
+        self._create_future: Callable[[], asyncio.Future[Any]] | None = None
+        run._sink = self
+
+    def __call__(self, item: Any) -> asyncio.Future[Any]:
+        run = self._run
+        create = self._create_future
+        if create is None:  # the first item: the run starts on the map's loop
+            run.start()
+            create = self._create_future = asyncio.get_running_loop().create_future
+        future: asyncio.Future[Any] = create()
+        if run._error is not None:
+            future.set_exception(Halt(run._error))
+            return future
+        # The run numbers items in the order they are handed over.
+        self._futures[self._submitted] = future
+        self._submitted += 1
+        self._submissions.put(item)
+        return future
+
+    def deliver(self, outcomes: Iterable[tuple[int, bool, Any]]) -> None:
+        futures = self._futures
+        for index, ok, value in outcomes:
+            future = futures.pop(index, None)
+            if future is None or future.done():
+                continue  # its call was cancelled (cancel(), the deadline)
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(_raisable(value))
+        self.retried.count = self._run._counts(0, False)[2]
+
+    def fail(self, exc: BaseException) -> None:
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
+            if not future.done():
+                future.set_exception(Halt(exc))
+                future.exception()  # seen: a call already cancelled does not await it
+
+    async def close(self, clean: bool) -> None:
+        """The engine's close hook: let the run finish (clean) or stop its workers."""
+        self._submissions.close()
+        run = self._run
+        try:
+            if clean and not self._futures and run._phase is _Phase.RUNNING and not run._error:
+                # Every outcome is in: the run ends as the workers finish, and
+                # raises its own error if one came after the last outcome.
+                while await run.wait_next():  # pragma: no cover - nothing is ever ready
+                    run.take()
+            else:
+                await run.aclose()
+        finally:
+            for future in self._futures.values():
+                future.cancel()
+            self._futures.clear()
+
+
+def _raisable(value: Any) -> BaseException:
+    # A future refuses StopIteration; a coroutine raising it fails with
+    # RuntimeError in this process too.
+    if isinstance(value, StopIteration):
+        error = RuntimeError(f"fn raised {type(value).__name__}")
+        error.__cause__ = value
+        return error
+    assert isinstance(value, BaseException)
+    return value

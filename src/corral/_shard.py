@@ -81,9 +81,11 @@ from ._offload import (
     warm_up_start_method,
 )
 from ._remote import (
+    RemoteCall,
     RemoteOptions,
     RemoteRun,
     RemoteStream,
+    Submissions,
     _Phase,
     split_limit,
     split_retry_budget,
@@ -203,7 +205,7 @@ class ShardRun(RemoteRun[R]):
     def __init__(
         self,
         fn: Callable[[Any], Awaitable[R]],
-        items: Iterable[Any] | AsyncIterable[Any],
+        items: Iterable[Any] | AsyncIterable[Any] | Submissions,
         options: RemoteOptions,
         *,
         processes: int,
@@ -461,6 +463,27 @@ def map_sharded(
     check_shardable(fn, limit, retry)
     options = RemoteOptions(limit, ordered, timeout, retry, return_exceptions)
     return ShardedStream(ShardRun(fn, items, options, processes=processes, rate=rate))
+
+
+def sharded_call(
+    fn: Callable[[Any], Awaitable[Any]],
+    *,
+    processes: int,
+    limit: int | None,
+    rate: Rate | None,
+    timeout: float | None,
+    retry: Retry | None,
+) -> RemoteCall:
+    """The worker processes of ``processes=N`` as a call of one item (see RemoteCall).
+
+    Raises:
+        TypeError: as :func:`map_sharded`.
+    """
+    check_shardable(fn, limit, retry)
+    submissions = Submissions()
+    options = RemoteOptions(limit, False, timeout, retry, True)
+    run: ShardRun[Any] = ShardRun(fn, submissions, options, processes=processes, rate=rate)
+    return RemoteCall(run, submissions, _Retried())
 
 
 # ---------------------------------------------------------------------------
