@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -301,12 +302,38 @@ def ctrl_c(call: str, directory: Path, *, workers: int) -> tuple[bytes, list[int
             child.wait()
     pids = [int(name) for name in os.listdir(directory)]
     deadline = time.monotonic() + 5  # the script has exited; give the kernel a moment
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return stderr, [pid for pid in pids if _alive(pid)]
+    return stderr, [pid for pid in pids if alive(pid)]
 
 
-def _alive(pid: int) -> bool:
+def complete_lines(path: Path) -> list[int]:
+    """The ints on the complete lines of a file a (possibly killed) process appends to."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    return [int(line) for line in data[: data.rfind(b"\n") + 1].split()]
+
+
+def run_killed(
+    command: list[str], started: Callable[[], int], target: int | None, *, context: str
+) -> None:
+    """Run ``command``; SIGKILL it once ``started()`` reaches ``target`` (None: let it end).
+
+    Asserts it died of the kill, or (no target) exited 0, within two minutes.
+    """
+    process = subprocess.Popen(command)
+    if target is not None:
+        deadline = time.monotonic() + 120
+        while started() < target and process.poll() is None:
+            assert time.monotonic() < deadline, f"{context}: the run stalled"
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+    expected = 0 if target is None else -signal.SIGKILL
+    assert process.wait(timeout=120) == expected, context
+
+
+def alive(pid: int) -> bool:
     """Whether a process exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as file:

@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import corral
+from _work import complete_lines, run_killed
 from corral import _checkpoint
 from corral._checkpoint import RecordedFailure, as_key, default_fingerprint, read_checkpoint
 
@@ -840,14 +841,6 @@ asyncio.run(main())
 """
 
 
-def _lines(path: Path) -> list[int]:
-    """The complete lines of a file a killed process was appending to."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    return [int(line) for line in data[: data.rfind(b"\n") + 1].split()]
-
-
 @pytest.mark.slow
 def test_killed_runs_resume_to_exactly_once_in_order(tmp_path: Path) -> None:
     """SIGKILL three times at random points, then resume: every result once, in order."""
@@ -861,21 +854,15 @@ def test_killed_runs_resume_to_exactly_once_in_order(tmp_path: Path) -> None:
     total_calls = unfinished_at_kills = 0
     for attempt in range(4):
         calls_file, out_file = tmp_path / f"calls-{attempt}", tmp_path / f"out-{attempt}"
-        process = subprocess.Popen(
-            [sys.executable, str(script), str(checkpoint), str(calls_file), str(out_file)]
+        # Killed once the run has started a random share of what is left.
+        target = rng.randint(1, (n - len(before)) * 2 // 3) if attempt < 3 else None
+        run_killed(
+            [sys.executable, str(script), str(checkpoint), str(calls_file), str(out_file)],
+            lambda: len(complete_lines(calls_file)),  # noqa: B023 - called before the next loop
+            target,
+            context=f"seed {seed}, run {attempt}",
         )
-        killed = attempt < 3
-        if killed:
-            # Kill once the run has started a random share of what is left.
-            target = rng.randint(1, (n - len(before)) * 2 // 3)
-            deadline = time.monotonic() + 60
-            while len(_lines(calls_file)) < target and process.poll() is None:
-                assert time.monotonic() < deadline, f"seed {seed}: run {attempt} stalled"
-                time.sleep(0.002)
-            process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=60) == (-signal.SIGKILL if killed else 0), f"seed {seed}"
-
-        calls, out = _lines(calls_file), _lines(out_file)
+        calls, out = complete_lines(calls_file), complete_lines(out_file)
         after = set(recorded(checkpoint))
         context = f"seed {seed}, run {attempt}"
         assert len(calls) == len(set(calls)), f"{context}: an item was called twice"
@@ -937,7 +924,7 @@ def test_ctrl_c_on_run_keeps_what_is_done_and_says_how_to_resume(
         text=True,
     )
     deadline = time.monotonic() + 60
-    while len(_lines(first_calls)) < 500 and process.poll() is None:
+    while len(complete_lines(first_calls)) < 500 and process.poll() is None:
         assert time.monotonic() < deadline, "the run did not start"
         time.sleep(0.005)
     process.send_signal(signal.SIGINT)
@@ -957,7 +944,7 @@ def test_ctrl_c_on_run_keeps_what_is_done_and_says_how_to_resume(
         "returned without calling fn again."
     )
     assert hint in err.splitlines()
-    calls = _lines(first_calls)
+    calls = complete_lines(first_calls)
     assert 500 - 20 <= len(done) < n  # 500 calls had started, at most 20 in flight
     assert done == {i: (_checkpoint.PLAIN, i * 2) for i in done}
     assert set(done) <= set(calls)
@@ -973,7 +960,7 @@ def test_ctrl_c_on_run_keeps_what_is_done_and_says_how_to_resume(
     )
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.split() == ["True", str(n)]
-    again = _lines(second_calls)
+    again = complete_lines(second_calls)
     assert sorted(again) == sorted(set(range(n)) - set(done)), "each item exactly once"
     assert recorded(checkpoint) == {i: (_checkpoint.PLAIN, i * 2) for i in range(n)}
 

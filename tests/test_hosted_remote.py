@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -23,7 +21,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import corral
-from _work import async_logged, async_logged_dies_at_25, logged_calls, worker_processes
+from _work import (
+    alive,
+    async_logged,
+    async_logged_dies_at_25,
+    complete_lines,
+    logged_calls,
+    run_killed,
+    worker_processes,
+)
 from corral import _checkpoint
 from corral._checkpoint import as_key, read_checkpoint
 
@@ -144,31 +150,22 @@ async def test_a_worker_crash_stops_the_map_and_records_no_failure(tmp_path: Pat
     resume runs them."""
     log, path = tmp_path / "calls", tmp_path / "run.sqlite"
     xs = list(range(40))
+    options: dict[str, Any] = {
+        "processes": 2,
+        "limit": 4,
+        "checkpoint": path,
+        "return_exceptions": True,
+        "fingerprint": "same",
+    }
     with pytest.raises(corral.WorkerCrashed):
-        await corral.gather(
-            async_logged_dies_at_25,
-            items(log, xs),
-            processes=2,
-            limit=4,
-            checkpoint=path,
-            return_exceptions=True,
-            fingerprint="same",
-        )
+        await corral.gather(async_logged_dies_at_25, items(log, xs), **options)
     kinds = {kind for _, kind, _ in read_checkpoint(path)}
     assert _checkpoint.FAILED not in kinds
     done = recorded_ids(path)
     assert len(done) < len(xs)
 
     log.unlink(missing_ok=True)
-    resumed = await corral.gather(
-        async_logged,
-        items(log, xs),
-        processes=2,
-        limit=4,
-        checkpoint=path,
-        return_exceptions=True,
-        fingerprint="same",
-    )
+    resumed = await corral.gather(async_logged, items(log, xs), **options)
     assert resumed == [x * x for x in xs]
     assert sorted(called(log)) == sorted(x for x in xs if not ids(log, [x]) & done)
     await no_worker_left()
@@ -299,21 +296,6 @@ if __name__ == "__main__":
 """
 
 
-def _lines(path: Path) -> list[int]:
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    return [int(line) for line in data[: data.rfind(b"\n") + 1].split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_killed_parent_resumes_to_exactly_once_and_leaves_no_worker(tmp_path: Path) -> None:
     """SIGKILL the parent of a checkpointed processes=2 map twice, then resume: every result
     once, in order; each kill's worker processes exit on their own (their parent is gone)."""
@@ -328,24 +310,17 @@ def test_a_killed_parent_resumes_to_exactly_once_and_leaves_no_worker(tmp_path: 
     total_calls = unfinished_at_kills = 0
     for attempt in range(3):
         log, out_file = tmp_path / f"calls-{attempt}", tmp_path / f"out-{attempt}"
-        process = subprocess.Popen(
-            [sys.executable, str(script), str(checkpoint), str(log), str(out_file)]
+        context = f"seed {seed}, run {attempt}"
+        run_killed(
+            [sys.executable, str(script), str(checkpoint), str(log), str(out_file)],
+            lambda: len(logged_calls(log)),  # noqa: B023 - called before the next loop
+            rng.randint(1, (n - len(before)) * 2 // 3) if attempt < 2 else None,
+            context=context,
         )
-        killed = attempt < 2
-        if killed:
-            target = rng.randint(1, (n - len(before)) * 2 // 3)
-            deadline = time.monotonic() + 120
-            while len(logged_calls(log)) < target and process.poll() is None:
-                assert time.monotonic() < deadline, f"seed {seed}: run {attempt} stalled"
-                time.sleep(0.002)
-            process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=120) == (-signal.SIGKILL if killed else 0), f"seed {seed}"
-
         calls = logged_calls(log)
         xs = [x for _, x in calls]
-        out = _lines(out_file)
+        out = complete_lines(out_file)
         after = recorded_ids(checkpoint)
-        context = f"seed {seed}, run {attempt}"
         assert len(xs) == len(set(xs)), f"{context}: an item was called twice"
         assert not set(xs) & before, f"{context}: a recorded item was called again"
         assert out == [i * i for i in range(len(out))], f"{context}: results out of order"
@@ -357,7 +332,7 @@ def test_a_killed_parent_resumes_to_exactly_once_and_leaves_no_worker(tmp_path: 
         # The workers of a killed parent see their link close and exit.
         workers = {pid for pid, _ in calls}
         deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in workers):
+        while any(alive(pid) for pid in workers):
             assert time.monotonic() < deadline, f"{context}: a worker outlived its parent"
             time.sleep(0.05)
 
