@@ -26,6 +26,7 @@ from _work import (
     async_logged,
     async_logged_dies_at_25,
     complete_lines,
+    ctrl_c,
     logged_calls,
     run_killed,
     worker_processes,
@@ -339,3 +340,24 @@ def test_a_killed_parent_resumes_to_exactly_once_and_leaves_no_worker(tmp_path: 
     assert out == [i * i for i in range(n)]
     assert recorded_ids(checkpoint) == set(range(n))
     assert total_calls == n + unfinished_at_kills, f"seed {seed}"
+
+
+def test_ctrl_c_on_a_checkpointed_run_on_processes_says_how_to_resume(tmp_path: Path) -> None:
+    """Ctrl-C on corral.run(..., processes=2, checkpoint=...): the workers are gone, the
+    recorded results stay, and stderr says how to resume (not a WorkerCrashed)."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    path = tmp_path / "run.sqlite"
+    call = (
+        f"corral.run(async_record_pid_and_sleep, [({str(pids)!r}, 0.0)] * 1 + "
+        f"[({str(pids)!r}, 60.0 + i) for i in range(4)], processes=2, limit=4, "
+        f"checkpoint={str(path)!r}, item_id=repr)"
+    )
+    stderr, survivors = ctrl_c(call, pids, workers=2)
+    assert b"KeyboardInterrupt" in stderr
+    assert b"run the same call again to resume" in stderr
+    assert b"WorkerCrashed" not in stderr
+    assert survivors == []
+    # The quick item is recorded unless Ctrl-C came before its result did; the
+    # sleeping ones never are.
+    assert len(list(read_checkpoint(path))) <= 1
