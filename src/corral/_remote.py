@@ -380,6 +380,7 @@ class RemoteRun(abc.ABC, Generic[R]):
         A failed one (``ok`` false) ends the run unless ``return_exceptions``.
         """
         if self._sink is not None:
+            outcomes = list(outcomes)  # walked twice
             for _, ok, _ in outcomes:
                 if ok:
                     self._completed += 1
