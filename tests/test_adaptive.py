@@ -19,11 +19,15 @@ import pytest
 
 import corral
 from corral._adaptive import (
+    CHECK_SHARE,
     CUT_SMOOTHING,
     DROP_BACKOFF,
     GRADIENT_TARGET,
     MIN_GRADIENT,
     MIN_SAMPLES,
+    OVERLOAD,
+    PROBE_EVERY,
+    PROBE_SCALE,
     SLOW_START_GROWTH,
     TOLERANCE,
     Adaptive,
@@ -45,6 +49,21 @@ def window(
     for _ in range(count or controller._need):
         controller.success(now, latency, busy)
     return now
+
+
+def settled(limit: int, latency: float) -> tuple[Controller, float]:
+    """A controller past slow start at ``limit``, just back from a probe that read ``latency``."""
+    controller = Controller(Adaptive(initial=limit, max=1000))
+    now = window(controller, 0.0, latency, busy=False)  # the lowest latency: `latency`
+    controller.slow_start = False  # as if slow start had ended here
+    now = window(controller, now, latency, busy=False)  # the first steady window: a probe next
+    assert controller.probing
+    assert controller.limit == pytest.approx(limit * PROBE_SCALE)
+    now = window(controller, now, latency)  # the probe's window
+    assert not controller.probing
+    assert controller.limit == limit
+    assert controller.probed == pytest.approx(latency)
+    return controller, now
 
 
 # -- Adaptive --------------------------------------------------------------------
@@ -147,60 +166,164 @@ def test_a_window_counts_only_calls_started_after_the_latest_change() -> None:
     assert controller._samples == []
 
 
-def test_latency_above_tolerance_cuts_by_the_gradient_and_ends_slow_start() -> None:
-    """Latency 2x the baseline: half way to limit x GRADIENT_TARGET / 2; slow start is over."""
+def test_slow_start_backs_off_to_the_last_limit_that_showed_no_queueing() -> None:
+    """Latency 1.8x the lowest after a step: slow start is over, the limit goes back before it."""
     controller = Controller(Adaptive(initial=64, max=1000))
-    now = window(controller, 0.0, 0.010)  # baseline 10 ms, limit 96
+    now = window(controller, 0.0, 0.010)  # lowest 10 ms, limit 96
     assert controller.in_force == 96
-    window(controller, now, 0.020)
+    window(controller, now, 0.018)
     assert not controller.slow_start
-    target = 96 * GRADIENT_TARGET / 2
-    assert controller.limit == pytest.approx(96 + CUT_SMOOTHING * (target - 96))
+    # Back to 64, and (the first steady window) a probe at once, below it.
+    assert controller.probing
+    assert controller.limit == pytest.approx(64 * PROBE_SCALE)
+
+
+def test_one_slow_window_holds_the_limit_and_a_second_cuts_it() -> None:
+    """A stall slows one window: nothing moves; two in a row cut by the gradient."""
+    controller, now = settled(64, 0.010)
+    now = window(controller, now, 0.020)
+    assert controller.limit == 64
+    window(controller, now, 0.020)
+    assert controller.limit == pytest.approx(64 + CUT_SMOOTHING * (64 * GRADIENT_TARGET / 2 - 64))
 
 
 def test_one_window_never_cuts_more_than_half() -> None:
     """However high the latency, one window at most halves the limit."""
-    controller = Controller(Adaptive(initial=100, max=1000))
-    now = window(controller, 0.0, 0.010, busy=False)
+    controller, now = settled(100, 0.010)
+    now = window(controller, now, 1.0)
     window(controller, now, 1.0)
     assert controller.limit == pytest.approx(100 * MIN_GRADIENT)
 
 
-def test_after_slow_start_the_limit_grows_by_its_square_root() -> None:
-    """Latency within tolerance, busy: limit + sqrt(limit) per window."""
-    controller = Controller(Adaptive(initial=64, max=1000))
-    now = window(controller, 0.0, 0.010)  # 96
-    now = window(controller, now, 0.020)  # cut, slow start over
+def test_growth_is_a_square_root_per_window_tapering_to_zero_at_the_target() -> None:
+    """At the probed latency the limit grows by sqrt(limit); less nearer the target; none at it."""
+    controller, now = settled(64, 0.010)
+    now = window(controller, now, 0.010)
+    assert controller.limit == pytest.approx(64 + 8)
+    ratio = 1 + (GRADIENT_TARGET - 1) / 2  # half way to the target: half the step
+    now = window(controller, now, 0.010 * ratio)
+    assert controller.limit == pytest.approx(72 + math.sqrt(72) / 2)
     limit = controller.limit
-    window(controller, now, 0.010)
-    assert controller.limit == pytest.approx(limit + math.sqrt(limit))
+    # At the target: no growth. That was the PROBE_EVERY-th window: a probe follows.
+    assert PROBE_EVERY == 3
+    window(controller, now, 0.010 * GRADIENT_TARGET)
+    assert controller.probing
+    assert controller.limit == pytest.approx(limit * PROBE_SCALE)
 
 
-def test_latency_within_tolerance_is_not_queueing() -> None:
-    """Up to TOLERANCE x the baseline the limit still grows; just above it, it is cut."""
-    controller = Controller(Adaptive(initial=16, max=1000))
-    now = window(controller, 0.0, 0.010)  # 24, baseline 10 ms
-    controller.slow_start = False
-    now = window(controller, now, 0.010 * TOLERANCE)
-    assert controller.limit == pytest.approx(24 + math.sqrt(24))
-    limit = controller.limit
-    window(controller, now, 0.010 * TOLERANCE * 1.01)
-    assert controller.limit < limit
+def test_a_probe_measures_the_latency_below_the_limit_the_limit_is_judged_by() -> None:
+    """Every PROBE_EVERY windows the limit dips to PROBE_SCALE of itself for one window.
+
+    The latency there, smoothed over probes, is what the latency at the limit
+    is compared with: a limit whose latency is within GRADIENT_TARGET of it
+    still grows, wherever the lowest latency ever seen was.
+    """
+    controller, now = settled(64, 0.010)
+    for _ in range(PROBE_EVERY - 1):
+        now = window(controller, now, 0.011, busy=False)
+    assert not controller.probing
+    now = window(controller, now, 0.011, busy=False)
+    assert controller.probing
+    assert controller.in_force == int(64 * PROBE_SCALE)
+    window(controller, now, 0.014)
+    # A probe slower than the window before it met a stall: it reads as that window.
+    assert controller.probed == pytest.approx((0.010 + 0.011) / 2)
+    assert controller.limit == 64
 
 
-def test_slow_start_ends_at_the_first_hint_of_queueing() -> None:
-    """Smoothed latency above SLOW_START_TOLERANCE: fast growth is over, gentle growth instead."""
+def test_latency_that_grows_slower_than_the_limit_is_paid_for() -> None:
+    """Latency that grows as sqrt(limit) (a client short of CPU): more calls still add throughput.
+
+    A limit judged against the lowest latency stops where latency is
+    TOLERANCE (1.25) times it, 62 here; judged against the latency a fifth
+    below the limit, it goes on to where latency is OVERLOAD times the lowest
+    (160), and saws below: on average more than twice as far.
+    """
+    controller = Controller(Adaptive(initial=4, max=1000))
+    now = 0.0
+    limits = []
+    for _ in range(400):
+        latency = 0.010 * max(1.0, controller.in_force / 40) ** 0.5
+        now = window(controller, now, latency)
+        limits.append(controller.limit)
+    late = limits[200:]
+    assert sum(late) / len(late) >= 2 * 40 * TOLERANCE**2
+    assert max(late) <= 40 * OVERLOAD**2 * 1.2
+
+
+def test_latency_that_grows_with_the_limit_stops_it_at_the_knee() -> None:
+    """Latency proportional to the limit past 40 (a queue): the limit rests just past 40."""
+    controller = Controller(Adaptive(initial=4, max=1000))
+    now = 0.0
+    limits = []
+    for _ in range(400):
+        latency = 0.010 * max(1.0, controller.in_force / 40)
+        now = window(controller, now, latency)
+        limits.append(controller.limit)
+    late = limits[200:]
+    assert min(late) >= 40 * PROBE_SCALE
+    assert max(late) <= 40 * GRADIENT_TARGET * 1.1
+
+
+def test_a_deep_cut_that_does_not_lower_latency_is_undone() -> None:
+    """The service became 3x slower: the cut does not help, so it is undone; that is the new low."""
+    controller, now = settled(64, 0.010)
+    now = window(controller, now, 0.030)
+    assert controller.limit == 64
+    now = window(controller, now, 0.030)
+    assert controller.limit == pytest.approx(32)  # latency 3x: halved
+    # Queueing would bring latency down to 15 ms at 32; it falls less than
+    # CHECK_SHARE of the way there.
+    window(controller, now, 0.030 - 0.9 * CHECK_SHARE * 0.015)
+    assert controller.limit == 64
+    assert controller.baseline == pytest.approx(0.030 - 0.9 * CHECK_SHARE * 0.015)
+    assert controller.probed == controller.baseline
+
+
+def test_a_deep_cut_that_lowers_latency_stands() -> None:
+    """Latency 3x, and halving the limit halves it: that was queueing, and the cut stands."""
+    controller, now = settled(64, 0.010)
+    now = window(controller, now, 0.030)
+    now = window(controller, now, 0.030)
+    assert controller.limit == pytest.approx(32)
+    window(controller, now, 0.030 - 1.1 * CHECK_SHARE * 0.015)
+    assert controller.limit < 32
+    assert controller.baseline == pytest.approx(0.010)
+
+
+def test_a_deep_cut_followed_by_still_rising_latency_stands() -> None:
+    """A capacity drop in progress: latency rises on after a cut; that is no verdict, cut on.
+
+    Undoing the cut there (and taking the queued latency as the lowest) would
+    leave the limit above the new capacity for good.
+    """
+    controller, now = settled(64, 0.010)
+    now = window(controller, now, 0.030)
+    now = window(controller, now, 0.030)
+    assert controller.limit == pytest.approx(32)
+    window(controller, now, 0.060)
+    assert controller.limit == pytest.approx(16)
+    assert controller.baseline == pytest.approx(0.010)
+
+
+def test_slow_start_ends_when_latency_stays_above_its_tolerance() -> None:
+    """One slow window holds slow start; a smoothed latency above SLOW_START_TOLERANCE ends it."""
     controller = Controller(Adaptive(initial=16, max=1000))
     now = window(controller, 0.0, 0.010)  # 24
-    # Windows at 1.24x (within TOLERANCE): the smoothed latency climbs 1.12x,
-    # 1.18x (slow start goes on: one noisy window does not end it), 1.21x.
-    now = window(controller, now, 0.0124)
-    now = window(controller, now, 0.0124)
+    now = window(controller, now, 0.013)  # one window 1.3x: smoothed 1.15x, hold
     assert controller.slow_start
-    assert controller.in_force == 54
-    window(controller, now, 0.0124)
-    assert not controller.slow_start
-    assert controller.limit == pytest.approx(54 + math.sqrt(54))
+    assert controller.in_force == 24
+    now = window(controller, now, 0.010)  # back to normal: grow again
+    assert controller.in_force == 36
+    # Windows at 1.24x (within TOLERANCE): the smoothed latency climbs until
+    # it is above 1.2x, then slow start ends, back to the limit before the step.
+    limits = []
+    while controller.slow_start:
+        now = window(controller, now, 0.0124)
+        limits.append(controller.limit)
+    assert limits[:-1] == [54, 81]
+    assert controller.limit == pytest.approx(54 * PROBE_SCALE)  # a probe, below 54
+    assert controller.probing
 
 
 def test_a_drop_cuts_the_limit_and_ends_slow_start() -> None:
@@ -243,14 +366,14 @@ def test_the_limit_stays_within_min_and_max() -> None:
     assert controller.in_force == 6
 
 
-def test_the_baseline_is_a_minimum_of_smoothed_medians() -> None:
+def test_the_baseline_is_a_minimum_of_smoothed_interquartile_means() -> None:
     """One lucky fast window cannot set the baseline alone; it moves half way."""
     controller = Controller(Adaptive(initial=16, max=16))
     now = window(controller, 0.0, 0.020)
     assert controller.baseline == pytest.approx(0.020)
     now = window(controller, now, 0.016)
     assert controller.baseline == pytest.approx(0.018)
-    # The median, not the mean: a few very slow calls in a window do not count.
+    # The mean of the middle half: a few very slow calls in a window do not count.
     start = now
     start = max(start, controller._window_start) + 1e-6
     for latency in [0.018] * 15 + [5.0]:
@@ -258,8 +381,17 @@ def test_the_baseline_is_a_minimum_of_smoothed_medians() -> None:
     assert controller.baseline == pytest.approx(0.018)
 
 
+def test_a_window_of_millisecond_steps_reads_between_them() -> None:
+    """uvloop's clock steps by 1 ms: 5 calls of 11 ms and 3 of 12 ms read 11.25 ms, not 11."""
+    controller = Controller(Adaptive(initial=8, max=8))
+    start = controller._window_start + 1e-6
+    for latency in [0.011] * 5 + [0.012] * 3:
+        controller.success(start + latency, latency, False)
+    assert controller.baseline == pytest.approx(0.01125)
+
+
 def test_a_baseline_from_a_stall_is_dropped_at_once() -> None:
-    """A median far below the baseline (first window in a stall, or overloaded) resets it."""
+    """A window far below the baseline (first window in a stall, or overloaded) resets it."""
     controller = Controller(Adaptive(initial=16, max=16))
     now = window(controller, 0.0, 0.300)  # a busy event loop while the run starts
     window(controller, now, 0.010)
@@ -271,9 +403,22 @@ def test_high_latency_at_the_minimum_limit_becomes_the_new_baseline() -> None:
     controller = Controller(Adaptive(initial=2, min=2, max=100))
     now = window(controller, 0.0, 0.010, busy=False)
     assert controller.baseline == pytest.approx(0.010)
+    now = window(controller, now, 0.030)  # one slow window: wait
+    assert controller.baseline == pytest.approx(0.010)
     window(controller, now, 0.030)
     assert controller.baseline == pytest.approx(0.030)
     assert controller.slow_start
+
+
+def test_a_drop_while_probing_cuts_from_the_limit_the_probe_returns_to() -> None:
+    """A drop during a probe cuts the limit the probe would go back to, and ends the probe."""
+    controller, now = settled(64, 0.010)
+    for _ in range(PROBE_EVERY):
+        now = window(controller, now, 0.011, busy=False)
+    assert controller.probing
+    controller.drop(now + 0.001, 0.0005)
+    assert not controller.probing
+    assert controller.limit == pytest.approx(64 * DROP_BACKOFF)
 
 
 def test_latency_has_a_floor() -> None:
@@ -468,6 +613,18 @@ def test_it_recovers_when_the_service_itself_becomes_slower() -> None:
     """Service time 10 -> 20 ms: the limit dips, re-learns the baseline and regains throughput."""
     run = simulate(service_at=[(3.0, 0.020)])
     assert run.throughput(7, 10) >= 0.9 * 3200
+
+
+def test_a_service_30_percent_slower_keeps_its_throughput() -> None:
+    """Service time 10 -> 13 ms: the probes follow it; a lowest-latency-ever reference would not.
+
+    Judged against the 10 ms seen before, 13 ms reads as queueing for good,
+    and the limit would be cut far below the 64 x 1.3 in flight the slower
+    service needs (half the throughput, on this seed).
+    """
+    run = simulate(service_at=[(3.0, 0.013)])
+    assert run.refused == 0
+    assert run.throughput(6, 10) >= 0.95 * 64 / 0.013
 
 
 def test_a_tiny_capacity_is_found_too() -> None:

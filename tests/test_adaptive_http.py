@@ -45,7 +45,7 @@ async def test_auto_finds_a_limit_without_overloading_the_server() -> None:
         ):
             urls = [f"{server.url}/item/{i}" for i in range(240)]
             # Starting below the capacity measures the unloaded latency first
-            # (the default initial of 16 would start above it).
+            # (spelled out: the test depends on it, whatever the default).
             auto = corral.Adaptive(initial=4)
             async with corral.map(fetcher(session), urls, limit=auto) as results:
                 bodies = [body async for body in results]

@@ -5,24 +5,73 @@ capacity sits idle; too many and the extra calls only wait in its queue
 (latency grows, throughput does not), then overflow it (429, 503, timeouts).
 The right number depends on the service's capacity, which you do not know and
 which changes. :class:`Controller` finds it from what the calls experience,
-the way TCP finds a link's bandwidth:
+the way TCP Vegas and BBR find a link's bandwidth:
 
 - **Latency says "queueing".** While the service has spare capacity, a call
-  takes its *baseline* latency whatever the concurrency. Past capacity, every
-  extra call in flight waits in the service's queue, and latency grows in
-  proportion. So the controller compares a *short window* of recent latencies
-  (their median) with the *baseline* (the lowest of those medians, smoothed):
-  within ``TOLERANCE`` of it, there is room, and the limit grows by its square
-  root per window; above it, the limit moves half way (``CUT_SMOOTHING``)
-  towards itself times the *gradient* ``GRADIENT_TARGET * baseline / latency``
-  (halved at once when latency has about doubled), which under proportional
-  queueing lands it just above capacity within a few windows (Netflix
-  concurrency-limits' Gradient2, Envoy's adaptive concurrency filter).
+  takes the same latency whatever the concurrency. Past capacity, every extra
+  call in flight waits in the service's queue, and latency grows in
+  proportion: throughput (calls in flight over latency, Little's law) stops
+  growing. So the question for a limit is: *does latency grow as fast as the
+  limit?* Every ``PROBE_EVERY`` windows the controller *probes*: for one
+  window it lowers the limit to ``PROBE_SCALE`` (4/5) of itself and measures
+  the latency there (BBR's ProbeRTT, in spirit). That latency, smoothed over
+  probes, is the *reference* the latency at the limit is judged by, and the
+  limit rests where it is ``GRADIENT_TARGET`` (1.2) times the reference:
+  where the last fifth of the calls raises latency less than it raises
+  concurrency (latency grows at most 0.82 times as fast as the limit), so
+  they still add throughput. Against a service with a sharp knee that is just
+  past the knee; against a client whose own CPU is the bottleneck (latency
+  grows gently with every call added, and throughput with it) it is further
+  out, where more calls stop paying.
+- **It settles, it does not saw.** Below the target the limit grows by up to
+  its square root per window (the full step with latency at the reference,
+  none at the target); above it, it moves half way (``CUT_SMOOTHING``)
+  towards itself times the *gradient* ``GRADIENT_TARGET * reference /
+  latency``, at most halving in one window (``MIN_GRADIENT``). So under
+  proportional queueing it lands just above capacity within a few windows
+  (Netflix concurrency-limits' Gradient2, Envoy's adaptive concurrency
+  filter).
 - **Drops say "overloaded".** A timeout, an HTTP 429/503 or a
   ``corral.RetryAfter`` cuts the limit by ``DROP_BACKOFF`` at once (AIMD:
   additive increase, multiplicative decrease).
 
-The pitfalls of those controllers, and what this one does instead:
+Noise moves it little (a shared machine delays calls for reasons that have
+nothing to do with the service):
+
+- *A window's latency is its interquartile mean*, not its median: event loops
+  read their clock in steps (uvloop's in whole milliseconds, 10% of a 10 ms
+  call), and a median of such readings jumps by whole steps where the mean of
+  the middle half moves smoothly; a few stalled calls at either end do not
+  move it at all.
+- *One slow window cuts nothing.* A cut needs two windows in a row above the
+  target; one slowed by a stall of this process (or of the machine) holds
+  the limit where it is.
+- *A probe slower than the window before it* met a stall, not less queueing:
+  it reads as that window.
+
+Overload, and a reference that is wrong:
+
+- *Far above the lowest latency, probes stop.* Latency more than ``OVERLOAD``
+  (2) times the lowest seen (a minimum of smoothed windows) is judged
+  against that lowest, not the reference, and no probe runs: under a queue
+  deeper than a fifth of the limit a probe would measure queueing, and a
+  reference that rose with the queue would hold the limit up (a capacity
+  drop would not be followed). So a capacity drop is cut towards the lowest
+  latency, by up to half per window.
+- *A deep cut must pay off.* After a cut to ``CHECKED_CUT`` of the limit or
+  less in that state, queueing predicts latency falls in proportion. If it
+  holds still instead (falls by less than ``CHECK_SHARE`` of that), the
+  latency was not this client's queue (the service, or this machine, is
+  slower now): the cut is undone, and the latency seen is the new lowest and
+  the new reference. Latency still *rising* is a queue still building (a
+  capacity drop in progress): the cut stands, and more may follow.
+- *At ``min``, high latency is not queueing*: the service itself is slower,
+  and the latency seen there becomes the new lowest; slow start begins again.
+- *A lowest latency from a stall is dropped at once*: a window more than
+  ``TOLERANCE`` times faster replaces it (the first calls of a run open
+  connections and start workers, and are slow).
+
+The pitfalls of Gradient2-style controllers, and what this one does instead:
 
 - *Drops must lower the limit.* Gradient2 ignores them, and a rejected call
   answers fast, so its near-zero latency even pulls the limit *up*
@@ -31,42 +80,39 @@ The pitfalls of those controllers, and what this one does instead:
   moving average of latency: under sustained queueing it rises to meet the
   queued latency, the gradient returns to 1, the headroom term adds
   ``sqrt(limit)`` every window, and the limit climbs without end
-  (concurrency-limits #134). Here the baseline is a minimum, which queueing
-  cannot raise, and the headroom is added only while latency is within
-  tolerance of it.
+  (concurrency-limits #134). Here, while the limit keeps a queue, latency is
+  proportional to it, so the latency at the limit is ``1 / PROBE_SCALE``
+  (1.25) times the latency at the probe whatever the queue: above
+  ``GRADIENT_TARGET``, so the limit falls, never grows (and beyond
+  ``OVERLOAD`` the lowest latency, a minimum queueing cannot raise, is the
+  reference).
 - *Cancellations are neither.* A call cancelled because the caller gave up
   says nothing about the service (concurrency-limits #146): it is ignored.
 - *Grow only what is used.* A limit that was never reached says nothing about
   whether a higher one would work; the limit grows only after a window in
   which it was binding (every slot taken, or callers waiting).
 
-Two more rules keep it honest:
+One reaction per change: a window holds only calls that *started* at least
+one round trip (the smoothed latency) after the latest change of the limit
+(a probe is a change): calls started earlier met the queue the old limit
+built, so the effect of a change is judged on calls that saw it in full. A
+drop counts only if its call started after the latest change: a burst of
+drops from one round of calls cuts once (TCP's fast recovery, in spirit).
 
-- *One reaction per change.* A window holds only calls that *started* at
-  least one round trip (the smoothed latency) after the latest change of the
-  limit: calls started earlier met the queue the old limit built, so the
-  effect of a change is judged on calls that saw it in full. A drop counts
-  only if its call started after the latest change: a burst of drops from
-  one round of calls cuts once (TCP's fast recovery, in spirit).
-- *A baseline can be wrong.* If the service itself becomes slower, every
-  latency is "too high" and the limit falls. When it reaches ``min`` and
-  latency is still high, queueing cannot be the cause: the latency seen there
-  becomes the new baseline and the limit grows back. The other way round, a
-  baseline measured while the event loop was busy (the first calls of a run
-  open connections and start workers) is too high: a window more than
-  ``TOLERANCE`` times faster replaces it at once.
+Until the first sign of congestion the limit grows by half per window (slow
+start), so a run reaches a service's capacity in a few round trips, not a few
+hundred. One window above ``TOLERANCE`` times the lowest latency holds it
+there; a smoothed latency above ``SLOW_START_TOLERANCE`` times it ends slow
+start, and the limit goes back to where it was before the latest step (the
+last limit that showed no queueing: TCP's ssthresh, in spirit), so an
+overshoot of capacity lasts one window. It starts low (4) because the lowest
+latency can only be measured below the service's capacity.
 
-Until the first sign of congestion (latency ``SLOW_START_TOLERANCE`` above the
-baseline, or a drop) the limit grows by half
-per window (slow start), so a run reaches a service's capacity in a few round
-trips, not a few hundred. It starts low (4) because the baseline can only be
-measured below the service's capacity.
-
-What it cannot see: latency that grows because *this* process (or machine) is
-short of CPU, not because the service queues. A client that is the
-bottleneck looks like a slow service, and the limit settles where latency
-stays within tolerance, which may be below the concurrency that would get the
-most throughput out of a CPU-bound client.
+What it cannot tell apart: a queue in the service and a queue in this
+process's own event loop (a client short of CPU). Both make latency grow
+with the limit, and the limit rests where more calls stop paying in either
+case: right for throughput, but the limit then says more about the client
+than about the service.
 
 Everything here is arithmetic on its arguments: time is passed in, so the
 controller is tested on made-up clocks, exactly.
@@ -80,10 +126,15 @@ from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 __all__ = [
+    "CHECKED_CUT",
+    "CHECK_SHARE",
     "CUT_SMOOTHING",
     "DROP_BACKOFF",
     "GRADIENT_TARGET",
     "MIN_GRADIENT",
+    "OVERLOAD",
+    "PROBE_EVERY",
+    "PROBE_SCALE",
     "TOLERANCE",
     "Adaptive",
     "Controller",
@@ -95,21 +146,40 @@ __all__ = [
 #: ``"ignore"`` (no signal: cancelled, or failed for another reason).
 Outcome: TypeAlias = Literal["success", "drop", "ignore"]
 
-#: Latency up to this multiple of the baseline counts as "no queueing"
-#: (Envoy's 25% buffer over its minimum latency).
+#: A window this many times faster than the lowest latency means the lowest
+#: was measured in a stall: it is replaced at once. Slow start holds on a
+#: window this many times slower than the lowest (Envoy's 25% buffer).
 TOLERANCE = 1.25
-#: Slow start ends at the first latency above this multiple of the baseline:
-#: the fast-growing phase is the one that can overshoot, so it stops at the
-#: first hint.
+#: Slow start ends when the smoothed latency is above this multiple of the
+#: lowest: the fast-growing phase is the one that can overshoot, so it stops
+#: at the first lasting hint.
 SLOW_START_TOLERANCE = 1.2
 #: Slow start multiplies the limit by this per window: 1.5, not TCP's 2, so an
 #: overshoot puts at most half the capacity in the service's queue.
 SLOW_START_GROWTH = 1.5
-#: Above tolerance, the limit is scaled so latency would land at this multiple
-#: of the baseline if the excess were all queueing.
-GRADIENT_TARGET = 1.1
-#: The short-term latency is this weight on the latest window's median plus
-#: the rest on the previous value: one noisy window moves it only halfway.
+#: A probe lowers the limit to this share of itself for one window.
+PROBE_SCALE = 0.8
+#: A probe follows every this many windows at the limit: about every six
+#: round trips. It holds back at most a fifth of the calls in flight for one
+#: window in four; at a sharp knee, where the limit rests above the
+#: capacity, much less.
+PROBE_EVERY = 3
+#: The limit rests where latency is this multiple of the reference (the
+#: latency at ``PROBE_SCALE`` of the limit): where latency grows 0.82 times
+#: as fast as the limit (log 1.2 / log 1.25). Below ``1 / PROBE_SCALE``, so
+#: a limit whose latency grows in proportion (a queue) always falls.
+GRADIENT_TARGET = 1.2
+#: Latency more than this multiple of the lowest seen is overload: no probe
+#: runs, and the lowest latency is the reference.
+OVERLOAD = 2.0
+#: A cut in overload to this share of the limit or lower is checked...
+CHECKED_CUT = 0.8
+#: ...and undone if latency fell less than this share of what queueing
+#: predicts (latency falling in proportion to the limit).
+CHECK_SHARE = 0.25
+#: The smoothed latency is this weight on the latest window plus the rest on
+#: the previous value (and so is the reference, over probes): one noisy
+#: window moves it only halfway.
 SMOOTHING = 0.5
 #: A window moves the limit this share of the way to what the gradient says...
 CUT_SMOOTHING = 0.5
@@ -123,6 +193,14 @@ MIN_SAMPLES = 8
 #: Latencies below this read as this: differences under 0.1 ms are the noise
 #: of a busy event loop, not queueing in a service.
 LATENCY_FLOOR = 1e-4
+
+
+def _interquartile_mean(samples: list[float]) -> float:
+    """The mean of the middle half of ``samples`` (sorted in place)."""
+    samples.sort()
+    n = len(samples)
+    middle = samples[n // 4 : n - n // 4]
+    return sum(middle) / len(middle)
 
 
 def _is_int(value: object) -> bool:
@@ -139,8 +217,9 @@ class Adaptive:
         await corral.gather(fetch, urls, limit=corral.Adaptive(max=200))
 
     The limit starts at ``initial`` and grows by half per round trip while latency
-    stays near the lowest seen; then it tracks the point where latency starts
-    to grow (the service's capacity), and cuts on timeouts, 429/503 and
+    stays near the lowest seen; then it tracks the point where more calls stop
+    adding throughput (latency grows almost as fast as the limit: the
+    service's capacity), and cuts on timeouts, 429/503 and
     :class:`corral.RetryAfter`. It is never below ``min`` nor above ``max``.
     ``max`` is also how many calls a map keeps ready to start, so a huge one
     costs memory, not speed.
@@ -202,14 +281,20 @@ class Controller:
     __slots__ = (
         "_busy",
         "_changed_at",
+        "_check",
+        "_grown_from",
+        "_last",
         "_max",
         "_min",
         "_need",
+        "_probe_from",
         "_samples",
         "_window_start",
+        "_windows",
         "baseline",
         "in_force",
         "limit",
+        "probed",
         "slow_start",
         "smoothed",
     )
@@ -223,7 +308,7 @@ class Controller:
         self.in_force = adaptive.initial
         #: The lowest smoothed latency seen (seconds), or None before the first window.
         self.baseline: float | None = None
-        #: The window medians, smoothed (seconds), or None before the first window.
+        #: The window latencies, smoothed (seconds), or None before the first window.
         self.smoothed: float | None = None
         #: True until the first sign of congestion: the limit grows by half per window.
         self.slow_start = True
@@ -232,12 +317,24 @@ class Controller:
         self._samples: list[float] = []
         self._need = max(MIN_SAMPLES, math.ceil(self.limit / 2))  # samples to close a window
         self._busy = False
+        self._last: float | None = None  # the latency of the latest window not a probe
+        self._probe_from: float | None = None  # the limit to go back to after a probe
+        self._windows = PROBE_EVERY  # windows since the latest probe
+        self._check: tuple[float, float] | None = None  # (latency, limit) before a deep cut
+        self._grown_from: float | None = None  # the limit before slow start's latest step
+        #: The latency a little below the limit, smoothed over probes, or None.
+        self.probed: float | None = None
 
     def __repr__(self) -> str:
         return (
             f"<Controller limit={self.limit:.2f} baseline={self.baseline!r} "
             f"slow_start={self.slow_start}>"
         )
+
+    @property
+    def probing(self) -> bool:
+        """True while the limit is lowered for one window to measure the latency below it."""
+        return self._probe_from is not None
 
     # -- outcomes ------------------------------------------------------------
 
@@ -265,61 +362,101 @@ class Controller:
         if now - latency < self._changed_at:
             return
         self.slow_start = False
-        self._set(self.limit * DROP_BACKOFF, now)
+        limit = self.limit if self._probe_from is None else self._probe_from
+        self._probe_from = None
+        self._set(limit * DROP_BACKOFF, now)
 
     # -- internals -------------------------------------------------------------
 
     def _close_window(self, now: float) -> None:
-        samples = self._samples
-        samples.sort()
-        half = len(samples) // 2
-        median = samples[half] if len(samples) % 2 else (samples[half - 1] + samples[half]) / 2
-        if median < LATENCY_FLOOR:
-            median = LATENCY_FLOOR
-        # The baseline is a minimum, and the minimum of noisy values is biased
-        # low: take it over smoothed medians, so one lucky window cannot set
-        # it. But a median far below the baseline is no luck: the baseline was
-        # measured in a stall or an overload (say, the first window of a run,
-        # while the event loop was busy starting it): start again from it.
-        # Decisions use the window's own median, to react within a window.
+        typical = _interquartile_mean(self._samples)
+        if typical < LATENCY_FLOOR:
+            typical = LATENCY_FLOOR
         smoothed = self.smoothed
-        baseline = self.baseline
-        if smoothed is None or baseline is None or median * TOLERANCE < baseline:
-            smoothed = baseline = self.smoothed = self.baseline = median
+        lowest = self.baseline
+        if smoothed is None or lowest is None or typical * TOLERANCE < lowest:
+            smoothed = lowest = self.smoothed = self.baseline = typical
         else:
-            smoothed = self.smoothed = smoothed + SMOOTHING * (median - smoothed)
-            if smoothed < baseline:
-                baseline = self.baseline = smoothed
-        ratio = median / baseline
+            smoothed = self.smoothed = smoothed + SMOOTHING * (typical - smoothed)
+            if smoothed < lowest:
+                lowest = self.baseline = smoothed
+        probe_from = self._probe_from
+        if probe_from is not None:
+            # The probe's window: latency a little below the limit. A probe
+            # slower than the window before it met a stall, not less queueing.
+            self._probe_from = None
+            last = self._last
+            sample = typical if last is None else min(typical, last)
+            probed = self.probed
+            self.probed = sample if probed is None else probed + SMOOTHING * (sample - probed)
+            self._set(probe_from, now)
+            return
+        previous = self._last
+        self._last = typical
         limit = self.limit
-        if self.slow_start and smoothed > SLOW_START_TOLERANCE * baseline:
-            # The first hint of queueing: grow gently from here. Smoothed, so
-            # that one noisy window of a few calls does not end it early.
+        check = self._check
+        self._check = None
+        if check is not None:
+            # The first window after a deep cut in overload. Queueing predicts
+            # latency falls with the limit; if less than CHECK_SHARE of that
+            # fall came, the latency was not this client's queue (the
+            # service, or this machine, is slower now): undo the cut, and
+            # take this latency as the lowest and the reference.
+            # Latency still rising is a queue still building (a capacity drop
+            # in progress), not a verdict: the cut stands, and more may follow.
+            before, cut_from = check
+            expected = max(lowest, before * limit / cut_from)
+            if before - CHECK_SHARE * (before - expected) < typical <= before:
+                self.baseline = self.probed = typical
+                self._set(cut_from, now)
+                return
+        far = typical / lowest
+        if self.slow_start:
+            grown_from = self._grown_from
+            self._grown_from = None
+            if smoothed <= SLOW_START_TOLERANCE * lowest:
+                if far <= TOLERANCE and self._busy:
+                    self._grown_from = limit
+                    limit *= SLOW_START_GROWTH
+                # (else one slow window: hold, and let the next one say)
+                self._set(limit, now)
+                return
+            # Queueing: the latest step overshot. Back to the limit before it,
+            # the last that showed none, and probe from there.
             self.slow_start = False
-        if ratio <= TOLERANCE:
-            # No queueing to speak of: grow, if the limit was what held calls back.
-            if not self._busy:
-                new = limit
-            elif self.slow_start:
-                new = limit * SLOW_START_GROWTH
-            else:
-                new = limit + math.sqrt(limit)
+            previous = None  # the back-off is this window's answer: no cut on top
+            if grown_from is not None:
+                limit = grown_from
+        probed = self.probed
+        reference = probed if probed is not None and far <= OVERLOAD else lowest
+        ratio = typical / reference
+        if ratio <= GRADIENT_TARGET:
+            new = limit
+            if self._busy:
+                # A full square root of headroom at no queueing at all, less
+                # and less nearer the target.
+                room = min(1.0, (GRADIENT_TARGET - ratio) / (GRADIENT_TARGET - 1))
+                new += math.sqrt(limit) * room
+        elif previous is None or previous <= GRADIENT_TARGET * reference:
+            new = limit  # one slow window: a stall, or a change; the next one says which
+        elif self.in_force <= self._min:
+            self.baseline = self.smoothed = typical
+            self.probed = None
+            self.slow_start = True
+            new = limit
         else:
-            self.slow_start = False
-            if self.in_force <= self._min:
-                # Latency is high at the lowest limit: not our queueing, the
-                # service itself is slower now. That is the new baseline.
-                self.baseline = self.smoothed = median
-                self.slow_start = True
-                new = limit
+            gradient = GRADIENT_TARGET * reference / min(typical, previous)
+            if gradient <= MIN_GRADIENT:
+                new = limit * MIN_GRADIENT
             else:
-                gradient = GRADIENT_TARGET / ratio
-                if gradient <= MIN_GRADIENT:
-                    new = limit * MIN_GRADIENT  # latency doubled: no doubt, halve now
-                else:
-                    # Half way there per window: one noisy window moves it only
-                    # half as far; a real change gets there in a few windows.
-                    new = limit + CUT_SMOOTHING * (limit * gradient - limit)
+                new = limit + CUT_SMOOTHING * (limit * gradient - limit)
+            if far > OVERLOAD and new <= CHECKED_CUT * limit:
+                self._check = (typical, limit)
+        self._windows += 1
+        if self._windows >= PROBE_EVERY and far <= OVERLOAD and new < self._max:
+            self._windows = 0
+            self._probe_from = max(self._min, min(self._max, new))
+            new = new * PROBE_SCALE
         self._set(new, now)
 
     def _set(self, new: float, now: float) -> None:
