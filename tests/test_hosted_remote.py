@@ -181,7 +181,7 @@ async def test_the_deadline_stops_processes_and_keeps_what_is_done(tmp_path: Pat
     began = time.monotonic()
     with pytest.raises(corral.DeadlineExceeded):
         async with corral.map(
-            async_logged, items(log, xs), processes=2, limit=4, deadline=1.0
+            async_logged, items(log, xs), processes=2, limit=4, deadline=5.0
         ) as results:
             async for value in results:
                 got.append(value)
@@ -221,6 +221,14 @@ async def test_retries_in_the_processes_are_counted(tmp_path: Path) -> None:
     assert got[2] == 4
     assert results.stats.retried == 2
     assert called(log).count(-1) == 3
+
+
+@pytest.mark.parametrize("keyword", ["item_id", "fingerprint"])
+def test_checkpoint_keywords_without_checkpoint_are_refused_on_processes(keyword: str) -> None:
+    """item_id= or fingerprint= without checkpoint= is a mistake with processes=N too."""
+    value = {"item_id": repr, "fingerprint": "v2"}[keyword]
+    with pytest.raises(ValueError, match=rf"^{keyword}= only applies to a checkpointed map"):
+        corral.map(async_logged, [], processes=2, **{keyword: value})
 
 
 @pytest.mark.parametrize("keyword", ["budget", "monitor", "executor"])

@@ -440,12 +440,6 @@ def _with_budget(call: Call, requests: float) -> Call:
     return budgeted
 
 
-def _engine(
-    caller: str, fn: Any, items: Any, *, collect: bool, options: Mapping[str, Any]
-) -> Engine[Any, Any]:
-    return _engine_and_checkpoint(caller, fn, items, collect=collect, options=options)[0]
-
-
 def _engine_and_checkpoint(
     caller: str,
     fn: Any,
@@ -620,10 +614,12 @@ _NOT_SHARDED = ("executor", "budget", "cost", "usage", "monitor")
 #: (see _remote.RemoteCall): with any of them, a map on processes or on Ray is
 #: that engine with a call that runs each item remotely.
 _HOSTED = ("checkpoint", "deadline", "progress")
+#: checkpoint='s own keywords: given without it, the engine's checks refuse them.
+_CHECKPOINT_OWN = ("item_id", "fingerprint", "resume", "serializer")
 
 
 def _hosted(opts: Mapping[str, Any]) -> bool:
-    return any(opts[name] != _DEFAULTS[name] for name in _HOSTED)
+    return any(opts[name] != _DEFAULTS[name] for name in (*_HOSTED, *_CHECKPOINT_OWN))
 
 
 def _weighted_limiter(limiter: Limiter) -> bool:
@@ -708,11 +704,7 @@ _ON_RAY = frozenset(
         "backend",
         *_RAY_ONLY,
         *_HOSTED,
-        # checkpoint='s own (as_checkpoint refuses them without it)
-        "item_id",
-        "fingerprint",
-        "resume",
-        "serializer",
+        *_CHECKPOINT_OWN,
     }
 )
 
