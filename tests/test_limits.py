@@ -319,6 +319,7 @@ def test_rate_gate_needs_a_rate_and_says_what_it_holds() -> None:
     assert repr(gate) == "<corral.RateGate rate=Rate(n=2, per=1.0, burst=1) waiting=0>"
 
 
+@pytest.mark.virtual_time  # a real clock can free the next slot between the checks
 async def test_rate_gate_fast_path_does_not_suspend() -> None:
     """A free slot with nobody waiting is taken without giving up control to the loop."""
     gate = RateGate(Rate(1000, burst=2))
