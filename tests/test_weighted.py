@@ -203,6 +203,57 @@ async def test_a_refund_is_set_against_a_later_debt_of_a_call_in_flight() -> Non
 
 
 @pytest.mark.virtual_time
+async def test_a_refund_keeps_the_booking_of_a_start_made_after_its_call() -> None:
+    """An earlier call's refund does not erase what a later start booked.
+
+    A reserves 30 tokens at t=0 (booked to t=3); B starts at t=1 with 10
+    (booked to t=4); A then uses nothing. Had A reserved nothing, B alone
+    would have booked t=1 to t=2: so the schedule stands at t=2, not at B's
+    start (which would let B's 10 tokens go unpaid).
+    """
+    gate = gate_for(Rate({"requests": 600, "tokens": 600}, per=60, burst=21))  # 2 s of lead
+    assert isinstance(gate, WeightedGate)
+    a, b = {"tokens": 30.0}, {"tokens": 10.0}
+    await gate.wait(a)
+    await asyncio.sleep(1)
+    await gate.wait(b)
+    gate.settle(a, {"tokens": 0})
+    starts = []
+    for _ in range(4):
+        await gate.wait({"tokens": 10})
+        starts.append(_loop_time())
+    assert starts == pytest.approx([1.0, 1.0, 2.0, 3.0])
+
+
+@pytest.mark.virtual_time
+async def test_the_latest_starts_own_refund_reaches_back_to_its_start() -> None:
+    """B, the latest start, uses nothing of its 10 tokens: the schedule goes back to t=1.
+
+    So does an earlier call's refund once B has settled: B now stands for
+    nothing, and A's unused tokens come back down to B's start.
+    """
+    rate = Rate({"requests": 600, "tokens": 600}, per=60, burst=21)
+    for settle_a_too in (False, True):
+        gate = gate_for(rate)
+        assert isinstance(gate, WeightedGate)
+        a, b = {"tokens": 30.0}, {"tokens": 10.0}
+        began = _loop_time()
+        await gate.wait(a)  # booked to began + 3
+        await asyncio.sleep(1)
+        await gate.wait(b)  # booked to began + 4
+        gate.settle(b, {"tokens": 0})  # booked to began + 3
+        if settle_a_too:
+            gate.settle(a, {"tokens": 0})  # down to B's start, began + 1
+        starts = []
+        for _ in range(3):
+            await gate.wait({"tokens": 10})
+            starts.append(_loop_time() - began)
+        expected = [1.0, 1.0, 1.0] if settle_a_too else [1.0, 2.0, 3.0]
+        assert starts == pytest.approx(expected)
+        await asyncio.sleep(10)
+
+
+@pytest.mark.virtual_time
 async def test_a_refund_while_idle_gives_no_more_than_the_burst() -> None:
     """100 tokens refunded after 20 idle seconds: still a burst of 3, then the pace."""
     gate = gate_for(Rate({"requests": 600, "tokens": 600}, per=60, burst=3))

@@ -18,7 +18,10 @@ start's own amount.
 When the call ends, its actual usage *settles* the reservation, as if the
 call had reserved what it used when it started: a debt (``actual >
 reserved``) pushes TAT later by the difference; a refund pulls it earlier by
-the unused part, down to the latest start's time at the lowest. A TAT before
+the unused part, but not before the end of the latest start's own booking
+(its start plus its amount: that booking would have been made on top of the
+refunded call's usage too), nor, for the latest start's own refund, before
+its start. A TAT before
 "now" means the same as "now" to every start (a start books from
 ``max(TAT, now)``: a full bucket holds no more than its burst), so a refund
 never banks capacity for a burst later; but it is not lost either: a debt
@@ -95,11 +98,14 @@ class WeightedGate:
     """
 
     __slots__ = (
+        "_booked_at",
+        "_booked_for",
         "_by_dimension",
         "_cells",
         "_clock",
         "_granted",
         "_grants",
+        "_last_booked",
         "_last_cost",
         "_last_now",
         "_loop",
@@ -144,6 +150,11 @@ class WeightedGate:
         self._last_now = -_INF
         # The latest start's cost: what the next start likely needs, for clamp().
         self._last_cost: Mapping[str, float] | None = None
+        # Once the latest start settled: the amounts it stands for, and its mapping
+        # (the pair is current while that mapping is still the latest start's).
+        self._last_booked: Mapping[str, float] | None = None
+        self._booked_for: Mapping[str, float] | None = None
+        self._booked_at = -_INF
         self._grants = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock: Callable[[], float] = time.monotonic  # the loop's clock, set by _rebind
@@ -271,9 +282,13 @@ class WeightedGate:
 
         For each dimension in ``used``: a debt (used more than reserved) moves
         the schedule later; a refund moves it earlier, by the unused part of
-        this reservation, but not before the latest start (which is, for
-        every start from now on, the same as not before now: see the module
-        docstring). Dimensions ``used`` does not mention keep their
+        this reservation, but not before the end of the latest start's
+        booking, nor before the latest start itself when this is its own
+        settlement (for every start from now on, the same as not before now:
+        see the module docstring). The gate tells the latest start's
+        settlement by its ``reserved`` mapping (the same object ``wait``
+        got); with one mapping shared by all calls, every settlement reads as
+        the latest start's. Dimensions ``used`` does not mention keep their
         reservation; ``used`` None keeps all of it (a failed attempt whose
         usage is unknown).
         """
@@ -281,7 +296,19 @@ class WeightedGate:
             return
         if self._loop is None:
             return  # nothing was ever reserved here
-        floor = self._last_now
+        start = self._last_now
+        # The latest start's booking, which a refund of an earlier call must not
+        # erase: it would have been made on top of that call's usage too. The
+        # gate knows a reservation only by its mapping, so a settlement passing
+        # the latest start's own mapping is taken for that start's (with one
+        # mapping shared by every call, all are: a refund then reaches back to
+        # the latest start's time, never earlier).
+        latest = reserved is self._last_cost
+        booked: Mapping[str, float] | None = None
+        if not latest:
+            current = self._booked_for is self._last_cost and self._booked_at == start
+            booked = self._last_booked if current else self._last_cost
+            booked = _NO_COST if booked is None else booked
         tats = self._tats
         get = used.get
         before = (_NO_COST if reserved is None else reserved).get
@@ -295,16 +322,27 @@ class WeightedGate:
                 if delta > 0:
                     tat += delta * interval  # debt: the next starts wait for it
                     tats[i] = tat
-                elif delta < 0 and tat > floor:
-                    tat += delta * interval
-                    if tat < floor:
-                        tat = floor
-                    tats[i] = tat
-                    earlier = True
+                elif delta < 0:
+                    floor = (
+                        start
+                        if booked is None
+                        else start + booked.get(dimension, default) * interval
+                    )
+                    if tat > floor:
+                        tat += delta * interval
+                        if tat < floor:
+                            tat = floor
+                        tats[i] = tat
+                        earlier = True
             tat -= tolerance
             if tat > ready:
                 ready = tat
         self._ready = ready
+        if latest:
+            # What the latest start now stands for, should an earlier call refund.
+            self._booked_for = reserved
+            self._booked_at = start
+            self._last_booked = {**reserved, **used} if reserved is not None else dict(used)
         if earlier and self._timer is not None and self._queued:
             self._timer.cancel()
             loop = self._loop
