@@ -27,6 +27,7 @@ from corral._adaptive import (
     MIN_SAMPLES,
     OVERLOAD,
     PROBE_EVERY,
+    PROBE_EVERY_MAX,
     PROBE_SCALE,
     SLOW_START_GROWTH,
     TOLERANCE,
@@ -209,6 +210,39 @@ def test_growth_is_a_square_root_per_window_tapering_to_zero_at_the_target() -> 
     window(controller, now, 0.010 * GRADIENT_TARGET)
     assert controller.probing
     assert controller.limit == pytest.approx(limit * PROBE_SCALE)
+
+
+def test_probes_grow_rarer_while_the_limit_holds_still() -> None:
+    """Each probe that finds the limit where the last one did doubles the spacing, to a cap.
+
+    A drop, or the limit moving more than PROBE_STEADY from where it was
+    probed, brings the spacing back to PROBE_EVERY.
+    """
+    controller, now = settled(64, 0.010)  # probed once, at 64
+    at_target = 0.010 * GRADIENT_TARGET  # the limit holds: no growth, no cut
+
+    def windows_to_next_probe(latency: float) -> int:
+        nonlocal now
+        count = 0
+        while not controller.probing:
+            now = window(controller, now, latency)
+            count += 1
+        now = window(controller, now, 0.010)  # the probe's own window
+        return count
+
+    assert PROBE_EVERY_MAX == 4 * PROBE_EVERY
+    gaps = [windows_to_next_probe(at_target) for _ in range(4)]
+    assert gaps == [PROBE_EVERY, 2 * PROBE_EVERY, PROBE_EVERY_MAX, PROBE_EVERY_MAX]
+    assert controller.limit == pytest.approx(64)
+    controller.drop(now + 1e-3, 1e-4)  # straight after a probe: no window counted yet
+    now += 1e-3
+    assert controller.limit == pytest.approx(64 * DROP_BACKOFF)
+    assert windows_to_next_probe(at_target) == PROBE_EVERY
+    assert windows_to_next_probe(at_target) == 2 * PROBE_EVERY
+    # Latency at the reference: the limit grows by its square root a window;
+    # once it is more than PROBE_STEADY above where it was probed, a probe
+    # comes after PROBE_EVERY windows again, not 4 * PROBE_EVERY.
+    assert windows_to_next_probe(0.010) == PROBE_EVERY
 
 
 def test_a_probe_measures_the_latency_below_the_limit_the_limit_is_judged_by() -> None:

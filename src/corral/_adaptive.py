@@ -12,17 +12,17 @@ the way TCP Vegas and BBR find a link's bandwidth:
   call in flight waits in the service's queue, and latency grows in
   proportion: throughput (calls in flight over latency, Little's law) stops
   growing. So the question for a limit is: *does latency grow as fast as the
-  limit?* Every ``PROBE_EVERY`` windows the controller *probes*: for one
-  window it lowers the limit to ``PROBE_SCALE`` (4/5) of itself and measures
-  the latency there (BBR's ProbeRTT, in spirit). That latency, smoothed over
-  probes, is the *reference* the latency at the limit is judged by, and the
-  limit rests where it is ``GRADIENT_TARGET`` (1.2) times the reference:
-  where the last fifth of the calls raises latency less than it raises
-  concurrency (latency grows at most 0.82 times as fast as the limit), so
-  they still add throughput. Against a service with a sharp knee that is just
-  past the knee; against a client whose own CPU is the bottleneck (latency
-  grows gently with every call added, and throughput with it) it is further
-  out, where more calls stop paying.
+  limit?* Every ``PROBE_EVERY`` windows (up to ``PROBE_EVERY_MAX`` while the
+  limit holds still) the controller *probes*: for one window it lowers the
+  limit to ``PROBE_SCALE`` (4/5) of itself and measures the latency there
+  (BBR's ProbeRTT, in spirit). That latency, smoothed over probes, is the
+  *reference* the latency at the limit is judged by, and the limit rests where
+  it is ``GRADIENT_TARGET`` (1.2) times the reference: where the last fifth of
+  the calls raises latency less than it raises concurrency (latency grows at
+  most 0.82 times as fast as the limit), so they still add throughput. Against
+  a service with a sharp knee that is just past the knee; against a client
+  whose own CPU is the bottleneck (latency grows gently with every call added,
+  and throughput with it) it is further out, where more calls stop paying.
 - **It settles, it does not saw.** Below the target the limit grows by up to
   its square root per window (the full step with latency at the reference,
   none at the target); above it, it moves half way (``CUT_SMOOTHING``)
@@ -134,6 +134,7 @@ __all__ = [
     "MIN_GRADIENT",
     "OVERLOAD",
     "PROBE_EVERY",
+    "PROBE_EVERY_MAX",
     "PROBE_SCALE",
     "TOLERANCE",
     "Adaptive",
@@ -159,11 +160,20 @@ SLOW_START_TOLERANCE = 1.2
 SLOW_START_GROWTH = 1.5
 #: A probe lowers the limit to this share of itself for one window.
 PROBE_SCALE = 0.8
-#: A probe follows every this many windows at the limit: about every six
-#: round trips. It holds back at most a fifth of the calls in flight for one
-#: window in four; at a sharp knee, where the limit rests above the
-#: capacity, much less.
+#: A probe follows this many windows at the limit after a change: about every
+#: six round trips. It holds back at most a fifth of the calls in flight for
+#: one window in four; at a sharp knee, where the limit rests above the
+#: capacity, much less...
 PROBE_EVERY = 3
+#: ...and each probe that finds the limit within ``PROBE_STEADY`` of where the
+#: previous one did doubles the spacing, up to this many windows: a steady
+#: service is probed every 25 round trips or so, for 1-2% of its throughput
+#: instead of up to 5%. A drop, or the limit moving further, brings the
+#: spacing back to ``PROBE_EVERY``.
+PROBE_EVERY_MAX = 12
+#: How far (a share of itself) the limit may move between probes and still
+#: count as steady.
+PROBE_STEADY = 0.2
 #: The limit rests where latency is this multiple of the reference (the
 #: latency at ``PROBE_SCALE`` of the limit): where latency grows 0.82 times
 #: as fast as the limit (log 1.2 / log 1.25). Below ``1 / PROBE_SCALE``, so
@@ -287,7 +297,9 @@ class Controller:
         "_max",
         "_min",
         "_need",
+        "_probe_every",
         "_probe_from",
+        "_probed_at",
         "_samples",
         "_window_start",
         "_windows",
@@ -320,6 +332,8 @@ class Controller:
         self._last: float | None = None  # the latency of the latest window not a probe
         self._probe_from: float | None = None  # the limit to go back to after a probe
         self._windows = PROBE_EVERY  # windows since the latest probe
+        self._probe_every = PROBE_EVERY  # windows between probes, now
+        self._probed_at: float | None = None  # the limit the latest probe returned to
         self._check: tuple[float, float] | None = None  # (latency, limit) before a deep cut
         self._grown_from: float | None = None  # the limit before slow start's latest step
         #: The latency a little below the limit, smoothed over probes, or None.
@@ -364,6 +378,7 @@ class Controller:
         self.slow_start = False
         limit = self.limit if self._probe_from is None else self._probe_from
         self._probe_from = None
+        self._probe_every = PROBE_EVERY
         self._set(limit * DROP_BACKOFF, now)
 
     # -- internals -------------------------------------------------------------
@@ -453,9 +468,17 @@ class Controller:
             if far > OVERLOAD and new <= CHECKED_CUT * limit:
                 self._check = (typical, limit)
         self._windows += 1
-        if self._windows >= PROBE_EVERY and far <= OVERLOAD and new < self._max:
+        probed_at = self._probed_at
+        if far > OVERLOAD or (
+            probed_at is not None and abs(new - probed_at) > PROBE_STEADY * probed_at
+        ):
+            self._probe_every = PROBE_EVERY  # no longer where the latest probe found it
+        if self._windows >= self._probe_every and far <= OVERLOAD and new < self._max:
             self._windows = 0
-            self._probe_from = max(self._min, min(self._max, new))
+            back_to = max(self._min, min(self._max, new))
+            if probed_at is not None and abs(back_to - probed_at) <= PROBE_STEADY * probed_at:
+                self._probe_every = min(PROBE_EVERY_MAX, 2 * self._probe_every)
+            self._probed_at = self._probe_from = back_to
             new = new * PROBE_SCALE
         self._set(new, now)
 
