@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import math
 import re
 from collections import Counter
+from collections.abc import Iterator
 from fractions import Fraction
 from types import SimpleNamespace
 from typing import Any
@@ -1366,6 +1368,51 @@ async def test_map_with_limit_auto_shows_the_limit_in_force() -> None:
         limit = results.stats.limit
     assert limit is not None
     assert 4 < limit <= 1000
+
+
+@pytest.mark.virtual_time
+async def test_a_map_with_limit_auto_holds_no_more_items_than_its_limit() -> None:
+    """The pool follows the adaptive limit: no worker waits in line holding an item.
+
+    Each call notes how many items had been taken from the input and not yet
+    finished: never more than the limit in force, as the limit grows (where a
+    pool sized for ``max`` would take 1000 at once) and as drops cut it.
+    """
+    taken = finished = 0
+
+    def items() -> Iterator[int]:
+        nonlocal taken
+        for item in range(3000):
+            taken += 1
+            yield item
+
+    held: list[tuple[int, int]] = []  # (items held, the limit in force)
+    results_box: list[Any] = []
+
+    async def call(item: int) -> int:
+        nonlocal finished
+        held.append((taken - finished, results_box[0].stats.limit))
+        try:
+            await asyncio.sleep(0.01)
+            if 1000 <= item < 1100:
+                raise TimeoutError  # drops: the limit comes down
+            return item
+        finally:
+            finished += 1
+
+    async with corral.map(call, items(), limit="auto", return_exceptions=True) as results:
+        results_box.append(results)
+        got = [r async for r in results]
+    assert [r for r in got if not isinstance(r, TimeoutError)] == [
+        i for i in range(3000) if not 1000 <= i < 1100
+    ]
+    limits = [limit for _, limit in held]
+    assert max(limits) > 30  # it grew...
+    assert any(b < a for a, b in itertools.pairwise(limits))  # ...and was cut
+    # Held items: those running plus one just taken by a worker between calls.
+    assert all(count <= limit + 1 for count, limit in held), max(
+        count - limit for count, limit in held
+    )
 
 
 @pytest.mark.virtual_time

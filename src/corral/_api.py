@@ -492,6 +492,7 @@ def _engine_and_checkpoint(
     retried = _Retried()
     workers: int | None
     limiter: Limiter | None = None
+    elastic: int | None = None  # the pool's first size when it follows an adaptive limit
     if remote is not None:
         # The workers there take twice their share of the limit (one share
         # running, one queued), so that many calls are kept in flight.
@@ -507,6 +508,8 @@ def _engine_and_checkpoint(
     else:
         if isinstance(limit, str | Adaptive):
             limit = Limiter(limit)  # "auto": this map's own adaptive limit
+            # Nobody else draws on it: the pool follows its limit (Engine.resize).
+            elastic = limit.limit
         if isinstance(limit, Limiter):
             limiter = limit
             # Enough workers for the highest the limit can go; a per-key limit
@@ -590,7 +593,11 @@ def _engine_and_checkpoint(
         on_close=on_close,
         deadline=deadline,
         recorder=recorder,
+        elastic=elastic,
     )
+    if elastic is not None:
+        assert limiter is not None
+        limiter._on_limit = engine.resize
     # progress=: a timer that pulls engine.stats() while the run goes (see _progress).
     display = Progress.create(progress, engine.stats, total)
     if display is not None:

@@ -856,6 +856,7 @@ class Limiter:
         "_limit_spec",
         "_loop",
         "_n_waiting",
+        "_on_limit",
         "_ramp",
         "_rate_spec",
         "_retry_budgets",
@@ -900,6 +901,8 @@ class Limiter:
         self._cap: int | None = first if key is None else 0
         self._adaptive = adaptive
         self._controller = Controller(adaptive) if adaptive is not None and key is None else None
+        # Told each new adaptive limit: the pool of the map that owns this Limiter.
+        self._on_limit: Callable[[int], None] | None = None
         self._key = key
         # A keyed Limiter holds no slots itself: it makes one Limiter per key.
         self._limit_spec: LimitSpec = adaptive if adaptive is not None else first
@@ -1395,6 +1398,8 @@ class Limiter:
     def _set_limit(self, limit: int) -> None:
         """Put a new limit in force; open slots go to waiters at once."""
         self._limit = limit
+        if self._on_limit is not None:
+            self._on_limit(limit)
         if self._timer is None:
             self._cap = limit
         elif self._ramp is not None:
