@@ -231,8 +231,11 @@ class Adaptive:
     adding throughput (latency grows almost as fast as the limit: the
     service's capacity), and cuts on timeouts, 429/503 and
     :class:`corral.RetryAfter`. It is never below ``min`` nor above ``max``.
-    ``max`` is also how many calls a map keeps ready to start, so a huge one
-    costs memory, not speed.
+    A map's own adaptive limit runs as many workers as the limit in force,
+    so a large ``max`` costs nothing until the limit gets there. A shared
+    :class:`corral.Limiter` with an adaptive limit is different: each map
+    drawing on it keeps ``max`` calls ready to start (one item each), in line
+    for the Limiter's slots.
 
     What it is not: not a rate limit (add ``rate=`` for a documented quota),
     and no help for a call that does not wait on a shared resource (CPU work,

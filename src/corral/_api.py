@@ -512,8 +512,9 @@ def _engine_and_checkpoint(
             elastic = limit.limit
         if isinstance(limit, Limiter):
             limiter = limit
-            # Enough workers for the highest the limit can go; a per-key limit
-            # caps each key, not the map.
+            # Enough workers for the highest the limit can go (an elastic pool
+            # starts at its limit and follows it); a per-key limit caps each
+            # key, not the map.
             ceiling = limit.ceiling if limit.key is None else None
             workers = ceiling or DEFAULT_LIMIT
 
