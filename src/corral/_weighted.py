@@ -15,19 +15,18 @@ window still runs (it would never fit otherwise), and over any window ``w``
 the amounts started stay within ``(w + tolerance) / interval`` plus the last
 start's own amount.
 
-When the call ends, its actual usage *settles* the reservation, as if the
-call had reserved what it used when it started: a debt (``actual >
-reserved``) pushes TAT later by the difference; a refund pulls it earlier by
-the unused part, but not before the end of the latest start's own booking
-(its start plus its amount: that booking would have been made on top of the
-refunded call's usage too), nor, for the latest start's own refund, before
-its start. A TAT before
-"now" means the same as "now" to every start (a start books from
+When the call ends, its actual usage *settles* the reservation, as if the call
+had reserved what it used when it started: a debt (``actual > reserved``)
+pushes TAT later by the difference; a refund pulls it earlier by the unused
+part, but not before the end of the latest start's own booking (its start plus
+its amount: that booking would have been made on top of the refunded call's
+usage too), nor, for the latest start's own refund, before its start. A TAT
+before "now" means the same as "now" to every start (a start books from
 ``max(TAT, now)``: a full bucket holds no more than its burst), so a refund
 never banks capacity for a burst later; but it is not lost either: a debt
-settled afterwards by a call still in flight is set against it, exactly as
-if that call and the refunded one had reserved their actual usage. (Stopping
-the refund at "now" instead would make such a debt count from "now", as if its
+settled afterwards by a call still in flight is set against it, exactly as if
+that call and the refunded one had reserved their actual usage. (Stopping the
+refund at "now" instead would make such a debt count from "now", as if its
 call had started then.) A dimension the usage does not mention keeps its
 reservation.
 
@@ -105,9 +104,9 @@ class WeightedGate:
         "_clock",
         "_granted",
         "_grants",
-        "_last_booked",
         "_last_cost",
         "_last_now",
+        "_last_used",
         "_loop",
         "_queued",
         "_rate",
@@ -150,9 +149,10 @@ class WeightedGate:
         self._last_now = -_INF
         # The latest start's cost: what the next start likely needs, for clamp().
         self._last_cost: Mapping[str, float] | None = None
-        # Once the latest start settled: the amounts it stands for, and its mapping
-        # (the pair is current while that mapping is still the latest start's).
-        self._last_booked: Mapping[str, float] | None = None
+        # Once the latest start settled: the usage it reported (it stands for that
+        # in the dimensions named, for its reservation in the rest), with its
+        # mapping and start (current while they are still the latest start's).
+        self._last_used: Mapping[str, float] | None = None
         self._booked_for: Mapping[str, float] | None = None
         self._booked_at = -_INF
         self._grants = 0
@@ -303,12 +303,14 @@ class WeightedGate:
         # the latest start's own mapping is taken for that start's (with one
         # mapping shared by every call, all are: a refund then reaches back to
         # the latest start's time, never earlier).
-        latest = reserved is self._last_cost
-        booked: Mapping[str, float] | None = None
+        last_cost = self._last_cost
+        latest = reserved is last_cost
+        booked: Mapping[str, float] | None = None  # the latest start's reservation
+        booked_used: Mapping[str, float] | None = None  # and its usage, once settled
         if not latest:
-            current = self._booked_for is self._last_cost and self._booked_at == start
-            booked = self._last_booked if current else self._last_cost
-            booked = _NO_COST if booked is None else booked
+            booked = _NO_COST if last_cost is None else last_cost
+            if self._booked_for is last_cost and self._booked_at == start:
+                booked_used = self._last_used
         tats = self._tats
         get = used.get
         before = (_NO_COST if reserved is None else reserved).get
@@ -323,11 +325,12 @@ class WeightedGate:
                     tat += delta * interval  # debt: the next starts wait for it
                     tats[i] = tat
                 elif delta < 0:
-                    floor = (
-                        start
-                        if booked is None
-                        else start + booked.get(dimension, default) * interval
-                    )
+                    floor = start
+                    if booked is not None:
+                        amount = None if booked_used is None else booked_used.get(dimension)
+                        if amount is None:
+                            amount = booked.get(dimension, default)
+                        floor += amount * interval
                     if tat > floor:
                         tat += delta * interval
                         if tat < floor:
@@ -342,7 +345,7 @@ class WeightedGate:
             # What the latest start now stands for, should an earlier call refund.
             self._booked_for = reserved
             self._booked_at = start
-            self._last_booked = {**reserved, **used} if reserved is not None else dict(used)
+            self._last_used = used
         if earlier and self._timer is not None and self._queued:
             self._timer.cancel()
             loop = self._loop
