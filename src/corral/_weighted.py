@@ -303,14 +303,11 @@ class WeightedGate:
         # the latest start's own mapping is taken for that start's (with one
         # mapping shared by every call, all are: a refund then reaches back to
         # the latest start's time, never earlier).
-        last_cost = self._last_cost
-        latest = reserved is last_cost
-        booked: Mapping[str, float] | None = None  # the latest start's reservation
-        booked_used: Mapping[str, float] | None = None  # and its usage, once settled
-        if not latest:
-            booked = _NO_COST if last_cost is None else last_cost
-            if self._booked_for is last_cost and self._booked_at == start:
-                booked_used = self._last_used
+        latest = reserved is self._last_cost
+        # The latest start's reservation and usage (once settled), read on the
+        # first refund only.
+        booked: Mapping[str, float] | None = None
+        booked_used: Mapping[str, float] = _NO_COST
         tats = self._tats
         get = used.get
         before = (_NO_COST if reserved is None else reserved).get
@@ -326,8 +323,12 @@ class WeightedGate:
                     tats[i] = tat
                 elif delta < 0:
                     floor = start
-                    if booked is not None:
-                        amount = None if booked_used is None else booked_used.get(dimension)
+                    if not latest:
+                        if booked is None:
+                            booked = self._last_cost or _NO_COST
+                            if self._booked_for is self._last_cost and self._booked_at == start:
+                                booked_used = self._last_used or _NO_COST
+                        amount = booked_used.get(dimension)
                         if amount is None:
                             amount = booked.get(dimension, default)
                         floor += amount * interval
