@@ -20,7 +20,8 @@ workers in ten loop iterations.
 
 Bounded memory
 --------------
-Items are pulled only by a worker about to call ``fn``. Results wait for the
+Items are pulled only by a worker about to call ``fn`` (a checkpointed map
+pulls a plain input 256 items ahead, see :class:`_ChunkedSource`). Results wait for the
 consumer in a buffer; a worker that pulled item ``i`` does not call ``fn`` until
 ``i < consumed + window``. In input order this bounds the reorder buffer behind
 a slow head item; as completed it bounds the results the consumer has not taken
@@ -40,7 +41,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import heapq
+import itertools
 import logging
+import operator
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
@@ -54,6 +57,8 @@ R = TypeVar("R")
 logger = logging.getLogger("corral")
 
 Call = Callable[[Any], Awaitable[Any]]
+#: Items a screened sync input is pulled by at a time.
+CHUNK = 256
 
 
 class _Phase(enum.Enum):
@@ -103,6 +108,35 @@ class Recorder(Protocol):
     def failure(self, item: Any, exc: Exception) -> None: ...
 
     def halted(self, item: Any, halt: Halt) -> None: ...
+
+    @property
+    def screen(self) -> Callable[[list[Any]], bool] | None:
+        """Whether a chunk of a sync input may take the direct path (see
+        :class:`_ChunkedSource`); None: no direct path, items go one by one."""
+
+    def prepare(self) -> Awaitable[None]:
+        """Before a run of chunks: whatever the screen needs (it never raises)."""
+
+    def backlogged(self) -> bool:
+        """Whether the next run should start only after :meth:`prepare` (a commit)."""
+
+    @property
+    def direct(self) -> Call:
+        """The call for the items of a chunk ``screen`` passed (no per-item wrapper)."""
+
+    @property
+    def rows(self) -> list[Any]:
+        """Where a passed item's plain result goes: item, value, appended flat."""
+
+    @property
+    def plain(self) -> frozenset[type]:
+        """The result types that go to ``rows`` as they are."""
+
+    def first(self, item: Any, value: Any) -> None:
+        """A plain result when ``rows`` is empty (it may raise Halt only)."""
+
+    def other(self, item: Any, value: Any) -> None:
+        """A passed item's result of another type (it may raise Halt only)."""
 
 
 class Run(Protocol):
@@ -169,6 +203,124 @@ class _SyncSource:
 
     async def refill(self) -> bool:
         return False  # a sync input is exhausted when its iterator is
+
+    def start(self, engine: Engine[Any, Any]) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class _ChunkedSource:
+    """A sync input pulled ``CHUNK`` items at a time, each chunk screened first.
+
+    A checkpointed map's recorder (see _checkpoint) checks a whole chunk of
+    ids against those recorded in a few C-level set operations instead of a
+    Python function call per item. A chunk it passes (every item new, none
+    repeated) is called with the recorder's ``direct`` call and recorded by
+    two list appends in the worker; any other chunk goes item by item through
+    the engine's usual call and hooks.
+
+    The workers share one iterator of (index, item) pairs, as they share
+    ``enumerate`` on a plain input: a *run* of chunks of one kind, chained in
+    C, so a worker takes its next item without leaving its loop. A run of
+    passed chunks goes on for as long as the chunks pass; a chunk that does
+    not (or a recorder that asks to wait, :meth:`Recorder.backlogged`) ends
+    it, and the worker that finds the run ended starts the next one in
+    :meth:`refill`, where it may wait (the file's opening, a commit).
+    """
+
+    __slots__ = (
+        "_current",
+        "_error",
+        "_exhausted",
+        "_held",
+        "_items",
+        "_lock",
+        "_next",
+        "_recorder",
+        "_screen",
+        "_spent",
+        "direct",
+        "pairs",
+    )
+
+    def __init__(self, items: Iterable[Any], recorder: Recorder) -> None:
+        assert recorder.screen is not None
+        self._items = iter(items)
+        self._recorder = recorder
+        self._screen = recorder.screen
+        self.pairs: Iterator[tuple[int, Any]] = iter(())
+        self.direct = False  # whether the current run's chunks passed the screen
+        self._spent = True  # the current run has ended: the next refill starts one
+        self._current: Iterator[tuple[int, Any]] = iter(())  # the chunk being taken from
+        self._held: list[Any] | None = None  # pulled, ended a run, not served yet
+        self._next = 0  # the index of the next chunk's first item
+        self._lock = asyncio.Lock()
+        self._exhausted = False
+        self._error: Exception | None = None  # the input raised: after the items before it
+
+    def pulled(self) -> int:
+        return self._next - operator.length_hint(self._current)
+
+    async def refill(self) -> bool:
+        async with self._lock:
+            if not self._spent:
+                return True  # another worker started the next run meanwhile
+            if self._exhausted:
+                return False
+            chunk = self._pull()
+            if not chunk:
+                self._exhausted = True
+                if self._error is not None:
+                    raise self._error
+                return False
+            self._held = chunk  # kept for the next refill if this one is cancelled
+            await self._recorder.prepare()
+            self._held = None
+            self.direct = self._screen(chunk)
+            self._spent = False
+            self.pairs = itertools.chain.from_iterable(self._run(chunk, self.direct))
+            return True
+
+    def _pull(self) -> list[Any]:
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held
+        chunk: list[Any] = []
+        if self._error is None:
+            try:
+                # extend keeps the items pulled before the input raised.
+                chunk.extend(itertools.islice(self._items, CHUNK))
+            except Exception as exc:
+                self._error = exc
+        return chunk
+
+    def _run(self, chunk: list[Any], direct: bool) -> Iterator[Iterator[tuple[int, Any]]]:
+        """The chunks of one run, each as an iterator of its (index, item) pairs.
+
+        Runs inside the workers' ``next()``, so it must not raise: the
+        input's error is kept for the next refill.
+        """
+        recorder = self._recorder
+        try:
+            while True:
+                start = self._next
+                self._next = start + len(chunk)
+                self._current = iter(list(enumerate(chunk, start)))
+                yield self._current
+                if not direct:
+                    return  # a chunk the screen refused runs on its own
+                if recorder.backlogged():
+                    return  # the refill waits for the commit
+                chunk = self._pull()
+                if not chunk:
+                    return
+                if not self._screen(chunk):
+                    self._held = chunk  # the next run's, after the refill's wait
+                    return
+        finally:
+            self._spent = True
 
     def start(self, engine: Engine[Any, Any]) -> None:
         pass
@@ -331,7 +483,7 @@ class Engine(Generic[T, R]):
         self.lag_reader: Callable[[], float] | None = None
 
         self._phase = _Phase.IDLE
-        self._source: _SyncSource | _AsyncSource
+        self._source: _SyncSource | _ChunkedSource | _AsyncSource
         self._tasks: set[asyncio.Task[Any]] = set()
         self._alive = 0  # worker tasks not yet finished
         self._unstarted = 0  # workers spawned that have not pulled an item yet
@@ -382,6 +534,8 @@ class Engine(Generic[T, R]):
         if isinstance(items, AsyncIterable):
             capacity = self._max_workers or 1024
             self._source = _AsyncSource(items, capacity)
+        elif self._recorder is not None and self._recorder.screen is not None:
+            self._source = _ChunkedSource(items, self._recorder)
         else:
             self._source = _SyncSource(items)
         self._source.start(self)
@@ -476,10 +630,26 @@ class Engine(Generic[T, R]):
         elastic = self._elastic
         recorder = self._recorder
         record = recorder.result if recorder is not None else None
+        # A screened input's chunks (see _ChunkedSource): a chunk that passed
+        # is called directly, and its plain results appended to rows here.
+        screened = type(source) is _ChunkedSource
+        direct = False
+        if screened:
+            assert recorder is not None
+            wrapped = call
+            unwrapped = recorder.direct
+            rows = recorder.rows
+            append = rows.append
+            plain = recorder.plain
+            record_first = recorder.first
+            record_other = recorder.other
         self._unstarted -= 1
         first = True
         try:
             while True:
+                if screened:
+                    direct = source.direct  # type: ignore[union-attr]
+                    call = unwrapped if direct else wrapped
                 for index, item in source.pairs:
                     if bounded and index >= self._consumed + window:  # type: ignore[operator]
                         try:
@@ -503,7 +673,16 @@ class Engine(Generic[T, R]):
                             stride = countdown = (
                                 1 if histogram.total < EXACT_SAMPLES else SAMPLE_STRIDE
                             )
-                        if record is not None:
+                        if direct:
+                            if type(value) in plain:
+                                if rows:
+                                    append(item)
+                                    append(value)
+                                else:
+                                    record_first(item, value)
+                            else:
+                                record_other(item, value)
+                        elif record is not None:
                             record(item, value)
                     except Exception as exc:
                         self._failed += 1
