@@ -715,6 +715,28 @@ async def test_items_pulled_before_the_input_raised_are_run_and_recorded(
     assert recorded(path) == {i: (_checkpoint.PLAIN, 10 * i) for i in range(10)}
 
 
+async def test_stats_count_the_items_started_not_the_chunk_pulled(tmp_path: Path) -> None:
+    """The input is pulled 256 items ahead; ``stats.started`` counts the calls."""
+    release = asyncio.Event()
+
+    async def held(item: int) -> int:
+        await release.wait()
+        return item
+
+    async with corral.map(held, range(1000), limit=2, checkpoint=tmp_path / "r.sqlite") as results:
+        consume = asyncio.ensure_future(results.__anext__())
+        for _ in range(1000):  # the file opens on the checkpoint's thread
+            if results.stats.started:
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert (results.stats.started, results.stats.in_flight) == (2, 2)
+        release.set()
+        assert [await consume] + [value async for value in results] == list(range(1000))
+    assert results.stats.started == 1000
+
+
 async def test_results_of_any_type_are_recorded_on_the_direct_path(tmp_path: Path) -> None:
     """A screened chunk's results: plain ones as they are, the rest pickled; all replay."""
 

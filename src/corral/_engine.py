@@ -43,7 +43,6 @@ import enum
 import heapq
 import itertools
 import logging
-import operator
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
@@ -253,7 +252,7 @@ class _ChunkedSource:
         self.pairs: Iterator[tuple[int, Any]] = iter(())
         self.direct = False  # whether the current run's chunks passed the screen
         self._spent = True  # the current run has ended: the next refill starts one
-        self._current: Iterator[tuple[int, Any]] = iter(())  # the chunk being taken from
+        self._current: enumerate[Any] = enumerate(())  # the chunk being taken from
         self._held: list[Any] | None = None  # pulled, ended a run, not served yet
         self._next = 0  # the index of the next chunk's first item
         self._lock = asyncio.Lock()
@@ -261,7 +260,9 @@ class _ChunkedSource:
         self._error: Exception | None = None  # the input raised: after the items before it
 
     def pulled(self) -> int:
-        return self._next - operator.length_hint(self._current)
+        # The current chunk's enumerate holds the index of its next item.
+        state: Any = self._current.__reduce__()
+        return int(state[1][1])
 
     async def refill(self) -> bool:
         async with self._lock:
@@ -307,7 +308,7 @@ class _ChunkedSource:
             while True:
                 start = self._next
                 self._next = start + len(chunk)
-                self._current = iter(list(enumerate(chunk, start)))
+                self._current = enumerate(chunk, start)
                 yield self._current
                 if not direct:
                     return  # a chunk the screen refused runs on its own
