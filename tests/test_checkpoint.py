@@ -737,6 +737,34 @@ async def test_stats_count_the_items_started_not_the_chunk_pulled(tmp_path: Path
     assert results.stats.started == 1000
 
 
+async def test_the_input_is_pulled_ahead_by_at_most_the_limit(tmp_path: Path) -> None:
+    """Chunks of a small map's input are no larger than its limit: pulled lazily still."""
+    pulled = 0
+    release = asyncio.Event()
+
+    def items() -> Any:
+        nonlocal pulled
+        for item in range(100):
+            pulled += 1
+            yield item
+
+    async def held(item: int) -> int:
+        await release.wait()
+        return item
+
+    async with corral.map(held, items(), limit=3, checkpoint=tmp_path / "r.sqlite") as results:
+        consume = asyncio.ensure_future(results.__anext__())
+        for _ in range(1000):  # the file opens on the checkpoint's thread
+            if results.stats.started == 3:
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert (results.stats.started, pulled) == (3, 3)
+        release.set()
+        assert [await consume] + [value async for value in results] == list(range(100))
+
+
 async def test_results_of_any_type_are_recorded_on_the_direct_path(tmp_path: Path) -> None:
     """A screened chunk's results: plain ones as they are, the rest pickled; all replay."""
 

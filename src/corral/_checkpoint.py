@@ -55,7 +55,7 @@ time slice, so fewer, larger writes are what keeps the loop going: 200k
 
 New items are screened a chunk at a time. When the input is a plain
 iterable (not async) and its items are their own ids (a ``str`` or an
-``int``, no ``item_id=``), the engine pulls it 256 items at a time
+``int``, no ``item_id=``), the engine pulls it up to 256 items at a time
 (:class:`~corral._engine._ChunkedSource`) and the checkpoint checks the whole
 chunk in a few C-level set operations: every id new to the file and to this
 run, none repeated within the chunk. Such a chunk's calls go to ``fn`` as

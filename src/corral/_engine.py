@@ -21,7 +21,8 @@ workers in ten loop iterations.
 Bounded memory
 --------------
 Items are pulled only by a worker about to call ``fn`` (a checkpointed map
-pulls a plain input 256 items ahead, see :class:`_ChunkedSource`). Results wait for the
+pulls a plain input ahead by up to 256 items, never more than its limit, see
+:class:`_ChunkedSource`). Results wait for the
 consumer in a buffer; a worker that pulled item ``i`` does not call ``fn`` until
 ``i < consumed + window``. In input order this bounds the reorder buffer behind
 a slow head item; as completed it bounds the results the consumer has not taken
@@ -56,7 +57,7 @@ R = TypeVar("R")
 logger = logging.getLogger("corral")
 
 Call = Callable[[Any], Awaitable[Any]]
-#: Items a screened sync input is pulled by at a time.
+#: Items a screened sync input is pulled by at a time (at most).
 CHUNK = 256
 
 
@@ -211,7 +212,10 @@ class _SyncSource:
 
 
 class _ChunkedSource:
-    """A sync input pulled ``CHUNK`` items at a time, each chunk screened first.
+    """A sync input pulled ``size`` items at a time, each chunk screened first.
+
+    ``size`` is ``CHUNK`` or the pool's size if smaller: the input is pulled
+    ahead of the calls by at most as many items as the workers could hold.
 
     A checkpointed map's recorder (see _checkpoint) checks a whole chunk of
     ids against those recorded in a few C-level set operations instead of a
@@ -239,13 +243,15 @@ class _ChunkedSource:
         "_next",
         "_recorder",
         "_screen",
+        "_size",
         "_spent",
         "direct",
         "pairs",
     )
 
-    def __init__(self, items: Iterable[Any], recorder: Recorder) -> None:
+    def __init__(self, items: Iterable[Any], recorder: Recorder, size: int) -> None:
         assert recorder.screen is not None
+        self._size = size
         self._items = iter(items)
         self._recorder = recorder
         self._screen = recorder.screen
@@ -292,7 +298,7 @@ class _ChunkedSource:
         if self._error is None:
             try:
                 # extend keeps the items pulled before the input raised.
-                chunk.extend(itertools.islice(self._items, CHUNK))
+                chunk.extend(itertools.islice(self._items, self._size))
             except Exception as exc:
                 self._error = exc
         return chunk
@@ -536,7 +542,9 @@ class Engine(Generic[T, R]):
             capacity = self._max_workers or 1024
             self._source = _AsyncSource(items, capacity)
         elif self._recorder is not None and self._recorder.screen is not None:
-            self._source = _ChunkedSource(items, self._recorder)
+            # Pulled ahead by at most the pool's size, like the workers do.
+            size = min(CHUNK, self._max_workers or CHUNK)
+            self._source = _ChunkedSource(items, self._recorder, size)
         else:
             self._source = _SyncSource(items)
         self._source.start(self)
