@@ -765,6 +765,33 @@ async def test_the_input_is_pulled_ahead_by_at_most_the_limit(tmp_path: Path) ->
         assert [await consume] + [value async for value in results] == list(range(100))
 
 
+async def test_chunks_of_one_verdict_run_on_without_leaving_the_workers_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of chunks ends only where the verdict changes: item_id= maps are one run."""
+    monkeypatch.setattr(_engine, "CHUNK", 4)
+    runs: list[bool] = []
+    run = _engine._ChunkedSource._run
+
+    def counted(self: Any, chunk: list[Any], direct: bool) -> Any:
+        runs.append(direct)
+        return run(self, chunk, direct)
+
+    monkeypatch.setattr(_engine._ChunkedSource, "_run", counted)
+    spy = Spy()
+    path = tmp_path / "run.sqlite"
+    out = await corral.gather(spy, range(100), limit=4, checkpoint=path, item_id=lambda x: x)
+    assert out == [10 * i for i in range(100)]
+    assert runs == [False]
+    runs.clear()
+    # Recorded 0-99, then new 100-199: one run item by item, then one run direct.
+    again = await corral.gather(
+        spy, range(200), limit=4, checkpoint=path, resume="ignore-fingerprint"
+    )
+    assert again == [10 * i for i in range(200)]
+    assert runs == [False, True]
+
+
 async def test_results_of_any_type_are_recorded_on_the_direct_path(tmp_path: Path) -> None:
     """A screened chunk's results: plain ones as they are, the rest pickled; all replay."""
 

@@ -227,10 +227,11 @@ class _ChunkedSource:
     The workers share one iterator of (index, item) pairs, as they share
     ``enumerate`` on a plain input: a *run* of chunks of one kind, chained in
     C, so a worker takes its next item without leaving its loop. A run of
-    passed chunks goes on for as long as the chunks pass; a chunk that does
-    not (or a recorder that asks to wait, :meth:`Recorder.backlogged`) ends
-    it, and the worker that finds the run ended starts the next one in
-    :meth:`refill`, where it may wait (the file's opening, a commit).
+    chunks of one verdict goes on for as long as the chunks get it; a chunk
+    that does not (or, in a run of passed chunks, a recorder that asks to
+    wait, :meth:`Recorder.backlogged`) ends it, and the worker that finds the
+    run ended starts the next one in :meth:`refill`, where it may wait (the
+    file's opening, a commit).
     """
 
     __slots__ = (
@@ -238,6 +239,7 @@ class _ChunkedSource:
         "_error",
         "_exhausted",
         "_held",
+        "_held_direct",
         "_items",
         "_lock",
         "_next",
@@ -260,6 +262,7 @@ class _ChunkedSource:
         self._spent = True  # the current run has ended: the next refill starts one
         self._current: enumerate[Any] = enumerate(())  # the chunk being taken from
         self._held: list[Any] | None = None  # pulled, ended a run, not served yet
+        self._held_direct: bool | None = None  # its verdict, if it was screened
         self._next = 0  # the index of the next chunk's first item
         self._lock = asyncio.Lock()
         self._exhausted = False
@@ -276,23 +279,27 @@ class _ChunkedSource:
                 return True  # another worker started the next run meanwhile
             if self._exhausted:
                 return False
+            verdict = self._held_direct
             chunk = self._pull()
             if not chunk:
                 self._exhausted = True
                 if self._error is not None:
                     raise self._error
                 return False
-            self._held = chunk  # kept for the next refill if this one is cancelled
-            await self._recorder.prepare()
-            self._held = None
-            self.direct = self._screen(chunk)
+            if verdict is None:  # not screened yet
+                self._held = chunk  # kept for the next refill if this one is cancelled
+                await self._recorder.prepare()
+                self._held = None
+                verdict = self._screen(chunk)
+            self.direct = verdict
             self._spent = False
-            self.pairs = itertools.chain.from_iterable(self._run(chunk, self.direct))
+            self.pairs = itertools.chain.from_iterable(self._run(chunk, verdict))
             return True
 
     def _pull(self) -> list[Any]:
         if self._held is not None:
             held, self._held = self._held, None
+            self._held_direct = None
             return held
         chunk: list[Any] = []
         if self._error is None:
@@ -306,6 +313,9 @@ class _ChunkedSource:
     def _run(self, chunk: list[Any], direct: bool) -> Iterator[Iterator[tuple[int, Any]]]:
         """The chunks of one run, each as an iterator of its (index, item) pairs.
 
+        A run goes on while the chunks get the verdict its first got: a worker
+        leaves its loop (for :meth:`refill`) once per run, so an input whose
+        chunks all go item by item (``item_id=``, most resumes) is one run.
         Runs inside the workers' ``next()``, so it must not raise: the
         input's error is kept for the next refill.
         """
@@ -316,15 +326,16 @@ class _ChunkedSource:
                 self._next = start + len(chunk)
                 self._current = enumerate(chunk, start)
                 yield self._current
-                if not direct:
-                    return  # a chunk the screen refused runs on its own
-                if recorder.backlogged():
+                if direct and recorder.backlogged():
                     return  # the refill waits for the commit
                 chunk = self._pull()
                 if not chunk:
                     return
-                if not self._screen(chunk):
-                    self._held = chunk  # the next run's, after the refill's wait
+                verdict = self._screen(chunk)
+                if verdict is not direct:
+                    # The next run's, screened already: a passed chunk's ids
+                    # are taken, and screening it again would refuse it.
+                    self._held, self._held_direct = chunk, verdict
                     return
         finally:
             self._spent = True
