@@ -698,6 +698,63 @@ async def test_a_chunk_with_a_repeat_or_a_recorded_id_goes_item_by_item(
     assert len(spy.calls) == len(set(spy.calls))
 
 
+def test_direct_ids_keep_ascending_chunks_as_they_are() -> None:
+    """Chunks that ascend from above every id before need no set; any id taken is found."""
+    ids = _checkpoint._DirectIds()
+    assert ids.take([1, 2, 5], int)
+    assert ids.take([6, 9], int)
+    assert not ids._set  # kept as the chunks themselves
+    assert [key in ids for key in (0, 1, 2, 3, 5, 6, 9, 10)] == [
+        False, True, True, False, True, True, True, False,
+    ]  # fmt: skip
+    assert not ids.take([9, 10], int)  # 9 was taken
+    assert not ids.take([10, 5], int)  # 5 was taken
+    assert ids.take([12, 3], int)  # out of order, within the ascending range: the set
+    assert ids.take([20, 15], int)  # out of order beyond it: the set
+    assert ids._set == {3, 12, 15, 20}
+    assert not ids.take([16, 15], int)  # 15 was taken
+    assert not ids.take([4, 3], int)  # 3 was taken
+    assert not ids.take([30, 30], int)  # repeated within the chunk: nothing taken
+    assert 30 not in ids
+    assert not ids.take([19, 20], int)  # ascends from above 9, but 20 is in the set
+    assert ids.take([21, 22], int)
+    assert [key in ids for key in (3, 4, 10, 12, 15, 16, 20, 21, 22)] == [
+        True, False, False, True, True, False, True, True, True,
+    ]  # fmt: skip
+    # A str never compares with an int: each type has its own ascending chunks.
+    assert "a" not in ids
+    assert ids.take(["a", "b"], str)
+    assert ids.take(["c"], str)
+    assert not ids.take(["b", "d"], str)
+    assert ["a" in ids, "b" in ids, "bb" in ids, 1 in ids] == [True, True, False, True]
+
+
+async def test_repeats_of_ascending_ids_in_later_chunks_run_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ascending ids (no set kept) repeated later, as ints and as strs, failures too."""
+    monkeypatch.setattr(_engine, "CHUNK", 4)
+    path = tmp_path / "run.sqlite"
+    spy = Spy(fail={6})
+    # The repeats come in chunks that ascend too ([3, 10, 11, 12]) and in chunks
+    # that do not ([13, 6, 14, 15]); 12 repeats while it may still run.
+    items = [*range(10), 3, *range(10, 13), 12, 13, 6, *range(14, 20), 0, 19]
+    values = await corral.gather(spy, items, limit=3, return_exceptions=True, checkpoint=path)
+    assert [str(v) if isinstance(v, ValueError) else v for v in values] == [
+        "bad item 6" if i == 6 else 10 * i for i in items
+    ]
+    assert sorted(spy.calls) == list(range(20))
+    assert recorded(path)[6][0] == _checkpoint.FAILED
+    assert len(recorded(path)) == 20
+
+    words = Spy()
+    keys = [f"k{i:02}" for i in range(12)]
+    path = tmp_path / "words.sqlite"
+    items = [*keys[:8], keys[2], *keys[8:], keys[7], keys[0]]
+    assert await corral.gather(words, items, limit=2, checkpoint=path) == [k * 10 for k in items]
+    assert sorted(words.calls) == keys
+
+
 async def test_items_pulled_before_the_input_raised_are_run_and_recorded(
     tmp_path: Path,
 ) -> None:
@@ -1148,9 +1205,16 @@ def test_ctrl_c_on_run_keeps_what_is_done_and_says_how_to_resume(
     limit=st.integers(min_value=1, max_value=8),
     ordered=st.booleans(),
     chunk=st.sampled_from([1, 3, 256]),
+    ascending=st.booleans(),
 )
 def test_every_id_is_computed_once_across_a_stopped_run_and_its_resume(
-    items: list[int], failing: set[int], first_share: int, limit: int, ordered: bool, chunk: int
+    items: list[int],
+    failing: set[int],
+    first_share: int,
+    limit: int,
+    ordered: bool,
+    chunk: int,
+    ascending: bool,
 ) -> None:
     """Repeated ids, ids whose hashes collide (-1 and -2), failures and a resume.
 
@@ -1158,8 +1222,11 @@ def test_every_id_is_computed_once_across_a_stopped_run_and_its_resume(
     the second runs the whole input. Every occurrence of an id yields that id's
     one outcome, and fn ran once per id over both runs, except for the calls the
     stop cut short. The input is pulled in chunks of ``chunk`` items: chunks of
-    new ids are called directly, the others item by item (see _ChunkedSource).
+    new ids are called directly, the others item by item (see _ChunkedSource);
+    a sorted input makes most chunks ascend (see _checkpoint._DirectIds).
     """
+    if ascending:
+        items = sorted(items)
     assert hash(-1) == hash(-2)  # CPython: the collision this exercises
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(_engine, "CHUNK", chunk):
         path = Path(tmp) / "run.sqlite"

@@ -57,13 +57,13 @@ New items are screened a chunk at a time. When the input is a plain
 iterable (not async) and its items are their own ids (a ``str`` or an
 ``int``, no ``item_id=``), the engine pulls it up to 256 items at a time
 (:class:`~corral._engine._ChunkedSource`) and the checkpoint checks the whole
-chunk in a few C-level set operations: every id new to the file and to this
+chunk in a few C-level passes: every id new to the file and to this
 run, none repeated within the chunk. Such a chunk's calls go to ``fn`` as
 they would without a checkpoint, and the worker records each plain result
 with two list appends before delivering it. Only a chunk that fails the
-check (a recorded or repeated id, an item that is not its own id, or
-any chunk under ``item_id=``) goes
-through the per-item path: a call wrapper, a plain function that looks the
+check (a recorded or repeated id, an item that is not its own id, ids of
+two types in one chunk, or any chunk under ``item_id=``) goes through the
+per-item path: a call wrapper, a plain function that looks the
 id up and hands the engine ``fn``'s own coroutine, and a hook the engine
 runs when the call returns (:class:`~corral._engine.Recorder`). Neither adds
 a coroutine: a wrapping ``async def`` would add a frame to every resumption
@@ -81,11 +81,12 @@ per commit, not once per result, while the workers go on computing into the
 engine's window. ``gather`` returns only after the map has closed, and
 closing commits every row.
 
-Per new item the loop pays, on the direct path, for about 0.1 µs of set
-operations (the screen, and the set of ids in flight that a repeated id
-waits on) and two list appends for a plain ``str``, ``int``, ``float`` or
-``None`` result; item by item, for the id, a dict lookup and insert, a dict
-entry while the call runs and the hook's call. Any other result is pickled
+Per new item the loop pays, on the direct path, for the screen's passes
+(a type check and, for a chunk that ascends from above every id before it,
+a comparison per id: see :class:`_DirectIds`; other chunks' ids go in a set) and
+two list appends for a plain ``str``, ``int``, ``float`` or ``None``
+result; item by item, for the id, a dict lookup and insert, a dict entry
+while the call runs and the hook's call. Any other result is pickled
 on the loop thread, so that one that cannot be stored stops the map at
 once, naming its item.
 
@@ -119,9 +120,11 @@ dict from each id's hash to its chunk, in C-speed passes: about 0.1 µs per
 recorded result, so a million cost about a tenth of a second. An item whose
 hash is not there is new and is called at once, with no database read. A
 hash collision costs one needless lookup, never a wrong result. The dict
-also takes the hash of every item this run starts (that is how a repeated id
-finds the first one's result), so a checkpointed map holds about 80 bytes
-per item in memory: 80 MB for a million items.
+also takes the hash of every item this run starts one by one (that is how a
+repeated id finds the first one's result), so such a map holds about 80
+bytes per item in memory: 80 MB for a million items. Items called directly
+(a screened chunk) cost 8 bytes each when their chunks ascend, and a set
+entry otherwise (:class:`_DirectIds`).
 
 An item whose hash is there is replayed. Looking each one up would cost a
 wait per item, so the chunks are *read ahead* in the order they were
@@ -143,14 +146,16 @@ import enum
 import functools
 import itertools
 import marshal
+import operator
 import os
 import pickle
 import reprlib
 import sys
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from ._engine import Call, Engine, Halt, ResultStream
 
@@ -190,8 +195,11 @@ CHUNK_ROWS = 256
 CHUNK_BYTES = 4 << 20
 #: In the id index, a hash that several recorded chunks have (see _Database).
 SHARED_HASH = -1
-#: marshal's format 4 is read by every Python since 3.4: a file outlives an upgrade.
-MARSHAL_VERSION = 4
+#: marshal's format 2: every Python since 2.5 reads it, so a file outlives an
+#: upgrade. Later formats also write back-references, which cost a hash-table
+#: entry per object that is referenced elsewhere (an id that is also the
+#: result, or is held by the input): 3x the time of format 2 for such ints.
+MARSHAL_VERSION = 2
 
 #: Rows recorded but not yet committed at which new calls wait for the commit
 #: before they start (``gather`` has no consumer to pace it).
@@ -839,8 +847,8 @@ class Checkpoint:
         self.is_open = False
         #: hash(id) of the recorded ids -> the seq of the chunk holding each,
         #: and of every id this run started item by item -> 0 (those started
-        #: by a screened chunk are in with_checkpoint's ``started``). Filled by the thread at open,
-        #: then the loop's (the thread only reads it, in lookups).
+        #: by a screened chunk are with_checkpoint's ``direct_ids``). Filled by
+        #: the thread at open, then the loop's (the thread only reads it, in lookups).
         self.seen: dict[int, int] = {}
         #: Plain rows recorded and not yet sent to the thread, flat: id, value,
         #: id, value... (as sqlite3 binds them: no tuple per row to build and
@@ -849,10 +857,6 @@ class Checkpoint:
         self.rows: list[Any] = []
         #: The other rows (pickled results, failures) not yet sent: :meth:`record`.
         self.others: list[Row] = []
-        #: The ids of the items the engine called directly (a screened chunk,
-        #: see with_checkpoint) and whose rows are not sent yet: a repeated id
-        #: waits for them. Emptied in bulk as the rows go to the thread.
-        self.fresh: set[Key] = set()
         #: Told of the rows each write takes (or loses, with the write's
         #: error): the items waiting for a directly called one are answered.
         self.on_flush: Callable[[list[Any], list[Row], BaseException | None], None] | None = None
@@ -1051,11 +1055,6 @@ class Checkpoint:
         plain, other = rows.copy(), others.copy()
         rows.clear()
         others.clear()
-        fresh = self.fresh
-        if fresh:
-            fresh.difference_update(plain[0::2])
-            if other:
-                fresh.difference_update([row[0] for row in other])
         if self.on_flush is not None:
             self.on_flush(plain, other, None)
         self._sent += len(plain) // 2 + len(other)
@@ -1292,13 +1291,101 @@ _Outcome = tuple[int, Any]
 _HALTED = -1
 
 
+class _Ascending:
+    """Ids of chunks that were each strictly ascending and above every id before.
+
+    The chunks are kept as they are and searched by bisection: no hash table
+    entry per id (see :class:`_DirectIds`).
+    """
+
+    __slots__ = ("chunks", "firsts", "high")
+
+    def __init__(self) -> None:
+        self.chunks: list[list[Any]] = []
+        self.firsts: list[Any] = []
+        self.high: Any = None  # the last id taken, the highest
+
+    def extend(self, chunk: list[Any]) -> bool:
+        """Take ``chunk`` if it ascends strictly from above every id before; else False."""
+        high = self.high
+        if high is not None and not chunk[0] > high:
+            return False
+        # All in C: stops at the first pair out of order.
+        if not all(map(operator.lt, chunk, itertools.islice(chunk, 1, None))):
+            return False
+        self.chunks.append(chunk)
+        self.firsts.append(chunk[0])
+        self.high = chunk[-1]
+        return True
+
+    def overlaps(self, low: Any, high: Any) -> bool:
+        """Whether an id taken could be between ``low`` and ``high`` (inclusive)."""
+        return self.high is not None and low <= self.high and high >= self.firsts[0]
+
+    def __contains__(self, key: Any) -> bool:
+        if not self.overlaps(key, key):
+            return False
+        chunk = self.chunks[bisect_right(self.firsts, key) - 1]
+        at = bisect_left(chunk, key)
+        return at < len(chunk) and chunk[at] == key
+
+
+class _DirectIds:
+    """The ids of the items this run called directly: a repeat must find them.
+
+    Every id of a screened chunk goes here (see with_checkpoint's ``screen``).
+    A set of every id would do, but a set of 200k ids outgrows the CPU's
+    caches, and measured on ``sleep(0)`` calls its inserts and checks cost
+    the loop about 0.3 µs per item. Most inputs of new ids ascend (row
+    numbers, ``range``, sorted keys), so a chunk that ascends strictly from
+    above every id before is kept as it is (:class:`_Ascending`, one per
+    type: an int and a str do not compare), at the cost of one pass of
+    comparisons. Any other chunk goes in the set; if its range meets the
+    ascending ids', each of its ids is first looked for among them.
+    """
+
+    __slots__ = ("_ascending", "_set", "any")
+
+    def __init__(self) -> None:
+        self._set: set[Key] = set()
+        self._ascending: dict[type, _Ascending] = {int: _Ascending(), str: _Ascending()}
+        self.any = False  # whether any id was taken
+
+    def take(self, chunk: list[Key], kind: type) -> bool:
+        """Take the ids of ``chunk`` (each of type ``kind``, int or str) if none was
+        taken before and none repeats within it; else take nothing and return False."""
+        taken = self._set
+        if taken and not taken.isdisjoint(chunk):
+            return False
+        ascending = self._ascending[kind]
+        if not ascending.extend(chunk):
+            if ascending.overlaps(min(chunk), max(chunk)) and any(
+                map(ascending.__contains__, chunk)
+            ):
+                return False
+            before = len(taken)
+            taken.update(chunk)
+            if len(taken) - before < len(chunk):
+                # An id repeats within the chunk: none of its ids was there before.
+                taken.difference_update(chunk)
+                return False
+        self.any = True
+        return True
+
+    def __contains__(self, key: Key) -> bool:
+        if key in self._set:
+            return True
+        ascending = self._ascending.get(type(key))
+        return ascending is not None and key in ascending
+
+
 @dataclass(frozen=True)
 class Hooks:
     """A checkpointed map's :class:`~corral._engine.Recorder`: plain functions, no self."""
 
     result: Callable[[Any, Any], None]
-    failure: Callable[[Any, Exception], None]
-    halted: Callable[[Any, Halt], None]
+    failure: Callable[[Any, Exception, bool], None]
+    halted: Callable[[Any, Halt, bool], None]
     # The direct path for chunks of new items (see with_checkpoint).
     screen: Callable[[list[Any]], bool] | None
     prepare: Callable[[], Awaitable[None]]
@@ -1339,12 +1426,9 @@ def with_checkpoint(
     cache = cp.cache
     first_plain = cp.first_plain
     record = cp.record
-    # The ids the engine called directly (screened chunks): every one this
-    # run, and those whose rows are not sent to the thread yet.
-    started: set[Key] = set()
-    fresh = cp.fresh
-    # The ids being computed now (by the items the wrapper sent to `call`;
-    # those the engine called directly are in `fresh`).
+    # The ids the engine called directly (screened chunks), every one this run.
+    direct_ids = _DirectIds()
+    # The ids being computed now by the items the wrapper sent to `call`.
     inflight: dict[Key, None] = {}
     forget = inflight.pop
     # Later items with an id being computed now: they wait for its outcome.
@@ -1390,7 +1474,7 @@ def with_checkpoint(
         else:
             key = key_or_halt(ident, item)
         hashed = hash(key)
-        if hashed in seen or (started and key in started):
+        if hashed in seen or (direct_ids.any and key in direct_ids):
             # Recorded (or started earlier in this run): replay it.
             return replay(key, item)
         seen[hashed] = 0
@@ -1431,32 +1515,26 @@ def with_checkpoint(
         """Whether the engine may call every item of ``chunk`` directly: all new ids.
 
         The checks the wrapper makes item by item, made for the chunk in a
-        few C-level passes: each item is its own id (a str or an int), no id
-        is recorded or started before, none repeats within the chunk. A
-        passed chunk's ids join ``started`` and ``fresh`` at once; the engine
-        calls ``call`` for its items and records their results in the worker
-        (see Hooks). Any other chunk (every chunk under ``item_id=``, or
-        before the file is open) goes through the wrapper, item by item,
-        which also reports what stops the map (the file failing to open, a
-        failed write) the usual way.
+        few C-level passes: the items are their own ids, all of one type (a
+        str or an int), none recorded or started before, none repeated
+        within the chunk. A passed chunk's ids join ``direct_ids`` at once;
+        the engine calls ``call`` for its items and records their results in
+        the worker (see Hooks). Any other chunk (every chunk under
+        ``item_id=``, or before the file is open) goes through the wrapper,
+        item by item, which also reports what stops the map (the file
+        failing to open, a failed write) the usual way.
         """
         if not opened or backlog or item_id is not None:
             return False
-        if not _SELF_KEYED.issuperset(map(type, chunk)):
+        kinds = set(map(type, chunk))
+        if len(kinds) != 1 or not _SELF_KEYED.issuperset(kinds):
             return False
         # Recorded in the file, or started by the wrapper: `seen` has its hash
         # (empty in a new file until then, so a new run does not hash at all).
         if seen and not seen.keys().isdisjoint(map(hash, chunk)):
             return False
-        if not started.isdisjoint(chunk):
-            return False  # started by an earlier chunk
-        before = len(started)
-        started.update(chunk)
-        if len(started) - before < len(chunk):
-            # An id repeats within the chunk: none of its ids was there before.
-            started.difference_update(chunk)
+        if not direct_ids.take(chunk, kinds.pop()):
             return False
-        fresh.update(chunk)
         if len(rows) >= 2 * WRITE_BATCH:
             cp.full()
         return True
@@ -1500,13 +1578,25 @@ def with_checkpoint(
 
     async def join(key: Key) -> _Outcome:
         """The outcome of the item with this id that is being computed now."""
+        return await waiting(key)
+
+    def waiting(key: Key) -> asyncio.Future[_Outcome]:
+        """A future for the outcome of the item with this id (see settle)."""
         waiter: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
         waiters = joiners.get(key)
         if waiters is None:
             joiners[key] = [waiter]
         else:
             waiters.append(waiter)
-        return await waiter
+        return waiter
+
+    def unwait(key: Key, waiter: asyncio.Future[_Outcome]) -> None:
+        """Forget a waiter answered otherwise (a non-empty ``joiners`` costs every write a scan)."""
+        waiters = joiners.get(key)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del joiners[key]
 
     async def replay(key: Key, item: Any) -> Any:
         outcome: _Outcome | None
@@ -1517,16 +1607,26 @@ def with_checkpoint(
             if type(ahead) is not _Stored:
                 return ahead
             outcome = codec.decode(ahead.kind, ahead.value)
-        elif key in inflight or key in fresh:
+        elif key in inflight:
             outcome = await join(key)
         else:
+            # An id the engine called directly is in flight, or its row is
+            # waiting to be sent, or sent: the lookup finds the last two (a
+            # SELECT runs after the writes sent before it), and the first
+            # answers the waiter when its row is sent (flushed). Waiting
+            # before the lookup starts, it misses none of the three.
+            waiter = waiting(key) if direct_ids.any and key in direct_ids else None
             try:
                 found = await cp.lookup(key)
             except Exception as exc:
                 raise Halt(exc) from None
             if found is not None:
+                if waiter is not None:
+                    unwait(key, waiter)
                 outcome = codec.decode(*found)
-            elif key in inflight or key in fresh:  # started while this lookup ran
+            elif waiter is not None:
+                outcome = await waiter
+            elif key in inflight:  # started while this lookup ran
                 outcome = await join(key)
             else:
                 outcome = collided.get(key)  # or even finished
@@ -1544,11 +1644,14 @@ def with_checkpoint(
             keys[id(item)] = key
         return await call(item)
 
-    def computed(item: Any) -> Key | None:
-        """The id of ``item`` if the wrapper sent it to ``call`` (and forget it), else None.
+    def computed(item: Any, direct: bool) -> Key | None:
+        """The id of ``item`` if it was called (by the wrapper, or directly by the
+        engine), forgotten from ``inflight``; None if it was replayed.
 
         ``result`` repeats this inline: it runs for every item.
         """
+        if direct:
+            return cast(Key, item)  # a screened chunk's item is its own id
         if item_id is None:
             kind = type(item)
             if kind is int or kind is str:
@@ -1560,9 +1663,7 @@ def with_checkpoint(
         if key is None:
             return None  # no id: nothing to record
         if inflight.pop(key, _MISSING) is _MISSING:
-            if key not in fresh:
-                return None  # replayed: recorded already
-            fresh.discard(key)  # called directly (a screened chunk)
+            return None  # replayed: recorded already
         return key
 
     def settle(key: Key, outcome: _Outcome) -> None:
@@ -1611,8 +1712,8 @@ def with_checkpoint(
         if collided and key in collided:
             collided[key] = (PLAIN, value)
 
-    def failure(item: Any, exc: Exception) -> None:
-        key = computed(item)
+    def failure(item: Any, exc: Exception, direct: bool) -> None:
+        key = computed(item, direct)
         if key is None:
             return
         try:
@@ -1623,8 +1724,8 @@ def with_checkpoint(
         if key in collided:
             collided[key] = (FAILED, exc)
 
-    def halted(item: Any, halt: Halt) -> None:
-        key = computed(item)
+    def halted(item: Any, halt: Halt, direct: bool) -> None:
+        key = computed(item, direct)
         if key is not None:
             # The item did not run (a budget, the file failing): neither do
             # the items waiting for it.

@@ -99,15 +99,17 @@ class Recorder(Protocol):
     ``result`` runs in the worker right after the call returns, before the
     result is delivered, and may raise only :class:`Halt`; ``failure`` (a
     failure delivered with ``return_exceptions=True``) and ``halted`` (the
-    call raised :class:`Halt`) never raise. A hook, not a call wrapper: an
-    extra coroutine around every call costs more than the whole record.
+    call raised :class:`Halt`) never raise; ``direct`` tells them the item was
+    called directly (a chunk ``screen`` passed), not through the wrapper. A
+    hook, not a call wrapper: an extra coroutine around every call costs more
+    than the whole record.
     """
 
     def result(self, item: Any, value: Any) -> None: ...
 
-    def failure(self, item: Any, exc: Exception) -> None: ...
+    def failure(self, item: Any, exc: Exception, direct: bool) -> None: ...
 
-    def halted(self, item: Any, halt: Halt) -> None: ...
+    def halted(self, item: Any, halt: Halt, direct: bool) -> None: ...
 
     @property
     def screen(self) -> Callable[[list[Any]], bool] | None:
@@ -710,14 +712,14 @@ class Engine(Generic[T, R]):
                             self.fail(exc)
                             return False
                         if recorder is not None:
-                            recorder.failure(item, exc)
+                            recorder.failure(item, exc, direct)
                         value = exc
                     except asyncio.CancelledError as exc:
                         self._check_cancellation(exc, index, item)
                         return False
                     except Halt as halt:
                         if recorder is not None:
-                            recorder.halted(item, halt)
+                            recorder.halted(item, halt, direct)
                         self.halt(halt.reason, cancel_in_flight=False)
                         return False
                     if collect:
