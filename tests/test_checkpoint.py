@@ -736,8 +736,10 @@ async def test_repeats_of_ascending_ids_in_later_chunks_run_once(
     monkeypatch.setattr(_engine, "CHUNK", 4)
     path = tmp_path / "run.sqlite"
     spy = Spy(fail={6})
-    # The repeats come in chunks that ascend too ([3, 10, 11, 12]) and in chunks
-    # that do not ([13, 6, 14, 15]); 12 repeats while it may still run.
+    # Chunks of 3 (the limit): [9, 3, 10] ascends but 3 was called directly
+    # earlier, [11, 12, 12] repeats within itself, [13, 6, 14] repeats 6 (whose
+    # direct call failed) and [18, 19, 0] repeats 0: each goes item by item and
+    # its repeat joins or replays the first call.
     items = [*range(10), 3, *range(10, 13), 12, 13, 6, *range(14, 20), 0, 19]
     values = await corral.gather(spy, items, limit=3, return_exceptions=True, checkpoint=path)
     assert [str(v) if isinstance(v, ValueError) else v for v in values] == [
