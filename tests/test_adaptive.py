@@ -45,7 +45,7 @@ def window(
     controller: Controller, start: float, latency: float, *, busy: bool = True, count: int = 0
 ) -> float:
     """Feed one full window of equal samples, started once the window is open; return the end."""
-    # The window opens a round trip after the latest change; start just after.
+    # The window opens at the latest change (a round trip after a cut); start just after.
     now = max(start, controller._window_start) + 1e-6 + latency
     for _ in range(count or controller._need):
         controller.success(now, latency, busy)
@@ -160,11 +160,29 @@ def test_a_window_counts_only_calls_started_after_the_latest_change() -> None:
     # Calls started at t=0.005 (before the change at 0.010) end later: ignored.
     for _ in range(100):
         controller.success(end + 0.050, 0.055, True)
-    # So are calls started within a round trip of the change: they met the old queue.
-    for _ in range(100):
-        controller.success(end + 0.015, 0.010, True)
     assert controller.in_force == 6
     assert controller._samples == []
+    # A raise: calls started just after it join its whole queue, so they count.
+    for _ in range(MIN_SAMPLES - 1):
+        controller.success(end + 0.011, 0.010, True)
+    assert len(controller._samples) == MIN_SAMPLES - 1
+
+
+def test_after_a_cut_a_window_waits_a_round_trip() -> None:
+    """Calls started within a round trip of a cut met the queue the old limit built: skipped."""
+    controller = Controller(Adaptive(initial=64))
+    now = window(controller, 0.0, 0.010)  # the lowest latency: 10 ms; the limit 96
+    controller.drop(now + 0.001, 0.0005)  # a cut at now + 1 ms
+    cut_at = now + 0.001
+    assert controller.in_force == int(96 * DROP_BACKOFF)
+    # Started 5 ms after the cut, within the smoothed latency (10 ms): ignored.
+    for _ in range(100):
+        controller.success(cut_at + 0.015, 0.010, True)
+    assert controller._samples == []
+    assert controller.in_force == int(96 * DROP_BACKOFF)
+    # Started a round trip after it: counted.
+    controller.success(cut_at + 0.0211, 0.010, True)
+    assert controller._samples == [0.010]
 
 
 def test_slow_start_backs_off_to_the_last_limit_that_showed_no_queueing() -> None:

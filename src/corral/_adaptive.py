@@ -92,12 +92,16 @@ The pitfalls of Gradient2-style controllers, and what this one does instead:
   whether a higher one would work; the limit grows only after a window in
   which it was binding (every slot taken, or callers waiting).
 
-One reaction per change: a window holds only calls that *started* at least
-one round trip (the smoothed latency) after the latest change of the limit
-(a probe is a change): calls started earlier met the queue the old limit
-built, so the effect of a change is judged on calls that saw it in full. A
-drop counts only if its call started after the latest change: a burst of
-drops from one round of calls cuts once (TCP's fast recovery, in spirit).
+One reaction per change: a window holds only calls that started after the
+latest change of the limit (a probe is a change), and after a cut only those
+that started at least one round trip (the smoothed latency) after it. A queue
+builds at once but drains over a round trip: the calls a raise lets start
+join the whole new queue the moment they start, while the calls that start
+just after a cut still wait behind the queue the old limit built. So each
+change is judged on calls that saw it in full, and slow start takes one round
+trip and a half per step, not two and a half. A drop counts only if its call
+started after the latest change: a burst of drops from one round of calls
+cuts once (TCP's fast recovery, in spirit).
 
 Until the first sign of congestion the limit grows by half per window (slow
 start), so a run reaches a service's capacity in a few round trips, not a few
@@ -491,13 +495,15 @@ class Controller:
             new = self._min
         elif new > self._max:
             new = self._max
+        raised = new > self.limit
         self.limit = new
         self.in_force = int(new)
         self._need = max(MIN_SAMPLES, math.ceil(new / 2))
-        # Calls that start in the first round trip after a change still meet
-        # the old queue (or none yet, after a raise): judge the change on
-        # calls started one smoothed latency later.
         self._changed_at = now
-        self._window_start = now + (self.smoothed or 0.0)
+        # The calls a raise lets start meet the new queue in full at once.
+        # Those that start in the first round trip after a cut still wait
+        # behind the old queue: judge a cut on calls started one smoothed
+        # latency later.
+        self._window_start = now if raised else now + (self.smoothed or 0.0)
         self._samples = []
         self._busy = False
