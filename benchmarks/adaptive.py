@@ -65,10 +65,11 @@ Client and server share the machine's cores (the header says how many) and
 the client process's CPU use is reported per run: at 100% the client, not the
 server, is the bottleneck, and the numbers say more about Python's HTTP stack
 than about the limits. Run it on a quiet machine; the spread between rounds is
-printed so noise is visible. On two cores, a 10 ms service lets the client
-reach its own CPU's limit first (about 4,300 requests/s); ``--service-ms 20``
-or ``40`` caps the service at 3,200 or 1,600 requests/s, below that, so the
-limits are judged against the service alone.
+printed so noise is visible. On two cores a 10 ms service (6,400 requests/s
+at most) keeps this client at 86-95% CPU (4,300-5,600 requests/s, depending
+on what else runs), so its CPU is nearly a bottleneck too; ``--service-ms
+20`` or ``40`` caps the service at 3,200 or 1,600 requests/s, well below
+that, so the limits are judged against the service alone.
 """
 
 from __future__ import annotations
