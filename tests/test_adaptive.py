@@ -206,6 +206,26 @@ def test_one_slow_window_holds_the_limit_and_a_second_cuts_it() -> None:
     assert controller.limit == pytest.approx(64 + CUT_SMOOTHING * (64 * GRADIENT_TARGET / 2 - 64))
 
 
+def test_one_fast_window_among_slow_ones_grows_nothing() -> None:
+    """Noise that alternates slow and fast windows moves the limit neither way.
+
+    A slow window alone never cuts (a stall), so a fast one alone must not
+    grow either: growth takes the slower of the window and the one before,
+    as a cut does. Otherwise every fast window between two slow ones adds
+    headroom no cut takes back, and noise alone pushes the limit up.
+    """
+    controller, now = settled(64, 0.010)
+    slow = 0.010 * (GRADIENT_TARGET + 0.05)
+    probes = 0
+    for turn in range(12):
+        now = window(controller, now, slow if turn % 2 == 0 else 0.010)
+        if controller.probing:
+            probes += 1
+            now = window(controller, now, 0.010)  # the probe reads the reference again
+        assert controller.limit == 64
+    assert probes >= 2
+
+
 def test_one_window_never_cuts_more_than_half() -> None:
     """However high the latency, one window at most halves the limit."""
     controller, now = settled(100, 0.010)

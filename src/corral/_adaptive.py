@@ -46,6 +46,10 @@ nothing to do with the service):
 - *One slow window cuts nothing.* A cut needs two windows in a row above the
   target; one slowed by a stall of this process (or of the machine) holds
   the limit where it is.
+- *Nor does one fast window grow it.* Growth is judged by the slower of the
+  window and the one before it: judged on one window while a cut needs two,
+  every fast window between slow ones would add headroom that nothing takes
+  back, and noise alone would push the limit up.
 - *A probe slower than the window before it* met a stall, not less queueing:
   it reads as that window.
 
@@ -454,7 +458,13 @@ class Controller:
         ratio = typical / reference
         if ratio <= GRADIENT_TARGET:
             new = limit
-            if self._busy:
+            # Growth is judged as a cut is, on two windows: by the slower of
+            # this one and the one before. One fast window among slow ones
+            # (noise) would otherwise add headroom that only two slow ones in
+            # a row can take back, and noise alone would push the limit up.
+            if previous is not None and previous > typical:
+                ratio = previous / reference
+            if self._busy and ratio < GRADIENT_TARGET:
                 # A full square root of headroom at no queueing at all, less
                 # and less nearer the target.
                 room = min(1.0, (GRADIENT_TARGET - ratio) / (GRADIENT_TARGET - 1))
