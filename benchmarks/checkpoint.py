@@ -31,6 +31,14 @@ The cases
     crosses two process boundaries, so this is the most the parent's engine
     can cost.
 
+``instructions``: the overhead case (50k and 2k items, so that start-up
+    cancels out) run once per variant under ``valgrind --tool=callgrind``,
+    which counts the instructions both threads execute: the same count
+    whatever else the machine does. What the checkpoint adds in *work* per
+    item, apart from what it costs in waiting (the threads handing each
+    other the GIL, the machine's scheduler), which only wall time shows.
+    Needs valgrind; about two minutes.
+
 How it measures
 ---------------
 Each measurement runs in a fresh process (``--worker``) on a fresh or a
@@ -57,6 +65,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shutil
 import sqlite3
 import statistics
@@ -155,12 +164,21 @@ def _ignore(stats: Any) -> None:
     """progress= that shows nothing: the cost of the engine in front of the processes alone."""
 
 
-def run_in_fresh_process(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _worker_env(spec: dict[str, Any]) -> dict[str, str]:
     env = dict(os.environ)
     src = spec.get("src") or str(SRC)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     env.pop("CORRAL_MONITOR", None)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    return env
+
+
+def _worker_command(spec: dict[str, Any]) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+
+
+def run_in_fresh_process(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    env = _worker_env(spec)
+    command = _worker_command(spec)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -171,6 +189,41 @@ def run_in_fresh_process(spec: dict[str, Any], timeout: float) -> dict[str, Any]
         return {"status": f"error: {tail[:200]}"}
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def count_instructions(spec: dict[str, Any]) -> int:
+    """Instructions the worker process executes for ``spec`` (every thread), by callgrind."""
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    done = subprocess.run(
+        command + _worker_command(spec),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_worker_env(spec),
+    )
+    found = re.search(r"Collected\s*:\s*(\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"callgrind run failed: {done.stderr.strip()[-300:]}")
+    return int(found.group(1))
+
+
+def instructions_case(work: Path, quick: bool) -> list[dict[str, Any]]:
+    """Instructions per item, plain and checkpointed: the difference of two sizes."""
+    small, large = (1_000, 20_000) if quick else (2_000, 50_000)
+    rows = []
+    for form in ("gather", "map"):
+        per_item: dict[str, float] = {}
+        for variant in ("plain", "checkpoint"):
+            counts = []
+            for n in (small, large):
+                path = work / f"instructions-{form}-{n}.sqlite"
+                checkpoint = str(path) if variant == "checkpoint" else None
+                spec = {"form": form, "fn": "sleep0", "n": n, "checkpoint": checkpoint}
+                counts.append(count_instructions(spec))
+            per_item[variant] = (counts[1] - counts[0]) / (large - small)
+            print(f"  instructions {form} {variant:10} {per_item[variant]:9,.0f} per item")
+        rows.append({"form": form, **per_item, "ratio": per_item["checkpoint"] / per_item["plain"]})
+    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -208,13 +261,44 @@ def summarise(name: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def print_table(table: list[dict[str, Any]], overhead_n: int, resume_n: int) -> None:
+    print()
+    medians = {row["variant"]: row.get("median_s") for row in table}
+    print(
+        f"{'variant':36} {'median s':>9} {'µs/item':>8} {'spread':>7} {'x plain':>8} "
+        f"{'cpu s':>7} {'cpu x':>6}"
+    )
+    cpus = {row["variant"]: row.get("cpu_s") for row in table}
+    for row in table:
+        name = row["variant"]
+        if row["status"] != "ok" and "median_s" not in row:
+            print(f"{name:36} {row['status']}")
+            continue
+        n = resume_n if name.startswith("resume") else overhead_n
+        form = name.split()[1]
+        base = "baseline" if name.startswith("baseline") else "overhead"
+        if name.startswith("processes"):
+            n, base = overhead_n // 2, "processes"
+        plain = medians.get(f"{base} {form} plain")
+        plain_cpu = cpus.get(f"{base} {form} plain")
+        compared = plain and not name.startswith("resume")
+        ratio = f"{row['median_s'] / plain:8.2f}" if compared else ""
+        cpu_ratio = f"{row['cpu_s'] / plain_cpu:6.2f}" if compared and plain_cpu else ""
+        print(
+            f"{name:36} {row['median_s']:9.3f} {row['median_s'] / n * 1e6:8.2f} "
+            f"{row['spread']:7.0%} {ratio:>8} {row['cpu_s']:7.3f} {cpu_ratio:>6}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, 3 runs")
     parser.add_argument("--runs", type=int, help="repeats per variant (quick: 3, full: 5)")
     parser.add_argument("--json", metavar="FILE", help="also write every raw measurement here")
     parser.add_argument(
-        "--cases", default="overhead,resume,partial,processes", help="comma-separated"
+        "--cases",
+        default="overhead,resume,partial,processes",
+        help="comma-separated; also: instructions (needs valgrind)",
     )
     parser.add_argument(
         "--baseline", metavar="DIR", help="also run the overhead cases on the corral in DIR"
@@ -236,8 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     raw: dict[str, list[dict[str, Any]]] = {}
     table: list[dict[str, Any]] = []
+    instructions: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="corral-checkpoint-bench-") as tmp:
         work = Path(tmp)
+        if "instructions" in cases:
+            if shutil.which("valgrind") is None:
+                print("instructions: SKIPPED, valgrind is not installed")
+            else:
+                instructions = instructions_case(work, args.quick)
         variants: dict[str, list[dict[str, Any]]] = {}
         if "overhead" in cases:
             for form in ("gather", "map"):
@@ -281,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             variants["processes map progress"] = [{**base, "checkpoint": None, "progress": True}]
         names = list(variants)
-        for repeat in range(runs):
+        for repeat in range(runs if names else 0):
             # Round-robin, starting one later each repeat: a noisy moment of
             # the machine hits every variant alike.
             for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
@@ -300,34 +390,17 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             table.append(summarise(name, raw[name]))
 
-    print()
-    medians = {row["variant"]: row.get("median_s") for row in table}
-    print(
-        f"{'variant':36} {'median s':>9} {'µs/item':>8} {'spread':>7} {'x plain':>8} "
-        f"{'cpu s':>7} {'cpu x':>6}"
-    )
-    cpus = {row["variant"]: row.get("cpu_s") for row in table}
-    for row in table:
-        name = row["variant"]
-        if row["status"] != "ok" and "median_s" not in row:
-            print(f"{name:36} {row['status']}")
-            continue
-        n = resume_n if name.startswith("resume") else overhead_n
-        form = name.split()[1]
-        base = "baseline" if name.startswith("baseline") else "overhead"
-        if name.startswith("processes"):
-            n, base = overhead_n // 2, "processes"
-        plain = medians.get(f"{base} {form} plain")
-        plain_cpu = cpus.get(f"{base} {form} plain")
-        compared = plain and not name.startswith("resume")
-        ratio = f"{row['median_s'] / plain:8.2f}" if compared else ""
-        cpu_ratio = f"{row['cpu_s'] / plain_cpu:6.2f}" if compared and plain_cpu else ""
+    if table:
+        print_table(table, overhead_n, resume_n)
+    for row in instructions:
         print(
-            f"{name:36} {row['median_s']:9.3f} {row['median_s'] / n * 1e6:8.2f} "
-            f"{row['spread']:7.0%} {ratio:>8} {row['cpu_s']:7.3f} {cpu_ratio:>6}"
+            f"instructions per item, {row['form']}: plain {row['plain']:,.0f}, "
+            f"checkpoint {row['checkpoint']:,.0f} ({row['ratio']:.3f}x)"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({"raw": raw, "table": table}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"raw": raw, "table": table, "instructions": instructions}, indent=2)
+        )
     return 0
 
 
