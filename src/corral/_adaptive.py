@@ -458,10 +458,8 @@ class Controller:
         ratio = typical / reference
         if ratio <= GRADIENT_TARGET:
             new = limit
-            # Growth is judged as a cut is, on two windows: by the slower of
-            # this one and the one before. One fast window among slow ones
-            # (noise) would otherwise add headroom that only two slow ones in
-            # a row can take back, and noise alone would push the limit up.
+            # Judged on two windows, as a cut is: by the slower of this one
+            # and the one before (see "Nor does one fast window grow it").
             if previous is not None and previous > typical:
                 ratio = previous / reference
             if self._busy and ratio < GRADIENT_TARGET:
