@@ -31,8 +31,8 @@ The cases
     crosses two process boundaries, so this is the most the parent's engine
     can cost.
 
-``instructions``: the overhead case (50k and 2k items, so that start-up
-    cancels out) run once per variant under ``valgrind --tool=callgrind``,
+``instructions``: the overhead case (50k and 2k items, quick: 20k and 1k,
+    so that start-up cancels out) run once per variant under ``valgrind --tool=callgrind``,
     which counts the instructions both threads execute: the same count
     whatever else the machine does. What the checkpoint adds in *work* per
     item, apart from what it costs in waiting (the threads handing each
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 {**base, "checkpoint": str(work / f"processes-{i}.sqlite")} for i in range(runs)
             ]
             variants["processes map progress"] = [{**base, "checkpoint": None, "progress": True}]
-        names = list(variants)
+        names = list(variants)  # empty when only `instructions` was asked for
         for repeat in range(runs if names else 0):
             # Round-robin, starting one later each repeat: a noisy moment of
             # the machine hits every variant alike.
