@@ -729,6 +729,76 @@ def test_direct_ids_keep_ascending_chunks_as_they_are() -> None:
     assert ["a" in ids, "b" in ids, "bb" in ids, 1 in ids] == [True, True, False, True]
 
 
+def test_direct_ids_keep_the_slices_of_a_range_as_one_range() -> None:
+    """A range input's chunks are ranges: the next slice extends the one kept."""
+    ids = _checkpoint._DirectIds()
+    assert ids.take(range(0, 6, 2), int)
+    assert ids.take(range(6, 12, 2), int)
+    assert ids.take(range(12, 13, 2), int)  # a last, short slice
+    assert ids._ascending[int].chunks == [range(0, 14, 2)]
+    assert [key in ids for key in (-2, 0, 3, 10, 12, 14)] == [
+        False, True, False, True, True, False,
+    ]  # fmt: skip
+    assert not ids.take(range(12, 20), int)  # 12 was taken
+    assert ids.take(range(20, 23), int)  # a gap, another step: kept apart
+    assert ids._ascending[int].chunks == [range(0, 14, 2), range(20, 23)]
+    assert [key in ids for key in (13, 19, 21, 23)] == [False, False, True, False]
+    # A descending range goes in the set, and is refused if it meets an id taken.
+    assert not ids.take(range(30, 21, -1), int)
+    assert ids.take(range(30, 23, -1), int)
+    assert ids._set == set(range(24, 31))
+    assert ids.take(range(40, 41), int)
+    assert 40 in ids
+    assert not ids._set & {40}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    start=st.integers(min_value=-20, max_value=20),
+    length=st.integers(min_value=0, max_value=60),
+    step=st.sampled_from([1, 2, 3, -1, -2]),
+    first=st.tuples(st.integers(min_value=0, max_value=60), st.integers(min_value=0, max_value=60)),
+    stop_after=st.integers(min_value=0, max_value=60),
+    chunk=st.sampled_from([1, 4, 256]),
+)
+def test_a_range_input_records_and_resumes_every_id_once(
+    start: int, length: int, step: int, first: tuple[int, int], stop_after: int, chunk: int
+) -> None:
+    """A range is sliced into ranges (no pass over its ids): the same guarantees as a list.
+
+    A first run over a part of the range is stopped after ``stop_after``
+    results; the whole range then resumes: fn ran once per id over both runs,
+    and every result comes back in order.
+    """
+    whole = range(start, start + length * step, step)
+    part = whole[min(first) : max(first)]
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(_engine, "CHUNK", chunk):
+        path = Path(tmp) / "run.sqlite"
+        spy = Spy()
+
+        async def stopped() -> list[int]:
+            out: list[int] = []
+            async with corral.map(spy, part, limit=3, checkpoint=path) as results:
+                async for value in results:
+                    out.append(value)
+                    if len(out) >= stop_after:
+                        results.cancel()
+            return out
+
+        out = asyncio.run(stopped())
+        assert out == [10 * i for i in part[: len(out)]]
+        first_calls = list(spy.calls)
+        assert len(first_calls) == len(set(first_calls))
+        done = set(recorded(path)) if path.exists() else set()
+        assert done <= set(first_calls)
+        spy.calls.clear()
+        again = asyncio.run(corral.gather(spy, whole, limit=3, checkpoint=path))
+        assert again == [10 * i for i in whole]
+        assert sorted(spy.calls) == sorted(set(whole) - done)
+        if whole:
+            assert recorded(path) == {i: (_checkpoint.PLAIN, 10 * i) for i in whole}
+
+
 async def test_repeats_of_ascending_ids_in_later_chunks_run_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -485,7 +485,8 @@ def _engine_and_checkpoint(
         resume=opts["resume"],
         serializer=opts["serializer"],
     )
-    source = _as_items(items)
+    # A range is kept: a checkpoint's screen slices it (see _ChunkedSource).
+    source = items if type(items) is range else _as_items(items)
 
     call: Call
     on_close: OnClose | None = None

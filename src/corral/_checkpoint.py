@@ -60,10 +60,12 @@ iterable (not async) and its items are their own ids (a ``str`` or an
 chunk in a few C-level passes: every id new to the file and to this
 run, none repeated within the chunk. Such a chunk's calls go to ``fn`` as
 they would without a checkpoint, and the worker records each plain result
-with two list appends before delivering it. Only a chunk that fails the
-check (a recorded or repeated id, an item that is not its own id, ids of
-two types in one chunk, or any chunk under ``item_id=``) goes through the
-per-item path: a call wrapper, a plain function that looks the
+with two list appends before delivering it. A ``range`` input is pulled as
+ranges (slices of it), so its chunks need no pass at all: their ids are
+ints and cannot repeat, and ascending slices are kept as one range. Only a
+chunk that fails the check (a recorded or repeated id, an item that is not
+its own id, ids of two types in one chunk, or any chunk under ``item_id=``)
+goes through the per-item path: a call wrapper, a plain function that looks the
 id up and hands the engine ``fn``'s own coroutine, and a hook the engine
 runs when the call returns (:class:`~corral._engine.Recorder`). Neither adds
 a coroutine: a wrapping ``async def`` would add a frame to every resumption
@@ -82,8 +84,9 @@ engine's window. ``gather`` returns only after the map has closed, and
 closing commits every row.
 
 Per new item the loop pays, on the direct path, for the screen's passes
-(a type check and, for a chunk that ascends from above every id before it,
-a comparison per id: see :class:`_DirectIds`; other chunks' ids go in a set) and
+(none for a range; else a type check and, for a chunk that ascends from
+above every id before it, a comparison per id: see :class:`_DirectIds`;
+other chunks' ids go in a set) and
 two list appends for a plain ``str``, ``int``, ``float`` or ``None``
 result; item by item, for the id, a dict lookup and insert, a dict entry
 while the call runs and the hook's call. Any other result is pickled
@@ -123,8 +126,8 @@ hash collision costs one needless lookup, never a wrong result. The dict
 also takes the hash of every item this run starts one by one (that is how a
 repeated id finds the first one's result), so such a map holds about 80
 bytes per item in memory: 80 MB for a million items. Items called directly
-(a screened chunk) cost 8 bytes each when their chunks ascend, and a set
-entry otherwise (:class:`_DirectIds`).
+(a screened chunk) cost 8 bytes each when their chunks ascend (nothing
+for a range's), and a set entry otherwise (:class:`_DirectIds`).
 
 An item whose hash is there is replayed. Looking each one up would cost a
 wait per item, so the chunks are *read ahead* in the order they were
@@ -153,7 +156,7 @@ import reprlib
 import sys
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
@@ -1301,17 +1304,31 @@ class _Ascending:
     __slots__ = ("chunks", "firsts", "high")
 
     def __init__(self) -> None:
-        self.chunks: list[list[Any]] = []
+        self.chunks: list[Sequence[Any]] = []  # lists, or ranges sliced from a range
         self.firsts: list[Any] = []
         self.high: Any = None  # the last id taken, the highest
 
-    def extend(self, chunk: list[Any]) -> bool:
+    def extend(self, chunk: Sequence[Any]) -> bool:
         """Take ``chunk`` if it ascends strictly from above every id before; else False."""
         high = self.high
         if high is not None and not chunk[0] > high:
             return False
+        if type(chunk) is range:
+            if chunk.step < 0 and len(chunk) > 1:
+                return False
+            chunks = self.chunks
+            if (
+                chunks
+                and type(last := chunks[-1]) is range
+                and last.step == chunk.step > 0
+                and chunk[0] == last[-1] + last.step
+            ):
+                # The next slice of the same range: one range holds both.
+                chunks[-1] = range(last.start, chunk[-1] + last.step, last.step)
+                self.high = chunk[-1]
+                return True
         # All in C: stops at the first pair out of order.
-        if not all(map(operator.lt, chunk, itertools.islice(chunk, 1, None))):
+        elif not all(map(operator.lt, chunk, itertools.islice(chunk, 1, None))):
             return False
         self.chunks.append(chunk)
         self.firsts.append(chunk[0])
@@ -1326,6 +1343,8 @@ class _Ascending:
         if not self.overlaps(key, key):
             return False
         chunk = self.chunks[bisect_right(self.firsts, key) - 1]
+        if type(chunk) is range:
+            return key in chunk
         at = bisect_left(chunk, key)
         return at < len(chunk) and chunk[at] == key
 
@@ -1340,7 +1359,8 @@ class _DirectIds:
     numbers, ``range``, sorted keys), so a chunk that ascends strictly from
     above every id before is kept as it is (:class:`_Ascending`, one per
     type: an int and a str do not compare), at the cost of one pass of
-    comparisons. Any other chunk goes in the set; if its range meets the
+    comparisons; a range input's chunks are ranges, which need no pass, and
+    the slices of one range are kept as one. Any other chunk goes in the set; if its range meets the
     ascending ids', each of its ids is first looked for among them.
     """
 
@@ -1351,7 +1371,7 @@ class _DirectIds:
         self._ascending: dict[type, _Ascending] = {int: _Ascending(), str: _Ascending()}
         self.any = False  # whether any id was taken
 
-    def take(self, chunk: list[Key], kind: type) -> bool:
+    def take(self, chunk: Sequence[Key], kind: type) -> bool:
         """Take the ids of ``chunk`` (each of type ``kind``, int or str) if none was
         taken before and none repeats within it; else take nothing and return False."""
         taken = self._set
@@ -1387,7 +1407,7 @@ class Hooks:
     failure: Callable[[Any, Exception, bool], None]
     halted: Callable[[Any, Halt, bool], None]
     # The direct path for chunks of new items (see with_checkpoint).
-    screen: Callable[[list[Any]], bool] | None
+    screen: Callable[[Sequence[Any]], bool] | None
     prepare: Callable[[], Awaitable[None]]
     backlogged: Callable[[], bool]
     direct: Call
@@ -1511,7 +1531,7 @@ def with_checkpoint(
         """Whether the thread is MAX_BACKLOG rows behind (see prepare)."""
         return backlog or cp.unsent >= MAX_BACKLOG
 
-    def screen(chunk: list[Any]) -> bool:
+    def screen(chunk: Sequence[Any]) -> bool:
         """Whether the engine may call every item of ``chunk`` directly: all new ids.
 
         The checks the wrapper makes item by item, made for the chunk in a
@@ -1526,7 +1546,7 @@ def with_checkpoint(
         """
         if not opened or backlog or item_id is not None:
             return False
-        kinds = set(map(type, chunk))
+        kinds = {int} if type(chunk) is range else set(map(type, chunk))
         if len(kinds) != 1 or not _SELF_KEYED.issuperset(kinds):
             return False
         # Recorded in the file, or started by the wrapper: `seen` has its hash

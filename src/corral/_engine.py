@@ -57,6 +57,8 @@ R = TypeVar("R")
 logger = logging.getLogger("corral")
 
 Call = Callable[[Any], Awaitable[Any]]
+#: A chunk of a sync input (see _ChunkedSource): a list, or a range sliced from a range.
+Chunk = list[Any] | range
 #: Items a screened sync input is pulled by at a time (at most).
 CHUNK = 256
 
@@ -112,7 +114,7 @@ class Recorder(Protocol):
     def halted(self, item: Any, halt: Halt, direct: bool) -> None: ...
 
     @property
-    def screen(self) -> Callable[[list[Any]], bool] | None:
+    def screen(self) -> Callable[[Chunk], bool] | None:
         """Whether a chunk of a sync input may take the direct path (see
         :class:`_ChunkedSource`); None: no direct path, items go one by one."""
 
@@ -224,7 +226,9 @@ class _ChunkedSource:
     Python function call per item. A chunk it passes (every item new, none
     repeated) is called with the recorder's ``direct`` call and recorded by
     two list appends in the worker; any other chunk goes item by item through
-    the engine's usual call and hooks.
+    the engine's usual call and hooks. A ``range`` is sliced instead of
+    iterated, so its chunks are ranges, which the screen passes without
+    looking at each id.
 
     The workers share one iterator of (index, item) pairs, as they share
     ``enumerate`` on a plain input: a *run* of chunks of one kind, chained in
@@ -245,6 +249,8 @@ class _ChunkedSource:
         "_items",
         "_lock",
         "_next",
+        "_range",
+        "_range_at",
         "_recorder",
         "_screen",
         "_size",
@@ -256,6 +262,8 @@ class _ChunkedSource:
     def __init__(self, items: Iterable[Any], recorder: Recorder, size: int) -> None:
         assert recorder.screen is not None
         self._size = size
+        self._range = items if type(items) is range else None
+        self._range_at = 0  # the next item's position in _range
         self._items = iter(items)
         self._recorder = recorder
         self._screen = recorder.screen
@@ -263,7 +271,7 @@ class _ChunkedSource:
         self.direct = False  # whether the current run's chunks passed the screen
         self._spent = True  # the current run has ended: the next refill starts one
         self._current: enumerate[Any] = enumerate(())  # the chunk being taken from
-        self._held: list[Any] | None = None  # pulled, ended a run, not served yet
+        self._held: Chunk | None = None  # pulled, ended a run, not served yet
         self._held_direct: bool | None = None  # its verdict, if it was screened
         self._next = 0  # the index of the next chunk's first item
         self._lock = asyncio.Lock()
@@ -298,11 +306,19 @@ class _ChunkedSource:
             self.pairs = itertools.chain.from_iterable(self._run(chunk, verdict))
             return True
 
-    def _pull(self) -> list[Any]:
+    def _pull(self) -> Chunk:
         if self._held is not None:
             held, self._held = self._held, None
             self._held_direct = None
             return held
+        whole = self._range
+        if whole is not None:
+            # A range is sliced, not iterated: each chunk is a range too,
+            # so the screen knows its ids ascend and repeat nothing without
+            # a pass over them (and keeps them without a list).
+            at = self._range_at
+            self._range_at = at + self._size
+            return whole[at : at + self._size]
         chunk: list[Any] = []
         if self._error is None:
             try:
@@ -312,7 +328,7 @@ class _ChunkedSource:
                 self._error = exc
         return chunk
 
-    def _run(self, chunk: list[Any], direct: bool) -> Iterator[Iterator[tuple[int, Any]]]:
+    def _run(self, chunk: Chunk, direct: bool) -> Iterator[Iterator[tuple[int, Any]]]:
         """The chunks of one run, each as an iterator of its (index, item) pairs.
 
         A run goes on while the chunks get the verdict its first got: a worker
