@@ -16,6 +16,10 @@ The cases
     compared with corral's own, about as small as it gets. A real call (an
     HTTP request, an LLM) takes milliseconds and hides it completely. The
     ratio ``checkpoint / plain`` is the cost; the target is <= 1.10.
+    ``--input`` sets its items: ``range`` (the default; a range's chunks
+    are screened without a pass over their ids), ``list`` (the same ints in
+    a list: a type check and an ascending check per chunk) or ``strs`` (URLs
+    in a shuffled order: every id goes in a set).
 ``resume``: a file holding 1M recorded results (quick: 200k) is resumed by
     ``corral.gather`` / ``corral.map`` with an ``fn`` that must not be called:
     wall time covers opening the file, loading the ids, looking every item up
@@ -65,6 +69,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import sqlite3
@@ -73,6 +78,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,18 +120,33 @@ async def partial_fn(x: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def make_items(kind: str, n: int) -> Sequence[Any]:
+    """The input: ``range(n)``, the same ints in a list, or n URLs in a shuffled order."""
+    if kind == "range":
+        return range(n)
+    if kind == "list":
+        return list(range(n))
+    order = list(range(n))
+    random.Random(0).shuffle(order)
+    return [f"https://example.com/items/{i}" for i in order]
+
+
 async def _run(
-    form: str, fn: Any, n: int, checkpoint: str | None, extra: dict[str, Any] | None = None
-) -> list[int]:
+    form: str,
+    fn: Any,
+    items: Sequence[Any],
+    checkpoint: str | None,
+    extra: dict[str, Any] | None = None,
+) -> list[Any]:
     # fingerprint= is fixed so the files the parent filled (with noop) resume
     # under any fn.
     options: dict[str, Any] = {"limit": LIMIT, **(extra or {})}
     if checkpoint is not None:
         options.update(checkpoint=checkpoint, fingerprint="benchmark")
     if form == "gather":
-        return await corral.gather(fn, range(n), **options)
+        return await corral.gather(fn, items, **options)
     results = []
-    async with corral.map(fn, range(n), **options) as stream:
+    async with corral.map(fn, items, **options) as stream:
         async for value in stream:
             results.append(value)
     return results
@@ -135,6 +156,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one variant once, in this (fresh) process; return the numbers."""
     fn = {"sleep0": sleep0, "must_not_run": must_not_run, "partial": partial_fn}[spec["fn"]]
     n: int = spec["n"]
+    items = make_items(spec.get("input", "range"), n)
     checkpoint: str | None = spec["checkpoint"]
 
     extra: dict[str, Any] = {}
@@ -144,16 +166,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         extra["progress"] = _ignore
 
     async def timed() -> tuple[list[int], float]:
-        await _run(spec["form"], noop, 3, None)  # warm-up: code paths, first-call costs
+        await _run(spec["form"], noop, range(3), None)  # warm-up: code paths, first calls
         start = time.perf_counter()
-        results = await _run(spec["form"], fn, n, checkpoint, extra)
+        results = await _run(spec["form"], fn, items, checkpoint, extra)
         return results, time.perf_counter() - start
 
     cpu = time.process_time()
     results, wall = asyncio.run(timed())
     cpu = time.process_time() - cpu  # includes imports-free warm-up: a few ms
     return {
-        "status": "ok" if results == list(range(n)) else "wrong results",
+        "status": "ok" if results == list(items) else "wrong results",
         "wall_s": wall,
         "cpu_s": cpu,
         "us_per_item": wall / n * 1e6,
@@ -207,7 +229,7 @@ def count_instructions(spec: dict[str, Any]) -> int:
     return int(found.group(1))
 
 
-def instructions_case(work: Path, quick: bool) -> list[dict[str, Any]]:
+def instructions_case(work: Path, quick: bool, items: str) -> list[dict[str, Any]]:
     """Instructions per item, plain and checkpointed: the difference of two sizes."""
     small, large = (1_000, 20_000) if quick else (2_000, 50_000)
     rows = []
@@ -218,7 +240,13 @@ def instructions_case(work: Path, quick: bool) -> list[dict[str, Any]]:
             for n in (small, large):
                 path = work / f"instructions-{form}-{n}.sqlite"
                 checkpoint = str(path) if variant == "checkpoint" else None
-                spec = {"form": form, "fn": "sleep0", "n": n, "checkpoint": checkpoint}
+                spec = {
+                    "form": form,
+                    "fn": "sleep0",
+                    "n": n,
+                    "checkpoint": checkpoint,
+                    "input": items,
+                }
                 counts.append(count_instructions(spec))
             per_item[variant] = (counts[1] - counts[0]) / (large - small)
             print(f"  instructions {form} {variant:10} {per_item[variant]:9,.0f} per item")
@@ -303,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", metavar="DIR", help="also run the overhead cases on the corral in DIR"
     )
+    parser.add_argument(
+        "--input",
+        choices=("range", "list", "strs"),
+        default="range",
+        help="the overhead and instructions cases' items (default: range)",
+    )
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -316,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Python {sys.version.split()[0]} ({platform.python_implementation()}), "
         f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.2f} at start, limit {LIMIT}, asyncio loop"
+        f"load average {os.getloadavg()[0]:.2f} at start, limit {LIMIT}, asyncio loop, "
+        f"--input {args.input}"
     )
     raw: dict[str, list[dict[str, Any]]] = {}
     table: list[dict[str, Any]] = []
@@ -327,11 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             if shutil.which("valgrind") is None:
                 print("instructions: SKIPPED, valgrind is not installed")
             else:
-                instructions = instructions_case(work, args.quick)
+                instructions = instructions_case(work, args.quick, args.input)
         variants: dict[str, list[dict[str, Any]]] = {}
         if "overhead" in cases:
             for form in ("gather", "map"):
-                base = {"form": form, "fn": "sleep0", "n": overhead_n}
+                base = {"form": form, "fn": "sleep0", "n": overhead_n, "input": args.input}
                 variants[f"overhead {form} plain"] = [{**base, "checkpoint": None}]
                 variants[f"overhead {form} checkpoint"] = [
                     {**base, "checkpoint": str(work / f"new-{form}-{i}.sqlite")}

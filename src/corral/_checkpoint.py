@@ -1379,8 +1379,12 @@ class _DirectIds:
             return False
         ascending = self._ascending[kind]
         if not ascending.extend(chunk):
-            if ascending.overlaps(min(chunk), max(chunk)) and any(
-                map(ascending.__contains__, chunk)
+            # (min and max are two passes of comparisons: only when there is
+            # something to compare them with.)
+            if (
+                ascending.high is not None
+                and ascending.overlaps(min(chunk), max(chunk))
+                and any(map(ascending.__contains__, chunk))
             ):
                 return False
             before = len(taken)
