@@ -65,8 +65,8 @@ ranges (slices of it), so its chunks need no pass at all: their ids are
 ints and cannot repeat, and ascending slices are kept as one range. Only a
 chunk that fails the check (a recorded or repeated id, an item that is not
 its own id, ids of two types in one chunk, or any chunk under ``item_id=``)
-goes through the per-item path: a call wrapper, a plain function that looks the
-id up and hands the engine ``fn``'s own coroutine, and a hook the engine
+goes through the per-item path: a call wrapper, a plain function that looks
+the id up and hands the engine ``fn``'s own coroutine, and a hook the engine
 runs when the call returns (:class:`~corral._engine.Recorder`). Neither adds
 a coroutine: a wrapping ``async def`` would add a frame to every resumption
 of every call, measured at 10-20% on ``sleep(0)`` calls. Recorded items go
@@ -1360,8 +1360,9 @@ class _DirectIds:
     above every id before is kept as it is (:class:`_Ascending`, one per
     type: an int and a str do not compare), at the cost of one pass of
     comparisons; a range input's chunks are ranges, which need no pass, and
-    the slices of one range are kept as one. Any other chunk goes in the set; if its range meets the
-    ascending ids', each of its ids is first looked for among them.
+    the slices of one range are kept as one. Any other chunk goes in the
+    set; if its range meets the ascending ids', each of its ids is first
+    looked for among them.
     """
 
     __slots__ = ("_ascending", "_set", "any")
