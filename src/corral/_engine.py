@@ -227,8 +227,8 @@ class _ChunkedSource:
     repeated) is called with the recorder's ``direct`` call and recorded by
     two list appends in the worker; any other chunk goes item by item through
     the engine's usual call and hooks. A ``range`` is sliced instead of
-    iterated, so its chunks are ranges, which the screen passes without
-    looking at each id.
+    iterated, so its chunks are ranges, which the screen passes without a
+    pass over their ids (when they ascend, as most ranges do).
 
     The workers share one iterator of (index, item) pairs, as they share
     ``enumerate`` on a plain input: a *run* of chunks of one kind, chained in
@@ -314,8 +314,8 @@ class _ChunkedSource:
         whole = self._range
         if whole is not None:
             # A range is sliced, not iterated: each chunk is a range too,
-            # so the screen knows its ids ascend and repeat nothing without
-            # a pass over them (and keeps them without a list).
+            # so the screen knows its ids are ints that repeat nothing
+            # without a pass over them (and keeps them without a list).
             at = self._range_at
             self._range_at = at + self._size
             return whole[at : at + self._size]
