@@ -98,14 +98,17 @@ The pitfalls of Gradient2-style controllers, and what this one does instead:
 
 One reaction per change: a window holds only calls that started after the
 latest change of the limit (a probe is a change), and after a cut only those
-that started at least one round trip (the smoothed latency) after it. A queue
-builds at once but drains over a round trip: the calls a raise lets start
-join the whole new queue the moment they start, while the calls that start
-just after a cut still wait behind the queue the old limit built. So each
-change is judged on calls that saw it in full, and slow start takes one round
-trip and a half per step, not two and a half. A drop counts only if its call
-started after the latest change: a burst of drops from one round of calls
-cuts once (TCP's fast recovery, in spirit).
+that started at least one round trip (the smoothed latency) after it: the
+calls that start just after a cut still wait behind the queue the old limit
+built, which drains over a round trip. A raise is judged at once, so slow
+start takes one round trip and a half per step, not two and a half. That
+reads a large raise a little low: its first calls wait only for the calls in
+service to turn over, not behind the whole queue it builds (a step to 1.6x a
+service's capacity read 12-13 ms where its full queue makes 16), so slow
+start may take one step too many (in 3 of 14 traced runs). Judging its steps
+a round trip late did not help overall (see the README). A drop counts only
+if its call started after the latest change: a burst of drops from one round
+of calls cuts once (TCP's fast recovery, in spirit).
 
 Until the first sign of congestion the limit grows by half per window (slow
 start), so a run reaches a service's capacity in a few round trips, not a few
@@ -508,8 +511,8 @@ class Controller:
         self.in_force = int(new)
         self._need = max(MIN_SAMPLES, math.ceil(new / 2))
         self._changed_at = now
-        # The calls a raise lets start meet the new queue in full at once.
-        # Those that start in the first round trip after a cut still wait
+        # A raise is judged at once (see "One reaction per change"). The
+        # calls that start in the first round trip after a cut still wait
         # behind the old queue: judge a cut on calls started one smoothed
         # latency later.
         self._window_start = now if raised else now + (self.smoothed or 0.0)
