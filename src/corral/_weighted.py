@@ -97,8 +97,6 @@ class WeightedGate:
     """
 
     __slots__ = (
-        "_booked_at",
-        "_booked_for",
         "_by_dimension",
         "_cells",
         "_clock",
@@ -106,12 +104,12 @@ class WeightedGate:
         "_grants",
         "_last_cost",
         "_last_now",
-        "_last_used",
         "_loop",
         "_queued",
         "_rate",
         "_ready",
         "_rows",
+        "_settled",
         "_shortest",
         "_tats",
         "_timer",
@@ -149,12 +147,11 @@ class WeightedGate:
         self._last_now = -_INF
         # The latest start's cost: what the next start likely needs, for clamp().
         self._last_cost: Mapping[str, float] | None = None
-        # Once the latest start settled: the usage it reported (it stands for that
-        # in the dimensions named, for its reservation in the rest), with its
-        # mapping and start (current while they are still the latest start's).
-        self._last_used: Mapping[str, float] | None = None
-        self._booked_for: Mapping[str, float] | None = None
-        self._booked_at = -_INF
+        # Once the latest start settled: (its mapping, its start, the usage it
+        # reported). It stands for that usage in the dimensions named, for its
+        # reservation in the rest, while mapping and start are still the
+        # latest start's.
+        self._settled: tuple[Mapping[str, float] | None, float, Mapping[str, float]] | None = None
         self._grants = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock: Callable[[], float] = time.monotonic  # the loop's clock, set by _rebind
@@ -326,8 +323,13 @@ class WeightedGate:
                     if not latest:
                         if booked is None:
                             booked = self._last_cost or _NO_COST
-                            if self._booked_for is self._last_cost and self._booked_at == start:
-                                booked_used = self._last_used or _NO_COST
+                            settled = self._settled
+                            if (
+                                settled is not None
+                                and settled[0] is self._last_cost
+                                and settled[1] == start
+                            ):
+                                booked_used = settled[2]
                         amount = booked_used.get(dimension)
                         if amount is None:
                             amount = booked.get(dimension, default)
@@ -344,9 +346,7 @@ class WeightedGate:
         self._ready = ready
         if latest:
             # What the latest start now stands for, should an earlier call refund.
-            self._booked_for = reserved
-            self._booked_at = start
-            self._last_used = used
+            self._settled = (reserved, start, used)
         if earlier and self._timer is not None and self._queued:
             self._timer.cancel()
             loop = self._loop
