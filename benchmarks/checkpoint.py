@@ -18,8 +18,10 @@ The cases
     ratio ``checkpoint / plain`` is the cost; the target is <= 1.10.
     ``--input`` sets its items: ``range`` (the default; a range's chunks
     are screened without a pass over their ids), ``list`` (the same ints in
-    a list: a type check and an ascending check per chunk) or ``strs`` (URLs
-    in a shuffled order: every id goes in a set).
+    a list: a type check and an ascending check per chunk), ``strs`` (URLs
+    in a shuffled order: every id goes in a set) or ``rows`` (dicts named by
+    ``item_id=lambda row: row["id"]``, ascending ints, like rows read from a
+    database; ``fn`` returns the dict, so every result is pickled).
 ``resume``: a file holding 1M recorded results (quick: 200k) is resumed by
     ``corral.gather`` / ``corral.map`` with an ``fn`` that must not be called:
     wall time covers opening the file, loading the ids, looking every item up
@@ -92,6 +94,11 @@ except ImportError:  # running from a checkout without the package installed
 LIMIT = 1000
 
 
+def row_id(row: dict[str, Any]) -> int:
+    """``item_id`` for the ``rows`` input."""
+    return int(row["id"])
+
+
 async def sleep0(x: int) -> int:
     """One trip through the event loop per call."""
     await asyncio.sleep(0)
@@ -121,11 +128,13 @@ async def partial_fn(x: int) -> int:
 
 
 def make_items(kind: str, n: int) -> Sequence[Any]:
-    """The input: ``range(n)``, the same ints in a list, or n URLs in a shuffled order."""
+    """The input: ``range(n)``, the same ints in a list, n dicts, or n URLs in a shuffled order."""
     if kind == "range":
         return range(n)
     if kind == "list":
         return list(range(n))
+    if kind == "rows":
+        return [{"id": i, "prompt": f"item {i}"} for i in range(n)]
     order = list(range(n))
     random.Random(0).shuffle(order)
     return [f"https://example.com/items/{i}" for i in order]
@@ -164,6 +173,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         extra["processes"] = spec["processes"]
     if spec.get("progress"):
         extra["progress"] = _ignore
+    if spec.get("input") == "rows" and checkpoint is not None:
+        extra["item_id"] = row_id
 
     async def timed() -> tuple[list[int], float]:
         await _run(spec["form"], noop, range(3), None)  # warm-up: code paths, first calls
@@ -333,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--input",
-        choices=("range", "list", "strs"),
+        choices=("range", "list", "strs", "rows"),
         default="range",
         help="the overhead and instructions cases' items (default: range)",
     )

@@ -799,6 +799,151 @@ def test_a_range_input_records_and_resumes_every_id_once(
             assert recorded(path) == {i: (_checkpoint.PLAIN, 10 * i) for i in whole}
 
 
+class Rows:
+    """fn and item_id for dict items: counts item_id's calls, records fn's ids."""
+
+    def __init__(self) -> None:
+        self.id_calls = 0
+        self.calls: list[Any] = []
+
+    def item_id(self, row: dict[str, Any]) -> Any:
+        self.id_calls += 1
+        return row["id"]
+
+    async def __call__(self, row: dict[str, Any]) -> Any:
+        self.calls.append(row["id"])
+        await asyncio.sleep(0)
+        return expected_for(row["id"])
+
+
+def expected_for(ident: Any) -> Any:
+    """A plain result for most ids, a dict (pickled) for some."""
+    if isinstance(ident, int):
+        return {"id": ident} if ident % 3 == 0 else ident * 10
+    return ident * 2
+
+
+async def test_item_id_chunks_go_direct_and_item_id_runs_once_per_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of new ids from item_id= are called directly; item_id runs once an item.
+
+    On a resume the chunks holding recorded ids go item by item, with the
+    ids the screen computed: item_id is not called a second time.
+    """
+    monkeypatch.setattr(_engine, "CHUNK", 8)
+    runs: list[bool] = []
+    run = _engine._ChunkedSource._run
+
+    def counted(self: Any, chunk: list[Any], direct: bool) -> Any:
+        runs.append(direct)
+        return run(self, chunk, direct)
+
+    monkeypatch.setattr(_engine._ChunkedSource, "_run", counted)
+    path = tmp_path / "rows.sqlite"
+    rows = [{"id": f"/page/{i}"} for i in range(40)]
+    fn = Rows()
+    out = await corral.gather(fn, rows, limit=4, checkpoint=path, item_id=fn.item_id)
+    assert out == [f"/page/{i}" * 2 for i in range(40)]
+    assert (runs, fn.id_calls) == ([True], 40)
+    assert recorded(path) == {
+        f"/page/{i}": (_checkpoint.PLAIN, f"/page/{i}" * 2) for i in range(40)
+    }
+
+    # Recorded 0-39, new 40-79, in fresh dicts: one run item by item, then direct.
+    runs.clear()
+    more = [{"id": f"/page/{i}"} for i in range(80)]
+    again = Rows()
+    out = await corral.gather(again, more, limit=4, checkpoint=path, item_id=again.item_id,
+                              fingerprint=default_fingerprint(fn))  # fmt: skip
+    assert out == [f"/page/{i}" * 2 for i in range(80)]
+    assert runs == [False, True]
+    assert again.id_calls == 80
+    assert sorted(again.calls) == sorted(f"/page/{i}" for i in range(40, 80))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ids=st.lists(
+        st.one_of(st.integers(min_value=0, max_value=25), st.sampled_from(["a", "b", "ab"])),
+        max_size=50,
+    ),
+    stop_after=st.integers(min_value=0, max_value=50),
+    part=st.integers(min_value=0, max_value=50),
+    chunk=st.sampled_from([1, 4, 256]),
+)
+def test_item_id_inputs_record_and_resume_every_id_once(
+    ids: list[Any], stop_after: int, part: int, chunk: int
+) -> None:
+    """Dict items named by item_id=: chunks of new ids go direct, the rest item by item.
+
+    Repeated ids, ids of two types in one chunk and plain or pickled results
+    mix. A first run over the first ``part`` items stops after ``stop_after``
+    results; the whole list then resumes. Over both runs fn ran once per id,
+    every result comes back in order, and item_id ran once per item.
+    """
+    rows = [{"id": ident} for ident in ids]
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(_engine, "CHUNK", chunk):
+        path = Path(tmp) / "run.sqlite"
+        first = Rows()
+
+        async def stopped() -> list[Any]:
+            out: list[Any] = []
+            async with corral.map(
+                first, rows[:part], limit=3, checkpoint=path, item_id=first.item_id
+            ) as results:
+                async for value in results:
+                    out.append(value)
+                    if len(out) >= stop_after:
+                        results.cancel()
+            return out
+
+        out = asyncio.run(stopped())
+        assert out == [expected_for(ident) for ident in ids[: len(out)]]
+        assert len(first.calls) == len(set(first.calls)) == len(Counter(map(repr, first.calls)))
+        done = set(recorded(path)) if path.exists() else set()
+        assert done <= set(first.calls)
+        again = Rows()
+        whole = asyncio.run(
+            corral.gather(
+                again, rows, limit=3, checkpoint=path, item_id=again.item_id,
+                fingerprint=default_fingerprint(first),
+            )
+        )  # fmt: skip
+        assert whole == [expected_for(ident) for ident in ids]
+        assert again.id_calls == len(rows)
+        assert sorted(map(repr, again.calls)) == sorted(map(repr, set(ids) - done))
+
+
+async def test_a_repeat_waiting_on_a_direct_item_id_call_that_halts_halts_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An id repeated after its direct call: that call's result cannot be stored, the map
+    ends naming its item, and the repeat waiting for it does not hang."""
+    monkeypatch.setattr(_engine, "CHUNK", 4)
+    rows = [{"id": i} for i in range(4)] + [{"id": 3}]
+    calls: list[int] = []
+
+    async def locked(row: dict[str, int]) -> Any:
+        calls.append(row["id"])
+        for _ in range(5):  # the repeat starts waiting meanwhile
+            await asyncio.sleep(0)
+        return threading.Lock() if row["id"] == 3 else row["id"]
+
+    path = tmp_path / "run.sqlite"
+    text = (
+        f"checkpoint={str(path)!r} cannot record the result of item {{'id': 3}}: it cannot be "
+        "pickled (TypeError: cannot pickle '_thread.lock' object). Return plain data from "
+        "fn (str, numbers, lists, dicts, dataclasses), or drop checkpoint=."
+    )
+    with pytest.raises(TypeError, match=message(text)):
+        await asyncio.wait_for(
+            corral.gather(locked, rows, limit=5, checkpoint=path, item_id=lambda row: row["id"]),
+            timeout=10,
+        )
+    assert sorted(calls) == [0, 1, 2, 3]
+
+
 async def test_repeats_of_ascending_ids_in_later_chunks_run_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -897,7 +1042,7 @@ async def test_the_input_is_pulled_ahead_by_at_most_the_limit(tmp_path: Path) ->
 async def test_chunks_of_one_verdict_run_on_without_leaving_the_workers_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A run of chunks ends only where the verdict changes: item_id= maps are one run."""
+    """A run of chunks ends only where the verdict changes, with or without item_id=."""
     monkeypatch.setattr(_engine, "CHUNK", 4)
     runs: list[bool] = []
     run = _engine._ChunkedSource._run
@@ -909,9 +1054,10 @@ async def test_chunks_of_one_verdict_run_on_without_leaving_the_workers_loop(
     monkeypatch.setattr(_engine._ChunkedSource, "_run", counted)
     spy = Spy()
     path = tmp_path / "run.sqlite"
-    out = await corral.gather(spy, range(100), limit=4, checkpoint=path, item_id=lambda x: x)
+    out = await corral.gather(spy, list(range(100)), limit=4, checkpoint=path, item_id=lambda x: x)
     assert out == [10 * i for i in range(100)]
-    assert runs == [False]
+    # New ids from item_id: every chunk goes direct, in one run.
+    assert runs == [True]
     runs.clear()
     # Recorded 0-99, then new 100-199: one run item by item, then one run direct.
     again = await corral.gather(

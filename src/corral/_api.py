@@ -933,6 +933,9 @@ def map(
             tuple of those), under which its result is recorded; default:
             the item itself, which must then be such a value. Items with the
             same id are one item: ``fn`` runs once, each yields its result.
+            Called once per item (again only after it raised); for a plain
+            (not async) input, as the item is pulled: up to 256 items, and
+            at most ``limit``, ahead of its call.
         fingerprint: what produced the recorded results (``"prompt-v3"``);
             default: ``fn``'s ``module:qualname``. Resuming a file recorded
             with another fingerprint is an error, unless

@@ -54,18 +54,21 @@ time slice, so fewer, larger writes are what keeps the loop going: 200k
 ``sleep(0)`` results take about 50 writes.
 
 New items are screened a chunk at a time. When the input is a plain
-iterable (not async) and its items are their own ids (a ``str`` or an
-``int``, no ``item_id=``), the engine pulls it up to 256 items at a time
+iterable (not async), the engine pulls it up to 256 items at a time
 (:class:`~corral._engine._ChunkedSource`) and the checkpoint checks the whole
-chunk in a few C-level passes: every id new to the file and to this
-run, none repeated within the chunk. Such a chunk's calls go to ``fn`` as
-they would without a checkpoint, and the worker records each plain result
-with two list appends before delivering it. A ``range`` input is pulled as
-ranges (slices of it), so its chunks need no pass at all: their ids are
-ints and cannot repeat, and ascending slices are kept as one range. Only a
-chunk that fails the check (a recorded or repeated id, an item that is not
-its own id, ids of two types in one chunk, or any chunk under ``item_id=``)
-goes through the per-item path: a call wrapper, a plain function that looks
+chunk's ids (the items themselves, or ``item_id``'s values, computed once
+for the chunk) in a few C-level passes: all ``str`` or all ``int``, every
+id new to the file and to this run, none repeated within the chunk. Such a
+chunk's calls go to ``fn`` as they would without a checkpoint, and the
+worker records each plain result with two list appends before delivering
+it (under ``item_id=``, after taking the item's id from a dict the screen
+filled). A ``range`` input is pulled as ranges (slices of it), so its
+chunks need no pass at all: their ids are ints and cannot repeat, and
+ascending slices are kept as one range. Only a chunk that fails the check
+(a recorded or repeated id, an id that is not a ``str`` or an ``int``, ids
+of two types in one chunk, an ``item_id`` that raised) goes through the
+per-item path, with the ids the screen computed (``item_id`` runs once per
+item, except in a chunk where it raised): a call wrapper, a plain function that looks
 the id up and hands the engine ``fn``'s own coroutine, and a hook the engine
 runs when the call returns (:class:`~corral._engine.Recorder`). Neither adds
 a coroutine: a wrapping ``async def`` would add a frame to every resumption
@@ -1419,7 +1422,8 @@ class Hooks:
     rows: list[Any]
     plain: frozenset[type]
     first: Callable[[Any, Any], None]
-    other: Callable[[Any, Any], None]
+    other: Callable[[Any, Any, Any], None]
+    keyed: Callable[[int], Any] | None
 
 
 def with_checkpoint(
@@ -1459,8 +1463,12 @@ def with_checkpoint(
     # Later items with an id being computed now: they wait for its outcome.
     joiners: dict[Key, list[asyncio.Future[_Outcome]]] = {}
     # With item_id=, the id of each item being computed, by id(item): the
-    # hooks find it there instead of calling item_id a second time.
+    # hooks find it there instead of calling item_id a second time. A
+    # screened chunk's ids go here too, and the engine takes each (keyed).
     keys: dict[int, Key] = {}
+    # With item_id=, the ids the screen computed for a chunk it refused, by
+    # id(item): the wrapper takes them instead of calling item_id again.
+    prepared: dict[int, Any] = {}
     # Ids computed after a hash collision (the replay path found no row), and
     # their outcome once known: another item with the id whose lookup ran
     # while this one computed finds it here (the row may not be written yet).
@@ -1492,7 +1500,12 @@ def with_checkpoint(
     def checkpointed(item: Any) -> Awaitable[Any]:
         if not opened:
             return opening(item)
-        ident = item if item_id is None else item_id(item)
+        if item_id is None:
+            ident = item
+        else:
+            ident = prepared.pop(id(item), _MISSING) if prepared else _MISSING
+            if ident is _MISSING:
+                ident = item_id(item)
         kind = type(ident)
         if kind is int or kind is str:
             key: Key = ident
@@ -1540,37 +1553,65 @@ def with_checkpoint(
         """Whether the engine may call every item of ``chunk`` directly: all new ids.
 
         The checks the wrapper makes item by item, made for the chunk in a
-        few C-level passes: the items are their own ids, all of one type (a
-        str or an int), none recorded or started before, none repeated
-        within the chunk. A passed chunk's ids join ``direct_ids`` at once;
-        the engine calls ``call`` for its items and records their results in
-        the worker (see Hooks). Any other chunk (every chunk under
-        ``item_id=``, or before the file is open) goes through the wrapper,
-        item by item, which also reports what stops the map (the file
-        failing to open, a failed write) the usual way.
+        few C-level passes: the ids (the items themselves, or what
+        ``item_id`` returns for them, called once per item here) are all of
+        one type (a str or an int), none recorded or started before, none
+        repeated within the chunk. A passed chunk's ids join ``direct_ids``
+        at once (and, under ``item_id=``, ``keys``, where the engine takes
+        each item's); the engine calls ``call`` for its items and records
+        their results in the worker (see Hooks). Any other chunk (or every
+        chunk before the file is open) goes through the wrapper, item by
+        item, which also reports what stops the map (the file failing to
+        open, a failed write, an id that is not one) the usual way.
         """
-        if not opened or backlog or item_id is not None:
+        if not opened or backlog:
             return False
-        kinds = {int} if type(chunk) is range else set(map(type, chunk))
-        if len(kinds) != 1 or not _SELF_KEYED.issuperset(kinds):
+        ids: Sequence[Any]
+        if item_id is None:
+            ids = chunk
+            kinds = {int} if type(chunk) is range else set(map(type, chunk))
+        else:
+            try:
+                ids = list(map(item_id, chunk))
+            except Exception:
+                return False  # the wrapper calls it again, and reports the error
+            kinds = set(map(type, ids))
+        if (
+            len(kinds) != 1
+            or not _SELF_KEYED.issuperset(kinds)
+            # Recorded in the file, or started by the wrapper: `seen` has its
+            # hash (empty in a new file until then, so a new run does not hash).
+            or (seen and not seen.keys().isdisjoint(map(hash, ids)))
+            or not direct_ids.take(ids, kinds.pop())
+        ):
+            if item_id is not None:
+                prepared.update(zip(map(id, chunk), ids, strict=True))
             return False
-        # Recorded in the file, or started by the wrapper: `seen` has its hash
-        # (empty in a new file until then, so a new run does not hash at all).
-        if seen and not seen.keys().isdisjoint(map(hash, chunk)):
-            return False
-        if not direct_ids.take(chunk, kinds.pop()):
-            return False
+        if item_id is not None:
+            keys.update(zip(map(id, chunk), ids, strict=True))
         if len(rows) >= 2 * WRITE_BATCH:
             cp.full()
         return True
 
-    def other(item: Any, value: Any) -> None:
+    def first(key: Key, value: Any) -> None:
+        """A directly called item's plain result when ``rows`` is empty."""
+        try:
+            first_plain(key, value)
+        except Halt as halt:  # a write failed: the items waiting for this one learn it
+            settle(key, (_HALTED, halt.reason))
+            raise
+
+    def other(key: Key, item: Any, value: Any) -> None:
         """A directly called item's result that is not plain: encoded now, on the loop."""
         try:
-            encoded = dumps(value)
-        except Exception as exc:
-            raise Halt(codec.unrecordable(cp.path, item, exc)) from None
-        record((item, ENCODED, encoded))
+            try:
+                encoded = dumps(value)
+            except Exception as exc:
+                raise Halt(codec.unrecordable(cp.path, item, exc)) from None
+            record((key, ENCODED, encoded))
+        except Halt as halt:  # the items waiting for this one learn it
+            settle(key, (_HALTED, halt.reason))
+            raise
 
     def flushed(plain: list[Any], others: list[Row], error: BaseException | None) -> None:
         """Answer the items waiting for a directly called one whose row goes to the thread."""
@@ -1676,7 +1717,11 @@ def with_checkpoint(
         ``result`` repeats this inline: it runs for every item.
         """
         if direct:
-            return cast(Key, item)  # a screened chunk's item is its own id
+            if item_id is None:
+                return cast(Key, item)  # a screened chunk's item is its own id
+            # Its id, unless the engine took it already: then the item's result
+            # was being recorded, and `first` or `other` settled its waiters.
+            return keys.pop(id(item), None)
         if item_id is None:
             kind = type(item)
             if kind is int or kind is str:
@@ -1767,8 +1812,9 @@ def with_checkpoint(
         direct=call,
         rows=rows,
         plain=_PLAIN_TYPES,
-        first=first_plain,
+        first=first,
         other=other,
+        keyed=None if item_id is None else keys.pop,
     )
 
 

@@ -130,17 +130,21 @@ class Recorder(Protocol):
 
     @property
     def rows(self) -> list[Any]:
-        """Where a passed item's plain result goes: item, value, appended flat."""
+        """Where a passed item's plain result goes: its id, value, appended flat."""
 
     @property
     def plain(self) -> frozenset[type]:
         """The result types that go to ``rows`` as they are."""
 
-    def first(self, item: Any, value: Any) -> None:
+    def first(self, key: Any, value: Any) -> None:
         """A plain result when ``rows`` is empty (it may raise Halt only)."""
 
-    def other(self, item: Any, value: Any) -> None:
+    def other(self, key: Any, item: Any, value: Any) -> None:
         """A passed item's result of another type (it may raise Halt only)."""
+
+    @property
+    def keyed(self) -> Callable[[int], Any] | None:
+        """A passed item's id, taken by ``id(item)``; None: each item is its own id."""
 
 
 class Run(Protocol):
@@ -681,6 +685,7 @@ class Engine(Generic[T, R]):
             plain = recorder.plain
             record_first = recorder.first
             record_other = recorder.other
+            keyed = recorder.keyed
         self._unstarted -= 1
         first = True
         try:
@@ -712,14 +717,15 @@ class Engine(Generic[T, R]):
                                 1 if histogram.total < EXACT_SAMPLES else SAMPLE_STRIDE
                             )
                         if direct:
+                            key = item if keyed is None else keyed(id(item))
                             if type(value) in plain:
                                 if rows:
-                                    append(item)
+                                    append(key)
                                     append(value)
                                 else:
-                                    record_first(item, value)
+                                    record_first(key, value)
                             else:
-                                record_other(item, value)
+                                record_other(key, item, value)
                         elif record is not None:
                             record(item, value)
                     except Exception as exc:
