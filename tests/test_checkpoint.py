@@ -752,6 +752,17 @@ def test_direct_ids_keep_the_slices_of_a_range_as_one_range() -> None:
     assert not ids._set & {40}
 
 
+async def stopped_after(count: int, fn: Any, items: Any, **options: Any) -> list[Any]:
+    """Consume a map, cancelling it once ``count`` results are in: the results."""
+    out: list[Any] = []
+    async with corral.map(fn, items, **options) as results:
+        async for value in results:
+            out.append(value)
+            if len(out) >= count:
+                results.cancel()
+    return out
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     start=st.integers(min_value=-20, max_value=20),
@@ -776,16 +787,7 @@ def test_a_range_input_records_and_resumes_every_id_once(
         path = Path(tmp) / "run.sqlite"
         spy = Spy()
 
-        async def stopped() -> list[int]:
-            out: list[int] = []
-            async with corral.map(spy, part, limit=3, checkpoint=path) as results:
-                async for value in results:
-                    out.append(value)
-                    if len(out) >= stop_after:
-                        results.cancel()
-            return out
-
-        out = asyncio.run(stopped())
+        out = asyncio.run(stopped_after(stop_after, spy, part, limit=3, checkpoint=path))
         assert out == [10 * i for i in part[: len(out)]]
         first_calls = list(spy.calls)
         assert len(first_calls) == len(set(first_calls))
@@ -797,6 +799,19 @@ def test_a_range_input_records_and_resumes_every_id_once(
         assert sorted(spy.calls) == sorted(set(whole) - done)
         if whole:
             assert recorded(path) == {i: (_checkpoint.PLAIN, 10 * i) for i in whole}
+
+
+def record_runs(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The verdict of each run of chunks the engine starts (True: called directly)."""
+    runs: list[bool] = []
+    run = _engine._ChunkedSource._run
+
+    def counted(self: Any, chunk: list[Any], direct: bool) -> Any:
+        runs.append(direct)
+        return run(self, chunk, direct)
+
+    monkeypatch.setattr(_engine._ChunkedSource, "_run", counted)
+    return runs
 
 
 class Rows:
@@ -832,14 +847,7 @@ async def test_item_id_chunks_go_direct_and_item_id_runs_once_per_item(
     ids the screen computed: item_id is not called a second time.
     """
     monkeypatch.setattr(_engine, "CHUNK", 8)
-    runs: list[bool] = []
-    run = _engine._ChunkedSource._run
-
-    def counted(self: Any, chunk: list[Any], direct: bool) -> Any:
-        runs.append(direct)
-        return run(self, chunk, direct)
-
-    monkeypatch.setattr(_engine._ChunkedSource, "_run", counted)
+    runs = record_runs(monkeypatch)
     path = tmp_path / "rows.sqlite"
     rows = [{"id": f"/page/{i}"} for i in range(40)]
     fn = Rows()
@@ -887,18 +895,11 @@ def test_item_id_inputs_record_and_resume_every_id_once(
         path = Path(tmp) / "run.sqlite"
         first = Rows()
 
-        async def stopped() -> list[Any]:
-            out: list[Any] = []
-            async with corral.map(
-                first, rows[:part], limit=3, checkpoint=path, item_id=first.item_id
-            ) as results:
-                async for value in results:
-                    out.append(value)
-                    if len(out) >= stop_after:
-                        results.cancel()
-            return out
-
-        out = asyncio.run(stopped())
+        out = asyncio.run(
+            stopped_after(
+                stop_after, first, rows[:part], limit=3, checkpoint=path, item_id=first.item_id
+            )
+        )
         assert out == [expected_for(ident) for ident in ids[: len(out)]]
         assert len(first.calls) == len(set(first.calls)) == len(Counter(map(repr, first.calls)))
         done = set(recorded(path)) if path.exists() else set()
@@ -1044,14 +1045,7 @@ async def test_chunks_of_one_verdict_run_on_without_leaving_the_workers_loop(
 ) -> None:
     """A run of chunks ends only where the verdict changes, with or without item_id=."""
     monkeypatch.setattr(_engine, "CHUNK", 4)
-    runs: list[bool] = []
-    run = _engine._ChunkedSource._run
-
-    def counted(self: Any, chunk: list[Any], direct: bool) -> Any:
-        runs.append(direct)
-        return run(self, chunk, direct)
-
-    monkeypatch.setattr(_engine._ChunkedSource, "_run", counted)
+    runs = record_runs(monkeypatch)
     spy = Spy()
     path = tmp_path / "run.sqlite"
     out = await corral.gather(spy, list(range(100)), limit=4, checkpoint=path, item_id=lambda x: x)
