@@ -916,6 +916,28 @@ def test_item_id_inputs_record_and_resume_every_id_once(
         assert sorted(map(repr, again.calls)) == sorted(map(repr, set(ids) - done))
 
 
+async def test_a_repeat_of_a_direct_call_with_a_pickled_result_gets_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An id repeated while its direct call runs: the repeat waits, and the call's row,
+    pickled, answers it when the row goes to the thread. fn runs once for the id."""
+    monkeypatch.setattr(_engine, "CHUNK", 4)
+    calls: list[int] = []
+
+    async def slow_three(item: int) -> dict[str, int]:
+        calls.append(item)
+        if item == 3:
+            await asyncio.sleep(0.2)  # the repeat looks it up meanwhile, and finds nothing
+        return {"n": item}
+
+    path = tmp_path / "run.sqlite"
+    out = await asyncio.wait_for(
+        corral.gather(slow_three, [0, 1, 2, 3, 3], limit=5, checkpoint=path), timeout=10
+    )
+    assert out == [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}, {"n": 3}]
+    assert sorted(calls) == [0, 1, 2, 3]
+
+
 async def test_a_repeat_waiting_on_a_direct_item_id_call_that_halts_halts_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -500,22 +500,27 @@ def _decode_chunk(row: tuple[int, bytes, bytes | None, bytes]) -> Chunk:
     return seq, marshal.loads(ids), kinds, marshal.loads(values)
 
 
-def chunks_of(plain: list[Any], others: list[Row]) -> list[tuple[Any, ...]]:
-    """The recorded rows as stored chunks of at most CHUNK_ROWS rows each."""
+def chunks_of(plain: list[Any], others: list[Any]) -> list[tuple[Any, ...]]:
+    """The recorded rows as stored chunks of at most CHUNK_ROWS rows each.
+
+    Both lists are flat: ``plain`` holds id, value, id, value..., ``others``
+    id, kind, value, id, kind, value...
+    """
     chunks: list[tuple[Any, ...]] = []
-    keys, values = plain[0::2], plain[1::2]  # plain is flat: id, value, id, value...
+    keys, values = plain[0::2], plain[1::2]
     for start in range(0, len(keys), CHUNK_ROWS):
         end = start + CHUNK_ROWS
         _encode_chunks(keys[start:end], None, values[start:end], chunks)
-    for start in range(0, len(others), CHUNK_ROWS):
-        part = others[start : start + CHUNK_ROWS]
-        _encode_chunks(
-            [row[0] for row in part],
-            bytes(row[1] for row in part),
-            [row[2] for row in part],
-            chunks,
-        )
+    for start in range(0, len(others), 3 * CHUNK_ROWS):
+        part = others[start : start + 3 * CHUNK_ROWS]
+        _encode_chunks(part[0::3], bytes(part[1::3]), part[2::3], chunks)
     return chunks
+
+
+def rows_of(others: list[Any]) -> Iterator[Row]:
+    """The (id, kind, value) rows of a flat list of them."""
+    flat = iter(others)
+    return zip(flat, flat, flat, strict=True)
 
 
 class _Database:
@@ -650,8 +655,8 @@ class _Database:
             raise
         _check_meta(meta, path, fingerprint, serializer, resume)
 
-    def insert(self, plain: list[Any], others: list[Row]) -> None:
-        """Store the rows and commit: ``plain`` flat (id, value, id, value...), kind PLAIN."""
+    def insert(self, plain: list[Any], others: list[Any]) -> None:
+        """Store the rows and commit: both lists flat, as :func:`chunks_of` takes them."""
         db = self._db
         chunks = chunks_of(plain, others)
         step = self._chunks_per_statement
@@ -861,11 +866,13 @@ class Checkpoint:
         #: flatten). The recorder appends to it directly, and calls
         #: :meth:`first_plain` when it is empty.
         self.rows: list[Any] = []
-        #: The other rows (pickled results, failures) not yet sent: :meth:`record`.
-        self.others: list[Row] = []
+        #: The other rows (pickled results, failures) not yet sent, flat: id,
+        #: kind, value... (no tuple per row that the garbage collector would
+        #: have to visit until it is written): :meth:`record`.
+        self.others: list[Any] = []
         #: Told of the rows each write takes (or loses, with the write's
         #: error): the items waiting for a directly called one are answered.
-        self.on_flush: Callable[[list[Any], list[Row], BaseException | None], None] | None = None
+        self.on_flush: Callable[[list[Any], list[Any], BaseException | None], None] | None = None
         self.committed = 0
         self.recorded_at_open = 0  # results the file held when this map opened it
         self._sent = 0  # rows sent to the thread
@@ -897,11 +904,11 @@ class Checkpoint:
 
     @property
     def appended(self) -> int:
-        return self._sent + len(self.rows) // 2 + len(self.others)
+        return self._sent + len(self.rows) // 2 + len(self.others) // 3
 
     @property
     def unsent(self) -> int:
-        return len(self.rows) // 2 + len(self.others)
+        return len(self.rows) // 2 + len(self.others) // 3
 
     # -- open and close ----------------------------------------------------
 
@@ -1015,7 +1022,7 @@ class Checkpoint:
         if not self.others:
             self._schedule()
 
-    def record(self, row: Row) -> None:
+    def record(self, key: Key, kind: int, value: Any) -> None:
         """Record a row of another kind than plain, and see that a write takes it.
 
         Raises:
@@ -1025,10 +1032,10 @@ class Checkpoint:
             self._error_raised = True
             raise Halt(self._error)
         others = self.others
-        others.append(row)
-        if len(others) == 1 and not self.rows:
+        others += (key, kind, value)
+        if len(others) == 3 and not self.rows:
             self._schedule()
-        elif len(others) >= WRITE_BATCH and not self._writes:
+        elif len(others) >= 3 * WRITE_BATCH and not self._writes:
             self._send_write()
 
     def full(self) -> bool:
@@ -1063,7 +1070,7 @@ class Checkpoint:
         others.clear()
         if self.on_flush is not None:
             self.on_flush(plain, other, None)
-        self._sent += len(plain) // 2 + len(other)
+        self._sent += len(plain) // 2 + len(other) // 3
         self._writes += 1
         assert self._loop is not None
         assert self._db is not None
@@ -1167,7 +1174,7 @@ class Checkpoint:
         if self.rows:
             plain = iter(self.rows)
             pending.update((key, (PLAIN, value)) for key, value in zip(plain, plain, strict=True))
-        pending.update((row[0], (row[1], row[2])) for row in self.others)
+        pending.update((key, (kind, value)) for key, kind, value in rows_of(self.others))
         lookups = []
         for key, waiter in self._lookups:
             if waiter.done():  # its call was cancelled
@@ -1608,12 +1615,12 @@ def with_checkpoint(
                 encoded = dumps(value)
             except Exception as exc:
                 raise Halt(codec.unrecordable(cp.path, item, exc)) from None
-            record((key, ENCODED, encoded))
+            record(key, ENCODED, encoded)
         except Halt as halt:  # the items waiting for this one learn it
             settle(key, (_HALTED, halt.reason))
             raise
 
-    def flushed(plain: list[Any], others: list[Row], error: BaseException | None) -> None:
+    def flushed(plain: list[Any], others: list[Any], error: BaseException | None) -> None:
         """Answer the items waiting for a directly called one whose row goes to the thread."""
         if not joiners:
             return
@@ -1622,7 +1629,7 @@ def with_checkpoint(
             for key, value in zip(flat, flat, strict=True):
                 if key in joiners:
                     settle(key, (_HALTED, error) if error is not None else (PLAIN, value))
-        for key, kind, stored in others:
+        for key, kind, stored in rows_of(others):
             if key in joiners:
                 if error is not None:
                     settle(key, (_HALTED, error))
@@ -1771,7 +1778,7 @@ def with_checkpoint(
                     encoded = dumps(value)
                 except Exception as exc:
                     raise Halt(codec.unrecordable(cp.path, item, exc)) from None
-                record((key, ENCODED, encoded))
+                record(key, ENCODED, encoded)
                 if cp.unsent >= MAX_BACKLOG:
                     backlog = True
         except Halt as halt:  # not recordable, or a write failed: nothing more is recorded
@@ -1787,7 +1794,7 @@ def with_checkpoint(
         if key is None:
             return
         try:
-            record((key, FAILED, codec.dump_failure(exc)))
+            record(key, FAILED, codec.dump_failure(exc))
         except Halt:
             pass  # a write failed: the consumer (or gather's close) is told that
         settle(key, (FAILED, exc))
