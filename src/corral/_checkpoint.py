@@ -91,8 +91,9 @@ Per new item the loop pays, on the direct path, for the screen's passes
 above every id before it, a comparison per id: see :class:`_DirectIds`;
 other chunks' ids go in a set) and
 two list appends for a plain ``str``, ``int``, ``float`` or ``None``
-result; item by item, for the id, a dict lookup and insert, a dict entry
-while the call runs and the hook's call. Any other result is pickled
+result (under ``item_id=``, also its call and a dict entry from the screen
+to the worker, by ``id(item)``); item by item, for the id, a dict lookup
+and insert, a dict entry while the call runs and the hook's call. Any other result is pickled
 on the loop thread, so that one that cannot be stored stops the map at
 once, naming its item.
 

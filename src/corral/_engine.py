@@ -337,7 +337,7 @@ class _ChunkedSource:
 
         A run goes on while the chunks get the verdict its first got: a worker
         leaves its loop (for :meth:`refill`) once per run, so an input whose
-        chunks all go item by item (``item_id=``, most resumes) is one run.
+        chunks all go item by item (most resumes) is one run.
         Runs inside the workers' ``next()``, so it must not raise: the
         input's error is kept for the next refill.
         """
