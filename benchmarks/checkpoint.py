@@ -29,6 +29,13 @@ The cases
 ``partial``: the 200k-item overhead case (quick: 50k) resumed from a file
     holding every other item: half the items are looked up, half are called
     and recorded, side by side on one loop.
+``floor``: the overhead case with the rows dropped instead of written: the
+    checkpoint records every result, screens every chunk and hands each
+    write to its thread as usual, and the thread returns at once (no
+    ``marshal``, no SQLite). What the checkpoint costs apart from the disk:
+    the target of 1.10 cannot be met by any writer if this is above it.
+    Needs the overhead case's ``plain`` runs, so ask for both
+    (``--cases overhead,floor``).
 ``processes``: the overhead case's map on ``processes=2`` (limit 1000 split
     between them), 100k items (quick: 25k): as it runs without checkpoint (the
     parent merges the workers' results), with ``checkpoint=`` (an engine in the
@@ -175,6 +182,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         extra["progress"] = _ignore
     if spec.get("input") == "rows" and checkpoint is not None:
         extra["item_id"] = row_id
+    if spec.get("writes") == "dropped":
+        from corral import _checkpoint
+
+        def dropped(self: Any, plain: list[Any], others: list[Any]) -> None:
+            """Take the rows on the thread and store nothing (the ``floor`` case)."""
+
+        _checkpoint._Database.insert = dropped  # type: ignore[method-assign]
 
     async def timed() -> tuple[list[int], float]:
         await _run(spec["form"], noop, range(3), None)  # warm-up: code paths, first calls
@@ -315,7 +329,7 @@ def print_table(table: list[dict[str, Any]], overhead_n: int, resume_n: int) -> 
             continue
         n = resume_n if name.startswith("resume") else overhead_n
         form = name.split()[1]
-        base = "baseline" if name.startswith("baseline") else "overhead"
+        base = "baseline" if name.startswith("baseline") else "overhead"  # floor: overhead's
         if name.startswith("processes"):
             n, base = overhead_n // 2, "processes"
         plain = medians.get(f"{base} {form} plain")
@@ -337,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cases",
         default="overhead,resume,partial,processes",
-        help="comma-separated; also: instructions (needs valgrind)",
+        help="comma-separated; also: floor (with overhead), instructions (needs valgrind)",
     )
     parser.add_argument(
         "--baseline", metavar="DIR", help="also run the overhead cases on the corral in DIR"
@@ -390,6 +404,19 @@ def main(argv: list[str] | None = None) -> int:
                         {**old, "checkpoint": str(work / f"old-{form}-{i}.sqlite")}
                         for i in range(runs)
                     ]
+        if "floor" in cases:
+            for form in ("gather", "map"):
+                variants[f"floor {form} rows dropped"] = [
+                    {
+                        "form": form,
+                        "fn": "sleep0",
+                        "n": overhead_n,
+                        "input": args.input,
+                        "writes": "dropped",
+                        "checkpoint": str(work / f"floor-{form}-{i}.sqlite"),
+                    }
+                    for i in range(runs)
+                ]
         if "resume" in cases:
             full = work / "full.sqlite"
             print(
