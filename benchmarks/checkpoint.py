@@ -183,12 +183,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("input") == "rows" and checkpoint is not None:
         extra["item_id"] = row_id
     if spec.get("writes") == "dropped":
-        from corral import _checkpoint
+        from corral import _checkpoint_file
 
         def dropped(self: Any, plain: list[Any], others: list[Any]) -> None:
             """Take the rows on the thread and store nothing (the ``floor`` case)."""
 
-        _checkpoint._Database.insert = dropped  # type: ignore[method-assign]
+        _checkpoint_file.Database.insert = dropped  # type: ignore[method-assign]
 
     async def timed() -> tuple[list[int], float]:
         await _run(spec["form"], noop, range(3), None)  # warm-up: code paths, first calls

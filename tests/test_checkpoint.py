@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 
 import corral
 from _work import complete_lines, run_killed
-from corral import _checkpoint, _engine
-from corral._checkpoint import RecordedFailure, as_key, default_fingerprint, read_checkpoint
+from corral import _checkpoint, _checkpoint_file, _engine
+from corral._checkpoint import default_fingerprint
+from corral._checkpoint_file import RecordedFailure, as_key, read_checkpoint
 
 
 class Spy:
@@ -159,7 +160,7 @@ async def test_recorded_results_are_returned_without_calling_fn(tmp_path: Path) 
     first = Spy()
     assert await corral.gather(first, range(50), checkpoint=path) == [i * 10 for i in range(50)]
     assert sorted(first.calls) == list(range(50))
-    assert recorded(path) == {i: (_checkpoint.PLAIN, i * 10) for i in range(50)}
+    assert recorded(path) == {i: (_checkpoint_file.PLAIN, i * 10) for i in range(50)}
 
     again = Spy()
     assert await corral.gather(again, range(50), checkpoint=path) == [i * 10 for i in range(50)]
@@ -202,7 +203,7 @@ async def test_the_consumer_only_sees_recorded_results(tmp_path: Path) -> None:
         async for value in results:
             if value % 700 == 0:
                 # read_checkpoint opens a connection of its own, as another process would.
-                assert recorded(path)[value // 10] == (_checkpoint.PLAIN, value)
+                assert recorded(path)[value // 10] == (_checkpoint_file.PLAIN, value)
                 checked += 1
     assert checked == 43
 
@@ -318,7 +319,7 @@ async def test_a_repeat_of_an_id_written_earlier_in_the_run_is_replayed(
 ) -> None:
     """A repeat that comes after its id's row reached the file is read back, not recomputed."""
     monkeypatch.setattr(_checkpoint, "WRITE_BATCH", 8)  # rows reach the file at once
-    monkeypatch.setattr(_checkpoint, "CHUNK_ROWS", 5)  # and span several chunks
+    monkeypatch.setattr(_checkpoint_file, "CHUNK_ROWS", 5)  # and span several chunks
     spy = Spy()
     items = [*range(60), 0, 13, 59, 13]
     path = tmp_path / "run.sqlite"
@@ -326,7 +327,7 @@ async def test_a_repeat_of_an_id_written_earlier_in_the_run_is_replayed(
         values = [value async for value in results]
     assert values == [10 * i for i in items]
     assert sorted(spy.calls) == list(range(60))
-    assert recorded(path) == {i: (_checkpoint.PLAIN, 10 * i) for i in range(60)}
+    assert recorded(path) == {i: (_checkpoint_file.PLAIN, 10 * i) for i in range(60)}
 
 
 @pytest.mark.slow
@@ -348,7 +349,7 @@ async def test_ids_with_the_same_hash_are_told_apart(tmp_path: Path) -> None:
     again = Spy()
     assert await corral.gather(again, [-2, -1, -2], limit=2, checkpoint=path) == [-20, -10, -20]
     assert again.calls == [-2]
-    assert recorded(path) == {-1: (_checkpoint.PLAIN, -10), -2: (_checkpoint.PLAIN, -20)}
+    assert recorded(path) == {-1: (_checkpoint_file.PLAIN, -10), -2: (_checkpoint_file.PLAIN, -20)}
 
 
 @pytest.mark.slow
@@ -356,7 +357,7 @@ async def test_large_results_are_split_into_smaller_chunks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A chunk holds at most CHUNK_BYTES of values, so no stored value outgrows SQLite's cap."""
-    monkeypatch.setattr(_checkpoint, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(_checkpoint_file, "CHUNK_BYTES", 1000)
     path = tmp_path / "run.sqlite"
 
     async def big(i: int) -> Any:
@@ -558,7 +559,7 @@ async def test_a_failed_write_stops_the_map(
     def refuse(self: object, plain: object, others: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(_checkpoint._Database, "insert", refuse)
+    monkeypatch.setattr(_checkpoint_file.Database, "insert", refuse)
     seen: list[int] = []
     with pytest.raises(sqlite3.OperationalError, match=r"^disk I/O error$"):
         async with corral.map(Spy(), range(100), checkpoint=tmp_path / "a.sqlite") as results:
@@ -580,7 +581,7 @@ async def test_a_failed_read_stops_the_resume(
     def refuse(self: object, keys: object, ahead: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(_checkpoint._Database, "select", refuse)
+    monkeypatch.setattr(_checkpoint_file.Database, "select", refuse)
     monkeypatch.setattr(_checkpoint, "FIRST_READ", 0)  # no rows read with the opening
     with pytest.raises(sqlite3.OperationalError, match=r"^disk I/O error$"):
         await corral.gather(Spy(), range(10), checkpoint=path, return_exceptions=True)
@@ -603,7 +604,7 @@ async def test_a_file_in_another_format_is_refused(tmp_path: Path) -> None:
     set_format(path, 99)
     text = (
         f"checkpoint={str(path)!r} was written in format 99, and this corral reads format "
-        f"{_checkpoint.FORMAT}; "
+        f"{_checkpoint_file.FORMAT}; "
         "resume it with the corral that wrote it, or pass the path of a new file"
     )
     with pytest.raises(ValueError, match=message(text)):
@@ -677,7 +678,7 @@ async def test_a_repeat_in_a_later_chunk_waits_for_the_call_in_flight(
         values = [await consume] + [value async for value in results]
     assert values == [f"r{i}" for i in items]
     assert sorted(calls) == list(range(10))
-    assert recorded(path) == {i: (_checkpoint.PLAIN, f"r{i}") for i in range(10)}
+    assert recorded(path) == {i: (_checkpoint_file.PLAIN, f"r{i}") for i in range(10)}
 
 
 async def test_a_chunk_with_a_repeat_or_a_recorded_id_goes_item_by_item(
@@ -798,7 +799,7 @@ def test_a_range_input_records_and_resumes_every_id_once(
         assert again == [10 * i for i in whole]
         assert sorted(spy.calls) == sorted(set(whole) - done)
         if whole:
-            assert recorded(path) == {i: (_checkpoint.PLAIN, 10 * i) for i in whole}
+            assert recorded(path) == {i: (_checkpoint_file.PLAIN, 10 * i) for i in whole}
 
 
 def record_runs(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
@@ -855,7 +856,7 @@ async def test_item_id_chunks_go_direct_and_item_id_runs_once_per_item(
     assert out == [f"/page/{i}" * 2 for i in range(40)]
     assert (runs, fn.id_calls) == ([True], 40)
     assert recorded(path) == {
-        f"/page/{i}": (_checkpoint.PLAIN, f"/page/{i}" * 2) for i in range(40)
+        f"/page/{i}": (_checkpoint_file.PLAIN, f"/page/{i}" * 2) for i in range(40)
     }
 
     # Recorded 0-39, new 40-79, in fresh dicts: one run item by item, then direct.
@@ -984,7 +985,7 @@ async def test_repeats_of_ascending_ids_in_later_chunks_run_once(
         "bad item 6" if i == 6 else 10 * i for i in items
     ]
     assert sorted(spy.calls) == list(range(20))
-    assert recorded(path)[6][0] == _checkpoint.FAILED
+    assert recorded(path)[6][0] == _checkpoint_file.FAILED
     assert len(recorded(path)) == 20
 
     words = Spy()
@@ -1009,7 +1010,7 @@ async def test_items_pulled_before_the_input_raised_are_run_and_recorded(
     with pytest.raises(LookupError, match="the input broke"):
         await corral.gather(spy, items(), limit=1, checkpoint=path)
     assert spy.calls == list(range(10))
-    assert recorded(path) == {i: (_checkpoint.PLAIN, 10 * i) for i in range(10)}
+    assert recorded(path) == {i: (_checkpoint_file.PLAIN, 10 * i) for i in range(10)}
 
 
 async def test_stats_count_the_items_started_not_the_chunk_pulled(tmp_path: Path) -> None:
@@ -1093,7 +1094,7 @@ async def test_results_of_any_type_are_recorded_on_the_direct_path(tmp_path: Pat
     path = tmp_path / "run.sqlite"
     first = await corral.gather(mixed, range(600), checkpoint=path)
     kinds = {kind for kind, _ in recorded(path).values()}
-    assert kinds == {_checkpoint.PLAIN, _checkpoint.ENCODED}
+    assert kinds == {_checkpoint_file.PLAIN, _checkpoint_file.ENCODED}
     spy = Spy()
     again = await corral.gather(spy, range(600), checkpoint=path, resume="ignore-fingerprint")
     assert again == first
@@ -1205,7 +1206,7 @@ async def test_json_serializer_records_json(tmp_path: Path) -> None:
     assert again[1] == {"item": 1, "pair": [1, -1]}  # JSON has lists, not tuples
     assert isinstance(again[2], RecordedFailure)
     assert str(again[2]) == "LookupError: no such item"
-    assert recorded(path)[1] == (_checkpoint.ENCODED, '{"item": 1, "pair": [1, -1]}')
+    assert recorded(path)[1] == (_checkpoint_file.ENCODED, '{"item": 1, "pair": [1, -1]}')
 
     async def setty(item: int) -> Any:
         # Only item 0 fails to encode: which of several unrecordable items is
@@ -1341,7 +1342,7 @@ def test_killed_runs_resume_to_exactly_once_in_order(tmp_path: Path) -> None:
         before = after
 
     assert out == [i * i for i in range(n)]
-    assert recorded(checkpoint) == {i: (_checkpoint.PLAIN, i * i) for i in range(n)}
+    assert recorded(checkpoint) == {i: (_checkpoint_file.PLAIN, i * i) for i in range(n)}
     # fn ran once per item, plus once more for each call in flight (started,
     # not recorded) at a kill: equality, which is stronger than the issue's <=.
     assert total_calls == n + unfinished_at_kills, f"seed {seed}"
@@ -1408,7 +1409,7 @@ def test_ctrl_c_on_run_keeps_what_is_done_and_says_how_to_resume(
     assert hint in err.splitlines()
     calls = complete_lines(first_calls)
     assert 500 - 20 <= len(done) < n  # 500 calls had started, at most 20 in flight
-    assert done == {i: (_checkpoint.PLAIN, i * 2) for i in done}
+    assert done == {i: (_checkpoint_file.PLAIN, i * 2) for i in done}
     assert set(done) <= set(calls)
     # Stopped like results.cancel(): only the calls in flight were cut short.
     assert len(set(calls) - set(done)) <= 20
@@ -1424,7 +1425,7 @@ def test_ctrl_c_on_run_keeps_what_is_done_and_says_how_to_resume(
     assert resumed.stdout.split() == ["True", str(n)]
     again = complete_lines(second_calls)
     assert sorted(again) == sorted(set(range(n)) - set(done)), "each item exactly once"
-    assert recorded(checkpoint) == {i: (_checkpoint.PLAIN, i * 2) for i in range(n)}
+    assert recorded(checkpoint) == {i: (_checkpoint_file.PLAIN, i * 2) for i in range(n)}
 
 
 # -- repeated ids, collisions and resumes, at random ------------------------------------
@@ -1520,4 +1521,4 @@ async def test_items_waiting_for_a_halted_call_with_their_id_halt_too(tmp_path: 
     # The calls wait for the file to open, then go in any order: one of them
     # spends the budget, the others (and those waiting on an id) stop.
     [called] = spy.calls
-    assert recorded(tmp_path / "b") == {called: (_checkpoint.PLAIN, called * 10)}
+    assert recorded(tmp_path / "b") == {called: (_checkpoint_file.PLAIN, called * 10)}

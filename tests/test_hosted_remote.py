@@ -31,8 +31,8 @@ from _work import (
     run_killed,
     worker_processes,
 )
-from corral import _checkpoint
-from corral._checkpoint import as_key, read_checkpoint
+from corral import _checkpoint_file
+from corral._checkpoint_file import as_key, read_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -161,7 +161,7 @@ async def test_a_worker_crash_stops_the_map_and_records_no_failure(tmp_path: Pat
     with pytest.raises(corral.WorkerCrashed):
         await corral.gather(async_logged_dies_at_25, items(log, xs), **options)
     kinds = {kind for _, kind, _ in read_checkpoint(path)}
-    assert _checkpoint.FAILED not in kinds
+    assert _checkpoint_file.FAILED not in kinds
     done = recorded_ids(path)
     assert len(done) < len(xs)
 

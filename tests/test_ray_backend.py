@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import _flaky
 import corral
 from _work import logged_calls, worker_processes
-from corral._checkpoint import read_checkpoint
+from corral._checkpoint_file import read_checkpoint
 
 if importlib.util.find_spec("ray") is None:  # pragma: no cover - depends on the machine
     _REASON = "Ray is not installed (pip install 'corral[ray]'); the Ray backend's tests need it"

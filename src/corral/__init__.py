@@ -21,7 +21,7 @@ __version__ = "0.1.0.dev0"
 
 from ._adaptive import Adaptive
 from ._api import gather, map, run
-from ._checkpoint import RecordedFailure
+from ._checkpoint_file import RecordedFailure
 from ._engine import ResultStream
 from ._errors import BudgetExhausted, DeadlineExceeded
 from ._limits import Limiter, Rate
