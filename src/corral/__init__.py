@@ -24,9 +24,10 @@ from ._api import gather, map, run
 from ._checkpoint_file import RecordedFailure
 from ._engine import ResultStream
 from ._errors import BudgetExhausted, DeadlineExceeded
-from ._limits import Limiter, Rate
+from ._limits import Limiter
 from ._monitor import BlockReport, LagStats, LoopWatch, watch_loop
 from ._offload import WorkerCrashed
+from ._rate import Rate
 from ._retry import Retry, RetryAfter, transient
 from ._retry_budget import RetryBudget, RetryBudgetExhausted
 from ._stats import Stats

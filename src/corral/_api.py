@@ -33,10 +33,11 @@ from ._checkpoint import (
 )
 from ._engine import Call, Engine, Halt, ResultStream, _Retried
 from ._errors import BudgetExhausted
-from ._limits import Limiter, Rate, RateGate, as_rate, as_rates, gate_for
+from ._limits import Limiter
 from ._monitor import DEFAULT_THRESHOLD, LoopWatch, monitor_from_env
 from ._offload import is_async_callable, offload
 from ._progress import Progress, ProgressLike, check_progress, total_of
+from ._rate import Rate, RateGate, as_rate, as_rates, gate_for
 from ._ray import RayStream, check_actors, check_address, check_setup, map_on_ray, ray_call
 from ._remote import RemoteCall, RemoteStream
 from ._retry import Retry, as_retry, retry_after_seconds, retry_kind

@@ -30,7 +30,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._limits import Rate, RateGate
+from ._rate import Rate, RateGate
 
 __all__ = ["AutoRateGate", "RateController", "with_auto_rate"]
 

@@ -60,11 +60,8 @@ from ._limits import (
     RAMP_MAX,
     RAMP_STEPS,
     Limiter,
-    Rate,
-    RateLike,
-    _is_real,
-    as_rate,
 )
+from ._rate import Rate, RateLike, _is_real, as_rate
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

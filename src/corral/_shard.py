@@ -65,7 +65,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._engine import _Retried
-from ._limits import Rate, RateGate
 from ._offload import (
     Link,
     WorkerCrashed,
@@ -80,6 +79,7 @@ from ._offload import (
     wait_exit,
     warm_up_start_method,
 )
+from ._rate import Rate, RateGate
 from ._remote import (
     RemoteCall,
     RemoteOptions,

@@ -36,7 +36,8 @@ from typing import Any
 from ._engine import Halt
 from ._errors import BudgetExhausted
 from ._headers import read_rate_limits
-from ._limits import Limiter, RateGate
+from ._limits import Limiter
+from ._rate import RateGate
 from ._weighted import WeightedGate
 
 __all__ = ["Meter", "UsageBudget", "metered", "token_usage"]
