@@ -329,7 +329,8 @@ def print_table(table: list[dict[str, Any]], overhead_n: int, resume_n: int) -> 
             continue
         n = resume_n if name.startswith("resume") else overhead_n
         form = name.split()[1]
-        base = "baseline" if name.startswith("baseline") else "overhead"  # floor: overhead's
+        # Each variant is compared with its own plain runs; `floor` with overhead's.
+        base = "baseline" if name.startswith("baseline") else "overhead"
         if name.startswith("processes"):
             n, base = overhead_n // 2, "processes"
         plain = medians.get(f"{base} {form} plain")
