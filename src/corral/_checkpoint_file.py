@@ -85,6 +85,7 @@ _describe.maxlevel = 3
 
 
 def item_repr(item: object) -> str:
+    """``repr(item)`` cut short (about 60 characters a part) for an error message."""
     return _describe.repr(item)
 
 
