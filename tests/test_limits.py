@@ -21,17 +21,8 @@ import corral
 import corral._limits
 from _loops import LOOP_KINDS, VirtualClockLoop, run
 from corral._adaptive import DROP_BACKOFF, MIN_SAMPLES, Adaptive
-from corral._limits import (
-    RAMP_FRACTION,
-    RAMP_STEPS,
-    Limiter,
-    Rate,
-    RateGate,
-    as_rate,
-    gcra_delay,
-    gcra_next_tat,
-    outcome_of,
-)
+from corral._limits import RAMP_FRACTION, RAMP_STEPS, Limiter, outcome_of
+from corral._rate import Rate, RateGate, as_rate, gcra_delay, gcra_next_tat
 
 
 def exactly(message: str) -> str:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import corral
 from _loops import run
 from corral import Rate
-from corral._limits import RateGate, as_rates, gate_for
+from corral._rate import RateGate, as_rates, gate_for
 from corral._weighted import Cell, WeightedGate
 
 

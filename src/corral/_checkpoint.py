@@ -159,6 +159,7 @@ from ._checkpoint_file import (
     Serializer,
     as_key,
     item_repr,
+    pairs_of,
     rows_of,
 )
 
@@ -654,9 +655,7 @@ class Checkpoint:
         # A repeated id may ask for a row recorded but not yet sent to the
         # thread (rows sent are written before any later SELECT runs).
         pending: dict[Key, tuple[int, Any]] = {}
-        if self.rows:
-            plain = iter(self.rows)
-            pending.update((key, (PLAIN, value)) for key, value in zip(plain, plain, strict=True))
+        pending.update((key, (PLAIN, value)) for key, value in pairs_of(self.rows))
         pending.update((key, (kind, value)) for key, kind, value in rows_of(self.others))
         lookups = []
         for key, waiter in self._lookups:
@@ -1107,11 +1106,9 @@ def with_checkpoint(
         """Answer the items waiting for a directly called one whose row goes to the thread."""
         if not joiners:
             return
-        if plain:
-            flat = iter(plain)
-            for key, value in zip(flat, flat, strict=True):
-                if key in joiners:
-                    settle(key, (_HALTED, error) if error is not None else (PLAIN, value))
+        for key, value in pairs_of(plain):
+            if key in joiners:
+                settle(key, (_HALTED, error) if error is not None else (PLAIN, value))
         for key, kind, stored in rows_of(others):
             if key in joiners:
                 if error is not None:

@@ -263,6 +263,12 @@ def chunks_of(plain: list[Any], others: list[Any]) -> list[tuple[Any, ...]]:
     return chunks
 
 
+def pairs_of(plain: list[Any]) -> Iterator[tuple[Key, Any]]:
+    """The (id, value) rows of a flat list of plain rows (id, value, id, value...)."""
+    flat = iter(plain)
+    return zip(flat, flat, strict=True)
+
+
 def rows_of(others: list[Any]) -> Iterator[Row]:
     """The (id, kind, value) rows of a flat list of them."""
     flat = iter(others)

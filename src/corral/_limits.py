@@ -8,8 +8,7 @@ Two different questions, two different tools:
   controller is in :mod:`corral._adaptive`).
 - *How often?*  A start rate, like an API's "20 requests per second":
   :class:`Rate`, enforced at run time by a :class:`RateGate` (inside a
-  ``Limiter``, or inside one ``corral.map``); both are in :mod:`corral._rate`
-  and importable from here too.
+  ``Limiter``, or inside one ``corral.map``); both are in :mod:`corral._rate`.
 
 Both are shared by everything that uses the same object: every task and every
 map holding one ``Limiter`` draws on the same cap and the same rate, and
@@ -28,35 +27,10 @@ from types import TracebackType
 from typing import Any, NoReturn, TypeAlias
 
 from ._adaptive import Adaptive, Controller, Outcome
-from ._rate import (
-    Rate,
-    RateGate,
-    RateLike,
-    RateSpec,
-    _is_int,
-    _is_real,
-    as_rate,
-    as_rates,
-    gate_for,
-    gcra_delay,
-    gcra_next_tat,
-)
+from ._rate import Rate, RateLike, _is_int, _is_real, as_rates, gate_for
 from ._weighted import WeightedGate
 
-__all__ = [
-    "Adaptive",
-    "Limiter",
-    "Rate",
-    "RateGate",
-    "RateLike",
-    "RateSpec",
-    "as_rate",
-    "as_rates",
-    "gate_for",
-    "gcra_delay",
-    "gcra_next_tat",
-    "outcome_of",
-]
+__all__ = ["Adaptive", "Limiter", "outcome_of"]
 
 
 # ---------------------------------------------------------------------------
