@@ -34,7 +34,9 @@ def test_durations_parse(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "s", "1x", "-1s", "1s2", "m1", "soon", "1e400s"])
+@pytest.mark.parametrize(
+    "text", ["", "s", "1x", "-1s", "1s2", "m1", "soon", "1e400s", "9" * 400, "9" * 400 + "s"]
+)
 def test_bad_durations_are_none(text: str) -> None:
     assert parse_duration(text) is None
 
@@ -102,6 +104,23 @@ async def test_sync_headers_clamps_requests_to_what_remains() -> None:
         {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "9s"}
     )
     assert await starts(limiter, 5) == pytest.approx([0.0, 0.0, 0.0, 1.0, 2.0])
+
+
+@pytest.mark.parametrize("limit", [None, 4])
+@pytest.mark.virtual_time
+async def test_a_reset_too_large_to_be_a_number_is_ignored(limit: int | None) -> None:
+    """It reads as an unreadable reset: it neither fails the call nor blocks later ones."""
+    schedules = []
+    for reset in ("soon", "9" * 400):
+        limiter = corral.Limiter(limit=limit, rate=Rate(10))
+        limiter.sync_headers(
+            {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": reset}
+        )
+        assert not limiter.cooling_down
+        began = now()
+        schedules.append([t - began for t in await starts(limiter, 2)])
+    assert schedules[1] == pytest.approx(schedules[0])
+    assert schedules[1] == pytest.approx([0.1, 0.2])
 
 
 @pytest.mark.virtual_time

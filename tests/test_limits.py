@@ -1740,6 +1740,78 @@ async def test_a_keyed_cooldown_pauses_every_key_even_new_ones() -> None:
     assert min(starts) >= 1.0
 
 
+@pytest.mark.parametrize("limit", [10, None], ids=["capped", "rate-only"])
+@pytest.mark.virtual_time
+async def test_a_caller_in_line_for_the_rate_when_a_cooldown_begins_starts_after_it(
+    limit: int | None,
+) -> None:
+    """Callers past the slot, waiting for the rate: none starts inside the cooldown."""
+    limiter = Limiter(limit=limit, rate=Rate(10))
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+
+    async def call() -> None:
+        async with limiter:
+            starts.append(loop.time())
+
+    tasks = [asyncio.create_task(call()) for _ in range(4)]
+    await asyncio.sleep(0.05)  # the first started; the others wait for the rate
+    limiter.cooldown(1.0)
+    await asyncio.gather(*tasks)
+    assert starts[0] == 0.0
+    assert min(starts[1:]) >= 1.05 - 1e-9
+    assert limiter.in_flight == 0
+
+
+@pytest.mark.virtual_time
+async def test_a_caller_cancelled_while_sitting_out_a_cooldown_gives_its_slot_back() -> None:
+    limiter = Limiter(limit=2, rate=Rate(10))
+    first = asyncio.create_task(limiter.acquire())
+    second = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0.05)  # the first holds a slot; the second waits for the rate
+    limiter.cooldown(1.0)
+    await asyncio.sleep(0.2)  # the second has its rate slot, and sits out the cooldown
+    assert limiter.in_flight == 2
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    await first
+    assert limiter.in_flight == 1
+    limiter.release()
+
+
+@pytest.mark.virtual_time
+async def test_a_keyed_limiter_says_it_is_cooling_down() -> None:
+    limiter = Limiter(2, key=lambda item: item)
+    async with limiter.for_item("a"):
+        pass
+    assert not limiter.cooling_down
+    limiter.cooldown(1.0)
+    assert limiter.cooling_down
+    await asyncio.sleep(5)  # past the pause and every key's ramp
+    assert not limiter.cooling_down
+
+
+@pytest.mark.parametrize(
+    "error",
+    [corral.RetryAfter(2.0), FakeResponseError(429, {"Retry-After": "2"})],
+    ids=["RetryAfter", "429"],
+)
+async def test_a_retry_after_raised_inside_async_with_cools_a_fixed_limiter(
+    error: Exception,
+) -> None:
+    limiter = Limiter(3)
+    with pytest.raises(type(error)):
+        async with limiter:
+            raise error
+    assert limiter.cooling_down
+    assert limiter.in_flight == 0
+    with pytest.raises(KeyError):
+        async with limiter:
+            raise KeyError("not a pause")
+    assert limiter._cool_span == 2.0
+
+
 @pytest.mark.virtual_time
 async def test_a_slot_handed_over_just_before_a_cooldown_starts_no_call_until_its_end() -> None:
     """A waiter given a slot, then a 429 before it resumes: it still starts after the pause."""

@@ -77,7 +77,8 @@ def parse_duration(text: str) -> float | None:
     number of seconds (``"1.5"``); None when it is neither."""
     text = text.strip()
     if _NUMBER.fullmatch(text):
-        return float(text)
+        seconds = float(text)
+        return seconds if math.isfinite(seconds) else None  # 400 digits are inf, not a wait
     total, position = 0.0, 0
     for match in _DURATION_PART.finditer(text):
         if match.start() != position:

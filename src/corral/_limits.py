@@ -378,7 +378,16 @@ class Limiter:
 
     @property
     def cooling_down(self) -> bool:
-        """True from a :meth:`cooldown` until its ramp has opened every slot again."""
+        """True from a :meth:`cooldown` until its ramp has opened every slot again.
+
+        On a per-key Limiter: while the cooldown lasts, and then while any
+        key's ramp is still opening its slots.
+        """
+        if self._key is not None:
+            loop = self._loop
+            if loop is not None and self._cool_until > loop.time():
+                return True
+            return any(sub.cooling_down for sub in self._subs.values())
         return self._timer is not None
 
     def __repr__(self) -> str:
@@ -413,21 +422,29 @@ class Limiter:
         else:
             await self._wait_for_slot()
             # The slot may have been handed over just before a cooldown began
-            # (a 429 seen between the hand-over and this task resuming): no
-            # call starts before the cooldown's end, so wait it out, holding it.
-            loop = self._loop
-            while loop is not None and self._cool_until > loop.time():
-                try:
-                    await asyncio.sleep(self._cool_until - loop.time())
-                except BaseException:
-                    self.release()
-                    raise
+            # (a 429 seen between the hand-over and this task resuming).
+            await self._sit_out_cooldown()
         gate = self._gate
         if gate is not None and not gate.wait_nowait(cost):
             try:
                 await gate.wait(cost)
             except BaseException:
                 self.release()  # we hold a slot but will not start
+                raise
+            # A cooldown may have begun while this caller waited for the rate.
+            await self._sit_out_cooldown()
+
+    async def _sit_out_cooldown(self) -> None:
+        """Hold the slot taken until the cooldown in force (if any) ends: no call starts in one.
+
+        Cancelled meanwhile, the slot is given back.
+        """
+        loop = self._loop
+        while loop is not None and self._cool_until > loop.time():
+            try:
+                await asyncio.sleep(self._cool_until - loop.time())
+            except BaseException:
+                self.release()
                 raise
 
     def acquire_nowait(self) -> bool:
@@ -479,7 +496,7 @@ class Limiter:
 
             return object.__new__(RedisLimiter)
         # An adaptive Limiter times the bodies of `async with`: a subclass does
-        # it, so that a fixed Limiter's `async with` pays not even a test.
+        # it, so that a fixed Limiter's `async with` reads no clock.
         adaptive = isinstance(limit, Adaptive | str) or _is_auto(options.get("rate"))
         if cls is Limiter and adaptive and options.get("key") is None:
             cls = _TimedLimiter
@@ -496,6 +513,8 @@ class Limiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is not None:
+            self.record_error(0.0, exc)  # a 429/503 with Retry-After, or RetryAfter: cool down
         self.release()
 
     # -- weighted rates and provider headers ----------------------------------
