@@ -4,6 +4,7 @@
     python benchmarks/adaptive.py --quick           # 5k requests, 1 round: about 2 minutes
     python benchmarks/adaptive.py --json out.json --plot docs/adaptive.png
     python benchmarks/adaptive.py --service-ms 40   # a slower service: the server the bottleneck
+    python benchmarks/adaptive.py --curve           # latency at fixed limits 56..96, and auto's rest
 
 The question
 ------------
@@ -111,6 +112,8 @@ HALVE_AT = 2.0  # seconds after the server starts
 SAMPLE_EVERY = 0.05  # seconds between samples of auto's limit
 RUN_TIMEOUT = 180.0  # a run taking longer is cancelled and shown as "timeout"
 WARMUP = 1.0  # seconds of every run left out of its "steady" numbers
+CURVE_LIMITS = [56, 64, 68, 72, 76, 80, 88, 96]  # --curve: fixed limits around the knee
+CURVE_QUANTILES = [25, 50, 75, 90, 99]
 
 
 # --------------------------------------------------------------------------------------
@@ -291,6 +294,7 @@ async def measure(
         lat for lat, t in zip(probe.latencies, probe.done_at, strict=True) if t >= WARMUP
     )
     steady_p99 = _percentile(steady, 99)
+    steady_quantiles = [_percentile(steady, q) for q in CURVE_QUANTILES]
     return {
         "strategy": strategy,
         "status": status,
@@ -301,6 +305,7 @@ async def measure(
         "steady_p99_ms": steady_p99 * 1e3 if steady_p99 is not None and wall > 2 * WARMUP else None,
         "p50_ms": p50 * 1e3 if p50 is not None else None,
         "p99_ms": p99 * 1e3 if p99 is not None else None,
+        "steady_quantiles_ms": [None if q is None else q * 1e3 for q in steady_quantiles],
         "failed": failed,
         "refused": len(probe.refused_at),
         "errors": probe.errors,
@@ -404,6 +409,53 @@ def halving(n: int, rounds: int, best: str) -> dict[str, list[dict[str, Any]]]:
                 runs[strategy].append(result)
                 print(f"  halving {r + 1}: {_one_line(result)}", file=sys.stderr, flush=True)
     return runs
+
+
+def _median_of(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def curve(n: int, rounds: int, limits: list[int]) -> str:
+    """Steady latency quantiles at fixed limits around the knee, and where auto rests on them.
+
+    The sweep's powers of two jump from 64 to 128 across the knee; this
+    says how latency grows between them, which is what an adaptive limit
+    reads: a limit that keeps p99 within 1.5x of ``limit=64``'s has to rest
+    where latency has grown by only a few percent.
+    """
+    strategies = [f"fixed:{limit}" for limit in limits] + ["auto"]
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
+    with serve() as server:
+        for r in range(rounds):
+            order = strategies[r % len(strategies) :] + strategies[: r % len(strategies)]
+            for strategy in order:
+                result = run_measure(server, strategy, n, sample_limit=strategy == "auto")
+                runs[strategy].append(result)
+                print(f"  curve {r + 1}: {_one_line(result)}", file=sys.stderr, flush=True)
+    names = " | ".join(f"p{q}" for q in CURVE_QUANTILES)
+    lines = [
+        f"| limit | steady throughput (req/s) | {names} (ms) |",
+        "|---|---:|" + "---:|" * len(CURVE_QUANTILES),
+    ]
+    for strategy in strategies:
+        results = runs[strategy]
+        if strategy == "auto":
+            rest = [
+                statistics.median(v for t, v in r["limits"] if t >= WARMUP and v is not None)
+                for r in results
+                if any(t >= WARMUP and v is not None for t, v in r["limits"])
+            ]
+            name = f"**auto** (rests at {statistics.median(rest):.0f})" if rest else "**auto**"
+        else:
+            name = strategy.split(":")[1]
+        throughput = _median_of([r["steady_throughput"] for r in results])
+        quantiles = [
+            _fmt(_median_of([r["steady_quantiles_ms"][i] for r in results]), ".1f")
+            for i in range(len(CURVE_QUANTILES))
+        ]
+        lines.append(f"| {name} | {_fmt(throughput, '.0f')} | " + " | ".join(quantiles) + " |")
+    return "\n".join(lines)
 
 
 def settle_time(limits: list[tuple[float, int | None]], at: float) -> float | None:
@@ -602,6 +654,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the server's time per request (default {SERVICE_MS:g}); a longer one makes"
         " the service, not this client's CPU, the bottleneck",
     )
+    parser.add_argument(
+        "--curve",
+        nargs="?",
+        const=",".join(map(str, CURVE_LIMITS)),
+        metavar="LIMITS",
+        help="instead of the sweep: steady latency quantiles at these fixed limits and auto"
+        f" (default {','.join(map(str, CURVE_LIMITS))})",
+    )
     args = parser.parse_args(argv)
     if args.service_ms <= 0:
         parser.error(f"--service-ms must be > 0, got {args.service_ms}")
@@ -609,7 +669,25 @@ def main(argv: list[str] | None = None) -> int:
     n = args.requests or (5_000 if args.quick else 20_000)
     rounds = args.rounds or (1 if args.quick else 3)
 
+    limits = None
+    if args.curve:
+        try:
+            limits = [int(x) for x in args.curve.split(",")]
+        except ValueError:
+            parser.error(f"--curve takes limits like 64,72,80; got {args.curve!r}")
+        if not limits or min(limits) < 1:
+            parser.error(f"--curve limits must be >= 1; got {args.curve!r}")
+
     print(header(), flush=True)
+    if limits:
+        print(
+            f"\nCurve: {n} requests per run, {rounds} round(s), medians of the steady state"
+            f" (from {WARMUP:g} s)\n",
+            file=sys.stderr,
+            flush=True,
+        )
+        print("\n" + curve(n, rounds, limits), flush=True)
+        return 0
     print(
         f"\nSweep: {n} requests per run (small fixed limits: 400 x limit), "
         f"{rounds} round(s), medians\n",
