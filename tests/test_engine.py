@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 
@@ -359,6 +360,116 @@ async def test_fn_raising_cancelled_error_fails_the_run_instead_of_losing_the_it
 
     with pytest.raises(RuntimeError, match="raised CancelledError for item 2"):
         await corral.gather(rogue, range(5), return_exceptions=True)
+
+
+class Boom(BaseException):
+    """Not an Exception: like pytest's own outcomes, or a framework's control flow."""
+
+
+@pytest.mark.parametrize("limit", [1, 4])
+async def test_a_base_exception_from_fn_fails_the_run_instead_of_ending_it_short(
+    limit: int,
+) -> None:
+    async def boom(item: int) -> int:
+        if item == 3:
+            raise Boom(item)
+        await asyncio.sleep(0)
+        return item
+
+    with pytest.raises(Boom):
+        await corral.gather(boom, range(10), limit=limit)
+    seen: list[int] = []
+    with pytest.raises(Boom):
+        async with corral.map(boom, range(10), limit=limit) as results:
+            async for value in results:
+                seen.append(value)
+    assert seen == [0, 1, 2]
+    assert no_tasks_but_current()
+
+
+async def test_stop_async_iteration_from_fn_is_an_error_not_the_end_of_the_results() -> None:
+    async def exhausted() -> AsyncIterator[int]:
+        return
+        yield
+
+    async def fn(item: int) -> int:
+        if item == 2:
+            return await anext(exhausted())  # raises StopAsyncIteration
+        return item
+
+    seen: list[int] = []
+    with pytest.raises(RuntimeError, match="raised StopAsyncIteration for item 2") as caught:
+        async with corral.map(fn, range(5), limit=1) as results:
+            async for value in results:
+                seen.append(value)
+    assert seen == [0, 1]
+    assert isinstance(caught.value.__cause__, StopAsyncIteration)
+    # As a value in its item's place it is no error.
+    outcomes = await corral.gather(fn, range(4), return_exceptions=True)
+    assert isinstance(outcomes[2], StopAsyncIteration)
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_stop_iteration_from_a_plain_fn_is_an_error_not_a_hang(executor: str) -> None:
+    with pytest.raises(RuntimeError, match="raised StopIteration for item 3"):
+        await asyncio.wait_for(
+            corral.gather(_stop_at_three, range(6), executor=executor, limit=2), 60
+        )
+
+
+def _stop_at_three(item: int) -> int:
+    if item == 3:
+        raise StopIteration
+    return item
+
+
+class Swallower:
+    """fn that swallows its first cancellation and returns instead (as a buggy
+    ``wait_for`` on Python 3.11 may), and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, item: int) -> int:
+        self.calls += 1
+        try:
+            await asyncio.sleep(3600 if item > 0 else 0)
+        except asyncio.CancelledError:
+            return -item
+        return item
+
+
+@pytest.mark.parametrize("exit_by", ["break", "failure"])
+async def test_a_call_that_swallows_its_cancellation_does_not_lead_on_to_more_calls(
+    exit_by: str,
+) -> None:
+    """Leaving the map cancels the calls: one that returns anyway ends its worker.
+
+    Before, the worker took the next item, and the map waited for it forever.
+    """
+    swallower = Swallower()
+    async with asyncio.timeout(30):
+        with pytest.raises(KeyError) if exit_by == "failure" else contextlib.nullcontext():
+            async with corral.map(swallower, range(1000), limit=4) as results:
+                async for _ in results:
+                    if exit_by == "failure":
+                        raise KeyError("the consumer failed")
+                    break
+    assert swallower.calls <= 8
+    assert no_tasks_but_current()
+
+
+async def test_cancel_stops_new_starts_even_when_calls_swallow_their_cancellation() -> None:
+    swallower = Swallower()
+    async with corral.map(swallower, itertools.count(), limit=4, ordered=False) as results:
+        seen = []
+        async for value in results:
+            seen.append(value)
+            if len(seen) == 1:
+                results.cancel()
+    assert swallower.calls <= 5
+    assert sorted(seen) == sorted(-i for i in range(swallower.calls))
+    assert no_tasks_but_current()
 
 
 # -- cleanup on every exit path ------------------------------------------------

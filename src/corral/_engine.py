@@ -516,6 +516,10 @@ class Engine(Generic[T, R]):
         # (cancel(), the deadline, a budget); the reason, if any, is raised to
         # the consumer after the results already produced were handed out.
         self._halted = False
+        # Set once no new call may start (halted, failed or closing): workers
+        # check it before each item, so a call that swallowed its cancellation
+        # cannot lead its worker on to the next one.
+        self._stopping = False
         self._halt_reason: BaseException | None = None
         self._deadline_passed = False
         self._observers: list[Observer] = []
@@ -694,6 +698,8 @@ class Engine(Generic[T, R]):
                     direct = source.direct  # type: ignore[union-attr]
                     call = unwrapped if direct else wrapped
                 for index, item in source.pairs:
+                    if self._stopping:
+                        return False
                     if bounded and index >= self._consumed + window:  # type: ignore[operator]
                         try:
                             await self._wait_for_room(index)
@@ -731,6 +737,14 @@ class Engine(Generic[T, R]):
                     except Exception as exc:
                         self._failed += 1
                         if not self._return_exceptions:
+                            if isinstance(exc, StopAsyncIteration):
+                                # Raised by the stream's __anext__, it would read
+                                # as the end of the results (PEP 479's reason).
+                                error = RuntimeError(
+                                    f"fn raised StopAsyncIteration for item {item!r}"
+                                )
+                                error.__cause__ = exc
+                                exc = error
                             self.fail(exc)
                             return False
                         if recorder is not None:
@@ -768,8 +782,15 @@ class Engine(Generic[T, R]):
         task.add_done_callback(self._worker_finished)
 
     def _worker_finished(self, task: asyncio.Task[bool]) -> None:
-        if not task.cancelled() and task.exception() is None and task.result():
-            return  # retired from an elastic pool: counted out already
+        if not task.cancelled():
+            error = task.exception()
+            if error is None and task.result():
+                return  # retired from an elastic pool: counted out already
+            if error is not None:
+                # Not an Exception (those are handled per item): a BaseException
+                # subclass from fn or the input. Ending the worker quietly would
+                # drop its item and every one after it: the run raises it.
+                self.fail(error)
         self._alive -= 1
         if self._alive == 0:
             self._all_workers_done()
@@ -843,7 +864,7 @@ class Engine(Generic[T, R]):
             return
         if self._halted or self._phase is not _Phase.RUNNING:
             return
-        self._halted = True
+        self._halted = self._stopping = True
         self._halt_reason = reason
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
@@ -873,6 +894,7 @@ class Engine(Generic[T, R]):
         if self._error is not None:
             return
         self._error = exc
+        self._stopping = True
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -983,6 +1005,7 @@ class Engine(Generic[T, R]):
                     await aclose()
             return
         self._phase = _Phase.CLOSING
+        self._stopping = True
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
         current = asyncio.current_task()

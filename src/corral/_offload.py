@@ -193,6 +193,19 @@ def usable_cpus() -> int:
 # ---------------------------------------------------------------------------
 
 
+def no_stop_iteration(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, run in a thread: a StopIteration it raises comes out as a RuntimeError.
+
+    A StopIteration cannot be set on an asyncio future (it would end a
+    generator's iteration instead): the future never resolves and the map
+    hangs. Coroutines convert it the same way (PEP 479).
+    """
+    try:
+        return fn(*args)
+    except StopIteration as exc:
+        raise RuntimeError(f"fn raised StopIteration for item {args[0]!r}") from exc
+
+
 def _thread_call(
     fn: Callable[[Any], Any], get_pool: Callable[[], concurrent.futures.Executor]
 ) -> Call:
@@ -200,7 +213,9 @@ def _thread_call(
 
     async def call(item: Any) -> Any:
         nonlocal warned
-        result = await asyncio.get_running_loop().run_in_executor(get_pool(), fn, item)
+        result = await asyncio.get_running_loop().run_in_executor(
+            get_pool(), no_stop_iteration, fn, item
+        )
         if inspect.isawaitable(result):
             # e.g. ``lambda url: fetch(session, url)``: the coroutine was made in
             # a thread and must run on the loop. Correct, but a thread hop per call.
@@ -557,6 +572,11 @@ def _settle(job: _Job, ok: bool, value: Any) -> None:
         return  # the caller was cancelled meanwhile
     if ok:
         future.set_result(value)
+    elif isinstance(value, StopIteration):
+        # A future refuses it (see no_stop_iteration): the job would never end.
+        error = RuntimeError(f"fn raised StopIteration for item {job.item!r}")
+        error.__cause__ = value
+        future.set_exception(error)
     else:
         future.set_exception(value)
 

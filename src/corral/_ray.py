@@ -71,7 +71,7 @@ from typing import Any, TypeVar
 
 from ._engine import _Retried
 from ._limits import Limiter
-from ._offload import WorkerCrashed, is_async_callable
+from ._offload import WorkerCrashed, is_async_callable, no_stop_iteration
 from ._remote import (
     RemoteCall,
     RemoteOptions,
@@ -343,8 +343,8 @@ class _Actor:
         if threads is not None:
             loop = asyncio.get_running_loop()
             if state is _NO_STATE:
-                return lambda item: loop.run_in_executor(threads, fn, item)
-            return lambda item: loop.run_in_executor(threads, fn, item, state)
+                return lambda item: loop.run_in_executor(threads, no_stop_iteration, fn, item)
+            return lambda item: loop.run_in_executor(threads, no_stop_iteration, fn, item, state)
         if state is _NO_STATE:
             return fn
         return lambda item: fn(item, state)
