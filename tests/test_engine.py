@@ -360,6 +360,14 @@ async def test_fn_raising_cancelled_error_fails_the_run_instead_of_losing_the_it
 
     with pytest.raises(RuntimeError, match="raised CancelledError for item 2"):
         await corral.gather(rogue, range(5), return_exceptions=True)
+    seen = []
+    with pytest.raises(RuntimeError, match="raised CancelledError for item 2"):
+        async with corral.map(rogue, range(5), limit=1, return_exceptions=True) as results:
+            async for value in results:
+                seen.append(value)
+    assert seen == [0, 1]
+    stats = results.stats  # the failure that ended the run is no result handed out
+    assert (stats.started, stats.completed, stats.failed) == (3, 2, 1)
 
 
 class Boom(BaseException):
@@ -842,6 +850,12 @@ async def test_deadline_with_return_exceptions_reports_cut_calls() -> None:
     )
     assert results[:3] == [0, 1, 2]
     assert [type(r) for r in results[3:]] == [corral.DeadlineExceeded] * 2
+    async with corral.map(
+        item_seconds, range(5), limit=5, deadline=2.5, return_exceptions=True
+    ) as stream:
+        assert len([r async for r in stream]) == 5
+    stats = stream.stats
+    assert (stats.started, stats.completed, stats.failed) == (5, 3, 2)
 
 
 @pytest.mark.virtual_time
@@ -867,6 +881,9 @@ async def test_budget_stops_starting_and_lets_in_flight_finish() -> None:
                 got.append(r)
     assert spy.calls == 5
     assert got == [0, 2, 4, 6, 8]
+    # Items the budget refused were taken from the input but never ran.
+    stats = results.stats
+    assert (stats.started, stats.completed, stats.failed) == (5, 5, 0)
 
 
 @pytest.mark.virtual_time

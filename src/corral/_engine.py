@@ -533,6 +533,10 @@ class Engine(Generic[T, R]):
         self._unstarted = 0  # workers spawned that have not pulled an item yet
         self._error: BaseException | None = None
         self._failed = 0
+        # Failures handed out in their item's place (return_exceptions), and
+        # items taken from the input that never ran (the run stopped first).
+        self._captured = 0
+        self._not_run = 0
         self._histogram = LatencyHistogram()
         self._started_at = 0.0
         self._ended_at: float | None = None
@@ -699,6 +703,7 @@ class Engine(Generic[T, R]):
                     call = unwrapped if direct else wrapped
                 for index, item in source.pairs:
                     if self._stopping:
+                        self._not_run += 1
                         return False
                     if bounded and index >= self._consumed + window:  # type: ignore[operator]
                         try:
@@ -750,10 +755,12 @@ class Engine(Generic[T, R]):
                         if recorder is not None:
                             recorder.failure(item, exc, direct)
                         value = exc
+                        self._captured += 1
                     except asyncio.CancelledError as exc:
                         self._check_cancellation(exc, index, item)
                         return False
-                    except Halt as halt:
+                    except Halt as halt:  # the budget (or the checkpoint) refused it
+                        self._not_run += 1
                         if recorder is not None:
                             recorder.halted(item, halt, direct)
                         self.halt(halt.reason, cancel_in_flight=False)
@@ -814,6 +821,8 @@ class Engine(Generic[T, R]):
         if task is None or task.cancelling() or self._phase is not _Phase.RUNNING:
             if self._deadline_passed and self._return_exceptions:
                 # The deadline cut this call short: report the item as not done.
+                self._failed += 1
+                self._captured += 1
                 self.deliver(
                     index, DeadlineExceeded(f"the deadline passed while item {item!r} ran")
                 )
@@ -1061,9 +1070,8 @@ class Engine(Generic[T, R]):
             finished = len(self.results)
         else:
             finished = self._consumed + len(self._ready) + len(self._pending)
-        captured = self._failed if self._return_exceptions else 0
-        completed = finished - captured
-        started = self._source.pulled() - len(self._blocked)
+        completed = finished - self._captured
+        started = self._source.pulled() - len(self._blocked) - self._not_run
         # Once the run is over nothing is in flight; calls cancelled by an early
         # stop count as started, neither completed nor failed.
         closed = self._phase is _Phase.CLOSED
