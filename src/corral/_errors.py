@@ -8,7 +8,10 @@ class DeadlineExceeded(Exception):
 
     Raised after every result produced before the deadline was handed out.
     With ``return_exceptions=True`` the map does not raise: each call that was
-    cancelled in flight yields a ``DeadlineExceeded`` in its place instead.
+    cancelled in flight yields a ``DeadlineExceeded`` in its place instead,
+    and the items that had not started yield nothing. Items start in input
+    order, so those that did are a prefix of the input: ``gather`` returns a
+    list shorter than the input, one outcome for each item that started.
     """
 
 
