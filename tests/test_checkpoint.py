@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
+import marshal
 import math
 import os
 import random
@@ -83,6 +85,36 @@ def test_items_are_their_own_ids_when_str_int_bytes_or_tuples() -> None:
 def test_other_items_have_no_id(item: object) -> None:
     """Floats, None, lists, dicts and tuples holding them are not ids."""
     assert as_key(item) is None
+
+
+class Color(str, enum.Enum):  # noqa: UP042 (a StrEnum's str() is its value; not this one's)
+    RED = "red"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Shouty(int):
+    """An int whose int() is not the value it equals."""
+
+    def __int__(self) -> int:
+        return 99
+
+
+def test_subclasses_of_str_and_int_are_the_value_they_equal() -> None:
+    """A str Enum member is the id of its value, not of str() ("Color.RED"), also
+    at the top level as in a tuple; the same for int subclasses; bool stays 1."""
+    assert as_key(Color.RED) == "red"
+    assert type(as_key(Color.RED)) is str
+    assert as_key(Color.RED) != as_key("Color.RED")
+    assert as_key((Color.RED,)) == as_key(("red",))
+    assert as_key(Level.HIGH) == 3
+    assert type(as_key(Level.HIGH)) is int
+    assert as_key(Shouty(3)) == 3
+    assert as_key((Shouty(3), Level.HIGH)) == as_key((3, 3))
+    assert as_key(True) == 1
+    assert type(as_key(True)) is int
 
 
 def test_default_fingerprint_is_fns_module_and_qualname() -> None:
@@ -398,16 +430,42 @@ async def test_ids_with_the_same_hash_in_different_chunks_both_replay(tmp_path: 
 
 
 @pytest.mark.slow
-async def test_a_damaged_file_is_refused_naming_it(tmp_path: Path) -> None:
-    """A chunk whose ids cannot be read is a clear error, not a crash or a wrong result."""
+@pytest.mark.parametrize(
+    ("column", "blob", "why"),
+    [
+        ("ids", b"\x00\xff", "bad marshal data (unknown type code)"),
+        ("vals", b"\x00\xff", "bad marshal data (unknown type code)"),
+        ("vals", marshal.dumps([1]), "its ids, kinds and values do not match"),
+    ],
+)
+@pytest.mark.parametrize("first_read", [_checkpoint.FIRST_READ, 0], ids=["opening", "lookup"])
+async def test_a_damaged_file_is_refused_naming_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    column: str,
+    blob: bytes,
+    why: str,
+    first_read: int,
+) -> None:
+    """A chunk whose ids or values cannot be read is a clear error, not a crash or a wrong
+    result: read with the opening or by a lookup, with return_exceptions, or listed."""
     path = tmp_path / "run.sqlite"
     await corral.gather(Spy(), range(3), checkpoint=path)
     db = sqlite3.connect(path)
-    db.execute("UPDATE corral_chunks SET ids = x'00ff'")
+    db.execute(f"UPDATE corral_chunks SET {column} = ?", (blob,))
     db.commit()
     db.close()
-    with pytest.raises(ValueError, match=rf"^checkpoint={re.escape(repr(str(path)))} is damaged"):
-        await corral.gather(Spy(), range(3), checkpoint=path)
+    monkeypatch.setattr(_checkpoint, "FIRST_READ", first_read)
+    text = (
+        f"checkpoint={str(path)!r} is damaged: chunk 1 cannot be read ({why}); "
+        "pass the path of a new file"
+    )
+    spy = Spy()
+    with pytest.raises(ValueError, match=message(text)):
+        await corral.gather(spy, range(3), checkpoint=path, return_exceptions=True)
+    assert spy.calls == []
+    with pytest.raises(ValueError, match=message(text)):
+        list(read_checkpoint(path))
 
 
 @pytest.mark.slow
@@ -526,6 +584,35 @@ async def test_an_item_with_no_id_needs_item_id(tmp_path: Path) -> None:
         await corral.gather(
             spy, range(3), limit=1, checkpoint=tmp_path / "run.sqlite", item_id=lambda _: 1.5
         )
+
+
+@pytest.mark.slow
+async def test_an_item_id_that_raises_stops_the_map_naming_the_item(tmp_path: Path) -> None:
+    """item_id raising for an item is no failure of the item's: the map stops, naming
+    item_id and the item, its error as the cause, even with return_exceptions."""
+    rows = [{"id": 1, "text": "a"}, {"key": 2, "text": "b"}, {"id": 3, "text": "c"}]
+    text = (
+        "item_id must return a str, int, bytes or a tuple of those; it raised KeyError('id') "
+        "for item {'key': 2, 'text': 'b'}"
+    )
+    for return_exceptions in (False, True):
+        calls: list[Any] = []
+
+        async def upper(row: dict[str, Any], calls: list[Any] = calls) -> str:
+            calls.append(row)
+            return str(row["text"]).upper()
+
+        with pytest.raises(TypeError, match=message(text)) as caught:
+            await corral.gather(
+                upper,
+                rows,
+                limit=1,
+                checkpoint=tmp_path / f"run-{return_exceptions}.sqlite",
+                item_id=lambda row: row["id"],
+                return_exceptions=return_exceptions,
+            )
+        assert repr(caught.value.__cause__) == "KeyError('id')"
+        assert calls == rows[:1]
 
 
 @pytest.mark.slow
@@ -1168,6 +1255,112 @@ async def test_failures_are_recorded_and_replayed_with_return_exceptions(tmp_pat
     assert spy.calls == []
 
 
+@pytest.mark.parametrize("tuples", [False, True], ids=["direct", "item-by-item"])
+async def test_a_returned_exception_that_does_not_load_back_fails_at_once(
+    tmp_path: Path, tuples: bool
+) -> None:
+    """An exception returned (not raised) is a result: pickle stores Unpicklable but cannot
+    load it, so it stops the map naming the item, rather than break the resume."""
+    path = tmp_path / "run.sqlite"
+    calls: list[int] = []
+
+    async def answer(item: Any) -> Any:
+        number = item[0] if tuples else item
+        calls.append(number)
+        await asyncio.sleep(0)
+        return Unpicklable(number, "an answer") if number == 3 else KeyError(number)
+
+    items = [(i,) for i in range(1000)] if tuples else range(1000)
+    text = (
+        f"checkpoint={str(path)!r} cannot record the result of item {'(3,)' if tuples else 3}: "
+        "pickle stores it but cannot load it back (TypeError: Unpicklable.__init__() missing "
+        "1 required positional argument: 'why'). Return plain data from fn (str, numbers, "
+        "lists, dicts, dataclasses), or drop checkpoint=."
+    )
+    for return_exceptions in (False, True):
+        calls.clear()
+        with pytest.raises(TypeError, match=message(text)) as caught:
+            await corral.gather(
+                answer, items, limit=1, checkpoint=path, return_exceptions=return_exceptions
+            )
+        assert type(caught.value.__cause__) is TypeError
+        assert calls == ([0, 1, 2, 3] if not return_exceptions else [3])
+    # The exceptions that load back were recorded, and replay as results.
+    spy = Spy()
+    again = await corral.gather(spy, items[:3], checkpoint=path, resume="ignore-fingerprint")
+    assert [repr(value) for value in again] == ["KeyError(0)", "KeyError(1)", "KeyError(2)"]
+    assert spy.calls == []
+
+
+def refuse_to_load() -> None:
+    raise RuntimeError("this result does not load")
+
+
+class LoadsNot:
+    """A result pickle stores but cannot load back (as if its class had changed since)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (refuse_to_load, ())
+
+
+@pytest.mark.parametrize("first_read", [_checkpoint.FIRST_READ, 0], ids=["read-ahead", "lookup"])
+async def test_a_recorded_result_that_does_not_load_stops_the_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_read: int
+) -> None:
+    """On resume, a recorded value that cannot be loaded stops the map naming the file and
+    the item, even with return_exceptions: its error never takes the item's place."""
+    path = tmp_path / "run.sqlite"
+
+    async def loads_not(item: int) -> Any:
+        return LoadsNot() if item == 2 else [item]
+
+    await corral.gather(loads_not, range(4), checkpoint=path, fingerprint=SAME)
+    monkeypatch.setattr(_checkpoint, "FIRST_READ", first_read)
+    text = (
+        f"checkpoint={str(path)!r} cannot load the result recorded for item 2 (RuntimeError: "
+        "this result does not load). Restore the code that defined its type if it changed "
+        "since, or pass the path of a new file."
+    )
+    for return_exceptions in (False, True):
+        spy = Spy()
+        with pytest.raises(ValueError, match=message(text)) as caught:
+            await corral.gather(
+                spy,
+                range(4),
+                checkpoint=path,
+                fingerprint=SAME,
+                return_exceptions=return_exceptions,
+            )
+        assert repr(caught.value.__cause__) == "RuntimeError('this result does not load')"
+        assert spy.calls == []
+
+
+async def test_a_repeat_of_a_call_whose_result_does_not_load_stops_the_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An id repeated while its direct call runs: the repeat loads the call's row, and one
+    that does not load stops the map naming the repeat, rather than hang or leak."""
+    monkeypatch.setattr(_engine, "CHUNK", 4)
+
+    async def slow_three(item: int) -> Any:
+        if item == 3:
+            for _ in range(5):  # the repeat starts waiting meanwhile
+                await asyncio.sleep(0)
+            return LoadsNot()
+        return item
+
+    path = tmp_path / "run.sqlite"
+    text = (
+        f"checkpoint={str(path)!r} cannot load the result recorded for item 3 (RuntimeError: "
+        "this result does not load). Restore the code that defined its type if it changed "
+        "since, or pass the path of a new file."
+    )
+    with pytest.raises(ValueError, match=message(text)):
+        await asyncio.wait_for(
+            corral.gather(slow_three, [0, 1, 2, 3, 3], limit=5, checkpoint=path), timeout=10
+        )
+
+
 @pytest.mark.slow
 async def test_failures_are_not_recorded_without_return_exceptions(tmp_path: Path) -> None:
     """A failure that ends the map is tried again on resume."""
@@ -1184,14 +1377,14 @@ async def test_failures_are_not_recorded_without_return_exceptions(tmp_path: Pat
 
 @pytest.mark.slow
 async def test_json_serializer_records_json(tmp_path: Path) -> None:
-    """serializer='json' stores JSON: results come back as JSON gives them."""
+    """serializer='json' stores JSON: results come back equal, failures as RecordedFailure."""
     path = tmp_path / "run.sqlite"
 
     async def describe(item: int) -> Any:
         await asyncio.sleep(0)
         if item == 2:
             raise LookupError("no such item")
-        return {"item": item, "pair": (item, -item)} if item else "zero"
+        return {"item": item, "pair": [item, -item]} if item else "zero"
 
     options: dict[str, Any] = {
         "checkpoint": path,
@@ -1200,10 +1393,9 @@ async def test_json_serializer_records_json(tmp_path: Path) -> None:
         "return_exceptions": True,
     }
     first = await corral.gather(describe, range(4), **options)
-    assert first[1] == {"item": 1, "pair": (1, -1)}  # the first run hands out fn's own value
     again = await corral.gather(Spy(), range(4), **options)
     assert again[0] == "zero"
-    assert again[1] == {"item": 1, "pair": [1, -1]}  # JSON has lists, not tuples
+    assert again[1] == first[1] == {"item": 1, "pair": [1, -1]}
     assert isinstance(again[2], RecordedFailure)
     assert str(again[2]) == "LookupError: no such item"
     assert recorded(path)[1] == (_checkpoint_file.ENCODED, '{"item": 1, "pair": [1, -1]}')
@@ -1216,11 +1408,58 @@ async def test_json_serializer_records_json(tmp_path: Path) -> None:
     text = (
         f"checkpoint={str(tmp_path / 'sets.sqlite')!r} cannot record the result of item 0: it "
         "is not JSON-serialisable (TypeError: Object of type set is not JSON serializable). "
-        "Return JSON data from fn (str, numbers, bool, None, lists, dicts), or use "
-        "serializer='pickle'."
+        "Return JSON data from fn (str, numbers, bool, None, lists, dicts with str keys), or "
+        "use serializer='pickle'."
     )
     with pytest.raises(TypeError, match=message(text)):
         await corral.gather(setty, range(3), checkpoint=tmp_path / "sets.sqlite", serializer="json")
+
+
+@pytest.mark.slow
+async def test_json_refuses_results_it_would_give_back_changed(tmp_path: Path) -> None:
+    """json.dumps turns a tuple into a list, a key 1 into "1", an Enum into its value: such a
+    result stops the map naming the item, even with return_exceptions. NaN and inf replay."""
+    changed: list[tuple[Any, str]] = [
+        ((1, 2), "Object of type tuple would come back as a list"),
+        ({"a": [{"b": (1,)}]}, "Object of type tuple would come back as a list"),
+        ({1: "v"}, "dict key 1 of type int would come back as a str"),
+        ({Color.RED: "v"}, "dict key <Color.RED: 'red'> of type Color would come back as a str"),
+        ([Level.HIGH], "Object of type Level would come back as an int"),
+        ({"c": Color.RED}, "Object of type Color would come back as a str"),
+        (Counter(a=1), "Object of type Counter would come back as a dict"),
+    ]
+    for number, (value, why) in enumerate(changed):
+        path = tmp_path / f"run{number}.sqlite"
+
+        async def give(item: int, value: Any = value) -> Any:
+            return value if item == 1 else [item]
+
+        text = (
+            f"checkpoint={str(path)!r} cannot record the result of item 1: it is not "
+            f"JSON-serialisable (TypeError: {why}). Return JSON data from fn (str, numbers, "
+            "bool, None, lists, dicts with str keys), or use serializer='pickle'."
+        )
+        for return_exceptions in (False, True):
+            with pytest.raises(TypeError, match=message(text)):
+                await corral.gather(
+                    give,
+                    range(3),
+                    checkpoint=path,
+                    serializer="json",
+                    return_exceptions=return_exceptions,
+                )
+
+    async def floats(item: int) -> Any:
+        return {"nan": math.nan, "inf": [math.inf, -math.inf], "n": item}
+
+    path = tmp_path / "floats.sqlite"
+    options: dict[str, Any] = {"checkpoint": path, "serializer": "json", "fingerprint": SAME}
+    await corral.gather(floats, range(2), **options)
+    again = await corral.gather(Spy(), range(2), **options)
+    assert [(math.isnan(r["nan"]), r["inf"], r["n"]) for r in again] == [
+        (True, [math.inf, -math.inf], 0),
+        (True, [math.inf, -math.inf], 1),
+    ]
 
 
 # -- several maps, early stops ---------------------------------------------------------

@@ -27,6 +27,20 @@ recorded too and replays as the same exception (see :class:`RecordedFailure`
 for the exceptions that cannot be stored as themselves). Without it a failure
 ends the run unrecorded, so a re-run tries that item again.
 
+A result that is not a plain ``str``, ``int``, ``float`` or ``None`` is stored
+by the serializer, and one it cannot store *as it is* stops the map at once
+with a ``TypeError`` naming the item, even with ``return_exceptions=True``: a
+resume must give back what the fresh run gave. With ``"pickle"``, an
+exception returned as a result is loaded back to check that (one whose
+``__init__`` takes other arguments than its ``args`` stores but does not
+load); other results are not (that would double what storing them costs).
+``"json"`` takes lists, dicts with ``str`` keys, ``str``, ``int``, ``float``
+(NaN and infinities too: Python's json reads back what it writes for them),
+``bool`` and ``None``, of exactly those types: a tuple, a key of another type
+or an ``IntEnum`` would come back as a list, a str or an int. On resume, a
+recorded result that cannot be loaded (its class moved since) stops the map
+too, naming the file and the item; it never takes the item's place.
+
 Ids, repeated ids, fingerprints
 -------------------------------
 Items are identified by an *id*: by default the item itself when it is a
@@ -95,7 +109,7 @@ result (under ``item_id=``, also its call and a dict entry from the screen
 to the worker, by ``id(item)``); item by item, for the id, a dict lookup
 and insert, a dict entry while the call runs and the hook's call. Any other result is pickled
 on the loop thread, so that one that cannot be stored stops the map at
-once, naming its item.
+once, naming its item (see "What is recorded" above).
 
 How results are stored
 ----------------------
@@ -781,9 +795,11 @@ class Checkpoint:
 # ---------------------------------------------------------------------------
 
 #: What items waiting on another item with their id get: (kind, result or
-#: exception), with kind PLAIN, ENCODED, FAILED or _HALTED (the Halt's reason).
+#: exception), with kind PLAIN, ENCODED, FAILED, _HALTED (the Halt's reason)
+#: or _STORED (a :class:`_Stored` row, not loaded yet).
 _Outcome = tuple[int, Any]
 _HALTED = -1
+_STORED = -2
 
 
 class _Ascending:
@@ -930,9 +946,10 @@ def with_checkpoint(
 
     Meant as the outermost wrapper: a recorded item takes no limiter slot,
     rate token, retry or timeout. Errors of the checkpoint itself (the file,
-    an item with no id, a result that cannot be stored) stop the map through
-    :class:`~corral._engine.Halt`, even with ``return_exceptions=True``: they
-    are no item's failure. Failures are recorded only when the engine delivers
+    an item with no id, an ``item_id`` that raises or returns no id, a result
+    that cannot be stored, a recorded one that cannot be loaded) stop the map
+    through :class:`~corral._engine.Halt`, even with ``return_exceptions=True``:
+    they are no item's failure. Failures are recorded only when the engine delivers
     them (``return_exceptions=True``): only then does it call ``failure``.
     """
     cp = checkpoint
@@ -966,6 +983,21 @@ def with_checkpoint(
     backlog = False  # MAX_BACKLOG rows wait for the thread: new items wait for a commit
     full_at = 2 * WRITE_BATCH  # len(rows) at which to ask for a write now (cp.full)
 
+    def item_id_raised(item: object, exc: Exception) -> TypeError:
+        error = TypeError(
+            "item_id must return a str, int, bytes or a tuple of those; it raised "
+            f"{item_repr(exc)} for item {item_repr(item)}"
+        )
+        error.__cause__ = exc
+        return error
+
+    def decoded(item: Any, kind: int, value: Any) -> _Outcome:
+        """A recorded row's outcome; one that cannot be loaded stops the map, naming ``item``."""
+        try:
+            return codec.decode(kind, value)
+        except Exception as exc:
+            raise Halt(codec.unreadable(cp.path, item, exc)) from None
+
     def key_or_halt(ident: object, item: object) -> Key:
         key = as_key(ident)
         if key is not None:
@@ -994,7 +1026,11 @@ def with_checkpoint(
         else:
             ident = prepared.pop(id(item), _MISSING) if prepared else _MISSING
             if ident is _MISSING:
-                ident = item_id(item)
+                try:
+                    ident = item_id(item)
+                except Exception as exc:
+                    # The item has no id: no failure of its own (nor fn's) to deliver.
+                    raise Halt(item_id_raised(item, exc)) from None
         kind = type(ident)
         if kind is int or kind is str:
             key: Key = ident
@@ -1095,6 +1131,8 @@ def with_checkpoint(
         try:
             try:
                 encoded = dumps(value)
+                if isinstance(value, BaseException):
+                    codec.loads_back(encoded)
             except Exception as exc:
                 raise Halt(codec.unrecordable(cp.path, item, exc)) from None
             record(key, ENCODED, encoded)
@@ -1113,8 +1151,8 @@ def with_checkpoint(
             if key in joiners:
                 if error is not None:
                     settle(key, (_HALTED, error))
-                else:
-                    settle(key, codec.decode(kind, stored))
+                else:  # loaded by each waiter (replay), which names its item if it cannot
+                    settle(key, (_STORED, _Stored(kind, stored)))
 
     async def backlogged(key: Key, item: Any) -> Any:
         # gather has no consumer to pace it: wait for the thread to catch up.
@@ -1159,7 +1197,7 @@ def with_checkpoint(
                 cp.refill()
             if type(ahead) is not _Stored:
                 return ahead
-            outcome = codec.decode(ahead.kind, ahead.value)
+            outcome = decoded(item, ahead.kind, ahead.value)
         elif key in inflight:
             outcome = await join(key)
         else:
@@ -1176,7 +1214,7 @@ def with_checkpoint(
             if found is not None:
                 if waiter is not None:
                     unwait(key, waiter)
-                outcome = codec.decode(*found)
+                outcome = decoded(item, *found)
             elif waiter is not None:
                 outcome = await waiter
             elif key in inflight:  # started while this lookup ran
@@ -1184,6 +1222,8 @@ def with_checkpoint(
             else:
                 outcome = collided.get(key)  # or even finished
         if outcome is not None:
+            if outcome[0] == _STORED:
+                outcome = decoded(item, outcome[1].kind, outcome[1].value)
             kind = outcome[0]
             if kind == FAILED:
                 raise outcome[1]
@@ -1256,6 +1296,8 @@ def with_checkpoint(
             else:
                 try:
                     encoded = dumps(value)
+                    if isinstance(value, BaseException):  # rare: its pickle may not load
+                        codec.loads_back(encoded)
                 except Exception as exc:
                     raise Halt(codec.unrecordable(cp.path, item, exc)) from None
                 record(key, ENCODED, encoded)

@@ -20,8 +20,9 @@ transaction; a write of more than 64 chunks is one transaction of a few).
 ``marshal`` (format 2, read by every Python since 2.5) stores the ids and the
 plain values exactly as they are, at C speed; it does not run code when it
 reads, but, like the pickled results themselves, the file is to be trusted
-as much as the program that wrote it. :func:`read_checkpoint` lists a file's
-rows.
+as much as the program that wrote it. A chunk that cannot be read stops the
+map with an error naming the file and the chunk. :func:`read_checkpoint`
+lists a file's rows.
 
 Every method of :class:`Database` runs on the checkpoint's own thread; the
 event loop's side (batching, lookups, the call wrapper and the recorder) is
@@ -99,7 +100,7 @@ def _canonical(ident: object) -> str | None:
     if isinstance(ident, str):
         return str.__repr__(ident)
     if isinstance(ident, int):  # bool and IntEnum too: they equal their int
-        return int.__repr__(int(ident))
+        return int.__repr__(ident)
     if isinstance(ident, bytes):
         return bytes.__repr__(ident)
     if isinstance(ident, tuple):
@@ -117,14 +118,18 @@ def as_key(ident: object) -> Key | None:
     """The stored key for an id, or ``None`` if ``ident`` is not a valid id.
 
     A ``str`` or an ``int`` is its own key (a subclass, such as ``bool``,
-    becomes the plain value it equals); anything else valid (bytes, tuples)
-    is the bytes of its canonical text. A str never equals an int or bytes,
-    so ``1``, ``"1"``, ``b"1"`` and ``(1,)`` are four different ids.
+    an ``IntEnum`` or a ``str`` Enum, becomes the plain value it equals:
+    ``Color.RED`` is the id ``"red"``, as in a tuple); anything else valid
+    (bytes, tuples) is the bytes of its canonical text. A str never equals
+    an int or bytes, so ``1``, ``"1"``, ``b"1"`` and ``(1,)`` are four
+    different ids.
     """
+    # str.__str__ and int.__int__, not str() and int(): a subclass's own
+    # __str__ or __int__ (an Enum's "Color.RED") is not the value it equals.
     if isinstance(ident, str):
-        return str(ident)
+        return str.__str__(ident)
     if isinstance(ident, int):
-        return int(ident)
+        return int.__int__(ident)
     text = _canonical(ident)
     return None if text is None else text.encode()
 
@@ -164,11 +169,64 @@ def _type_name(exc: BaseException) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
+class _Unloadable(Exception):
+    """An exception returned as a result that pickle stores but cannot load back."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+_JSON_LEAVES: frozenset[type] = frozenset({str, int, float, bool, type(None)})
+_STR: frozenset[type] = frozenset({str})
+#: What json.loads gives back for a subclass of each type json.dumps takes.
+_JSON_BASES: dict[type, str] = {
+    dict: "a dict",
+    list: "a list",
+    str: "a str",
+    int: "an int",
+    float: "a float",
+}
+
+
+def _check_json(value: Any) -> None:
+    """Raise TypeError if JSON would give back something other than ``value``.
+
+    For a value ``json.dumps`` took, which it does for more than it gives
+    back: it writes a tuple as a list, a dict key that is not a str as a
+    str, and a subclass of a JSON type (an ``IntEnum``, a ``str`` Enum, an
+    ``OrderedDict``, numpy's ``float64``) as that type. Only lists, dicts
+    with str keys, str, int, float, bool and None, of exactly those types,
+    come back equal and of the same type. NaN and infinities come back as
+    themselves (written ``NaN`` and ``Infinity``, which Python's json reads).
+    """
+    kind = type(value)
+    if kind is list:
+        if not _JSON_LEAVES.issuperset(map(type, value)):  # else one pass in C
+            for each in value:
+                _check_json(each)
+    elif kind is dict:
+        if not _STR.issuperset(map(type, value)):
+            key = next(key for key in value if type(key) is not str)
+            raise TypeError(
+                f"dict key {item_repr(key)} of type {type(key).__name__} would come back as a str"
+            )
+        if not _JSON_LEAVES.issuperset(map(type, value.values())):
+            for each in value.values():
+                _check_json(each)
+    elif kind not in _JSON_LEAVES:
+        # json.dumps took it: a subclass of a JSON type, or a tuple (a list).
+        base = next((name for t, name in _JSON_BASES.items() if isinstance(value, t)), None)
+        raise TypeError(f"Object of type {kind.__name__} would come back as {base or 'a list'}")
+
+
 class Codec:
     """Turns results and failures into stored values and back."""
 
     def __init__(self, serializer: Serializer) -> None:
         self.serializer = serializer
+        #: A result as stored. Raises for a result that would not come back
+        #: as it is (but see loads_back): unrecordable() says why.
         self.dumps: Callable[[Any], bytes | str]
         self.loads: Callable[[Any], Any]
         if serializer == "pickle":
@@ -177,8 +235,31 @@ class Codec:
         else:
             import json
 
-            self.dumps = json.dumps
+            encode = json.dumps
+
+            def dump_json(value: Any) -> str:
+                text = encode(value)  # first: it refuses sets, cycles, other types
+                _check_json(value)
+                return text
+
+            self.dumps = dump_json
             self.loads = json.loads
+
+    def loads_back(self, encoded: bytes | str) -> None:
+        """Check that an exception returned as a result loads back from ``dumps``'s value.
+
+        An exception pickles as its type and ``args``, so one whose ``__init__``
+        takes other arguments stores but does not load: found now, not on
+        resume. The recorder calls this for exceptions only; loading back
+        every result would double its cost.
+
+        Raises:
+            _Unloadable: it does not load (for unrecordable()).
+        """
+        try:
+            self.loads(encoded)
+        except Exception as exc:
+            raise _Unloadable(exc) from exc
 
     def dump_failure(self, exc: BaseException) -> bytes | str:
         if self.serializer == "json":
@@ -191,7 +272,11 @@ class Codec:
         return payload
 
     def decode(self, kind: int, value: Any) -> tuple[int, Any]:
-        """A stored row's (kind, result or exception)."""
+        """A stored row's (kind, result or exception).
+
+        Raises:
+            Exception: the value cannot be loaded (see :meth:`unreadable`).
+        """
         if kind == PLAIN:
             return PLAIN, value
         if kind == ENCODED:
@@ -202,21 +287,38 @@ class Codec:
         return FAILED, pickle.loads(value)
 
     def unrecordable(self, path: str, item: object, exc: Exception) -> TypeError:
-        if self.serializer == "pickle":
+        """The error that stops the map when ``dumps`` raised ``exc`` for item's result."""
+        cause = exc
+        if isinstance(exc, _Unloadable):
+            what = "pickle stores it but cannot load it back"
+            cause = exc.error
+        elif self.serializer == "pickle":
             what = "it cannot be pickled"
+        else:
+            what = "it is not JSON-serialisable"
+        if self.serializer == "pickle":
             fix = (
                 "Return plain data from fn (str, numbers, lists, dicts, dataclasses), "
                 "or drop checkpoint=."
             )
         else:
-            what = "it is not JSON-serialisable"
             fix = (
-                "Return JSON data from fn (str, numbers, bool, None, lists, dicts), "
-                "or use serializer='pickle'."
+                "Return JSON data from fn (str, numbers, bool, None, lists, dicts with str "
+                "keys), or use serializer='pickle'."
             )
         error = TypeError(
             f"checkpoint={path!r} cannot record the result of item {item_repr(item)}: "
-            f"{what} ({type(exc).__name__}: {exc}). {fix}"
+            f"{what} ({type(cause).__name__}: {cause}). {fix}"
+        )
+        error.__cause__ = cause
+        return error
+
+    def unreadable(self, path: str, item: object, exc: Exception) -> ValueError:
+        """The error that stops the map when a recorded value of item's cannot be loaded."""
+        error = ValueError(
+            f"checkpoint={path!r} cannot load the result recorded for item "
+            f"{item_repr(item)} ({type(exc).__name__}: {exc}). Restore the code that "
+            "defined its type if it changed since, or pass the path of a new file."
         )
         error.__cause__ = exc
         return error
@@ -241,9 +343,31 @@ def _encode_chunks(
     into.append((marshal.dumps(keys, MARSHAL_VERSION), kinds, encoded))
 
 
-def _decode_chunk(row: tuple[int, bytes, bytes | None, bytes]) -> Chunk:
+def _damaged(path: str, seq: int, exc: Exception) -> ValueError:
+    error = ValueError(
+        f"checkpoint={path!r} is damaged: chunk {seq} cannot be read ({exc}); "
+        "pass the path of a new file"
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _decode_chunk(path: str, row: tuple[int, bytes, bytes | None, bytes]) -> Chunk:
     seq, ids, kinds, values = row
-    return seq, marshal.loads(ids), kinds, marshal.loads(values)
+    try:
+        keys, decoded = marshal.loads(ids), marshal.loads(values)
+        # A damaged blob may still load, as something else: rows that do not
+        # line up would be misread (or fail a lookup later, far from here).
+        if (
+            type(keys) is not list
+            or type(decoded) is not list
+            or len(decoded) != len(keys)
+            or (kinds is not None and len(kinds) != len(keys))
+        ):
+            raise ValueError("its ids, kinds and values do not match")
+    except (ValueError, EOFError, TypeError) as exc:
+        raise _damaged(path, seq, exc) from exc
+    return seq, keys, kinds, decoded
 
 
 def chunks_of(plain: list[Any], others: list[Any]) -> list[tuple[Any, ...]]:
@@ -285,6 +409,7 @@ class Database:
     def __init__(
         self,
         connection: sqlite3.Connection,
+        path: str,
         index: dict[int, int],
         shared: dict[int, list[int]],
         last: int,
@@ -292,6 +417,7 @@ class Database:
         import sqlite3
 
         self._db = connection
+        self._path = path  # for the message of a damaged chunk
         #: hash(id) -> the seq of the chunk holding it, for the ids recorded
         #: when the file was opened; 0 for an id this run started (see Checkpoint.seen).
         self._index = index
@@ -343,7 +469,7 @@ class Database:
         except BaseException:
             db.close()
             raise
-        database = cls(db, index, shared, last)
+        database = cls(db, path, index, shared, last)
         return database, rows, database.read_ahead(0, first) if rows else []
 
     @staticmethod
@@ -357,10 +483,7 @@ class Database:
             try:
                 keys = marshal.loads(ids)
             except (ValueError, EOFError, TypeError) as exc:
-                raise ValueError(
-                    f"checkpoint={path!r} is damaged: chunk {seq} cannot be read ({exc}); "
-                    "pass the path of a new file"
-                ) from exc
+                raise _damaged(path, seq, exc) from exc
             rows += len(keys)
             last = seq
             hashes = list(map(hash, keys))
@@ -497,7 +620,7 @@ class Database:
                 f"SELECT seq, ids, kinds, vals FROM corral_chunks WHERE seq IN ({marks}) "
                 "ORDER BY seq"
             )
-            chunks.extend(map(_decode_chunk, self._db.execute(sql, part)))
+            chunks.extend(_decode_chunk(self._path, row) for row in self._db.execute(sql, part))
         return chunks
 
     def _index_run(self) -> dict[Key, int]:
@@ -519,7 +642,7 @@ class Database:
             "SELECT seq, ids, kinds, vals FROM corral_chunks WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, count),
         )
-        return list(map(_decode_chunk, rows))
+        return [_decode_chunk(self._path, row) for row in rows]
 
     def close(self) -> None:
         # The last connection to close folds the write-ahead log into the file
@@ -536,10 +659,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Iterator[Row]:
     """
     import sqlite3
 
+    path = os.fspath(path)
     db = sqlite3.connect(path)
     try:
         rows = db.execute("SELECT seq, ids, kinds, vals FROM corral_chunks ORDER BY seq")
-        for _, ids, kinds, values in map(_decode_chunk, rows):
+        for row in rows:
+            _, ids, kinds, values = _decode_chunk(path, row)
             if kinds is None:
                 yield from zip(ids, itertools.repeat(PLAIN), values, strict=False)
             else:
