@@ -1747,6 +1747,42 @@ def test_every_id_is_computed_once_across_a_stopped_run_and_its_resume(
         assert (set(recorded(path)) if items else path.exists()) == (set(items) or False)
 
 
+async def test_items_the_deadline_stopped_are_not_recorded_and_run_on_resume(
+    tmp_path: Path,
+) -> None:
+    """With return_exceptions, a deadline's DeadlineExceeded is an outcome, not a record."""
+    path = tmp_path / "run.sqlite"
+    never = asyncio.Event()
+
+    async def stalls_from_30(item: int) -> int:
+        if item >= 30:
+            await never.wait()  # in flight until the deadline cuts it
+        return item * 10
+
+    first = await asyncio.wait_for(
+        corral.gather(
+            stalls_from_30,
+            range(100),
+            limit=4,
+            deadline=1,
+            return_exceptions=True,
+            checkpoint=path,
+            fingerprint="x10",
+        ),
+        timeout=30,
+    )
+    assert len(first) == 100
+    assert first[:30] == [i * 10 for i in range(30)]
+    assert all(type(r) is corral.DeadlineExceeded for r in first[30:])
+    assert set(recorded(path)) == set(range(30))
+
+    again = Spy()
+    assert await corral.gather(again, range(100), checkpoint=path, fingerprint="x10") == [
+        i * 10 for i in range(100)
+    ]
+    assert sorted(again.calls) == list(range(30, 100))
+
+
 @pytest.mark.slow
 async def test_items_waiting_for_a_halted_call_with_their_id_halt_too(tmp_path: Path) -> None:
     """A budget stops the call an id waits on: the map ends, nothing hangs or runs twice."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -860,6 +861,101 @@ async def test_deadline_with_return_exceptions_reports_cut_calls() -> None:
         assert len([r async for r in stream]) == 5
     stats = stream.stats
     assert (stats.started, stats.completed, stats.failed) == (5, 3, 2)
+
+
+@pytest.mark.virtual_time
+async def test_deadline_with_return_exceptions_reports_every_item_not_started() -> None:
+    """Each item still has one outcome: those never started yield DeadlineExceeded too."""
+
+    async def item_seconds(item: int) -> int:
+        await asyncio.sleep(item)
+        return item
+
+    # Two at a time: 0-2 end by 2 s, 3 and 4 are in flight at 2.5 s, 5-9 never start.
+    results = await corral.gather(
+        item_seconds, range(10), limit=2, deadline=2.5, return_exceptions=True
+    )
+    assert results[:3] == [0, 1, 2]
+    assert [str(r) for r in results[3:]] == [
+        "the deadline passed while item 3 ran",
+        "the deadline passed while item 4 ran",
+        *(f"the deadline passed before item {i} started" for i in range(5, 10)),
+    ]
+    assert all(type(r) is corral.DeadlineExceeded for r in results[3:])
+
+    async def items() -> AsyncIterator[int]:
+        for i in range(10):
+            yield i
+
+    async with corral.map(
+        item_seconds, items(), limit=2, deadline=2.5, return_exceptions=True
+    ) as stream:
+        got = [r async for r in stream]
+    assert [r if isinstance(r, int) else "x" for r in got] == [0, 1, 2] + ["x"] * 7
+    stats = stream.stats  # the items not started count as neither completed nor failed
+    assert (stats.started, stats.completed, stats.failed, stats.in_flight) == (5, 3, 2, 0)
+    assert no_tasks_but_current()
+
+
+def _deadline_case(
+    delays: list[int], limit: int, ordered: bool, deadline: int, consumer_delay: int
+) -> None:
+    async def work(item: int) -> int:
+        await asyncio.sleep(delays[item])
+        return item
+
+    async def main() -> tuple[list[object], corral.Stats]:
+        seen: list[object] = []
+        async with corral.map(
+            work,
+            range(len(delays)),
+            limit=limit,
+            ordered=ordered,
+            deadline=deadline + 0.5,
+            return_exceptions=True,
+        ) as results:
+            async for r in results:
+                seen.append(r)
+                await asyncio.sleep(consumer_delay)  # a slow consumer holds workers back
+        assert no_tasks_but_current()
+        return seen, results.stats
+
+    seen, stats = run(main, virtual_time=True)
+    outcome = re.compile(r"the deadline passed (?:while item (\d+) ran|before item (\d+) started)")
+    keys: list[int] = []
+    cut = 0
+    for r in seen:
+        if isinstance(r, int):
+            keys.append(r)
+            continue
+        assert type(r) is corral.DeadlineExceeded
+        match = outcome.fullmatch(str(r))
+        assert match is not None, str(r)
+        keys.append(int(match[1] or match[2]))
+        cut += match[1] is not None
+    if ordered:
+        assert keys == list(range(len(delays)))
+    else:
+        assert sorted(keys) == list(range(len(delays)))  # each item once
+    assert (stats.completed, stats.failed) == (
+        len(seen) - sum(not isinstance(r, int) for r in seen),
+        cut,
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    delays=st.lists(st.integers(0, 5), max_size=40),
+    limit=st.integers(1, 8),
+    ordered=st.booleans(),
+    deadline=st.integers(0, 8),
+    consumer_delay=st.integers(0, 2),
+)
+def test_a_deadline_with_return_exceptions_gives_each_item_one_outcome(
+    delays: list[int], limit: int, ordered: bool, deadline: int, consumer_delay: int
+) -> None:
+    """Random latencies, a slow or fast consumer, any deadline: one outcome per item."""
+    _deadline_case(delays, limit, ordered, deadline, consumer_delay)
 
 
 @pytest.mark.virtual_time

@@ -891,9 +891,11 @@ def map(
             shut down.
         deadline: seconds for the whole map. When it passes no call starts, the
             calls in flight are cancelled, and :class:`corral.DeadlineExceeded`
-            is raised after the results already produced were handed out (with
-            ``return_exceptions=True`` each cancelled call yields one instead,
-            and items not started yield nothing: ``gather`` returns fewer).
+            is raised after the results already produced were handed out. With
+            ``return_exceptions=True`` nothing is raised: each cancelled call
+            yields one in its item's place, and so does every item not
+            started, in input order, so each item has its one outcome (for an
+            endless input, the consumer decides when to stop reading).
         budget: what the whole map may spend: ``{"requests": N}`` starts at
             most N calls (retries count); any dimension the usage reports too,
             like ``{"output_tokens": 2_000_000, "requests": 50_000}``. A soft

@@ -398,13 +398,13 @@ class _AsyncSource:
         self._exhausted = False
         self._starved: deque[asyncio.Future[None]] = deque()  # workers waiting for items
         self._space: asyncio.Future[None] | None = None  # the feeder waiting for room
-        self._task: asyncio.Task[None] | None = None
+        self.feeder: asyncio.Task[None] | None = None
 
     def pulled(self) -> int:
         return self._count - len(self._buffer)
 
     def start(self, engine: Engine[Any, Any]) -> None:
-        self._task = engine.spawn(self._feed(engine))
+        self.feeder = engine.spawn(self._feed(engine))
 
     async def _feed(self, engine: Engine[Any, Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -522,6 +522,11 @@ class Engine(Generic[T, R]):
         self._stopping = False
         self._halt_reason: BaseException | None = None
         self._deadline_passed = False
+        # The deadline passed with return_exceptions: every item not started
+        # yields a DeadlineExceeded in its place, so that each item still has
+        # exactly one outcome (see _report_unstarted).
+        self._reporting = False
+        self._reported = False
         self._observers: list[Observer] = []
         # monitor=: reads the loop watch's largest lag for stats (None: not watched).
         self.lag_reader: Callable[[], float] | None = None
@@ -703,14 +708,14 @@ class Engine(Generic[T, R]):
                     call = unwrapped if direct else wrapped
                 for index, item in source.pairs:
                     if self._stopping:
-                        self._not_run += 1
+                        self._unstarted_item(index, item)
                         return False
                     if bounded and index >= self._consumed + window:  # type: ignore[operator]
                         try:
                             await self._wait_for_room(index)
-                        except asyncio.CancelledError as exc:
-                            self._check_cancellation(exc, index, item)
-                            return False
+                        except asyncio.CancelledError:
+                            self._cancelled_waiting(index, item)
+                            raise
                     if first:
                         first = False
                         self._maybe_grow()
@@ -816,6 +821,40 @@ class Engine(Generic[T, R]):
         ):
             self._grow(self._alive)
 
+    def _unstarted_item(self, index: int, item: Any) -> None:
+        """``item`` was taken from the input but the run stopped before it started."""
+        self._not_run += 1
+        if self._reporting:
+            self._captured += 1
+            self.deliver(
+                index, DeadlineExceeded(f"the deadline passed before item {item!r} started")
+            )
+
+    def _cancelled_waiting(self, index: int, item: Any) -> None:
+        """A worker waiting for the consumer with ``item`` was cancelled."""
+        if self._stopping:  # the run stopped (not the loop abandoning it)
+            self._unstarted_item(index, item)
+
+    async def _report_unstarted(self) -> None:
+        """After the deadline (with return_exceptions): the rest of the input, reported.
+
+        Runs once every worker has ended, so every item taken before has its
+        outcome already and these follow in input order. It waits for the
+        consumer like the workers do (``window``), so memory stays bounded.
+        """
+        source = self._source
+        window = self._window
+        try:
+            while True:
+                for index, item in source.pairs:
+                    if window is not None and index >= self._consumed + window:
+                        await self._wait_for_room(index)
+                    self._unstarted_item(index, item)
+                if not await source.refill():
+                    return
+        except Exception as exc:  # the input raised: as in a worker, the run ends with it
+            self.fail(exc)
+
     def _check_cancellation(self, exc: asyncio.CancelledError, index: int, item: Any) -> None:
         task = asyncio.current_task()
         if task is None or task.cancelling() or self._phase is not _Phase.RUNNING:
@@ -841,8 +880,16 @@ class Engine(Generic[T, R]):
         assert self._loop is not None
         waiter = self._loop.create_future()
         self._blocked_seq += 1
-        heapq.heappush(self._blocked, (index, self._blocked_seq, waiter))
-        await waiter
+        entry = (index, self._blocked_seq, waiter)
+        heapq.heappush(self._blocked, entry)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            # Not blocked any more: stats count the blocked as not started.
+            if entry in self._blocked:
+                self._blocked.remove(entry)
+                heapq.heapify(self._blocked)
+            raise
 
     def make_room(self) -> None:
         """Wake the blocked workers whose item now fits in the window.
@@ -879,8 +926,10 @@ class Engine(Generic[T, R]):
             self._deadline_handle.cancel()
         if cancel_in_flight:
             current = asyncio.current_task()
+            # An async input's feeder goes on when the rest of it is reported.
+            feeder = getattr(self._source, "feeder", None) if self._reporting else None
             for task in self._tasks:
-                if task is not current:
+                if task is not current and task is not feeder:
                     task.cancel()
         self._wake_consumer()
 
@@ -888,10 +937,24 @@ class Engine(Generic[T, R]):
         self._deadline_passed = True
         reason = DeadlineExceeded(f"the map's deadline of {self._deadline} s passed")
         # With return_exceptions each cancelled call reports the deadline in its
-        # item's place (see _check_cancellation) and the map ends normally.
+        # item's place (see _check_cancellation), as does each item not started
+        # (see _unstarted_item), and the map ends normally.
+        self._reporting = self._return_exceptions
         self.halt(None if self._return_exceptions else reason, cancel_in_flight=True)
 
     def _all_workers_done(self) -> None:
+        if (
+            self._reporting
+            and not self._reported
+            and self._error is None
+            and self._phase is _Phase.RUNNING
+        ):
+            # Every worker has ended: the items never taken are reported now.
+            self._reported = True
+            self._alive += 1
+            task = self.spawn(self._report_unstarted())
+            task.add_done_callback(self._worker_finished)
+            return
         if self._ended_at is None and self._loop is not None:
             self._ended_at = self._loop.time()
         self._wake_consumer()

@@ -8,10 +8,13 @@ class DeadlineExceeded(Exception):
 
     Raised after every result produced before the deadline was handed out.
     With ``return_exceptions=True`` the map does not raise: each call that was
-    cancelled in flight yields a ``DeadlineExceeded`` in its place instead,
-    and the items that had not started yield nothing. Items start in input
-    order, so those that did are a prefix of the input: ``gather`` returns a
-    list shorter than the input, one outcome for each item that started.
+    cancelled in flight yields a ``DeadlineExceeded`` in its place instead
+    ("the deadline passed while item 3 ran"), and so does each item that had
+    not started ("... before item 5 started"), so every item still has exactly
+    one outcome and ``gather`` returns one per item. The rest of the input is
+    read to report it (without calling ``fn``): for an endless input the
+    consumer decides when to stop. Neither kind is written to a checkpoint, so
+    a resume runs those items.
     """
 
 
