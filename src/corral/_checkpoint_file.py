@@ -470,7 +470,12 @@ class Database:
             db.close()
             raise
         database = cls(db, path, index, shared, last)
-        return database, rows, database.read_ahead(0, first) if rows else []
+        try:
+            ahead = database.read_ahead(0, first) if rows else []
+        except BaseException:
+            db.close()  # a damaged chunk: the error says so, the file is not left open
+            raise
+        return database, rows, ahead
 
     @staticmethod
     def _load(
