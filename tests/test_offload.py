@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import multiprocessing
 import os
 import pickle
+import reprlib
 import signal
 import sys
 import tempfile
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -337,3 +341,188 @@ def test_items_or_results_that_cannot_cross_fail_in_their_place(ghost: types.Mod
         pid_of, [ghost.Thing()], executor="process", return_exceptions=True
     )
     assert isinstance(things[0], ModuleNotFoundError)
+
+
+# ---------------------------------------------------------------------------
+# Worker processes that cannot start, busy ones at the end, escaping exceptions
+# ---------------------------------------------------------------------------
+
+
+class _Unstartable:
+    """A worker process whose start fails as when the file descriptors run out."""
+
+    def start(self) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+class _StartsRunOut:
+    """The real start method, but only the first ``allowed`` workers of a pool start."""
+
+    def __init__(self, allowed: int) -> None:
+        self._real = _offload.mp_context()
+        self.allowed = allowed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:
+        if str(kwargs.get("name", "")).startswith("corral-process-"):
+            if self.allowed <= 0:
+                return _Unstartable()
+            self.allowed -= 1
+        return self._real.Process(*args, **kwargs)
+
+
+@pytest.mark.slow
+def test_workers_that_cannot_start_fail_the_calls_with_the_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No worker starts (EMFILE): the calls fail with that error instead of waiting for ever."""
+    context = _StartsRunOut(allowed=0)
+    monkeypatch.setattr(_offload, "mp_context", lambda: context)
+
+    async def main() -> None:
+        async with asyncio.timeout(10):  # hang guard
+            await corral.gather(square, range(4), executor="process", limit=2)
+
+    with pytest.raises(OSError, match=r"Too many open files"):
+        run(main)
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_a_pool_goes_on_with_the_workers_that_could_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One worker of three starts: it runs every call, and the failure is logged, not lost."""
+    context = _StartsRunOut(allowed=1)
+    monkeypatch.setattr(_offload, "mp_context", lambda: context)
+
+    async def main() -> tuple[list[int], _offload.ProcessPool]:
+        pool = _offload.ProcessPool(square, 3)
+        try:
+            async with asyncio.timeout(10):  # hang guard
+                return list(await asyncio.gather(*(pool(x) for x in range(20)))), pool
+        finally:
+            await pool.close(True)
+
+    # run() also fails the test on a task exception nobody retrieved.
+    results, pool = run(main)
+    assert results == [x * x for x in range(20)]
+    assert len(pool.pids) == 1
+    assert "could not start a worker process" in caplog.text
+    assert "going on with 1" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_busy_workers_are_terminated_not_waited_for_after_cancel_or_a_deadline(
+    how: str, tmp_path: Path
+) -> None:
+    """cancel() or deadline= while a worker is in a minute-long call: over in well under 5 s."""
+    items = [(str(tmp_path), 60.0)] * 4
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(20):  # hang guard
+            if how == "deadline":
+                began = loop.time()
+                with pytest.raises(corral.DeadlineExceeded):
+                    await corral.gather(
+                        record_pid_and_sleep, items, executor="process", limit=2, deadline=1.0
+                    )
+                assert os.listdir(tmp_path)  # the deadline found a worker busy
+                return loop.time() - began - 1.0
+            async with corral.map(record_pid_and_sleep, items, executor="process", limit=2) as out:
+                while not os.listdir(tmp_path):
+                    await asyncio.sleep(0.01)  # until a worker is inside a call
+                began = loop.time()
+                out.cancel()
+                assert [r async for r in out] == []
+            return loop.time() - began
+
+    assert run(main) < 2.5  # the 5 s grace of a clean end was waited out before
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_stopping_processes_gives_them_one_grace_period_in_all() -> None:
+    """Four processes that will not exit: the grace period is shared, not one after another."""
+
+    async def main() -> float:
+        context = _offload.mp_context()
+        processes = [context.Process(target=time.sleep, args=(60,), daemon=True) for _ in range(4)]
+        for process in processes:
+            process.start()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await _offload.stop_processes(processes, grace=0.5)
+        return loop.time() - began
+
+    assert run(main) < 1.4  # 4 x 0.5 s before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fn", "kind"),
+    [
+        (sys.exit, SystemExit),
+        (functools.partial(signal.default_int_handler, signal.SIGINT), KeyboardInterrupt),
+    ],
+    ids=["SystemExit", "KeyboardInterrupt"],
+)
+def test_system_exit_or_keyboard_interrupt_from_fn_in_a_process_ends_the_run(
+    fn: Callable[[Any], Any], kind: type[BaseException], pools: list[_offload.ProcessPool]
+) -> None:
+    """As with threads: raised as itself, never captured by return_exceptions nor retried."""
+
+    async def main() -> None:
+        async with asyncio.timeout(10):  # hang guard
+            await corral.gather(
+                fn, range(6), executor="process", limit=2, retries=2, return_exceptions=True
+            )
+
+    with pytest.raises(kind):
+        run(main)
+    (pool,) = pools
+    assert pool.crashes == 0  # the worker reported it; it did not die of it
+    assert worker_processes() == set()
+
+
+def test_a_given_process_pool_refuses_a_lambda_at_once() -> None:
+    """A user's ProcessPoolExecutor cannot take a lambda either: refused before any call."""
+    import concurrent.futures
+
+    with (
+        concurrent.futures.ProcessPoolExecutor(1) as pool,
+        pytest.raises(TypeError, match=r"^executor=<concurrent\.futures\.process\.") as info,
+    ):
+        corral.map(lambda x: x, range(3), executor=pool)
+    assert str(info.value).endswith("so worker processes can import it.")
+
+
+@pytest.mark.slow
+def test_an_item_a_worker_cannot_unpickle_fails_alone_and_named(ghost: types.ModuleType) -> None:
+    """It travelled in a chunk of many: its neighbours are re-run and succeed; it fails named."""
+    thing = ghost.Thing()
+    items: list[Any] = [thing if i == 20 else i for i in range(40)]
+
+    async def main() -> tuple[list[Any], int]:
+        pool = _offload.ProcessPool(spin, 1)
+        try:
+            async with asyncio.timeout(10):  # hang guard
+                await pool(-1)  # the task time is known: what waits goes in chunks
+                calls = (pool(item) for item in items)
+                results = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await pool.close(True)
+        return results, pool.chunks_sent
+
+    results, chunks = run(main)
+    assert chunks < len(items)  # the 40 did not go one by one
+    assert [i for i, r in enumerate(results) if isinstance(r, BaseException)] == [20]
+    assert results[:20] == list(range(20))
+    assert results[21:] == list(range(21, 40))
+    error = results[20]
+    assert isinstance(error, ModuleNotFoundError)
+    assert f"raised for item={reprlib.repr(thing)}, which" in error.__notes__[-1]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import signal
 import sys
 import types
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +410,33 @@ def test_a_dead_process_ends_the_map_with_worker_crashed() -> None:
     """A worker process that exits mid-map ends the map with WorkerCrashed, saying how."""
     with pytest.raises(WorkerCrashed, match=r"died \(exit code 3\)"):
         corral.run(async_exit_on_three, range(20), processes=2)
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fn", "kind"),
+    [
+        # async functions of one item, importable by the children, that raise it
+        (functools.partial(asyncio.to_thread, sys.exit), SystemExit),
+        (
+            functools.partial(asyncio.to_thread, signal.default_int_handler, signal.SIGINT),
+            KeyboardInterrupt,
+        ),
+    ],
+    ids=["SystemExit", "KeyboardInterrupt"],
+)
+def test_system_exit_or_keyboard_interrupt_from_fn_ends_the_map_as_itself(
+    fn: Callable[[Any], Awaitable[Any]], kind: type[BaseException]
+) -> None:
+    """Not a crash of the child, not captured by return_exceptions: raised as itself."""
+
+    async def main() -> None:
+        async with asyncio.timeout(10):  # hang guard
+            await corral.gather(fn, range(6), processes=2, return_exceptions=True)
+
+    with pytest.raises(kind):
+        run(main)
     assert worker_processes() == set()
 
 

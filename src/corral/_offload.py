@@ -26,6 +26,11 @@ worker's items are re-run:
 - an item that kills its worker :data:`MAX_CRASHES` times when run alone
   fails with :class:`WorkerCrashed`, which names it. The other items carry on.
 
+``SystemExit`` and ``KeyboardInterrupt`` from ``fn`` are no crash: the worker
+sends them back and the parent raises them, as a thread would, never re-run.
+A worker that cannot be started (no file descriptors or memory left) is done
+without while others run; with none running, the calls fail with that error.
+
 Nothing is lost or duplicated: a result is handed to its caller at most once
 (a re-run only happens for an item whose result never arrived), and every
 item ends with a result or an exception.
@@ -51,12 +56,14 @@ items, whatever the input's size.
 Cleanup
 -------
 Workers corral started are stopped on every exit path: after a clean run they
-are told to exit (their socket is closed) and waited for; after a failure or
-cancellation they are terminated at once (killed if still alive a second
-later), not waited for. They ignore SIGINT, so Ctrl-C reaches only the parent,
-which cancels the map and stops them; a worker whose parent vanished sees its
-socket close and exits. Workers are daemonic, so even a parent that never
-reaches its cleanup terminates them at interpreter exit.
+are told to exit (their socket is closed) and waited for (5 s in all, not
+each); after a failure or cancellation, and whenever a worker still runs calls
+nobody waits for (``cancel()``, a deadline, a timeout), they are terminated at
+once (killed if still alive a second later), not waited for. They ignore
+SIGINT, so Ctrl-C reaches only the parent, which cancels the map and stops
+them; a worker whose parent vanished sees its socket close and exits. Workers
+are daemonic, so even a parent that never reaches its cleanup terminates them
+at interpreter exit.
 """
 
 from __future__ import annotations
@@ -170,6 +177,7 @@ def offload(
     """
     if isinstance(executor, concurrent.futures.Executor):
         if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+            check_picklable(fn, f"executor={executor!r}")
             return _ExecutorCalls(fn, executor), None
         return _thread_call(fn, lambda: executor), None
     if executor == "process":
@@ -435,38 +443,56 @@ async def connect(sock: socket.socket, link: Link) -> None:
 
 async def wait_exit(process: BaseProcess, timeout: float) -> int | None:
     """Wait (without blocking the loop) up to ``timeout`` s for ``process`` to end."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    pause = 0.001
-    while process.exitcode is None and loop.time() < deadline:
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, 0.02)
+    await wait_all_exit([process], timeout)
     return process.exitcode
 
 
-async def stop_processes(processes: Iterable[BaseProcess], *, grace: float) -> None:
+async def wait_all_exit(processes: Iterable[BaseProcess], timeout: float) -> None:
+    """Wait (without blocking the loop) up to ``timeout`` s in all for every process to end."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = 0.001
+    live = [p for p in processes if p.exitcode is None]
+    while live and loop.time() < deadline:
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.02)
+        live = [p for p in live if p.exitcode is None]
+
+
+async def stop_processes(
+    processes: Iterable[BaseProcess], *, grace: float, busy: Iterable[BaseProcess] = ()
+) -> None:
     """Stop worker processes: let them exit for ``grace`` s, then terminate, then kill.
 
-    Whatever happens meanwhile (even cancellation of this coroutine), every
-    process is dead and reaped on return.
+    ``grace`` is one deadline for all of them, not one per process. The
+    ``busy`` ones (running work nobody waits for any more) are terminated at
+    once whatever ``grace`` says. Whatever happens meanwhile (even cancellation
+    of this coroutine), every process is dead and reaped on return.
     """
     started = [p for p in processes if p.pid is not None]
+    hurried = set(busy) if grace > 0 else set(started)
     try:
-        if grace > 0:
-            for process in started:
-                await wait_exit(process, grace)
-        for process in started:
-            if process.exitcode is None:
-                process.terminate()
-        for process in started:
-            if process.exitcode is None:
-                await wait_exit(process, TERMINATE_GRACE)
+        await asyncio.gather(
+            _end_processes([p for p in started if p in hurried], 0.0),
+            _end_processes([p for p in started if p not in hurried], grace),
+        )
     finally:
         for process in started:
             if process.exitcode is None:
                 process.kill()
             process.join()
             process.close()
+
+
+async def _end_processes(processes: list[BaseProcess], grace: float) -> None:
+    if not processes:
+        return
+    if grace > 0:
+        await wait_all_exit(processes, grace)
+    for process in processes:
+        if process.exitcode is None:
+            process.terminate()
+    await wait_all_exit(processes, TERMINATE_GRACE)
 
 
 def portable(exc: BaseException) -> BaseException:
@@ -500,27 +526,39 @@ def picklable_value(value: object) -> object:
 # ---------------------------------------------------------------------------
 
 
-def _run_chunk(fn: Callable[[Any], Any], items: list[Any]) -> list[tuple[bool, Any]]:
-    """Each item's result or its (portable) exception, in order."""
+def _run_chunk(
+    fn: Callable[[Any], Any], items: list[Any]
+) -> tuple[list[tuple[bool, Any]], BaseException | None]:
+    """Each item's result or its (portable) exception, in order; and what stopped the chunk.
+
+    A BaseException that is not an Exception (``SystemExit``,
+    ``KeyboardInterrupt``) is no item's failure: it is never captured nor
+    retried, so the chunk stops there and it is returned apart, for the parent
+    to raise. The items after it have not run.
+    """
     out: list[tuple[bool, Any]] = []
     for item in items:
         try:
             out.append((True, fn(item)))
         except Exception as exc:
             out.append((False, portable(exc)))
-    return out
+        except BaseException as exc:
+            return out, exc
+    return out, None
 
 
-def _results_payload(out: list[tuple[bool, Any]], elapsed: float) -> bytes:
+def _results_payload(
+    out: list[tuple[bool, Any]], elapsed: float, escaped: BaseException | None
+) -> bytes:
     try:
-        return pickle.dumps(("done", out, elapsed), pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(("done", out, elapsed, escaped), pickle.HIGHEST_PROTOCOL)
     except Exception:
         # Some result cannot be pickled: find it, and send an error in its place.
         safe = []
         for ok, value in out:
             checked = picklable_value(value)
             safe.append((ok and checked is value, checked))
-        return pickle.dumps(("done", safe, elapsed), pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(("done", safe, elapsed, escaped), pickle.HIGHEST_PROTOCOL)
 
 
 def _process_worker(sock: socket.socket, payload: bytes) -> None:
@@ -543,8 +581,11 @@ def _process_worker(sock: socket.socket, payload: bytes) -> None:
                     send_frame(sock, pickle.dumps(("undecodable", portable(exc))))
                     continue
                 began = time.perf_counter()
-                out = _run_chunk(fn, items)
-                send_frame(sock, _results_payload(out, time.perf_counter() - began))
+                out, escaped = _run_chunk(fn, items)
+                elapsed = time.perf_counter() - began
+                if escaped is not None:
+                    escaped = portable(escaped)
+                send_frame(sock, _results_payload(out, elapsed, escaped))
         except OSError:
             return  # the parent is gone
 
@@ -712,10 +753,30 @@ class ProcessPool:
     async def _boot(self) -> None:
         assert self._context is not None
         assert self._loop is not None
-        # Starting the fork server blocks for ~0.1 s the first time: not on the loop.
-        await self._loop.run_in_executor(None, warm_up_start_method, self._context)
-        for number in range(self._processes):
-            await self._start_worker(number)
+        try:
+            # Starting the fork server blocks for ~0.1 s the first time: not on the loop.
+            await self._loop.run_in_executor(None, warm_up_start_method, self._context)
+            for number in range(self._processes):
+                await self._start_worker(number)
+        except Exception as exc:
+            self._cannot_start(exc)
+
+    def _cannot_start(self, exc: Exception) -> None:
+        """A worker could not be started (e.g. out of file descriptors or memory).
+
+        Nobody awaits the task that starts workers, so the error must reach
+        the calls: with no worker alive they would wait for ever, so they fail
+        with it; with some alive, the pool goes on with fewer.
+        """
+        if self._workers:
+            logger.warning(
+                "corral: executor='process' could not start a worker process (%r); "
+                "going on with %d",
+                exc,
+                len(self._workers),
+            )
+        else:
+            self._break(lambda: exc)
 
     async def _start_worker(self, number: int) -> None:
         assert self._context is not None
@@ -812,13 +873,21 @@ class ProcessPool:
     def _on_message(self, worker: _Worker, message: Any) -> None:
         kind = message[0]
         if kind == "done":
-            _, out, elapsed = message
+            _, out, elapsed, escaped = message
             jobs = worker.chunks.popleft()
             self._in_pool -= len(jobs)
-            self._sizer.observe(elapsed, len(jobs))
+            ran = len(out) + (escaped is not None)
+            if ran:
+                self._sizer.observe(elapsed, ran)
             self._deaths_without_work = 0
-            for job, (ok, value) in zip(jobs, out, strict=True):
+            for job, (ok, value) in zip(jobs[: len(out)], out, strict=True):
                 _settle(job, ok, value)
+            if escaped is not None:
+                # SystemExit or KeyboardInterrupt from fn: raised for its item,
+                # never re-run; the items behind it in the chunk did not run.
+                _settle(jobs[len(out)], False, escaped)
+                rest = [job for job in jobs[len(out) + 1 :] if not job.future.done()]
+                self._waiting.extendleft(reversed(rest))
             self._schedule_dispatch()
         elif kind == "undecodable":  # one side could not unpickle the other's message
             if not worker.chunks:  # not a chunk's results: the worker's "broken" news
@@ -826,8 +895,21 @@ class ProcessPool:
                 return
             jobs = worker.chunks.popleft()  # the items, or the results, of the head chunk
             self._in_pool -= len(jobs)
-            for job in jobs:
-                _settle(job, False, message[1])
+            live = [job for job in jobs if not job.future.done()]
+            if len(jobs) == 1:
+                for job in live:
+                    error = message[1]
+                    error.add_note(
+                        f"It was raised for item={reprlib.repr(job.item)}, which could "
+                        "not be sent to its worker process, or its result back."
+                    )
+                    _settle(job, False, error)
+            else:
+                # One item of the chunk is to blame, not all: run them one per
+                # chunk, so only the culprit fails, and named.
+                for job in live:
+                    job.suspect = True
+                self._waiting.extendleft(reversed(live))
             self._schedule_dispatch()
         elif kind == "broken":  # the worker could not load fn: no worker ever will
             self._break(self._cannot_load(message[1]))
@@ -889,7 +971,11 @@ class ProcessPool:
             describe_exit(exitcode),
             len(requeue),
         )
-        await self._start_worker(worker.number)
+        try:
+            await self._start_worker(worker.number)
+        except Exception as exc:
+            self._cannot_start(exc)
+            self._schedule_dispatch()  # what it held goes to the workers left, if any
 
     def _after_crash(self, running: list[_Job], exitcode: int | None) -> list[_Job]:
         """The jobs of the chunk a dead worker was running that are to be re-run."""
@@ -935,12 +1021,16 @@ class ProcessPool:
                     task.cancel()
                 await asyncio.wait(tasks)
         finally:
+            # A worker still holding a chunk is running calls whose callers are
+            # gone (cancel(), a deadline, a timeout): terminated, not waited
+            # for, even after an otherwise clean end.
+            busy = [worker.process for worker in self._workers if worker.chunks]
             for worker in self._workers:
                 worker.link.close()  # a worker waiting for work sees EOF and exits
             for job in self._waiting:
                 job.future.cancel()
             self._waiting.clear()
-            await stop_processes(self._started, grace=5.0 if clean else 0.0)
+            await stop_processes(self._started, grace=5.0 if clean else 0.0, busy=busy)
 
 
 # ---------------------------------------------------------------------------
@@ -953,7 +1043,9 @@ def _run_timed_chunk(
 ) -> tuple[list[tuple[bool, Any]], float]:
     """Runs in the executor's worker: the chunk's outcomes and the time they took."""
     began = time.perf_counter()
-    out = _run_chunk(fn, items)
+    out, escaped = _run_chunk(fn, items)
+    if escaped is not None:
+        raise escaped  # the pool sends it back as the chunk's failure
     return out, time.perf_counter() - began
 
 

@@ -505,6 +505,14 @@ def _child_main(sock: socket.socket, payload: bytes) -> None:
         runner.run(_ChildSession(payload).run(sock))
 
 
+class _Escaped(Exception):
+    """Carries a KeyboardInterrupt or SystemExit from ``fn`` out of the child's map."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
 class _Tokens:
     """Start tokens from the parent's rate gate: ask for one per waiting attempt."""
 
@@ -593,7 +601,8 @@ class _ChildSession:
                         self._flush_handle = loop.call_soon(self._flush)
         except Exception as exc:
             self._flush()
-            self._link.send(("fatal", portable(exc)))
+            error = exc.error if isinstance(exc, _Escaped) else exc
+            self._link.send(("fatal", portable(error)))
             return
         finally:
             if self._report_handle is not None:
@@ -635,6 +644,11 @@ class _ChildSession:
                 return (index, True, await call(item))
             except Exception as exc:
                 return (index, False, portable(exc))
+            except (KeyboardInterrupt, SystemExit) as exc:
+                # Never an item's outcome: the parent raises it as the map's
+                # failure. Let through, asyncio would re-raise it out of this
+                # process's loop, and the parent would see a crash instead.
+                raise _Escaped(exc) from None
             finally:
                 histogram.add(clock() - began)
 
