@@ -254,6 +254,37 @@ async def test_the_latest_starts_own_refund_reaches_back_to_its_start() -> None:
 
 
 @pytest.mark.virtual_time
+@pytest.mark.parametrize("same_mapping", [True, False])
+async def test_a_refund_keeps_every_booking_made_after_its_call_within_a_burst(
+    same_mapping: bool,
+) -> None:
+    """With a tolerance, a refund stops at the schedule of all the starts after its call.
+
+    1 s of lead (100 tokens). A books 100 tokens at t=0, B 100 at t=0.5, L 1 at
+    t=1 (ahead of the schedule); then A uses nothing. Had A reserved nothing,
+    B would have booked t=0.5 to 1.5 and L on top: the schedule stands at
+    t=1.51, not at L's own booking (t=1.01, which would let B's tokens go
+    unpaid). X, 99 tokens, may start at once; the start after it waits
+    until t=1.5 (X's tokens end at 2.5, less the second of lead). A refund
+    passing an equal mapping, not A's own, is taken for the earliest call of
+    that cost still unsettled: A.
+    """
+    gate = gate_for(Rate({"requests": 10, "tokens": 100}, per=1.0, burst=11))
+    assert isinstance(gate, WeightedGate)
+    a = {"tokens": 100.0}
+    await gate.wait(a)
+    await asyncio.sleep(0.5)
+    await gate.wait({"tokens": 100.0})  # B
+    await gate.wait({"tokens": 1.0})  # L
+    assert _loop_time() == pytest.approx(1.0)
+    gate.settle(a if same_mapping else {"tokens": 100.0}, {"tokens": 0.0})
+    await gate.wait({"tokens": 99.0})  # X
+    assert _loop_time() == pytest.approx(1.0)
+    await gate.wait({"tokens": 1.0})
+    assert _loop_time() == pytest.approx(1.5)
+
+
+@pytest.mark.virtual_time
 async def test_a_refund_while_idle_gives_no_more_than_the_burst() -> None:
     """100 tokens refunded after 20 idle seconds: still a burst of 3, then the pace."""
     gate = gate_for(Rate({"requests": 600, "tokens": 600}, per=60, burst=3))
@@ -324,6 +355,38 @@ async def test_a_cancelled_grant_is_given_back() -> None:
         await task
     await gate.wait({"tokens": 1})
     assert _loop_time() == pytest.approx(1.0)  # not 31: the 30 tokens were given back
+
+
+@pytest.mark.virtual_time
+@pytest.mark.parametrize("between", ["debt", "clamp"])
+async def test_a_cancelled_grant_keeps_what_moved_the_schedule_since(between: str) -> None:
+    """Given back after another call's debt or a header clamp: that stays.
+
+    X books 10 tokens at t=0; A is granted at t=0.1 and cancelled before it
+    resumes. In between, X settles 990 tokens more (9.9 s of debt), or the
+    server says no token is left for 30 s. Undoing A's grant must not undo
+    that too.
+    """
+    gate = gate_for(Rate({"requests": 10, "tokens": 100}, per=1.0))  # 0.01 s per token
+    assert isinstance(gate, WeightedGate)
+    x = {"tokens": 10.0}
+    await gate.wait(x)  # t=0, tokens booked to t=0.1
+    task = asyncio.create_task(gate.wait({"tokens": 10.0}))
+    await asyncio.sleep(0)
+
+    def at_the_grant() -> None:  # the iteration of the gate's 0.1 s timer, after it granted A
+        if between == "debt":
+            gate.settle(x, {"tokens": 1000.0})
+        else:
+            gate.clamp("tokens", 0.0, 30.0)
+        task.cancel()
+
+    asyncio.get_running_loop().call_at(0.1 + 1e-12, at_the_grant)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await gate.wait({"tokens": 1.0})
+    # X's 1000 tokens from t=0 end at t=10; the server's refill, at t=30.
+    assert _loop_time() >= (10.0 if between == "debt" else 30.0) - 1e-9
 
 
 # -- the map: cost= and usage= ---------------------------------------------------------

@@ -102,7 +102,11 @@ def _check_dimensions(n: Mapping[Any, Any]) -> dict[str, float]:
         )
         if not _is_real(value):
             raise TypeError(message)
-        if not (math.isfinite(value) and value > 0):
+        try:
+            ok = math.isfinite(value) and value > 0
+        except OverflowError:  # an int too large for a float: the gates count in floats
+            ok = False
+        if not ok:
             raise ValueError(message)
         checked[name] = value
     return checked
@@ -113,8 +117,61 @@ def _check_positive(name: str, value: object, what: str) -> None:
     message = f"Rate {name} must be {what} > 0, like Rate(20, per=1.0); got {name}={value!r}"
     if not _is_real(value):
         raise TypeError(message)
-    if not (math.isfinite(value) and value > 0):
+    try:
+        ok = math.isfinite(value) and value > 0
+    except OverflowError:  # an int too large for a float: the gates count in floats
+        ok = False
+    if not ok:
         raise ValueError(message)
+
+
+def _quotient(per: Any, amount: Any) -> float:
+    """``per / amount`` as the float the gates compute with; inf where it overflows one."""
+    try:
+        return float(per / amount)
+    except OverflowError:
+        return math.inf
+
+
+def _check_schedule(n: float | Mapping[str, float], per: float, burst: int) -> None:
+    """Refuse values that are each in range but whose schedule is not.
+
+    The gates work in float seconds: an interval that overflows to inf (or
+    underflows to 0) or a tolerance that overflows would let every start
+    through, or fail with a bare OverflowError on the first one.
+    """
+    if isinstance(n, Mapping):
+        for name, amount in n.items():
+            interval = _quotient(per, amount)
+            if not (math.isfinite(interval) and interval > 0):
+                raise ValueError(
+                    f"Rate per / n[{name!r}] (the seconds one unit of {name!r} costs) must "
+                    f"be a finite number > 0, like Rate({{'requests': 500}}, per=60); got "
+                    f"n={dict(n)!r}, per={per!r}: per / n[{name!r}] = {interval!r}"
+                )
+        requests = n.get("requests")
+        if requests is None or burst == 1:
+            return
+        interval = _quotient(per, requests)
+        what = "per / n['requests']"
+    else:
+        interval = _quotient(per, n)
+        if not (math.isfinite(interval) and interval > 0):
+            raise ValueError(
+                "Rate per / n (the seconds between two starts) must be a finite number > 0, "
+                f"like Rate(20, per=1.0); got n={n!r}, per={per!r}: per / n = {interval!r}"
+            )
+        what = "per / n"
+    try:
+        tolerance = (burst - 1) * interval
+    except OverflowError:
+        tolerance = math.inf
+    if not math.isfinite(tolerance):
+        raise ValueError(
+            f"Rate (burst - 1) * {what} (the seconds starts may run ahead) must be a "
+            f"finite number, like Rate(20, per=1.0, burst=5); got n={n!r}, per={per!r}, "
+            f"burst={burst!r}: (burst - 1) * {what} = {tolerance!r}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +252,7 @@ class Rate:
                 f"'requests' dimension, like Rate({{'requests': 500, 'output_tokens': 40_000}}, "
                 f"per=60, burst=5); got n={self.n!r}, burst={burst!r}"
             )
+        _check_schedule(self.n, self.per, burst)
 
     def __hash__(self) -> int:
         n = self.n
@@ -400,8 +458,9 @@ class RateGate:
     A caller cancelled in line gives its place back: nothing is spent for it,
     and the callers behind it move up to the slot it would have had. A caller
     cancelled after being granted its slot but before it resumed gives the
-    slot back too when no later start was granted on top of it; otherwise that
-    slot stays spent (one start fewer, never one too many).
+    slot back too when no later start was granted on top of it and no header
+    clamp moved the schedule since; otherwise that slot stays spent (one start
+    fewer, never one too many).
 
     The gate binds to no event loop when built, so it can be made at import
     time and used by successive ``asyncio.run`` calls. Loops' clocks are
@@ -443,10 +502,11 @@ class RateGate:
         self._tat = -math.inf  # no start yet: a full burst is available
         self._last_now = -math.inf  # loop time of the last grant
         # Grants made through the line and still standing; a granted future's
-        # result is (its number, TAT before it), so it can be undone (_give_back).
+        # result is (its number, TAT before it, TAT after it), so it can be
+        # undone (_give_back).
         self._grants = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: deque[asyncio.Future[tuple[int, float]]] = deque()
+        self._waiters: deque[asyncio.Future[tuple[int, float, float]]] = deque()
         self._queued = 0
         self._granted = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -505,7 +565,7 @@ class RateGate:
         if self.wait_nowait():
             return
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[int, float]] = loop.create_future()
+        fut: asyncio.Future[tuple[int, float, float]] = loop.create_future()
         self._waiters.append(fut)
         self._queued += 1
         if self._timer is None:
@@ -589,9 +649,10 @@ class RateGate:
             self._queued -= 1
             self._granted += 1
             self._grants += 1
-            self._tat = (tat if tat > now else now) + self._interval
+            after = (tat if tat > now else now) + self._interval
+            self._tat = after
             self._last_now = now
-            fut.set_result((self._grants, tat))
+            fut.set_result((self._grants, tat, after))
 
     def _withdraw(self) -> None:
         """A caller cancelled in line leaves; the timer stays right for whoever is next."""
@@ -602,17 +663,22 @@ class RateGate:
                 self._timer.cancel()
                 self._timer = None
 
-    def _give_back(self, loop: asyncio.AbstractEventLoop, grant: tuple[int, float]) -> None:
+    def _give_back(self, loop: asyncio.AbstractEventLoop, grant: tuple[int, float, float]) -> None:
         """A caller granted a slot was cancelled before it started: undo the grant if safe.
 
         Safe only when no later start was granted on top of it (its grant is
-        the latest standing one): then TAT goes back to what it was and the
-        state is exactly as if this caller had never asked.
+        the latest standing one) and nothing else moved TAT since: then TAT
+        goes back to what it was and the state is exactly as if this caller
+        had never asked.
         """
         self._granted -= 1
-        number, tat_before = grant
+        number, tat_before, tat_after = grant
         if number != self._grants:
             return  # later starts were booked after this one; the slot stays spent
+        if self._tat != tat_after:
+            # A header clamp moved TAT later since: it stands for what the
+            # server has left, whoever asks, so going back would drop it.
+            return
         self._grants -= 1
         self._tat = tat_before
         if self._timer is not None:

@@ -18,9 +18,15 @@ start's own amount.
 When the call ends, its actual usage *settles* the reservation, as if the call
 had reserved what it used when it started: a debt (``actual > reserved``)
 pushes TAT later by the difference; a refund pulls it earlier by the unused
-part, but not before the end of the latest start's own booking (its start plus
-its amount: that booking would have been made on top of the refunded call's
-usage too), nor, for the latest start's own refund, before its start. A TAT
+part, but not before the schedule the starts made after that call keep on
+their own (each booked in turn from its start: they would have been booked on
+top of the refunded call's usage too), nor, for the latest start's own refund,
+before its start. With a tolerance of 0 that schedule ends with the latest
+start's own booking (no start comes before the schedule, so each one's
+booking covers those before it); with a tolerance, starts come ahead of the
+schedule, and the gate keeps a log of the recent starts (their cost mappings,
+starts and settled usage) to compute it: a call it cannot place there keeps
+more of its reservation, never less. A TAT
 before "now" means the same as "now" to every start (a start books from
 ``max(TAT, now)``: a full bucket holds no more than its burst), so a refund
 never banks capacity for a burst later; but it is not lost either: a debt
@@ -51,6 +57,14 @@ __all__ = ["Cell", "WeightedGate"]
 _get_running_loop = asyncio.get_running_loop
 _INF = math.inf
 _NO_COST: dict[str, float] = {}
+#: How many recent starts a gate with a tolerance logs for refunds: a refund of
+#: a call further back (or one the log cannot tell apart) keeps more of its
+#: reservation, never less (see WeightedGate._floors).
+_LOG_SIZE = 256
+
+#: A granted waiter's future result: its number, the TATs before and after
+#: its booking, and the latest start (time, cost) before it, to undo it.
+_Grant = tuple[int, list[float], list[float], float, "Mapping[str, float] | None"]
 
 
 def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
@@ -88,8 +102,9 @@ class WeightedGate:
 
     Like :class:`corral.RateGate`: no polling (one timer for the head of the
     line), a caller cancelled in line spends nothing, a caller cancelled after
-    its grant gives it back when no later grant was made on top of it, and the
-    gate follows successive event loops.
+    its grant gives it back when no later grant was made on top of it (but
+    for cells a settlement or a header clamp moved since, which keep it), and
+    the gate follows successive event loops.
 
     Args:
         cells: the (dimension, window) cells to enforce.
@@ -104,7 +119,9 @@ class WeightedGate:
         "_grants",
         "_last_cost",
         "_last_now",
+        "_log",
         "_loop",
+        "_lost",
         "_queued",
         "_rate",
         "_ready",
@@ -152,13 +169,21 @@ class WeightedGate:
         # reservation in the rest, while mapping and start are still the
         # latest start's.
         self._settled: tuple[Mapping[str, float] | None, float, Mapping[str, float]] | None = None
+        # With a tolerance, the recent starts, oldest first: [cost, start, usage
+        # once settled, seconds booked per cell once a refund needed them]. A
+        # refund stops at what the starts after its call booked (see _floors);
+        # without a tolerance the latest start's booking is that.
+        self._log: deque[list[Any]] | None = (
+            deque() if any(c.tolerance > 0 for c in cells) else None
+        )
+        # Whether a start still unsettled was ever dropped from the log: a
+        # settlement it cannot find by identity may then be that one's.
+        self._lost = False
         self._grants = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock: Callable[[], float] = time.monotonic  # the loop's clock, set by _rebind
         # (future, cost) per caller in line, first come first served.
-        self._waiters: deque[
-            tuple[asyncio.Future[tuple[int, list[float]]], Mapping[str, float] | None]
-        ] = deque()
+        self._waiters: deque[tuple[asyncio.Future[_Grant], Mapping[str, float] | None]] = deque()
         self._queued = 0
         self._granted = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -221,6 +246,11 @@ class WeightedGate:
         self._ready = ready
         self._last_now = now
         self._last_cost = cost
+        log = self._log
+        if log is not None:
+            log.append([cost, now, None, None])
+            if len(log) > _LOG_SIZE:
+                self._drop_oldest(log)
 
     def wait_nowait(self, cost: Mapping[str, float] | None = None) -> bool:
         """Reserve ``cost`` now if a start conforms and nobody is ahead; never suspends.
@@ -250,6 +280,11 @@ class WeightedGate:
         self._ready = ready
         self._last_now = now
         self._last_cost = cost
+        log = self._log
+        if log is not None:
+            log.append([cost, now, None, None])
+            if len(log) > _LOG_SIZE:
+                self._drop_oldest(log)
         return True
 
     async def wait(self, cost: Mapping[str, float] | None = None) -> None:
@@ -257,7 +292,7 @@ class WeightedGate:
         if self.wait_nowait(cost):
             return
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[int, list[float]]] = loop.create_future()
+        fut: asyncio.Future[_Grant] = loop.create_future()
         self._waiters.append((fut, cost))
         self._queued += 1
         if self._timer is None:
@@ -279,20 +314,25 @@ class WeightedGate:
 
         For each dimension in ``used``: a debt (used more than reserved) moves
         the schedule later; a refund moves it earlier, by the unused part of
-        this reservation, but not before the end of the latest start's
-        booking, nor before the latest start itself when this is its own
-        settlement (for every start from now on, the same as not before now:
-        see the module docstring). The gate tells the latest start's
-        settlement by its ``reserved`` mapping (the same object ``wait``
-        got); with one mapping shared by all calls, every settlement reads as
-        the latest start's. Dimensions ``used`` does not mention keep their
-        reservation; ``used`` None keeps all of it (a failed attempt whose
-        usage is unknown).
+        this reservation, but not before the schedule the starts made after
+        this call keep on their own (with no tolerance: the end of the latest
+        start's booking), nor before the latest start itself when this is its
+        own settlement (for every start from now on, the same as not before
+        now: see the module docstring). The gate tells whose reservation it
+        is by the ``reserved`` mapping (the same object ``wait`` got); with
+        one mapping shared by all calls, every settlement reads as the latest
+        start's. With a tolerance, a mapping that is not the same object as
+        any logged reservation but equal to some is taken for the earliest
+        such call not yet settled. Dimensions ``used`` does not mention keep
+        their reservation; ``used`` None keeps all of it (a failed attempt
+        whose usage is unknown).
         """
         if not used:
             return
         if self._loop is None:
             return  # nothing was ever reserved here
+        log = self._log
+        floors = None if log is None else self._floors(log, reserved, used)
         start = self._last_now
         # The latest start's booking, which a refund of an earlier call must not
         # erase: it would have been made on top of that call's usage too. The
@@ -319,21 +359,24 @@ class WeightedGate:
                     tat += delta * interval  # debt: the next starts wait for it
                     tats[i] = tat
                 elif delta < 0:
-                    floor = start
-                    if not latest:
-                        if booked is None:
-                            booked = self._last_cost or _NO_COST
-                            settled = self._settled
-                            if (
-                                settled is not None
-                                and settled[0] is self._last_cost
-                                and settled[1] == start
-                            ):
-                                booked_used = settled[2]
-                        amount = booked_used.get(dimension)
-                        if amount is None:
-                            amount = booked.get(dimension, default)
-                        floor += amount * interval
+                    if floors is not None:
+                        floor = floors[i]
+                    else:
+                        floor = start
+                        if not latest:
+                            if booked is None:
+                                booked = self._last_cost or _NO_COST
+                                settled = self._settled
+                                if (
+                                    settled is not None
+                                    and settled[0] is self._last_cost
+                                    and settled[1] == start
+                                ):
+                                    booked_used = settled[2]
+                            amount = booked_used.get(dimension)
+                            if amount is None:
+                                amount = booked.get(dimension, default)
+                            floor += amount * interval
                     if tat > floor:
                         tat += delta * interval
                         if tat < floor:
@@ -352,6 +395,96 @@ class WeightedGate:
             loop = self._loop
             assert loop is not None  # a timer is set on the gate's loop
             self._arm(loop)
+
+    def _floors(
+        self, log: deque[list[Any]], reserved: Mapping[str, float] | None, used: Mapping[str, float]
+    ) -> list[float]:
+        """Per cell, how early a refund of ``reserved`` may move TAT; records ``used``.
+
+        As if the call had reserved its usage, TAT would be the later of its
+        own chain (this call and those before it, less the refund) and of
+        the chain of the starts after it: max over those starts of ``start +
+        what it and every later start booked``. The latter is the floor.
+        With a tolerance it can lie anywhere up to a tolerance past the
+        latest start's booking, so it is computed from the log, walking back
+        from the latest start to this call's. Walks at most the log.
+        """
+        rows = self._rows
+        last = self._last_now
+        entry = None
+        for logged in reversed(log):
+            if logged[0] is reserved:
+                entry = logged
+                break
+        mine = entry is not None
+        if not mine and not self._lost:
+            # Not the object it reserved with: it is one of the unsettled
+            # calls of an equal cost, so stop where the earliest of them
+            # would (below every later one's floor). Which one it is stays
+            # unknown: no entry is marked settled (a wrong mark could put a
+            # later refund's floor after its own call).
+            for logged in log:
+                if logged[2] is None and logged[0] == reserved:
+                    entry = logged
+                    break
+        # Only the cells this settlement refunds need a floor (usually one or two).
+        reserved_get = (_NO_COST if reserved is None else reserved).get
+        refunded = [
+            row
+            for row in rows
+            if (amount := used.get(row[1])) is not None and amount < reserved_get(row[1], row[2])
+        ]
+        sums = [0.0] * len(rows)
+        # The latest start's own refund stops at its start.
+        floors = [last] * len(rows)
+        indices = [row[0] for row in refunded]
+        for logged in reversed(log) if refunded else ():
+            if logged is entry:
+                break
+            booked_by = logged[3]
+            if booked_by is None:
+                # What it books per cell, in seconds: kept, as every refund
+                # of an earlier call walks over it again.
+                booked_by = logged[3] = self._booked(logged[0], logged[2])
+            start = logged[1]
+            for i in indices:
+                booked = sums[i] + booked_by[i]
+                sums[i] = booked
+                booked += start
+                if booked > floors[i]:
+                    floors[i] = booked
+        if entry is None:
+            if not log:
+                return [_INF] * len(rows)  # nothing to go by: the reservation stays
+            # Unknown, or dropped from the log: the call may have started
+            # before every logged one, whose first start came at most a
+            # tolerance before the schedule of the calls ahead of it.
+            for i, *_, tolerance in rows:
+                floors[i] += tolerance
+        elif mine:
+            entry[2] = used
+            entry[3] = None
+            while log and log[0][2] is not None:
+                log.popleft()  # settled, before every call in flight: no floor needs it
+        return floors
+
+    def _booked(
+        self, cost: Mapping[str, float] | None, settled: Mapping[str, float] | None
+    ) -> list[float]:
+        """Per cell, the seconds a start stands for: its usage once settled, else its cost."""
+        get = (_NO_COST if cost is None else cost).get
+        booked = []
+        for _, dimension, default, interval, _ in self._rows:
+            amount = None if settled is None else settled.get(dimension)
+            if amount is None:
+                amount = get(dimension, default)
+            booked.append(amount * interval)
+        return booked
+
+    def _drop_oldest(self, log: deque[list[Any]]) -> None:
+        """Keep the log's walk bounded; an unsettled call dropped can no longer be placed."""
+        if log.popleft()[2] is None:
+            self._lost = True
 
     def clamp(
         self, dimension: str, remaining: float, reset: float | None, limit: float | None = None
@@ -450,8 +583,9 @@ class WeightedGate:
             self._granted += 1
             self._grants += 1
             before = self._tats[:]
+            last_now, last_cost = self._last_now, self._last_cost
             self._take(now, cost)
-            fut.set_result((self._grants, before))
+            fut.set_result((self._grants, before, self._tats[:], last_now, last_cost))
 
     def _withdraw(self) -> None:
         self._queued -= 1
@@ -461,13 +595,22 @@ class WeightedGate:
                 self._timer.cancel()
                 self._timer = None
 
-    def _give_back(self, loop: asyncio.AbstractEventLoop, grant: tuple[int, list[float]]) -> None:
+    def _give_back(self, loop: asyncio.AbstractEventLoop, grant: _Grant) -> None:
         self._granted -= 1
-        number, before = grant
+        number, before, after, last_now, last_cost = grant
         if number != self._grants:
             return  # later grants were made on top of it: the reservation stays spent
         self._grants -= 1
-        self._tats = before
+        tats = self._tats
+        for i, tat in enumerate(after):
+            # A cell something else moved since (a debt, a refund, a header
+            # clamp) keeps this booking too: undoing it would also undo that.
+            if tats[i] == tat:
+                tats[i] = before[i]
+        self._last_now, self._last_cost = last_now, last_cost
+        log = self._log
+        if log:
+            log.pop()  # the newest entry: no start was made after this one
         self._update_ready()
         if self._timer is not None:
             self._timer.cancel()
@@ -486,6 +629,13 @@ class WeightedGate:
         self._tats = [now + (t - last) if t > last else -_INF for t in self._tats]
         self._update_ready()
         self._last_now = now
+        log = self._log
+        if log:
+            # Their starts are on the old loop's clock: refunds of calls not
+            # yet settled keep their reservations.
+            if any(logged[2] is None for logged in log):
+                self._lost = True
+            log.clear()
         self._waiters.clear()
         self._queued = self._granted = 0
         self._timer = None
