@@ -21,7 +21,7 @@ import corral
 import corral._limits
 from _loops import LOOP_KINDS, VirtualClockLoop, run
 from corral._adaptive import DROP_BACKOFF, MIN_SAMPLES, Adaptive
-from corral._limits import RAMP_FRACTION, RAMP_STEPS, Limiter, outcome_of
+from corral._limits import RAMP_FRACTION, RAMP_MAX, RAMP_STEPS, Limiter, outcome_of
 from corral._rate import Rate, RateGate, as_rate, gcra_delay, gcra_next_tat
 
 
@@ -1832,3 +1832,300 @@ async def test_a_slot_handed_over_just_before_a_cooldown_starts_no_call_until_it
     limiter.cooldown(2.0)  # ...and a Retry-After arrives before it runs
     await task
     assert starts == [pytest.approx(handed_over + 2.0)]
+
+
+# -- Limiter: costs and usage checked -------------------------------------------------------
+
+_TOKENS = Rate({"requests": 10, "tokens": 100}, per=1.0)
+
+
+@pytest.mark.parametrize(
+    ("cost", "error", "message"),
+    [
+        (
+            {"tokens": "5"},
+            ValueError,
+            "cost must hold amounts >= 0 (finite numbers) named by strings; "
+            "got cost={'tokens': '5'}",
+        ),
+        (
+            {"tokens": None},
+            ValueError,
+            "cost must hold amounts >= 0 (finite numbers) named by strings; "
+            "got cost={'tokens': None}",
+        ),
+        (
+            {"tokens": math.inf},
+            ValueError,
+            "cost must hold amounts >= 0 (finite numbers) named by strings; "
+            "got cost={'tokens': inf}",
+        ),
+        (
+            {"tokens": math.nan},
+            ValueError,
+            "cost must hold amounts >= 0 (finite numbers) named by strings; "
+            "got cost={'tokens': nan}",
+        ),
+        (
+            {"tokens": -1.0},
+            ValueError,
+            "cost must hold amounts >= 0 (finite numbers) named by strings; "
+            "got cost={'tokens': -1.0}",
+        ),
+        (
+            {"tokens": True},
+            ValueError,
+            "cost must hold amounts >= 0 (finite numbers) named by strings; "
+            "got cost={'tokens': True}",
+        ),
+        (
+            {1: 5},
+            ValueError,
+            "cost must hold amounts >= 0 (finite numbers) named by strings; got cost={1: 5}",
+        ),
+        (
+            {"requests": 0},
+            ValueError,
+            "cost['requests'] must be >= 1 (a call is at least one request); "
+            "got cost={'requests': 0}",
+        ),
+        (
+            {"requests": 0.001, "tokens": 5},
+            ValueError,
+            "cost['requests'] must be >= 1 (a call is at least one request); "
+            "got cost={'requests': 0.001, 'tokens': 5}",
+        ),
+        (
+            5,
+            TypeError,
+            "cost must be a dict of amounts per dimension, like "
+            "{'input_tokens': 1200, 'output_tokens': 500}, or None; got cost=5",
+        ),
+    ],
+)
+@pytest.mark.virtual_time
+async def test_a_bad_cost_is_refused_before_anything_is_taken(
+    cost: Any, error: type[Exception], message: str
+) -> None:
+    """acquire(cost) checks the cost first: an error naming it, no slot or rate slot held."""
+    limiter = Limiter(limit=1, rate=_TOKENS)
+    with pytest.raises(error, match=exactly(message)):
+        await limiter.acquire(cost)
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+    began = asyncio.get_running_loop().time()
+    await asyncio.wait_for(limiter.acquire({"tokens": 1}), 10)  # the slot is free, at once
+    assert asyncio.get_running_loop().time() == began
+    limiter.release()
+
+
+@pytest.mark.virtual_time
+async def test_a_bad_cost_never_reaches_the_line_for_the_rate() -> None:
+    """A bad cost behind the rate fails its caller at once; the callers behind it go on."""
+    limiter = Limiter(rate=_TOKENS)
+    loop = asyncio.get_running_loop()
+    await limiter.acquire({"tokens": 10})  # books the rate: the next start at 0.1
+    limiter.release()
+    bad = asyncio.create_task(limiter.acquire({"tokens": None}))  # type: ignore[dict-item]
+    good = asyncio.create_task(limiter.acquire({"tokens": 1}))
+    with pytest.raises(ValueError, match=r"got cost=\{'tokens': None\}$"):
+        await bad
+    await asyncio.wait_for(good, 10)
+    assert loop.time() == pytest.approx(0.1)
+    assert limiter.waiting == 0
+    limiter.release()
+
+
+@pytest.mark.parametrize(
+    ("usage", "error", "message"),
+    [
+        (
+            {"tokens": math.inf},
+            ValueError,
+            "usage must hold amounts >= 0 (finite numbers) named by strings; "
+            "got usage={'tokens': inf}",
+        ),
+        (
+            {"tokens": math.nan},
+            ValueError,
+            "usage must hold amounts >= 0 (finite numbers) named by strings; "
+            "got usage={'tokens': nan}",
+        ),
+        (
+            {"tokens": -1e6},
+            ValueError,
+            "usage must hold amounts >= 0 (finite numbers) named by strings; "
+            "got usage={'tokens': -1000000.0}",
+        ),
+        (
+            {"requests": 0, "tokens": 10},
+            ValueError,
+            "usage['requests'] must be >= 1 (a call is at least one request); "
+            "got usage={'requests': 0, 'tokens': 10}",
+        ),
+        (
+            [("tokens", 10)],
+            TypeError,
+            "usage must be a dict of amounts per dimension, like "
+            "{'input_tokens': 1200, 'output_tokens': 500}, or None; "
+            "got usage=[('tokens', 10)]",
+        ),
+    ],
+)
+@pytest.mark.virtual_time
+async def test_a_bad_usage_is_refused_and_leaves_the_rate_as_it_was(
+    usage: Any, error: type[Exception], message: str
+) -> None:
+    """settle(cost, usage) checks the usage: an error naming it; the schedule is untouched."""
+    limiter = Limiter(rate=_TOKENS)
+    loop = asyncio.get_running_loop()
+    cost = {"tokens": 10}
+    await limiter.acquire(cost)
+    with pytest.raises(error, match=exactly(message)):
+        limiter.settle(cost, usage)
+    limiter.release()
+    await asyncio.wait_for(limiter.acquire({"tokens": 10}), 10)
+    assert loop.time() == pytest.approx(0.1)  # the first start's 10 tokens, at 100 a second
+    limiter.release()
+
+
+@pytest.mark.virtual_time
+async def test_a_slot_is_given_back_when_the_rate_fails() -> None:
+    """Whatever raises after the slot is taken, acquire() leaves nothing held."""
+
+    class BrokenGate:
+        waiting = 0
+
+        def wait_nowait(self, cost: object = None) -> bool:
+            raise RuntimeError("broken")
+
+    limiter = Limiter(limit=1, rate="10/s")
+    limiter._gate = BrokenGate()  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="broken"):
+        await limiter.acquire()
+    assert limiter.in_flight == 0
+
+
+@pytest.mark.parametrize("cost", [{"requests": 0}, {"requests": 0.001}])
+async def test_a_map_refuses_a_cost_of_less_than_one_request(cost: dict[str, float]) -> None:
+    """A start is at least one request: less would switch the request rate off."""
+
+    async def call(item: int) -> int:
+        return item
+
+    message = (
+        f"cost must return 'requests' >= 1 (a call is at least one request); got {cost!r} for 0"
+    )
+    for limit in (10, Limiter(10, rate=Rate({"requests": 10}, per=1.0))):
+        with pytest.raises(ValueError, match=exactly(message)):
+            await corral.gather(
+                call, range(3), limit=limit, rate=Rate({"requests": 10}), cost=lambda i: cost
+            )
+
+
+@pytest.mark.parametrize("where", ["map", "limiter"])
+@pytest.mark.virtual_time
+async def test_one_cost_dict_shared_by_every_item_keeps_the_token_rate(where: str) -> None:
+    """cost=lambda item: ESTIMATE (one dict for all): an early refund erases no later booking."""
+    loop = asyncio.get_running_loop()
+    estimate = {"output_tokens": 500}
+    starts: dict[int, float] = {}
+
+    async def call(item: int) -> int:
+        starts[item] = loop.time()
+        await asyncio.sleep(0.6 if item == 0 else 5.0)
+        return item
+
+    rate = Rate({"output_tokens": 1000}, per=1.0)
+    limits: Any = {"limit": 10, "rate": rate} if where == "map" else {"limit": Limiter(rate=rate)}
+    await corral.gather(
+        call,
+        range(3),
+        **limits,
+        cost=lambda item: estimate,
+        usage=lambda item: {"output_tokens": 0 if item == 0 else 500},
+    )
+    # Item 0 used nothing and refunds at 0.6; items 1 and 2 used their 500
+    # tokens each: at 1000 a second, item 2 starts no sooner than 0.5 s after item 1.
+    assert starts[1] == pytest.approx(0.5)
+    assert starts[2] - starts[1] >= 0.5 - 1e-9
+    assert estimate == {"output_tokens": 500}  # the caller's dict is not written to
+
+
+# -- Limiter: how long a server's wait pauses it ---------------------------------------------
+
+
+class HTTP503(Exception):
+    """Shaped like aiohttp's ClientResponseError for a 503 with Retry-After."""
+
+    def __init__(self, retry_after: str) -> None:
+        super().__init__(503)
+        self.status = 503
+        self.headers = {"Retry-After": retry_after}
+
+
+@pytest.mark.parametrize("retry_after", ["86400", "Fri, 31 Dec 9999 23:59:59 GMT"])
+@pytest.mark.parametrize(
+    ("options", "most"),
+    [
+        ({"retries": 3}, 120.0),
+        ({"retries": corral.Retry(attempts=4, max_retry_after=10)}, 10.0),
+        ({"retries": corral.Retry(attempts=4, max_retry_after=10), "cost": lambda i: {}}, 10.0),
+        ({}, 120.0),  # MAX_COOLDOWN, Retry's default max_retry_after
+    ],
+    ids=["retries", "max_retry_after", "metered", "no-retries"],
+)
+@pytest.mark.virtual_time
+async def test_a_wait_the_retries_refuse_pauses_the_limiter_no_longer_than_they_would(
+    retry_after: str, options: dict[str, Any], most: float
+) -> None:
+    """A Retry-After beyond max_retry_after fails the item, and pauses the others <= that."""
+    loop = asyncio.get_running_loop()
+    limiter = Limiter(1)
+    starts: dict[int, float] = {}
+
+    async def call(item: int) -> int:
+        starts[item] = loop.time()
+        if item == 0:
+            raise HTTP503(retry_after)
+        return item
+
+    results = await corral.gather(call, range(3), limit=limiter, return_exceptions=True, **options)
+    assert isinstance(results[0], HTTP503)  # failed at once: the wait was not slept through
+    assert results[1:] == [1, 2]
+    assert starts[0] == 0.0
+    assert most <= starts[1] <= starts[2] <= most + 1.5 * min(RAMP_MAX, RAMP_FRACTION * most)
+    assert limiter._cool_span == most
+
+
+@pytest.mark.parametrize(
+    "error",
+    [corral.RetryAfter(86400), FakeResponseError(429, {"Retry-After": "86400"})],
+    ids=["RetryAfter", "429"],
+)
+async def test_a_limiter_used_directly_cools_down_for_max_cooldown_at_most(
+    error: Exception,
+) -> None:
+    """No Retry in play: a day-long Retry-After pauses the Limiter for MAX_COOLDOWN (120 s)."""
+    limiter = Limiter(3)
+    with pytest.raises(type(error)):
+        async with limiter:
+            raise error
+    assert limiter._cool_span == corral._limits.MAX_COOLDOWN == 120.0
+    limiter = Limiter("auto")
+    limiter.record_error(0.01, error, max_cooldown=30.0)
+    assert limiter._cool_span == 30.0
+    limiter = Limiter(3)
+    limiter.record_error(0.01, corral.RetryAfter(2.0), max_cooldown=math.inf)
+    assert limiter._cool_span == 2.0  # a wait below the cap is kept as it is
+    limiter.record_error(0.01, error, max_cooldown=0)
+    assert limiter._cool_span == 2.0  # no cap at all: no pause
+
+
+@pytest.mark.parametrize("max_cooldown", [-1.0, math.nan, "60"])
+async def test_record_error_refuses_a_bad_max_cooldown(max_cooldown: Any) -> None:
+    message = (
+        "max_cooldown must be a number of seconds >= 0 (math.inf for no cap); "
+        f"got max_cooldown={max_cooldown!r}"
+    )
+    with pytest.raises(ValueError, match=exactly(message)):
+        Limiter(3).record_error(0.01, corral.RetryAfter(1.0), max_cooldown=max_cooldown)

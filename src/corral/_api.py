@@ -33,7 +33,7 @@ from ._checkpoint import (
 )
 from ._engine import Call, Engine, Halt, ResultStream, _Retried
 from ._errors import BudgetExhausted
-from ._limits import Limiter
+from ._limits import MAX_COOLDOWN, Limiter
 from ._monitor import DEFAULT_THRESHOLD, LoopWatch, monitor_from_env
 from ._offload import is_async_callable, offload
 from ._progress import Progress, ProgressLike, check_progress, total_of
@@ -148,9 +148,10 @@ def _with_timeout(call: Call, timeout: float) -> Call:
     return timed
 
 
-def _with_limiter(call: Call, limiter: Limiter) -> Call:
+def _with_limiter(call: Call, limiter: Limiter, max_cooldown: float) -> Call:
+    """Take ``limiter``'s slot around each call; a Retry-After pauses it, up to ``max_cooldown``."""
     if limiter.adaptive is not None or limiter.key is not None or limiter.auto_rate:
-        return _with_feedback(call, limiter)
+        return _with_feedback(call, limiter, max_cooldown)
 
     async def limited(item: Any) -> Any:
         await limiter.acquire()
@@ -159,7 +160,7 @@ def _with_limiter(call: Call, limiter: Limiter) -> Call:
         except Exception as exc:
             # A 429/503 with Retry-After (or RetryAfter) pauses every user of
             # the limiter; costs nothing until a call fails.
-            limiter.record_error(0.0, exc)
+            limiter.record_error(0.0, exc, max_cooldown=max_cooldown)
             raise
         finally:
             limiter.release()
@@ -167,7 +168,7 @@ def _with_limiter(call: Call, limiter: Limiter) -> Call:
     return limited
 
 
-def _with_feedback(call: Call, limiter: Limiter) -> Call:
+def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float) -> Call:
     """An adaptive or per-key limiter: take the item's key's slot, report how the call went."""
     if limiter.key is not None:
 
@@ -179,7 +180,7 @@ def _with_feedback(call: Call, limiter: Limiter) -> Call:
             try:
                 value = await call(item)
             except BaseException as exc:  # a cancellation is recorded as "ignore"
-                own.record_error(clock() - began, exc)
+                own.record_error(clock() - began, exc, max_cooldown=max_cooldown)
                 own.release()
                 raise
             now = clock()
@@ -199,7 +200,7 @@ def _with_feedback(call: Call, limiter: Limiter) -> Call:
         try:
             value = await call(item)
         except BaseException as exc:  # a cancellation is recorded as "ignore"
-            record_error(clock() - began, exc)
+            record_error(clock() - began, exc, max_cooldown=max_cooldown)
             release()
             raise
         now = clock()
@@ -535,6 +536,9 @@ def _engine_and_checkpoint(
         if seconds is not None:
             call = _with_timeout(call, seconds)
         gate = gate_for(rate)
+        # The longest pause a server's Retry-After puts on the Limiter: a wait
+        # the retries will not sleep through must not stop its other users.
+        max_cooldown = retry.max_retry_after if retry is not None else MAX_COOLDOWN
         if (
             opts["cost"] is not None
             or opts["usage"] is not None
@@ -549,6 +553,7 @@ def _engine_and_checkpoint(
                 gate=gate,
                 limiter=limiter,
                 budget=UsageBudget(budget) if budget is not None else None,
+                max_cooldown=max_cooldown,
             )
         else:
             if budget is not None:
@@ -559,7 +564,7 @@ def _engine_and_checkpoint(
                 assert isinstance(gate, RateGate)
                 call = _with_rate(call, gate)
             if limiter is not None:
-                call = _with_limiter(call, limiter)
+                call = _with_limiter(call, limiter, max_cooldown)
         if retry is not None:
             state = None
             if retry.budget is not None:
@@ -855,7 +860,9 @@ def map(
             on a retry budget (``Retry(budget=)``): about 10% of the calls
             that succeed, shared by every map using one Limiter, else per map
             (split among its processes or Ray actors); a retry beyond it fails
-            the item with :class:`corral.RetryBudgetExhausted`.
+            the item with :class:`corral.RetryBudgetExhausted`. A Retry-After
+            pauses a shared Limiter for at most ``Retry.max_retry_after``
+            (120 s by default; 120 s too when there are no retries).
         return_exceptions: ``False`` (default): the first failure (after its
             retries) cancels everything in flight and is raised as itself.
             ``True``: the exception object takes the item's place.
@@ -905,7 +912,8 @@ def map(
             the results were handed out.
         cost: a function of the item returning what its call is expected to
             spend, per dimension: ``{"input_tokens": 1200, "output_tokens":
-            500}`` (one request is implied). Reserved on every weighted rate
+            500}`` (one request is implied; ``"requests"``, if named, is >= 1).
+            Reserved on every weighted rate
             (the map's and its Limiter's) before each attempt starts; an
             attempt that fails keeps it spent unless the error carries a
             ``usage`` attribute. Default: one request, no tokens.

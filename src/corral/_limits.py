@@ -28,6 +28,7 @@ from typing import Any, NoReturn, TypeAlias
 
 from ._adaptive import Adaptive, Controller, Outcome
 from ._rate import Rate, RateLike, _is_int, _is_real, as_rates, gate_for
+from ._usage import _AttemptCost, _checked
 from ._weighted import WeightedGate
 
 __all__ = ["Adaptive", "Limiter", "outcome_of"]
@@ -69,6 +70,12 @@ RAMP_STEPS = 32
 IDLE_KEYS = 1024
 #: Keys examined for eviction per new key: O(1) work per call.
 _EVICT_STEPS = 4
+#: The longest cooldown a server-directed wait (Retry-After, RetryAfter) puts
+#: on a Limiter through :meth:`Limiter.record_error` when nobody says otherwise:
+#: ``Retry``'s default ``max_retry_after``. A server asking for more usually
+#: means a quota is spent; every user of the Limiter asleep for an hour (or,
+#: for a far HTTP-date, for ever) would hide that, not help.
+MAX_COOLDOWN = 120.0
 
 LimitSpec: TypeAlias = "int | Adaptive | str | None"
 
@@ -157,7 +164,11 @@ class Limiter:
     A server that answers 429/503 with ``Retry-After`` (or a call raising
     :class:`corral.RetryAfter`) puts the whole limiter in a :meth:`cooldown`:
     no call starts, in any map sharing it, until the wait is over; then the
-    tokens come back over a jittered ramp, not all at once.
+    tokens come back over a jittered ramp, not all at once. Such a pause
+    lasts at most :data:`MAX_COOLDOWN` (120 s, like ``Retry``'s default
+    ``max_retry_after``), or the ``max_retry_after`` of the map's
+    :class:`corral.Retry`: a longer wait usually means a quota is spent, and
+    is better seen as failures than as every caller asleep.
 
     ``key=`` gives each key its own sack (and rate, and adaptive state), e.g.
     4 calls per host for a polite crawler; a map finds the key of each item::
@@ -413,9 +424,20 @@ class Limiter:
         Args:
             cost: for a weighted rate, the amounts to reserve, like
                 ``{"input_tokens": 1200, "output_tokens": 500}`` (one request
-                is implied); settle them with :meth:`settle` when the call
-                ends. None: one request.
+                is implied; ``"requests"``, if given, is >= 1); settle them
+                with :meth:`settle` when the call ends, passing this same
+                mapping: the rate tells reservations apart by their mapping,
+                so give each call a mapping of its own. None: one request.
+
+        Raises:
+            TypeError: ``cost`` is not a mapping.
+            ValueError: an amount of ``cost`` is not a finite number >= 0, or
+                its ``"requests"`` is below 1. Nothing is taken.
         """
+        if cost is not None and type(cost) is not _AttemptCost:  # a map's is checked already
+            # Before anything is taken: a bad amount reaching the rate would
+            # fail there with a slot held, or in its timer with callers in line.
+            _checked("cost", cost)
         cap = self._cap
         if cap is None or self._in_flight < cap:
             self._in_flight += 1  # a free slot: nobody live is waiting (see the invariants)
@@ -425,14 +447,17 @@ class Limiter:
             # (a 429 seen between the hand-over and this task resuming).
             await self._sit_out_cooldown()
         gate = self._gate
-        if gate is not None and not gate.wait_nowait(cost):
+        if gate is not None:
             try:
-                await gate.wait(cost)
+                granted = gate.wait_nowait(cost)
+                if not granted:
+                    await gate.wait(cost)
             except BaseException:
                 self.release()  # we hold a slot but will not start
                 raise
-            # A cooldown may have begun while this caller waited for the rate.
-            await self._sit_out_cooldown()
+            if not granted:
+                # A cooldown may have begun while this caller waited for the rate.
+                await self._sit_out_cooldown()
 
     async def _sit_out_cooldown(self) -> None:
         """Hold the slot taken until the cooldown in force (if any) ends: no call starts in one.
@@ -527,9 +552,19 @@ class Limiter:
         not mention keep their reservation. A no-op without a weighted rate.
         ``corral.map(..., cost=, usage=)`` calls it for you.
 
+        Args:
+            cost: the mapping given to :meth:`acquire` (the same object).
+            usage: what the call spent, per dimension, or None (unknown: the
+                reservation stands).
+
         Raises:
-            TypeError: on a per-key Limiter (settle on ``for_item(item)``).
+            TypeError: on a per-key Limiter (settle on ``for_item(item)``),
+                or a ``usage`` that is not a mapping.
+            ValueError: an amount of ``usage`` is not a finite number >= 0,
+                or its ``"requests"`` is below 1.
         """
+        if usage is not None:
+            _checked("usage", usage)  # a NaN or infinite amount would wreck the schedule
         gate = self._gate
         if usage and isinstance(gate, WeightedGate):
             gate.settle(cost, usage)  # per call: the common case first (a keyed one has no gate)
@@ -641,20 +676,46 @@ class Limiter:
         if controller.in_force != limit:
             self._set_limit(controller.in_force)
 
-    def record_error(self, latency: float, error: BaseException) -> None:
+    def record_error(
+        self, latency: float, error: BaseException, *, max_cooldown: float = MAX_COOLDOWN
+    ) -> None:
         """Tell the limiter a call failed with ``error`` after ``latency`` seconds.
 
         If ``error`` carries a server-directed wait (an HTTP 429/503 with
         ``Retry-After``, or a :class:`corral.RetryAfter`), the limiter goes into
-        a :meth:`cooldown` of that many seconds, whatever its limit. An
-        adaptive limit also records the outcome :func:`outcome_of` gives.
+        a :meth:`cooldown` of that many seconds, but no more than
+        ``max_cooldown``, whatever its limit. An adaptive limit also records
+        the outcome :func:`outcome_of` gives.
+
+        Args:
+            latency: seconds from the call's start to its failure.
+            error: what the call raised.
+            max_cooldown: the longest cooldown a server-directed wait starts,
+                in seconds: by default :data:`MAX_COOLDOWN` (120 s, the
+                default ``Retry.max_retry_after``); ``corral.map`` passes its
+                ``Retry``'s ``max_retry_after``.
+
+        Raises:
+            ValueError: ``max_cooldown`` is negative or NaN (checked when
+                ``error`` asks for a wait).
         """
         if isinstance(error, Exception):
             from ._retry import retry_after_seconds
 
             seconds = retry_after_seconds(error)
             if seconds:
-                self.cooldown(seconds)
+                if not (_is_real(max_cooldown) and max_cooldown >= 0):
+                    raise ValueError(
+                        "max_cooldown must be a number of seconds >= 0 (math.inf for no cap); "
+                        f"got max_cooldown={max_cooldown!r}"
+                    )
+                # A wait past the cap (an hour, a date in year 9999) means a
+                # quota is spent: a map's retries fail rather than sleep
+                # through it, and the Limiter's other users must not either.
+                if seconds > max_cooldown:
+                    seconds = max_cooldown
+                if seconds:
+                    self.cooldown(seconds)
         if self._auto_gate is not None:
             self._auto_gate.feedback(error, asyncio.get_running_loop().time())
         if self._controller is not None:

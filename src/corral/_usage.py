@@ -4,8 +4,9 @@
 
 - ``cost(item)`` returns the amounts a call is expected to spend, per
   dimension (``{"input_tokens": 1200, "output_tokens": 500}``; one request is
-  implied). They are *reserved* on every weighted rate (the map's and its
-  Limiter's) before the call starts.
+  implied, and a ``requests`` amount, if named, is >= 1). They are
+  *reserved* on every weighted rate (the map's and its Limiter's) before the
+  call starts, each attempt on a copy of its own.
 - ``usage(result)`` returns what it actually spent. The difference is
   *settled*: refunded, or carried as debt that delays later starts (see
   :mod:`corral._weighted`). Dimensions it leaves out keep their reservation;
@@ -31,14 +32,18 @@ import asyncio
 import functools
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._engine import Halt
 from ._errors import BudgetExhausted
 from ._headers import read_rate_limits
-from ._limits import Limiter
 from ._rate import RateGate
 from ._weighted import WeightedGate
+
+if TYPE_CHECKING:
+    # Imported where used at run time: _limits checks a Limiter's costs with
+    # _checked() below, so it imports this module first.
+    from ._limits import Limiter
 
 __all__ = ["Meter", "UsageBudget", "metered", "token_usage"]
 
@@ -173,8 +178,29 @@ def token_usage(result: object, *, cache_reads: bool = True) -> dict[str, float]
     }
 
 
-def _checked(what: str, amounts: object, subject: object) -> Usage:
-    """``amounts`` if it is a mapping of dimension -> finite number >= 0; else a clear error."""
+#: ``subject`` of :func:`_checked` for amounts given to a Limiter method directly.
+_GIVEN = object()
+
+
+class _AttemptCost(dict[str, float]):
+    """A map's cost for one attempt: checked, and copied, so it is this attempt's alone.
+
+    The type tells :meth:`corral.Limiter.acquire` that the check is done: it
+    would cost more per call than the copy.
+    """
+
+    __slots__ = ()
+
+
+def _checked(what: str, amounts: object, subject: object = _GIVEN) -> Usage:
+    """``amounts`` if it is a mapping of dimension -> finite number >= 0; else a clear error.
+
+    ``requests``, when named, must be >= 1: every call that starts is at
+    least one request, and a smaller amount would let starts through the
+    request rate unchecked. ``subject`` is what a map's ``cost=`` (or
+    ``usage=``) function was given; left out, ``amounts`` came to a Limiter
+    method as its argument ``what``, and the message names it so.
+    """
     if type(amounts) is dict:
         # The common case, checked with exact types first: this runs per call.
         for name, value in amounts.items():
@@ -182,12 +208,19 @@ def _checked(what: str, amounts: object, subject: object) -> Usage:
             if not ((kind is int or kind is float) and 0 <= value < math.inf and type(name) is str):
                 break
         else:
-            return amounts
+            if amounts.get("requests", 1.0) >= 1:
+                return amounts
+    given = subject is _GIVEN
     if not isinstance(amounts, Mapping):
+        example = "{'input_tokens': 1200, 'output_tokens': 500}"
+        if given:
+            raise TypeError(
+                f"{what} must be a dict of amounts per dimension, like {example}, or None; "
+                f"got {what}={amounts!r}"
+            )
         raise TypeError(
-            f"{what} must return a dict of amounts per dimension, like "
-            f"{{'input_tokens': 1200, 'output_tokens': 500}}, or None; got {amounts!r} "
-            f"for {subject!r}"
+            f"{what} must return a dict of amounts per dimension, like {example}, or None; "
+            f"got {amounts!r} for {subject!r}"
         )
     for name, value in amounts.items():
         if (
@@ -196,10 +229,25 @@ def _checked(what: str, amounts: object, subject: object) -> Usage:
             or not isinstance(value, int | float)
             or not (value >= 0 and math.isfinite(value))
         ):
+            if given:
+                raise ValueError(
+                    f"{what} must hold amounts >= 0 (finite numbers) named by strings; "
+                    f"got {what}={amounts!r}"
+                )
             raise ValueError(
-                f"{what} must return amounts >= 0 named by strings; got {dict(amounts)!r} "
-                f"for {subject!r}"
+                f"{what} must return amounts >= 0 (finite numbers) named by strings; "
+                f"got {dict(amounts)!r} for {subject!r}"
             )
+    if amounts.get("requests", 1.0) < 1:
+        if given:
+            raise ValueError(
+                f"{what}['requests'] must be >= 1 (a call is at least one request); "
+                f"got {what}={amounts!r}"
+            )
+        raise ValueError(
+            f"{what} must return 'requests' >= 1 (a call is at least one request); "
+            f"got {dict(amounts)!r} for {subject!r}"
+        )
     return amounts
 
 
@@ -222,11 +270,15 @@ class Meter:
         )
 
     def cost_of(self, item: Any) -> Usage | None:
-        """The reservation for ``item``'s call: ``cost(item)``, or None (one request)."""
+        """The reservation for ``item``'s call: a copy of ``cost(item)``, or None (one request)."""
         cost = self._cost
         if cost is None:
             return None
         amounts = cost(item)
+        # Each attempt gets a mapping of its own: the rate gates tell a
+        # reservation by its mapping's identity (the latest start's from the
+        # others'), which one dict returned for every item would defeat; and
+        # the caller may reuse or change its dict once this call has started.
         if type(amounts) is dict:
             # _checked()'s common case, inline: this runs before every call.
             for name, value in amounts.items():
@@ -234,8 +286,9 @@ class Meter:
                 if not ((kind is float or kind is int) and 0 <= value < _INF and type(name) is str):
                     break
             else:
-                return amounts
-        return None if amounts is None else _checked("cost", amounts, item)
+                if amounts.get("requests", 1.0) >= 1:
+                    return _AttemptCost(amounts)
+        return None if amounts is None else _AttemptCost(_checked("cost", amounts, item))
 
     def usage_of(self, result: Any) -> Usage | None:
         """What the call that returned ``result`` spent, or None when unknown."""
@@ -328,6 +381,7 @@ def metered(
     gate: RateGate | WeightedGate | None,
     limiter: Limiter | None,
     budget: UsageBudget | None,
+    max_cooldown: float | None = None,
 ) -> Call:
     """Wrap ``call`` with reservations, settlement and the budget, per attempt.
 
@@ -336,9 +390,14 @@ def metered(
     the budget is checked. The call runs; its usage (or an error's) settles
     every reservation. A failure with rate-limit headers (a 429's) clamps
     the rates to them, and a Retry-After cools the Limiter down, as for
-    any Limiter; an adaptive Limiter (or one with ``rate="auto"``) learns
-    from the latency and outcome.
+    any Limiter, for at most ``max_cooldown`` seconds (the map's
+    ``Retry.max_retry_after``; None: the Limiter's own default cap); an
+    adaptive Limiter (or one with ``rate="auto"``) learns from the latency
+    and outcome.
     """
+    from ._limits import MAX_COOLDOWN, Limiter
+
+    cap = MAX_COOLDOWN if max_cooldown is None else max_cooldown
     cost_of, usage_of, usage_of_error = meter.cost_of, meter.read_usage, meter.usage_of_error
     keyed = limiter is not None and limiter.key is not None
     # Whether each call's end is reported: an adaptive limit learns from its
@@ -352,7 +411,14 @@ def metered(
         if weighted is not None:
             weighted.settle(cost, used)
         if own is not None:
-            own.settle(cost, used)
+            if type(own).settle is Limiter.settle:
+                # All Limiter.settle does but check ``used`` again, which
+                # was checked where it was read (a key's Limiter is key-less).
+                own_gate = own._gate
+                if isinstance(own_gate, WeightedGate):
+                    own_gate.settle(cost, used)
+            else:
+                own.settle(cost, used)
         if budget is not None:
             budget.settle(cost, used)
 
@@ -390,7 +456,7 @@ def metered(
             except BaseException as exc:
                 try:
                     failed(limiter, cost, exc, 0.0)
-                    limiter.record_error(0.0, exc)
+                    limiter.record_error(0.0, exc, max_cooldown=cap)
                 finally:
                     release()
                 raise
@@ -428,7 +494,7 @@ def metered(
                 now = clock()
                 failed(own, cost, exc, now)
                 if own is not None:
-                    own.record_error(now - began if timed else 0.0, exc)
+                    own.record_error(now - began if timed else 0.0, exc, max_cooldown=cap)
             finally:
                 if own is not None:
                     own.release()
