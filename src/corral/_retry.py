@@ -308,7 +308,8 @@ class Retry:
         max_retry_after: the longest server-directed wait, in seconds, that is
             honoured (``math.inf`` for no cap). A server asking for more than the
             default 120 s usually means a quota is spent; failing says so, where
-            a worker asleep for an hour would not.
+            a worker asleep for an hour would not. It also caps the pause such
+            a wait puts on the map's shared :class:`corral.Limiter`.
         budget: the retry budget: a :class:`corral.RetryBudget`, a ratio
             (``0.2`` is ``RetryBudget(ratio=0.2)``), or None for no budget. By
             default retries may not exceed 10 per 10 s plus 10% of the calls
