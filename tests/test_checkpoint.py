@@ -1772,15 +1772,16 @@ async def test_items_the_deadline_stopped_are_not_recorded_and_run_on_resume(
         timeout=30,
     )
     assert len(first) == 100
-    assert first[:30] == [i * 10 for i in range(30)]
-    assert all(type(r) is corral.DeadlineExceeded for r in first[30:])
-    assert set(recorded(path)) == set(range(30))
+    ran = {i for i, r in enumerate(first) if r == i * 10}
+    assert ran <= set(range(30))  # all of them but on a machine slowed to a crawl
+    assert all(type(first[i]) is corral.DeadlineExceeded for i in set(range(100)) - ran)
+    assert set(recorded(path)) == ran
 
     again = Spy()
     assert await corral.gather(again, range(100), checkpoint=path, fingerprint="x10") == [
         i * 10 for i in range(100)
     ]
-    assert sorted(again.calls) == list(range(30, 100))
+    assert sorted(again.calls) == sorted(set(range(100)) - ran)
 
 
 @pytest.mark.slow
