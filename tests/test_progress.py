@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
@@ -559,3 +560,89 @@ def test_a_progress_function_does_not_import_rich() -> None:
         [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+# -- whichever way the map ends -----------------------------------------------
+
+
+def _others() -> set[asyncio.Task[Any]]:
+    return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+
+@pytest.mark.virtual_time
+async def test_a_second_cancellation_while_closing_still_closes_everything() -> None:
+    """A second Ctrl-C or an outer timeout during the close: the calls are still
+    awaited, the display gets its final snapshot and stops, then it is raised."""
+    snapshots: list[Stats] = []
+    cleaned = asyncio.Event()
+
+    async def slow_to_cancel(item: int) -> int:
+        try:
+            await asyncio.sleep(100)
+        except asyncio.CancelledError:
+            await cleaned.wait()  # cleanup that takes a while
+            raise
+        return item
+
+    async def user() -> None:
+        async with corral.map(slow_to_cancel, range(4), progress=snapshots.append) as results:
+            async for _ in results:
+                pass
+
+    task = asyncio.create_task(user())
+    await asyncio.sleep(1)
+    task.cancel()  # leaving the block: the close waits for the calls' cleanup
+    await asyncio.sleep(1)
+    task.cancel()  # and is cancelled itself: it cancels the calls again, and waits
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _others() == set()  # no call outlives the block
+    final = len(snapshots)
+    assert snapshots[-1].in_flight == 0
+    await asyncio.sleep(10)
+    assert len(snapshots) == final  # the display's timer is stopped
+    assert _others() == set()
+
+
+async def test_cancelled_before_it_starts_the_display_still_gets_a_final_snapshot() -> None:
+    async def same(item: int) -> int:
+        return item
+
+    snapshots: list[Stats] = []
+    results = corral.map(same, range(5), progress=snapshots.append)
+    results.cancel()
+    async with results:
+        assert [r async for r in results] == []
+    assert [(s.started, s.completed) for s in snapshots] == [(0, 0)]
+
+
+async def test_a_final_snapshot_that_raises_system_exit_still_shuts_the_threads_down() -> None:
+    def work(item: int) -> int:  # a plain def: runs in corral's own threads
+        return item
+
+    def enough(stats: Stats) -> None:
+        if stats.completed == 10:
+            raise SystemExit("enough")
+
+    with pytest.raises(SystemExit):
+        await corral.gather(work, range(10), limit=4, progress=enough)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("corral")] == []
+
+
+async def test_the_final_snapshot_has_the_watchs_final_lag() -> None:
+    """The loop watch records the last stall before the display takes its final snapshot."""
+
+    async def same(item: int) -> int:
+        return item
+
+    snapshots: list[Stats] = []
+    async with corral.map(same, range(3), progress=snapshots.append, monitor=True) as results:
+        async for item in results:
+            if item == 2:  # the last one: the map is still open
+                await asyncio.sleep(0.05)  # the watch's heartbeat runs
+                time.sleep(0.3)  # block the loop, then leave the block at once
+                break
+    lag = results.stats.max_loop_lag
+    assert lag is not None
+    assert lag >= 0.2
+    assert snapshots[-1] == results.stats

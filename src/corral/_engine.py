@@ -575,8 +575,12 @@ class Engine(Generic[T, R]):
         """Start the first worker (and the feeder of an async input)."""
         if self._phase is not _Phase.IDLE:
             return
-        if self._halted:
+        if self._halted:  # cancelled before it started: it never will
             self._phase = _Phase.CLOSED
+            # Observers still see it end (a display's final line, of zeros).
+            for observer in self._observers:
+                observer.start()
+            self._stop_observers()
             return
         loop = self._loop = asyncio.get_running_loop()
         self._started_at = loop.time()
@@ -1082,14 +1086,21 @@ class Engine(Generic[T, R]):
             self._deadline_handle.cancel()
         current = asyncio.current_task()
         clean = self._error is None and self._alive == 0
+        interrupted: asyncio.CancelledError | None = None
         # Cancel until every task is done: a task can swallow one cancellation.
+        # A cancellation of this close itself (a second Ctrl-C, an outer
+        # timeout) does not stop it halfway: it is raised once all is done, as
+        # a TaskGroup does, or the calls, the watch and the display outlive it.
         while True:
             pending = [t for t in self._tasks if not t.done() and t is not current]
             if not pending:
                 break
             for task in pending:
                 task.cancel()
-            await asyncio.wait(pending)
+            try:
+                await asyncio.wait(pending)
+            except asyncio.CancelledError as exc:
+                interrupted = exc
         if self._ended_at is None:
             assert self._loop is not None
             self._ended_at = self._loop.time()
@@ -1098,10 +1109,28 @@ class Engine(Generic[T, R]):
         finally:
             self._phase = _Phase.CLOSED
             # The stats are final now (every task has finished, _ended_at is set).
-            for observer in self._observers:
+            try:
+                self._stop_observers()
+            finally:
+                if self._on_close is not None:
+                    await self._on_close(clean)
+        if interrupted is not None:
+            raise interrupted
+
+    def _stop_observers(self) -> None:
+        """Stop every observer, the last started first, even if one of them raises.
+
+        Last first: the loop watch (started after the display) records its
+        final lag before the display takes its final snapshot.
+        """
+        error: BaseException | None = None
+        for observer in reversed(self._observers):
+            try:
                 observer.stop()
-            if self._on_close is not None:
-                await self._on_close(clean)
+            except BaseException as exc:  # e.g. a progress callback's SystemExit
+                error = error or exc
+        if error is not None:
+            raise error
 
     def cancel(self) -> None:
         """End the run early, keeping what is done (see :meth:`ResultStream.cancel`)."""
