@@ -215,6 +215,29 @@ def test_watchdog_ends_when_its_loop_closes_without_stop(kind: str) -> None:
     assert watchdog_threads() == []
 
 
+def test_time_between_runs_of_the_loop_is_not_lag() -> None:
+    """A loop stopped between run_until_complete calls is idle, not late."""
+    loop = asyncio.new_event_loop()
+    try:
+        watch = watch_loop(threshold=0.1)
+
+        async def start() -> None:
+            watch.start()
+
+        async def stop() -> None:
+            watch.stop()
+
+        loop.run_until_complete(start())
+        loop.run_until_complete(asyncio.sleep(0.05))
+        time.sleep(0.5)  # nothing runs on the loop meanwhile
+        loop.run_until_complete(asyncio.sleep(0.05))
+        loop.run_until_complete(stop())
+    finally:
+        loop.close()
+    assert watch.max_lag < 0.3
+    assert watch.reports == []
+
+
 def test_start_needs_a_running_loop() -> None:
     """start() outside a running loop says where to call it from."""
     with pytest.raises(

@@ -586,7 +586,12 @@ class LoopWatch:
             if not loop.is_running():
                 if loop.is_closed():
                     return
-                continue  # between run_until_complete calls: nothing to blame
+                # Between run_until_complete calls: nothing to blame, and the
+                # time the loop is not running is no lag either, so the next
+                # beat is not measured from before the gap.
+                with self._lock:
+                    self._due = monotonic() + self._interval
+                continue
             self._sample()
 
     def _sample(self) -> None:
