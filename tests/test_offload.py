@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import corral
 from _loops import run
 from _work import (
+    complete_lines,
     crash_once,
     crash_once_or_fail,
     ctrl_c,
@@ -526,3 +527,189 @@ def test_an_item_a_worker_cannot_unpickle_fails_alone_and_named(ghost: types.Mod
     error = results[20]
     assert isinstance(error, ModuleNotFoundError)
     assert f"raised for item={reprlib.repr(thing)}, which" in error.__notes__[-1]
+
+
+# ---------------------------------------------------------------------------
+# timeout=: the clock measures the call, never the wait for a thread or process
+# ---------------------------------------------------------------------------
+
+# Module-level, so worker processes can import them from this module.
+
+
+def _log_call(log: str, x: int) -> None:
+    """Appends a line ``x`` to the file ``log`` (one O_APPEND write: lines never mix)."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, b"%d\n" % x)
+    finally:
+        os.close(fd)
+
+
+def logged_sleep(arg: tuple[str, int, float]) -> int:
+    """For ``(log, x, seconds)``: logs the call, sleeps, returns ``x``."""
+    log, x, seconds = arg
+    _log_call(log, x)
+    time.sleep(seconds)
+    return x
+
+
+def hang_the_first_time(arg: tuple[str, int, bool]) -> int:
+    """For ``(directory, x, hang)``: logs the call; a marked item's first call hangs a minute."""
+    directory, x, hang = arg
+    _log_call(os.path.join(directory, "calls"), x)
+    marker = os.path.join(directory, f"hung-{x}")
+    if hang and not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        time.sleep(60)
+    return x
+
+
+@pytest.mark.slow
+def test_a_timeout_in_worker_processes_counts_the_call_not_the_wait_for_a_worker(
+    tmp_path: Path, pools: list[_offload.ProcessPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 calls of 0.2 s on 2 workers with timeout=1 (limit 100): none times out, each runs once."""
+    monkeypatch.setattr(_offload, "usable_cpus", lambda: 2)
+    log = tmp_path / "calls"
+    items = [(str(log), x, 0.2) for x in range(16)]
+
+    async def main() -> list[Any]:
+        async with asyncio.timeout(30):  # hang guard
+            return await corral.gather(
+                logged_sleep, items, executor="process", timeout=1.0, return_exceptions=True
+            )
+
+    assert run(main) == list(range(16))  # before: the last ~6 waited past 1 s and failed
+    assert sorted(complete_lines(log)) == list(range(16))
+    (pool,) = pools
+    assert pool.chunks_sent == pool.items_sent == 16  # timed items travel alone
+    assert (pool.overruns, pool.crashes) == (0, 0)
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_call_past_its_timeout_loses_its_worker_and_the_others_run(
+    ordered: bool, tmp_path: Path, pools: list[_offload.ProcessPool]
+) -> None:
+    """Item 0 hangs: TimeoutError for it alone; its worker is replaced, not waited for."""
+    log = tmp_path / "calls"
+    items = [(str(log), x, 60.0 if x == 0 else 0.02) for x in range(12)]
+
+    async def main() -> tuple[list[Any], float]:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        async with (
+            asyncio.timeout(20),  # hang guard
+            corral.map(
+                logged_sleep,
+                items,
+                executor="process",
+                limit=2,
+                timeout=1.0,
+                ordered=ordered,
+                return_exceptions=True,
+            ) as results,
+        ):
+            out = [r async for r in results]
+        return out, loop.time() - began
+
+    out, took = run(main)
+    errors = [r for r in out if isinstance(r, BaseException)]
+    assert len(errors) == 1
+    assert isinstance(errors[0], TimeoutError)
+    assert "ran past timeout=1 s for item=" in str(errors[0])
+    values = [r for r in out if not isinstance(r, BaseException)]
+    assert values == list(range(1, 12)) if ordered else sorted(values) == list(range(1, 12))
+    if ordered:
+        assert out[0] is errors[0]
+    assert sorted(complete_lines(log)) == list(range(12))  # no re-run: it was no crash
+    (pool,) = pools
+    assert (pool.overruns, pool.crashes) == (1, 0)
+    assert len(pool.pids) == min(2, _offload.usable_cpus()) + 1  # one replacement
+    assert took < 10  # not the hanging call's minute
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_a_call_past_its_timeout_is_retried_in_a_fresh_worker(
+    tmp_path: Path, pools: list[_offload.ProcessPool]
+) -> None:
+    """limit=1 (one worker): the hung first attempt is terminated, the retry runs and succeeds."""
+    items = [(str(tmp_path), x, x == 1) for x in range(4)]
+
+    async def main() -> tuple[list[int], corral.Stats]:
+        async with (
+            asyncio.timeout(20),  # hang guard
+            corral.map(
+                hang_the_first_time, items, executor="process", limit=1, timeout=1.0, retries=2
+            ) as results,
+        ):
+            return [r async for r in results], results.stats
+
+    out, stats = run(main)
+    assert out == [0, 1, 2, 3]  # before: the retry waited behind the hung call, and timed out
+    assert stats.retried == 1
+    assert sorted(complete_lines(tmp_path / "calls")) == [0, 1, 1, 2, 3]
+    (pool,) = pools
+    assert (pool.overruns, pool.crashes) == (1, 0)
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_a_given_process_pool_times_the_call_not_the_wait_for_a_process(
+    tmp_path: Path,
+) -> None:
+    """ProcessPoolExecutor(2), 16 calls of 0.2 s, timeout=1: one per process at once, none late."""
+    import concurrent.futures
+
+    log = tmp_path / "calls"
+    items = [(str(log), x, 0.2) for x in range(16)]
+
+    async def main(pool: concurrent.futures.ProcessPoolExecutor) -> list[Any]:
+        async with asyncio.timeout(30):  # hang guard
+            return await corral.gather(
+                logged_sleep, items, executor=pool, timeout=1.0, return_exceptions=True
+            )
+
+    with concurrent.futures.ProcessPoolExecutor(2) as pool:
+        assert run(lambda: main(pool)) == list(range(16))
+    assert sorted(complete_lines(log)) == list(range(16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", [False, True], ids=["own-threads", "given-threads"])
+def test_threads_run_no_more_calls_than_threads_so_none_waits_under_its_timeout(
+    given: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 threads, 32 calls of 0.05 s, timeout=0.3, a wider limit: none waits for a thread."""
+    import concurrent.futures
+
+    lock = threading.Lock()
+    running = peak = 0
+
+    def nap(x: int) -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return x
+
+    async def main(executor: concurrent.futures.Executor | None, limit: int | None) -> list[Any]:
+        async with asyncio.timeout(20):  # hang guard
+            return await corral.gather(
+                nap, range(32), limit=limit, executor=executor, timeout=0.3, return_exceptions=True
+            )
+
+    if given:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = run(lambda: main(pool, 32))
+    else:
+        monkeypatch.setattr(_offload, "UNBOUNDED_THREADS", 4)
+        results = run(lambda: main(None, None))  # limit=None: the map's own 4 threads
+    assert results == list(range(32))  # before: calls queued for a thread timed out
+    assert peak == 4

@@ -35,7 +35,7 @@ from ._engine import Call, Engine, Halt, ResultStream, _Retried
 from ._errors import BudgetExhausted
 from ._limits import MAX_COOLDOWN, Limiter
 from ._monitor import DEFAULT_THRESHOLD, LoopWatch, monitor_from_env
-from ._offload import is_async_callable, offload
+from ._offload import applies_timeout, is_async_callable, offload, thread_width
 from ._progress import Progress, ProgressLike, check_progress, total_of
 from ._rate import Rate, RateGate, as_rate, as_rates, gate_for
 from ._ray import RayStream, check_actors, check_address, check_setup, map_on_ray, ray_call
@@ -525,15 +525,24 @@ def _engine_and_checkpoint(
                 return limiter.limit if limiter is not None else None
         else:
             workers = limit
+            given: int | None = limit
 
             def limit_reader() -> int | None:
-                return workers
+                return given
 
+        timed = False  # the call applies the timeout itself
         if fn_is_async:
             call = fn
         else:
-            call, on_close = offload(fn, executor, workers, retried)
-        if seconds is not None:
+            width = thread_width(executor, workers)
+            if width is not None and elastic is None:
+                # More calls than threads would only wait for one, their timeout
+                # running. (An elastic pool follows its adaptive limit, which
+                # learns from the latency, that wait included.)
+                workers = width if workers is None else min(workers, width)
+            call, on_close = offload(fn, executor, workers, retried, seconds)
+            timed = applies_timeout(executor)
+        if seconds is not None and not timed:
             call = _with_timeout(call, seconds)
         gate = gate_for(rate)
         # The longest pause a server's Retry-After puts on the Limiter: a wait
@@ -853,7 +862,19 @@ def map(
             rates enforces them all (per minute and per day).
         ordered: results in input order (``True``, default) or as they complete.
         timeout: seconds per attempt; a late attempt raises ``TimeoutError``,
-            which is retried like any transient failure.
+            which is retried like any transient failure. The clock measures
+            the attempt: for an ``async def`` fn, the await of ``fn(item)``;
+            for a plain ``def`` in threads, from the call's start (the map
+            runs no more calls than there are threads, so none waits for one,
+            unless a late call, abandoned but still running in its thread,
+            holds it);
+            with ``executor="process"``, from when the item is sent to an
+            idle worker process (never the wait for one), and a late call's
+            process is terminated and replaced; with a given
+            ``ProcessPoolExecutor``, from when the item is submitted (at most
+            one per process of the pool), including any wait for a process
+            the pool starts or others keep busy, and a late call cannot be
+            stopped there: it runs on, holding its process.
         retries: extra attempts (an int, default 0), or a :class:`corral.Retry`.
             A worker waiting to retry an item keeps its place in ``limit``; a
             shared Limiter's slot is given back during the wait. Retries draw

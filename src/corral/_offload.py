@@ -3,9 +3,12 @@
 A sync ``fn`` never runs on the loop thread: a blocking call there stalls every
 other call in flight. By default it runs in a thread pool that the map creates
 (as wide as the limit, so ``limit=50`` really means 50 concurrent blocking
-calls) and shuts down when the map ends. ``executor="process"`` runs it in
-worker processes instead, for CPU-bound work: one loop uses one core, and a
-pure-Python ``fn`` holds the GIL, so threads would not help.
+calls; :data:`UNBOUNDED_THREADS` for ``limit=None``) and shuts down when the
+map ends. A map never runs more calls than its thread pool has threads (a
+given ``ThreadPoolExecutor`` too: see :func:`thread_width`), so no call waits
+for a thread. ``executor="process"`` runs it in worker processes instead, for
+CPU-bound work: one loop uses one core, and a pure-Python ``fn`` holds the
+GIL, so threads would not help.
 
 Worker processes, not a ``ProcessPoolExecutor``
 -----------------------------------------------
@@ -52,6 +55,30 @@ wait behind the first while another worker idles.
 Backpressure comes from the engine: it runs at most ``limit`` calls at once,
 and every call is one item, so the workers never hold more than ``limit``
 items, whatever the input's size.
+
+Timeouts
+--------
+``timeout=`` is seconds per attempt, and what its clock measures depends on
+where the call runs:
+
+- threads: the map wraps the call in ``asyncio.timeout``. Since no call waits
+  for a thread, that is the call's run. A late call cannot be interrupted:
+  it fails with ``TimeoutError`` while its thread runs it to the end, and
+  until then a later call may wait for that thread, its clock running.
+- ``executor="process"``: the pool keeps the clock itself, from when the item
+  is sent to a worker process, so the wait for a free worker never counts.
+  Timed items travel alone (a chunk of one) and only to a worker that has
+  loaded ``fn`` and holds nothing else, so none waits inside a worker. A call
+  still running when its time is up fails with ``TimeoutError`` (the type
+  ``asyncio.timeout`` raises, so ``retries=`` treats it as any timeout), and
+  its worker, which would go on running it, is terminated and replaced. That
+  is no crash: it is not counted as one, nor re-run here; the retries decide.
+- a given ``ProcessPoolExecutor``: the clock starts when the item is
+  submitted, one item per submission and no more submissions than the pool
+  has processes. It includes any wait for a process (the pool starts them on
+  demand; others may submit to it too), and a late call cannot be stopped:
+  it fails with ``TimeoutError`` but runs on in its process, which this map
+  gives nothing else until it ends.
 
 Cleanup
 -------
@@ -167,25 +194,57 @@ def offload(
     executor: str | concurrent.futures.Executor | None,
     limit: int | None,
     retried: _Retried | None = None,
+    timeout: float | None = None,
 ) -> tuple[Call, OnClose | None]:
     """Wrap a sync ``fn`` as a coroutine function running on ``executor``.
 
     Returns the call and, for an executor corral created, a closer that shuts
     it down: gracefully after a clean run, at once (processes terminated)
     after a failure or cancellation. ``retried`` counts the items re-run after
-    their worker process died.
+    their worker process died. ``timeout`` (seconds per attempt) is applied
+    here only when :func:`applies_timeout` says so; see "Timeouts" in the
+    module docstring.
     """
     if isinstance(executor, concurrent.futures.Executor):
         if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
             check_picklable(fn, f"executor={executor!r}")
-            return _ExecutorCalls(fn, executor), None
+            return _ExecutorCalls(fn, executor, timeout), None
         return _thread_call(fn, lambda: executor), None
     if executor == "process":
         check_picklable(fn, "executor='process'")
         processes = usable_cpus() if limit is None else min(usable_cpus(), limit)
-        pool = ProcessPool(fn, processes, retried)
+        pool = ProcessPool(fn, processes, retried, timeout)
         return pool, pool.close
     return _owned_thread_pool(fn, limit)
+
+
+def applies_timeout(executor: str | concurrent.futures.Executor | None) -> bool:
+    """Whether :func:`offload`'s call on ``executor`` times each attempt itself.
+
+    Processes do: an attempt's clock starts when its item is handed to a
+    process, not while it waits for one. Threads do not: the caller wraps
+    the call in ``asyncio.timeout``, and :func:`thread_width` keeps calls
+    from waiting for a thread.
+    """
+    return executor == "process" or isinstance(executor, concurrent.futures.ProcessPoolExecutor)
+
+
+def thread_width(
+    executor: str | concurrent.futures.Executor | None, limit: int | None
+) -> int | None:
+    """How many calls ``executor``'s threads run at once (``None``: no threads, or unknown).
+
+    A map should not run more calls than that: the others would only wait for
+    a thread, holding a limiter slot and with their timeout running.
+    """
+    if executor is None or executor == "thread":
+        return limit if limit is not None else UNBOUNDED_THREADS
+    if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+        # _max_workers is private but has been there since Python 3.2; an
+        # executor without it (a subclass or a lookalike) is left unbounded.
+        width = getattr(executor, "_max_workers", None)
+        return width if isinstance(width, int) and width >= 1 else None
+    return None
 
 
 def usable_cpus() -> int:
@@ -336,6 +395,8 @@ def ignore_sigint() -> None:
 
 
 _HEADER = struct.Struct("!Q")
+#: A worker's first message: it has loaded fn and waits for items.
+_READY = pickle.dumps(("ready",), pickle.HIGHEST_PROTOCOL)
 
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
@@ -571,6 +632,9 @@ def _process_worker(sock: socket.socket, payload: bytes) -> None:
             except Exception as exc:
                 send_frame(sock, pickle.dumps(("broken", portable(exc))))
                 return
+            # Loading fn may import slow modules: a timed attempt must not be
+            # sent (its clock started) before this.
+            send_frame(sock, _READY)
             while True:
                 frame = recv_frame(sock)
                 if frame is None:
@@ -653,13 +717,15 @@ class ChunkSizer:
 
 
 class _Worker:
-    __slots__ = ("chunks", "link", "number", "process")
+    __slots__ = ("chunks", "clock", "link", "number", "process", "ready")
 
     def __init__(self, number: int, process: BaseProcess, link: Link) -> None:
         self.number = number
         self.process = process
         self.link = link
         self.chunks: deque[list[_Job]] = deque()  # sent, results not back; the head is running
+        self.ready = False  # it has loaded fn
+        self.clock: asyncio.TimerHandle | None = None  # with a timeout: its attempt's end
 
 
 class _PoolState(enum.Enum):
@@ -675,19 +741,32 @@ class ProcessPool:
     with ``await pool.close(clean)``. See the module docstring for chunking
     and crash recovery.
 
+    With ``timeout`` (seconds per attempt), items go one at a time, each to
+    a worker that has nothing else to run, and a call still running
+    ``timeout`` s after its item was sent fails with ``TimeoutError`` while
+    its worker is terminated and replaced (see "Timeouts" in the module
+    docstring).
+
     Attributes (for tests and benchmarks): ``chunks_sent``, ``items_sent``,
     ``peak_in_pool`` (the most items sent and not yet returned at once),
-    ``crashes`` (worker processes that died) and ``pids`` (every worker
-    process started).
+    ``crashes`` (worker processes that died), ``overruns`` (calls that ran
+    past the timeout, each costing its worker process) and ``pids`` (every
+    worker process started).
     """
 
     def __init__(
-        self, fn: Callable[[Any], Any], processes: int, retried: _Retried | None = None
+        self,
+        fn: Callable[[Any], Any],
+        processes: int,
+        retried: _Retried | None = None,
+        timeout: float | None = None,
     ) -> None:
         self._fn = fn
         self._payload = pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
         self._processes = max(1, processes)
         self._retried = retried
+        self._timeout = timeout
+        self._overrun_processes: list[BaseProcess] = []  # terminated for overrunning
         self._state = _PoolState.IDLE
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context: ForkServerContext | SpawnContext | None = None
@@ -705,6 +784,7 @@ class ProcessPool:
         self.items_sent = 0
         self.peak_in_pool = 0
         self.crashes = 0
+        self.overruns = 0
         self.pids: list[int] = []
 
     # -- the call ---------------------------------------------------------
@@ -814,6 +894,9 @@ class ProcessPool:
         self._dispatch_handle = None
         if self._state is not _PoolState.RUNNING or self._broken is not None:
             return
+        if self._timeout is not None:
+            self._dispatch_timed(self._timeout)
+            return
         waiting = self._waiting
         depth = self._sizer.depth()
         workers = [w for w in self._workers if len(w.chunks) < depth]
@@ -836,6 +919,73 @@ class ProcessPool:
             if jobs:
                 self._send(worker, jobs)
                 free -= 1
+
+    def _dispatch_timed(self, timeout: float) -> None:
+        """Send waiting calls one by one to idle, ready workers, starting each one's clock.
+
+        An item queued inside a worker, or sent while it still loads fn, would
+        wait there with its clock running: so nothing is sent to a worker
+        until it is ready and has nothing else.
+        """
+        assert self._loop is not None
+        waiting = self._waiting
+        for worker in self._workers:
+            if not waiting:
+                return
+            if worker.chunks or not worker.ready:
+                continue
+            while waiting and not worker.chunks:
+                job = waiting.popleft()
+                if not job.future.done():  # else its caller was cancelled before it was sent
+                    self._send(worker, [job])
+            if worker.chunks:
+                worker.clock = self._loop.call_later(timeout, self._overrun, worker, timeout)
+
+    def _overrun(self, worker: _Worker, timeout: float) -> None:
+        """A call ran past the timeout: it fails, and its worker is replaced.
+
+        The worker would go on running the call, and whatever were sent to it
+        next would wait, their clocks running. It is no crash: not counted as
+        one, its item not re-run here (``retries=`` decides, as for any
+        timeout).
+        """
+        worker.clock = None
+        if self._state is not _PoolState.RUNNING or worker not in self._workers:
+            return
+        self._workers.remove(worker)  # so its socket closing below is no crash
+        jobs = worker.chunks.popleft()
+        self._in_pool -= len(jobs)
+        assert not worker.chunks  # timed calls go one at a time
+        self.overruns += 1
+        for job in jobs:
+            _settle(
+                job,
+                False,
+                TimeoutError(
+                    f"fn(item) ran past timeout={timeout:g} s for item={reprlib.repr(job.item)}; "
+                    f"its worker process (pid {worker.process.pid}) was terminated"
+                ),
+            )
+        worker.link.close()
+        worker.process.terminate()
+        self._overrun_processes.append(worker.process)
+        self._spawn(self._replace(worker))
+
+    async def _replace(self, worker: _Worker) -> None:
+        """Start a worker in place of one terminated for overrunning; make sure that one ends."""
+        try:
+            await self._start_worker(worker.number)
+        except Exception as exc:
+            self._cannot_start(exc)
+            self._schedule_dispatch()  # what waits goes to the workers left, if any
+        if await wait_exit(worker.process, TERMINATE_GRACE) is None:
+            worker.process.kill()  # it ignored SIGTERM; close() reaps it
+
+    @staticmethod
+    def _stop_clock(worker: _Worker) -> None:
+        if worker.clock is not None:
+            worker.clock.cancel()
+            worker.clock = None
 
     def _send(self, worker: _Worker, jobs: list[_Job]) -> None:
         try:
@@ -874,6 +1024,8 @@ class ProcessPool:
         kind = message[0]
         if kind == "done":
             _, out, elapsed, escaped = message
+            if worker.clock is not None:
+                self._stop_clock(worker)
             jobs = worker.chunks.popleft()
             self._in_pool -= len(jobs)
             ran = len(out) + (escaped is not None)
@@ -893,6 +1045,7 @@ class ProcessPool:
             if not worker.chunks:  # not a chunk's results: the worker's "broken" news
                 self._break(lambda: message[1])
                 return
+            self._stop_clock(worker)
             jobs = worker.chunks.popleft()  # the items, or the results, of the head chunk
             self._in_pool -= len(jobs)
             live = [job for job in jobs if not job.future.done()]
@@ -913,6 +1066,10 @@ class ProcessPool:
             self._schedule_dispatch()
         elif kind == "broken":  # the worker could not load fn: no worker ever will
             self._break(self._cannot_load(message[1]))
+        elif kind == "ready":
+            worker.ready = True
+            if self._timeout is not None:
+                self._schedule_dispatch()
 
     def _break(self, error: Callable[[], BaseException]) -> None:
         if self._broken is not None:
@@ -921,6 +1078,7 @@ class ProcessPool:
         jobs = list(self._waiting)
         self._waiting.clear()
         for worker in self._workers:
+            self._stop_clock(worker)
             for chunk in worker.chunks:
                 jobs.extend(chunk)
             worker.chunks.clear()
@@ -928,6 +1086,8 @@ class ProcessPool:
             _settle(job, False, error())
 
     def _on_lost(self, worker: _Worker) -> None:
+        # A crash: a re-run item gets a clock of its own; the dead worker's must not fire.
+        self._stop_clock(worker)
         if self._state is not _PoolState.RUNNING or worker not in self._workers:
             return
         self._workers.remove(worker)
@@ -1025,7 +1185,9 @@ class ProcessPool:
             # gone (cancel(), a deadline, a timeout): terminated, not waited
             # for, even after an otherwise clean end.
             busy = [worker.process for worker in self._workers if worker.chunks]
+            busy.extend(self._overrun_processes)  # terminated already; no grace to wait out
             for worker in self._workers:
+                self._stop_clock(worker)
                 worker.link.close()  # a worker waiting for work sees EOF and exits
             for job in self._waiting:
                 job.future.cancel()
@@ -1057,15 +1219,30 @@ class _ExecutorCalls:
     stays short). corral does not own the pool, so it cannot rebuild it: when
     a process of the pool dies, the pool is broken and the calls fail with
     ``BrokenProcessPool``. Use ``executor="process"`` for crash recovery.
+
+    With ``timeout``, items are submitted one at a time, at most one per
+    process of the pool, and an attempt's clock starts when it is submitted.
+    A call past it fails with ``TimeoutError`` but cannot be stopped: it
+    goes on in its process, which takes no other item from this map until
+    the call ends. The clock includes any wait for a process: one the pool
+    starts on demand, or one busy with work submitted by others.
     """
 
     def __init__(
-        self, fn: Callable[[Any], Any], pool: concurrent.futures.ProcessPoolExecutor
+        self,
+        fn: Callable[[Any], Any],
+        pool: concurrent.futures.ProcessPoolExecutor,
+        timeout: float | None = None,
     ) -> None:
         self._fn = fn
         self._pool = pool
+        self._timeout = timeout
+        # _max_workers is private (there since Python 3.2): without it, guess one per CPU.
         workers = getattr(pool, "_max_workers", None)
-        self._slots = 2 * (workers if isinstance(workers, int) else usable_cpus())
+        processes = workers if isinstance(workers, int) and workers >= 1 else usable_cpus()
+        # With a timeout, no more than the pool can start at once: a submission
+        # queued in the pool would wait with its clock running.
+        self._slots = processes if timeout is not None else 2 * processes
         self._busy = 0
         self._waiting: deque[_Job] = deque()
         self._sizer = ChunkSizer()
@@ -1082,8 +1259,12 @@ class _ExecutorCalls:
     def _dispatch(self) -> None:
         self._dispatch_handle = None
         waiting = self._waiting
+        timeout = self._timeout
         while waiting and self._busy < self._slots:
-            size = self._sizer.size(len(waiting), self._slots - self._busy)
+            if timeout is not None:
+                size = 1  # each item's own clock
+            else:
+                size = self._sizer.size(len(waiting), self._slots - self._busy)
             jobs: list[_Job] = []
             while waiting and len(jobs) < size:
                 job = waiting.popleft()
@@ -1098,11 +1279,36 @@ class _ExecutorCalls:
                     _settle(job, False, exc)
                 continue
             self._busy += 1
+            clock = None
+            if timeout is not None:
+                clock = asyncio.get_running_loop().call_later(
+                    timeout, self._overrun, jobs[0], submitted, timeout
+                )
             asyncio.wrap_future(submitted).add_done_callback(
-                lambda done, jobs=jobs: self._distribute(done, jobs)  # type: ignore[misc]
+                lambda done, jobs=jobs, clock=clock: self._distribute(  # type: ignore[misc]
+                    done, jobs, clock
+                )
             )
 
-    def _distribute(self, done: asyncio.Future[Any], jobs: list[_Job]) -> None:
+    @staticmethod
+    def _overrun(job: _Job, submitted: concurrent.futures.Future[Any], timeout: float) -> None:
+        # Not started yet (the pool is busy with others' work): it never will be.
+        # Running: it cannot be stopped, and its slot stays taken until it ends.
+        submitted.cancel()
+        _settle(
+            job,
+            False,
+            TimeoutError(
+                f"fn(item) ran past timeout={timeout:g} s for item={reprlib.repr(job.item)}; "
+                "a call in a given ProcessPoolExecutor cannot be stopped and runs on"
+            ),
+        )
+
+    def _distribute(
+        self, done: asyncio.Future[Any], jobs: list[_Job], clock: asyncio.TimerHandle | None
+    ) -> None:
+        if clock is not None:
+            clock.cancel()
         self._busy -= 1
         if done.cancelled():
             for job in jobs:
