@@ -10,6 +10,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -509,13 +510,22 @@ async def test_corral_monitor_in_the_environment_watches_every_map(
     assert watchdog_threads() == []
 
 
-@pytest.mark.parametrize("bad", [0, -1, float("nan"), "yes", None])
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), "yes", None, 10**400])
 def test_bad_monitor_is_rejected_naming_the_argument(bad: object) -> None:
     import corral
 
     with pytest.raises(ValueError, match=r"monitor=") as info:
         corral.map(block_on_item, range(2), monitor=bad)  # type: ignore[arg-type]
     assert repr(bad) in str(info.value)
+
+
+async def test_monitor_takes_any_real_number_of_seconds() -> None:
+    """As watch_loop(threshold=) does: a Fraction is a threshold like a float."""
+    import corral
+
+    async with corral.map(block_on_item, range(2), monitor=Fraction(1, 5)) as results:
+        assert [r async for r in results] == [0, 1]
+    assert results.stats.max_loop_lag is not None
 
 
 def test_monitor_is_refused_with_processes() -> None:

@@ -14,6 +14,7 @@ import concurrent.futures
 import difflib
 import inspect
 import math
+import numbers
 import os
 import random
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
@@ -371,8 +372,13 @@ def _check_monitor(monitor: object) -> float | None:
         return DEFAULT_THRESHOLD
     if monitor is False:
         return DEFAULT_THRESHOLD if monitor_from_env() else None
-    if isinstance(monitor, int | float) and math.isfinite(monitor) and monitor > 0:
-        return float(monitor)
+    if not isinstance(monitor, bool) and isinstance(monitor, numbers.Real):
+        try:
+            seconds = float(monitor)  # a Fraction or numpy float too, as watch_loop takes
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
+        if math.isfinite(seconds) and seconds > 0:
+            return seconds
     raise ValueError(
         "monitor must be True, False, or a threshold in seconds > 0 (report calls that "
         f"block the event loop longer than that); got monitor={monitor!r}"
