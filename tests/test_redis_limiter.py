@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import os
 import pickle
@@ -15,7 +16,8 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,19 +46,9 @@ def _ping(port: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A redis-server started for these tests (loopback only, no persistence), stopped after."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        reason = (
-            "redis-server is not installed (Debian: apt-get install redis-server); "
-            "the Redis-backed Limiter's tests need a real server"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}. .ci/run installs it: CI must not skip these tests.")
-        pytest.skip(reason)
-    workdir = tmp_path_factory.mktemp("redis")
+@contextlib.contextmanager
+def _redis_server(binary: str, workdir: Path) -> Iterator[str]:
+    """A redis-server on a free loopback port (no persistence), stopped on exit: its URL."""
     port = _free_port()
     log = workdir / "redis.log"
     server = subprocess.Popen(
@@ -71,10 +63,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         deadline = time.monotonic() + 10
         while not _ping(port):
             if server.poll() is not None or time.monotonic() > deadline:
-                log = (
-                    (workdir / "redis.log").read_text() if (workdir / "redis.log").exists() else ""
-                )
-                pytest.fail(f"redis-server did not start on port {port}:\n{log}")
+                text = log.read_text() if log.exists() else ""
+                pytest.fail(f"redis-server did not start on port {port}:\n{text}")
             time.sleep(0.02)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
@@ -84,6 +74,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server started for these tests (loopback only, no persistence), stopped after."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        reason = (
+            "redis-server is not installed (Debian: apt-get install redis-server); "
+            "the Redis-backed Limiter's tests need a real server"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}. .ci/run installs it: CI must not skip these tests.")
+        pytest.skip(reason)
+    with _redis_server(binary, tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 def _name() -> str:
@@ -112,6 +118,64 @@ async def _tat(url: str, name: str) -> bytes | None:
         return value
     finally:
         await client.aclose()
+
+
+async def _cool_left(url: str, name: str) -> float | None:
+    """Seconds the shared cooldown of ``name`` has left on Redis's clock (None: none set)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        now_s, now_us = await client.time()
+        until = await client.hget(f"corral:{{{name}}}:cool", "until")
+        return None if until is None else (int(until) - now_s * 1_000_000 - now_us) / 1e6
+    finally:
+        await client.aclose()
+
+
+async def _queued(url: str, name: str) -> int:
+    """Processes in the shared queue of ``name`` (each waiting for slots)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        return int(await client.zcard(f"corral:{{{name}}}:queue"))
+    finally:
+        await client.aclose()
+
+
+async def _until(
+    condition: Callable[[], Awaitable[object]], what: str, timeout: float = 3.0
+) -> None:
+    """Poll ``condition()`` until true: state kept in Redis has no event to await."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"not {what} after {timeout} s")
+        await asyncio.sleep(0.005)
+
+
+def _cooling_for(url: str, name: str, more_than: float) -> Callable[[], Awaitable[bool]]:
+    async def condition() -> bool:
+        left = await _cool_left(url, name)
+        return left is not None and left > more_than
+
+    return condition
+
+
+def _holders_are(url: str, name: str, n: int) -> Callable[[], Awaitable[bool]]:
+    async def condition() -> bool:
+        return await _holders(url, name) == n
+
+    return condition
+
+
+def _queue_holds(url: str, name: str, n: int) -> Callable[[], Awaitable[bool]]:
+    async def condition() -> bool:
+        return await _queued(url, name) == n
+
+    return condition
 
 
 def _run_children(code: str, args: list[str], n: int, timeout: float) -> list[Any]:
@@ -197,6 +261,43 @@ def test_the_repr_hides_the_password() -> None:
             TypeError,
             r"^lease must be a number of seconds >= 0.01 .*; got lease='10'$",
         ),
+        (
+            {"redis": "redis://127.0.0.1:6379/0", "name": "x", "lease": 1e13},
+            ValueError,
+            r"^lease must be a number of seconds >= 0.01 and <= 1000000 .*; "
+            r"got lease=10000000000000.0$",
+        ),
+        (
+            {"redis": "redis://127.0.0.1:6379/0", "name": "x", "lease": float("nan")},
+            ValueError,
+            r"^lease must be a number of seconds >= 0.01 .*; got lease=nan$",
+        ),
+        (
+            {"redis": "redis://127.0.0.1:notaport/0", "name": "x"},
+            ValueError,
+            r"^redis must be a Redis URL .*; got redis='redis://127.0.0.1:notaport/0' \(Port ",
+        ),
+        (
+            # redis-py would quietly use db 0
+            {"redis": "redis://user:s3cret@127.0.0.1:6379/notadb", "name": "x"},
+            ValueError,
+            r"^redis must be a Redis URL .*; got redis='redis://user:\*\*\*@127.0.0.1:6379/notadb' "
+            r"\(the database must be a number, not 'notadb'\)$",
+        ),
+        (
+            {"redis": "redis://127.0.0.1:6379/0?socket_timeout=abc", "name": "x"},
+            ValueError,
+            r"^redis must be a Redis URL .*; got "
+            r"redis='redis://127.0.0.1:6379/0\?socket_timeout=abc' "
+            r"\(Invalid value for 'socket_timeout'",
+        ),
+        (
+            {"redis": "redis://127.0.0.1:6379/0?no_such_option=1", "name": "x"},
+            ValueError,
+            r"^redis must be a Redis URL .*; got "
+            r"redis='redis://127.0.0.1:6379/0\?no_such_option=1' "
+            r"\(.*no_such_option",
+        ),
     ],
 )
 def test_bad_redis_arguments_fail_at_once(
@@ -205,6 +306,22 @@ def test_bad_redis_arguments_fail_at_once(
     """Each bad argument is refused when the Limiter is made, with its name and value."""
     with pytest.raises(error, match=message):
         corral.Limiter(limit=5, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1",
+        "redis://127.0.0.1:6379/",
+        "redis://user:pw@[::1]:6379/2?socket_timeout=1.5",
+        "redis://127.0.0.1/x?db=3",
+        "rediss://example.com:6380/0",
+        "unix:///run/redis.sock?db=1",
+    ],
+)
+def test_good_redis_urls_are_taken_without_connecting(url: str) -> None:
+    """Checking the URL at construction opens no connection and takes every valid form."""
+    assert corral.Limiter(limit=1, redis=url, name="x").name == "x"
 
 
 def test_what_a_shared_budget_cannot_be_is_refused() -> None:
@@ -362,6 +479,249 @@ async def test_a_cooldown_pauses_every_limiter_sharing_the_name(redis_url: str) 
         assert loop.time() - began >= 0.4
         other.release()
     await other.aclose()
+
+
+async def test_a_caller_cancelled_for_the_rate_after_a_release_gives_a_slot_back(
+    redis_url: str,
+) -> None:
+    """release() gives back any token held, maybe the one granted to a caller still waiting
+    for its rate slot: cancelled, that caller gives back another, raising nothing."""
+    name = _name()
+    limiter = corral.Limiter(limit=2, rate=corral.Rate(1, per=30), redis=redis_url, name=name)
+    other = corral.Limiter(limit=2, redis=redis_url, name=name)
+    async with asyncio.timeout(5):
+        await limiter.acquire()  # the first start: at once
+        waiter = asyncio.create_task(limiter.acquire())  # granted; its rate slot is 30 s away
+        while limiter.waiting < 1:
+            await asyncio.sleep(0.001)
+        limiter.release()  # the first call ends
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert limiter.in_flight == 0
+        # Both slots free: another process gets both, without a lease running out.
+        await other.acquire()
+        await other.acquire()
+        other.release()
+        other.release()
+    await limiter.aclose()
+    await other.aclose()
+    assert await _holders(redis_url, name) == 0
+
+
+async def test_a_caller_waiting_for_the_rate_sits_out_a_cooldown_from_elsewhere(
+    redis_url: str,
+) -> None:
+    """A cooldown another process starts while a caller sleeps towards its rate slot: the
+    caller starts after the cooldown, holding its slot meanwhile; cancelled, it frees it."""
+    loop = asyncio.get_running_loop()
+    for pause, cancel in ((1.0, False), (30.0, True)):
+        name = _name()
+        limiter = corral.Limiter(limit=5, rate=corral.Rate(1, per=0.3), redis=redis_url, name=name)
+        elsewhere = corral.Limiter(limit=5, redis=redis_url, name=name)
+        async with asyncio.timeout(5):
+            await limiter.acquire()  # the first start: at once
+            waiter = asyncio.create_task(limiter.acquire())  # its rate slot is 0.3 s away
+            while limiter.waiting < 1:
+                await asyncio.sleep(0.001)
+            began = loop.time()
+            elsewhere.cooldown(pause)
+            await _until(_cooling_for(redis_url, name, 0), "cooling")
+            if not cancel:
+                await waiter
+                # The cooldown ends `pause` after it reached Redis, after `began`.
+                assert loop.time() - began >= pause - 0.05
+                assert limiter.in_flight == 2
+            else:
+                await asyncio.sleep(0.5)  # past its rate slot: sitting out the cooldown
+                assert not waiter.done()
+                assert await _holders(redis_url, name) == 2
+                waiter.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiter
+                assert limiter.in_flight == 1
+            while limiter.in_flight:
+                limiter.release()
+        await limiter.aclose()
+        await elsewhere.aclose()
+        assert await _holders(redis_url, name) == 0
+
+
+async def test_a_cooldown_just_before_aclose_reaches_redis(redis_url: str) -> None:
+    """aclose() right after cooldown() still announces it to every process."""
+    name = _name()
+    limiter = corral.Limiter(limit=2, redis=redis_url, name=name)
+    await limiter.acquire()
+    limiter.release()
+    await _until(_holders_are(redis_url, name, 0), "released")  # nothing else left to send
+    limiter.cooldown(30)
+    await limiter.aclose()
+    left = await _cool_left(redis_url, name)
+    assert left is not None
+    assert 25 < left <= 30
+
+
+def test_a_cooldown_as_the_loop_ends_reaches_redis(redis_url: str) -> None:
+    """A Retry-After seen by a worker's last call, as asyncio.run ends, still pauses the rest."""
+    name = _name()
+    limiter = corral.Limiter(limit=2, redis=redis_url, name=name)
+
+    async def last_call() -> None:
+        await limiter.acquire()
+        limiter.release()
+        await _until(_holders_are(redis_url, name, 0), "released")  # nothing else left to send
+        limiter.record_error(0.0, corral.RetryAfter(30))
+
+    asyncio.run(last_call())
+    left = asyncio.run(_cool_left(redis_url, name))
+    assert left is not None
+    assert 25 < left <= 30
+
+
+@pytest.mark.parametrize("limit", [5, None])
+async def test_sync_headers_with_no_request_left_pauses_every_process(
+    redis_url: str, limit: int | None
+) -> None:
+    """The server says no request is left: a shared cooldown until it refills one, capped."""
+    name = _name()
+    limiter = corral.Limiter(limit=limit, rate="100/s", redis=redis_url, name=name)
+    other = corral.Limiter(limit=limit, rate="100/s", redis=redis_url, name=name)
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(5):
+        await limiter.acquire()
+        limiter.release()
+        began = loop.time()
+        # 0 of 10 left, full again in 10 s: one request is back after 1 s.
+        limiter.sync_headers(
+            {
+                "x-ratelimit-limit-requests": "10",
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "10s",
+            }
+        )
+        await _until(_cooling_for(redis_url, name, 0), "cooling")
+        await other.acquire()
+        assert 0.95 <= loop.time() - began < 3
+        other.release()
+        limiter.sync_headers(
+            {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1h"}
+        )
+        await _until(_cooling_for(redis_url, name, 60), "cooling again")
+        left = await _cool_left(redis_url, name)
+        assert left is not None
+        assert left <= 120  # MAX_COOLDOWN, as for a Retry-After; not an hour
+        # Requests left: nothing to pause for (a longer pause would replace this one).
+        other.sync_headers(
+            {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "1h"}
+        )
+        await other.aclose()
+        left_after = await _cool_left(redis_url, name)
+        assert left_after is not None
+        assert left_after <= left
+    await limiter.aclose()
+
+
+async def test_a_dropped_subscription_is_renewed_and_waiters_still_served(
+    redis_url: str,
+) -> None:
+    """A pub/sub connection dropped while Redis is up (a proxy's idle timeout): the waiter
+    is not failed and still gets the next release at once, not at the next poll."""
+    import redis.asyncio as aioredis
+
+    name = _name()
+    holder = corral.Limiter(limit=1, redis=redis_url, name=name, lease=30)  # polls every 10 s
+    waiter_side = corral.Limiter(limit=1, redis=redis_url, name=name, lease=30)
+    client = aioredis.Redis.from_url(redis_url)
+
+    async def subscribers() -> set[int]:
+        return {int(c["id"]) for c in await client.client_list(_type="pubsub")}
+
+    try:
+        async with asyncio.timeout(5):
+            await holder.acquire()
+            waiter = asyncio.create_task(waiter_side.acquire())
+            await _until(_queue_holds(redis_url, name, 1), "queued")
+            await _until(subscribers, "subscribed")
+            dropped = await subscribers()
+            assert await client.client_kill_filter(_type="pubsub") == len(dropped)
+
+            async def subscribed_again() -> bool:
+                return bool(await subscribers() - dropped)
+
+            await _until(subscribed_again, "subscribed again")
+            assert not waiter.done()
+            holder.release()
+            await asyncio.wait_for(waiter, 2)
+            waiter_side.release()
+    finally:
+        await client.aclose()
+        await holder.aclose()
+        await waiter_side.aclose()
+    assert await _holders(redis_url, name) == 0
+
+
+def test_waiters_fail_when_redis_itself_is_gone(redis_url: str, tmp_path: Path) -> None:
+    """Redis down (commands fail too, not only the subscription): the callers in line get
+    the connection error at once, not after polling."""
+    import redis.exceptions
+
+    binary = shutil.which("redis-server")
+    assert binary is not None  # redis_url skipped the test otherwise
+    with _redis_server(binary, tmp_path) as url:
+
+        async def main(stop: Callable[[], None]) -> BaseException | None:
+            name = _name()
+            holder = corral.Limiter(limit=1, redis=url, name=name, lease=30)
+            waiter_side = corral.Limiter(limit=1, redis=url, name=name, lease=30)
+            await holder.acquire()
+            waiter = asyncio.create_task(waiter_side.acquire())
+            await _until(_queue_holds(url, name, 1), "queued")
+            stop()
+            try:
+                await asyncio.wait_for(waiter, 3)  # polls come every 10 s
+            except redis.exceptions.ConnectionError as exc:
+                return exc
+            finally:
+                await holder.aclose()
+                await waiter_side.aclose()
+            return None
+
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        error = asyncio.run(main(lambda: _shutdown(port)))
+    assert isinstance(error, redis.exceptions.ConnectionError)
+
+
+def _shutdown(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(b"SHUTDOWN NOSAVE\r\n")
+        sock.recv(16)  # the server closes the connection as it exits
+    while _ping(port):
+        time.sleep(0.01)
+
+
+async def test_a_process_leaving_the_queue_lets_the_next_in(redis_url: str) -> None:
+    """A process whose last waiter gives up leaves the shared queue at once, and tells the
+    processes behind it: a slot freed then goes to them now, not at their next poll."""
+    name = _name()
+    holder, gone, nxt = (
+        corral.Limiter(limit=1, redis=redis_url, name=name, lease=30) for _ in range(3)
+    )
+    async with asyncio.timeout(5):
+        await holder.acquire()
+        first = asyncio.create_task(gone.acquire())
+        await _until(_queue_holds(redis_url, name, 1), "first queued")
+        second = asyncio.create_task(nxt.acquire())
+        await _until(_queue_holds(redis_url, name, 2), "second queued")
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        holder.release()
+        await asyncio.wait_for(second, 2)  # polls come every 10 s
+        nxt.release()
+        await _until(_queue_holds(redis_url, name, 0), "queue empty")
+    for limiter in (holder, gone, nxt):
+        await limiter.aclose()
+    assert await _holders(redis_url, name) == 0
 
 
 def test_slots_held_when_the_loop_ends_are_given_back(redis_url: str) -> None:

@@ -29,8 +29,9 @@ client's: machines whose clocks disagree still share one schedule.
 Each grant is one Lua script run (``EVALSHA``), atomic on the server. A
 process that finds every slot taken queues its callers locally, in arrival
 order, and one task per process asks again whenever any holder anywhere
-releases a slot (releases publish on ``corral:{name}:released``) or the
-earliest lease may have ended. Across processes, a freed slot goes to the
+releases a slot (releases publish on ``corral:{name}:released``, and so does
+a process leaving the queue with slots still wanted) or the earliest lease
+may have ended. Across processes, a freed slot goes to the
 process that asks first.
 
 Releasing is synchronous in the Limiter API (``release()`` is a plain
@@ -50,12 +51,13 @@ import os
 import sys
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ._adaptive import Adaptive
 from ._limits import (
+    MAX_COOLDOWN,
     RAMP_FRACTION,
     RAMP_MAX,
     RAMP_STEPS,
@@ -73,6 +75,9 @@ logger = logging.getLogger("corral")
 
 #: Seconds a slot's lease lasts without renewal; holders renew every third of it.
 DEFAULT_LEASE = 10.0
+#: The longest lease (about 11.6 days): past it the slots of a dead process
+#: would be lost for good in practice, and far past it Redis's integers overflow.
+MAX_LEASE = 1e6
 #: Connections to Redis per Limiter and event loop (callers beyond it wait for one).
 POOL_SIZE = 16
 #: The most waiting callers one round trip asks slots for.
@@ -81,6 +86,9 @@ GRANT_BATCH = 64
 RELEASE_BATCH = 512
 #: After a failed send, wait this long before trying again (seconds).
 RESEND_DELAY = 0.2
+#: After a lost subscription, the first wait before subscribing again
+#: (seconds); it doubles with each loss in a row, capped by the pump's timeout.
+RESUBSCRIBE_DELAY = 0.05
 
 _URL_SCHEMES = ("redis", "rediss", "unix")
 
@@ -147,10 +155,15 @@ if untl then
 end
 if limit > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  local woken = false
   for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)) do
     redis.call('ZREM', KEYS[4], gone)
     redis.call('ZREM', KEYS[5], gone)
-    redis.call('HDEL', KEYS[6], gone)
+    if redis.call('HDEL', KEYS[6], gone) > 0 and not woken then
+      -- its wants held slots back from the tickets behind it: they may be served now
+      redis.call('PUBLISH', ARGV[5], 0)
+      woken = true
+    end
   end
   local free = cap - redis.call('ZCARD', KEYS[1])
   for _, ahead in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
@@ -203,11 +216,13 @@ return out
 """
 )
 
-# KEYS: queue, queue leases, wants. ARGV: a ticket, which leaves the queue.
+# KEYS: queue, queue leases, wants. ARGV: a ticket, which leaves the queue, the
+# channel. A ticket still wanting slots held them back from the tickets behind
+# it, which are told (as by a release) so that they ask again now.
 _LEAVE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
+if redis.call('HDEL', KEYS[3], ARGV[1]) > 0 then redis.call('PUBLISH', ARGV[2], 0) end
 return 1
 """
 
@@ -270,6 +285,17 @@ return 1
 )
 
 
+# KEYS: cool. Returns the microseconds the cooldown in force has left (0: none).
+_COOLING = (
+    _PRELUDE
+    + """
+local untl = tonumber(redis.call('HGET', KEYS[1], 'until'))
+if untl and now < untl then return untl - now end
+return 0
+"""
+)
+
+
 # ---------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------
@@ -278,12 +304,26 @@ return 1
 def _check_url(url: object) -> str:
     message = (
         "redis must be a Redis URL like 'redis://127.0.0.1:6379/0' (also rediss:// or "
-        f"unix://); got redis={url!r}"
+        "unix://); got redis={!r}"
     )
     if not isinstance(url, str):
-        raise TypeError(message)
-    if urlsplit(url).scheme not in _URL_SCHEMES:
-        raise ValueError(message)
+        raise TypeError(message.format(url))
+    parts = urlsplit(url)
+    if parts.scheme not in _URL_SCHEMES:
+        raise ValueError(message.format(url))
+    # Checked now, without connecting, rather than at the first call (inside a
+    # map, at its first item) or never: redis-py reads a database path that is
+    # not a number as db 0, the budget then silently shared with other data.
+    connection = _import_redis().connection
+    try:
+        options = connection.parse_url(url)
+        db = parts.path.strip("/")
+        if parts.scheme != "unix" and db and "db" not in options:
+            raise ValueError(f"the database must be a number, not {db!r}")
+        kind = options.pop("connection_class", connection.Connection)
+        kind(**options)  # refuses unknown options; opens no socket
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{message.format(_safe_url(url))} ({exc})") from None
     return url
 
 
@@ -303,12 +343,12 @@ def _check_lease(lease: object) -> float:
     if lease is None:
         return DEFAULT_LEASE
     message = (
-        "lease must be a number of seconds >= 0.01 (how long a slot stays held after its "
-        f"holder stops renewing it), like lease=10; got lease={lease!r}"
+        f"lease must be a number of seconds >= 0.01 and <= {MAX_LEASE:.0f} (how long a slot "
+        f"stays held after its holder stops renewing it), like lease=10; got lease={lease!r}"
     )
     if not _is_real(lease):
         raise TypeError(message)
-    if not (math.isfinite(lease) and lease >= 0.01):
+    if not (0.01 <= lease <= MAX_LEASE):  # NaN fails both
         raise ValueError(message)
     return float(lease)
 
@@ -363,8 +403,10 @@ class _Binding:
         "client",
         "closed",
         "cool",
+        "cooling",
         "give_back",
         "guard",
+        "idle",
         "leave",
         "loop",
         "n_rate",
@@ -395,6 +437,7 @@ class _Binding:
         self.give_back: AsyncScript = client.register_script(_GIVE_BACK)
         self.leave: AsyncScript = client.register_script(_LEAVE)
         self.cool: AsyncScript = client.register_script(_COOLDOWN)
+        self.cooling: AsyncScript = client.register_script(_COOLING)
         # Callers in line for a slot, first come first served; n_waiting counts
         # the live ones (a cancelled future stays in the deque until skipped).
         self.waiters: deque[asyncio.Future[_Grant]] = deque()
@@ -407,6 +450,7 @@ class _Binding:
         self.to_leave: list[str] = []
         self.outbox: list[float] = []
         self.pump: asyncio.Task[None] | None = None
+        self.idle = False  # the pump waits between two asks (cancelling it loses no grant)
         self.renewer: asyncio.Task[None] | None = None
         self.sender: asyncio.Task[None] | None = None
         self.guard: AsyncGenerator[None, None] | None = None
@@ -462,6 +506,19 @@ def _start_at(b: _Binding, now_us: int, wait_us: int) -> float:
     return (now_us + wait_us) / 1e6 - offset
 
 
+def _backoff(lost: int) -> float:
+    """Seconds to wait before subscribing again after ``lost`` losses in a row."""
+    return RESUBSCRIBE_DELAY * 2.0 ** min(max(lost - 1, 0), 10)
+
+
+async def _close_quietly(pubsub: Any) -> None:
+    """Close a pub/sub connection, which may be broken already."""
+    try:
+        await pubsub.aclose()
+    except Exception:
+        pass
+
+
 def _running(task: asyncio.Task[None] | None) -> bool:
     # Under an eager task factory a task may finish inside create_task(),
     # before the caller stores it: a stored task is not necessarily running.
@@ -490,8 +547,9 @@ class RedisLimiter(Limiter):
       may lose its leases (a warning is logged on the ``corral`` logger);
     - callers in one process are served in arrival order; between
       processes a freed slot goes to whichever asks first;
-    - :meth:`cooldown` (and a Retry-After seen by ``corral.map``) pauses
-      every process sharing the name; the slots then reopen in steps;
+    - :meth:`cooldown` (and a Retry-After seen by ``corral.map``, or
+      :meth:`sync_headers` with no request left) pauses every process
+      sharing the name; the slots then reopen in steps;
     - ``limit`` is an int (an adaptive limit is one process's view, and is
       not shared), and there is no ``key=`` and no ``acquire_nowait()``.
 
@@ -611,7 +669,9 @@ class RedisLimiter(Limiter):
     async def acquire(self, cost: object = None) -> None:
         """Wait for a slot of the shared budget (and then for the rate); pair with :meth:`release`.
 
-        One round trip to Redis when a slot is free. Cancelled while
+        One round trip to Redis when a slot is free; a caller that had to
+        wait for its rate slot then sits out, holding its slot, any cooldown
+        begun meanwhile in any process (one more round trip). Cancelled while
         waiting, the caller holds nothing afterwards: its place in line is
         given up, a slot granted to it is released, and its rate
         reservation is given back when no later start was booked after it.
@@ -687,6 +747,28 @@ class RedisLimiter(Limiter):
         self._cool_until = max(self._cool_until, b.loop.time() + seconds)
         b.outbox.append(float(seconds))
         self._send(b)
+
+    def sync_headers(self, headers: Any) -> None:
+        """Pause every process sharing this budget when the server says no request is left.
+
+        Reads the same headers as :meth:`Limiter.sync_headers` (OpenAI's
+        ``x-ratelimit-*``, Anthropic's ``anthropic-ratelimit-*``). The budget
+        lives in Redis, so there is no local schedule to clamp: when the
+        ``requests`` remaining is below 1 and the headers give its reset, the
+        Limiter goes into a shared :meth:`cooldown` until the server has
+        refilled one request (with the budget's size, the missing share of
+        the reset; without it, the whole reset), at most
+        :data:`corral._limits.MAX_COOLDOWN` seconds (like a Retry-After seen
+        by :meth:`Limiter.record_error`). Other headers, and a server with
+        requests left, change nothing. Needs a running event loop.
+        """
+        from ._headers import read_rate_limits, refill_wait
+
+        for dimension, remaining, reset, size in read_rate_limits(headers):
+            if dimension == "requests" and remaining < 1 and reset:
+                wait = refill_wait(remaining, 1.0, reset, size, 0.0)
+                if wait > 0:
+                    self.cooldown(min(wait, MAX_COOLDOWN))
 
     async def aclose(self) -> None:
         """Give back everything this process holds here, and close the connections.
@@ -805,6 +887,12 @@ class RedisLimiter(Limiter):
                 b.n_waiting -= 1
                 if not b.n_waiting:
                     b.waiters.clear()  # only cancelled futures are left
+                    if b.idle and _running(b.pump):
+                        # Its ticket's wants hold slots back from other
+                        # processes in line: leave the queue now, not at the
+                        # pump's next wake-up (up to a third of a lease away).
+                        assert b.pump is not None
+                        b.pump.cancel()
             else:  # granted a slot, cancelled before resuming: give it all back
                 self._drop(b, fut.result())
             raise
@@ -824,10 +912,21 @@ class RedisLimiter(Limiter):
         return (None, _start_at(b, int(reply[3]), int(reply[4])), int(reply[5]), int(reply[6]))
 
     async def _wait_for_rate(self, b: _Binding, grant: _Grant) -> None:
+        """Sleep until the grant's rate slot, then sit out any cooldown, holding the slot."""
         b.n_rate += 1
         try:
             await asyncio.sleep(grant[1] - b.loop.time())
-        except asyncio.CancelledError:
+            # A cooldown may have begun while this caller slept, here or in
+            # another process (which only Redis knows of): no call starts in one.
+            while True:
+                left = self._cool_until - b.loop.time()
+                if left <= 0:
+                    left = int(await b.cooling(keys=self._keys[2:3])) / 1e6
+                    if left <= 0:
+                        break
+                    self._cool_until = max(self._cool_until, b.loop.time() + left)
+                await asyncio.sleep(left)
+        except BaseException:  # cancelled, or Redis unreachable: this caller will not start
             self._drop(b, grant)
             raise
         finally:
@@ -837,9 +936,10 @@ class RedisLimiter(Limiter):
         """A caller granted a slot will not start: release it and give its rate slot back."""
         token, _, after, before = grant
         self._in_flight -= 1
-        if token is not None:
-            self._held.remove(token)
-            b.to_release.append(token)
+        # Tokens are interchangeable: release() gives back the last one held,
+        # which may have been this caller's, so give back any one held.
+        if token is not None and self._held:
+            b.to_release.append(self._held.pop())
         if after:
             b.to_give_back.append((after, before))
         self._send(b)
@@ -880,29 +980,9 @@ class RedisLimiter(Limiter):
 
     async def _send_once(self, b: _Binding) -> None:
         # Each item leaves its queue before the await (an ask may take
-        # releases meanwhile) and goes back if the send fails.
-        if b.to_release:
-            batch = b.to_release[:RELEASE_BATCH]
-            del b.to_release[: len(batch)]
-            try:
-                await b.release(keys=self._keys[:1], args=[self._channel, *batch])
-            except BaseException:
-                b.to_release.extend(batch)
-                raise
-        if b.to_leave:
-            ticket = b.to_leave.pop()
-            try:
-                await b.leave(keys=self._keys[3:], args=[ticket])
-            except BaseException:
-                b.to_leave.append(ticket)
-                raise
-        if b.to_give_back:
-            reservation = b.to_give_back.pop()
-            try:
-                await b.give_back(keys=self._keys[1:2], args=list(reservation))
-            except BaseException:
-                b.to_give_back.append(reservation)
-                raise
+        # releases meanwhile) and goes back if the send fails. Cooldowns go
+        # first: a slot released in the same batch must not be granted
+        # elsewhere before the pause is known.
         if b.outbox:
             seconds = b.outbox.pop()
             ramp = min(RAMP_MAX, RAMP_FRACTION * seconds)
@@ -914,6 +994,28 @@ class RedisLimiter(Limiter):
             except BaseException:
                 b.outbox.append(seconds)
                 raise
+        if b.to_release:
+            batch = b.to_release[:RELEASE_BATCH]
+            del b.to_release[: len(batch)]
+            try:
+                await b.release(keys=self._keys[:1], args=[self._channel, *batch])
+            except BaseException:
+                b.to_release.extend(batch)
+                raise
+        if b.to_leave:
+            ticket = b.to_leave.pop()
+            try:
+                await b.leave(keys=self._keys[3:], args=[ticket, self._channel])
+            except BaseException:
+                b.to_leave.append(ticket)
+                raise
+        if b.to_give_back:
+            reservation = b.to_give_back.pop()
+            try:
+                await b.give_back(keys=self._keys[1:2], args=list(reservation))
+            except BaseException:
+                b.to_give_back.append(reservation)
+                raise
 
     @property
     def _channel(self) -> str:
@@ -924,25 +1026,58 @@ class RedisLimiter(Limiter):
     # a release anywhere (a published message) or for the moment the earliest
     # lease, the cooldown or a ramp step ends, and ask again. It subscribes
     # before its first ask, so no release after a refusal goes unnoticed.
+    #
+    # A subscription can be dropped while Redis is fine (a proxy's idle
+    # timeout, CLIENT KILL): the pump subscribes again and asks again, and
+    # only an ask failing (Redis itself unreachable) fails the callers in
+    # line. While subscribing keeps failing it asks on a timer instead,
+    # backing off, so no caller waits longer than it would have.
 
     async def _pump(self, b: _Binding) -> None:
-        pubsub = b.client.pubsub()
+        from redis.exceptions import ConnectionError as Lost
+        from redis.exceptions import TimeoutError as Unanswered
+
         ticket = f"{self._prefix}queue{next(self._pumps)}"
+        pubsub: Any = None
+        lost = 0  # subscriptions lost in a row
         try:
-            await pubsub.subscribe(self._channel)
             while b.n_waiting:
+                if pubsub is None:
+                    pubsub = b.client.pubsub()
+                    try:
+                        await pubsub.subscribe(self._channel)
+                    except (Lost, Unanswered):
+                        broken, pubsub = pubsub, None
+                        await _close_quietly(broken)
+                        lost += 1
                 n = min(b.n_waiting, GRANT_BATCH)
                 grants, retry = await self._ask(b, n, ticket, b.n_waiting)
                 self._give_out(b, grants)
-                if not grants and b.n_waiting:
-                    # Every slot taken: ask again after a release anywhere, or
-                    # when a lease, the cooldown or a ramp step may have ended,
-                    # and often enough to keep the ticket's lease.
-                    timeout = min(retry, self._lease / 3)
-                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
-                    # Several releases may have come: one ask serves them all.
-                    while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0):
-                        pass
+                if grants or not b.n_waiting:
+                    continue
+                # Every slot taken: ask again after a release anywhere, or
+                # when a lease, the cooldown or a ramp step may have ended,
+                # and often enough to keep the ticket's lease.
+                timeout = min(retry, self._lease / 3)
+                b.idle = True  # the last caller leaving may cancel this wait
+                try:
+                    if pubsub is None:  # not subscribed: ask again on a timer
+                        await asyncio.sleep(min(timeout, _backoff(lost)))
+                        continue
+                    try:
+                        await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+                        # Several releases may have come: one ask serves them all.
+                        while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0):
+                            pass
+                        lost = 0
+                    except (Lost, Unanswered):
+                        broken, pubsub = pubsub, None
+                        await _close_quietly(broken)
+                        lost += 1
+                        if lost > 1:  # the last one was lost too: back off, not a quick retry
+                            await asyncio.sleep(min(timeout, _backoff(lost)))
+                finally:
+                    b.idle = False
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis unreachable: the callers in line get the error
@@ -955,8 +1090,8 @@ class RedisLimiter(Limiter):
             # Out of the queue (a no-op when the last ask served everyone).
             b.to_leave.append(ticket)
             self._send(b)
-            close: Callable[[], Awaitable[None]] = pubsub.aclose  # untyped in redis-py
-            await close()
+            if pubsub is not None:
+                await _close_quietly(pubsub)
             # A caller that queued while the subscription closed found this
             # task still running and started none.
             if b.n_waiting and not b.closed:
@@ -1034,7 +1169,7 @@ class RedisLimiter(Limiter):
         self._held.clear()
         self._in_flight = 0
         try:
-            while b.to_release or b.to_give_back or b.to_leave:
+            while b.to_release or b.to_give_back or b.to_leave or b.outbox:
                 await self._send_once(b)
         except Exception as exc:
             logger.warning(
