@@ -82,6 +82,10 @@ def test_serve_prints_its_url_serves_and_summarises_on_a_signal(
         ),
         (["serve", "--status", "500"], "argument --status: invalid choice: 500"),
         (
+            ["serve", "--retry-after", "1e308"],
+            "argument --retry-after: must be a number between 0 and 86400, got '1e308'",
+        ),
+        (
             ["serve", "--schedule", "soon"],
             "argument --schedule: must be T:CAPACITY pairs joined by commas, like 5:32,10:64; "
             "got 'soon'",

@@ -181,4 +181,85 @@ def test_scaled_profiles_keep_every_size_usable() -> None:
     assert tiny.trial_s >= 0.05
     assert tiny.sweep_max >= 8
     assert tiny.blocking_s
+    # Claim 6 needs more calls at once than the capacity part's target holds.
+    server = bench.CAPACITY_SERVER
+    assert tiny.capacity_n > server["capacity"] + server["queue"]
+    assert bench.QUICK.scaled(0.05).capacity_n > server["capacity"] + server["queue"]
     assert bench.QUICK.scaled(1.0) is bench.QUICK
+
+
+def test_an_out_that_is_not_a_directory_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--out naming a file exits 2 at once, naming --out and the value; nothing runs."""
+    taken = tmp_path / "notadir"
+    taken.write_text("mine\n")
+
+    def run_main(main: Any) -> Any:
+        main.close()
+        raise AssertionError("the bench ran with an unusable --out")
+
+    monkeypatch.setattr(bench, "run_main", run_main)
+    assert main(["bench", "--only", "blocking", "--out", str(taken)]) == 2
+    assert f"--out must be a directory to write into; got --out {str(taken)!r}" in (
+        capsys.readouterr().err
+    )
+    assert taken.read_text() == "mine\n"
+
+
+def test_results_that_cannot_be_written_fail_with_a_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--out gone bad during the run: the summary is still printed, then exit 1 naming --out."""
+    out = tmp_path / "bench"
+
+    def run_main(main: Any) -> Any:
+        main.close()
+        if out.is_dir():  # made before the run
+            out.rmdir()
+        out.write_text("replaced during the run\n")
+        return {"meta": {"parts": ["blocking"], "seconds": 1.0}, "records": []}
+
+    monkeypatch.setattr(bench, "run_main", run_main)
+    assert main(["bench", "--only", "blocking", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "The seeds' claims, measured here" in captured.out
+    assert f"cannot write the results into --out {str(out)!r}" in captured.err
+
+
+def _capacity_results(n: int, failed_at_once: int) -> dict[str, Any]:
+    def record(strategy: str, limit: int | None = None, failed: int = 0) -> dict[str, Any]:
+        return {
+            "part": "capacity",
+            "case": "hard cap",
+            "status": "ok",
+            "label": strategy,
+            "strategy": strategy,
+            "limit": limit,
+            "n": n,
+            "failed": failed,
+            "ok_per_s": 1000.0,
+        }
+
+    records = [
+        record("gather_all", failed=failed_at_once),
+        record("gather_five_batches"),
+        record("gather_batched", 100),
+        record("corral", 90),
+    ]
+    server = {"capacity": 100, "queue": 0, "status": 503}
+    return {"meta": {"parts": ["capacity"], "capacity_server": server}, "records": records}
+
+
+@pytest.mark.parametrize(
+    ("n", "failed", "verdict"),
+    [(50, 0, "not measured"), (100, 0, "not measured"), (1000, 0, "refuted")],
+)
+def test_claim_6_is_not_refuted_by_a_run_too_small_to_overload_the_target(
+    n: int, failed: int, verdict: str
+) -> None:
+    """No failures from n calls at once mean something only when n exceeds what the target holds."""
+    judged = report.judge_timeouts_batching(_capacity_results(n, failed))
+    assert judged.verdict == verdict
+    if verdict == "not measured":
+        assert judged.why.startswith(f"Not measured in this run: {n:,} calls at once cannot")

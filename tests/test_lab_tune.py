@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -241,11 +243,108 @@ ITEMS = (1, 2, 3)
         (["tune", f"{__name__}:capped_at_8", "--items", "range:0"], "needs an int N >= 1"),
         (["tune", f"{__name__}:capped_at_8", "--items", "nofile.txt"], "--items must be a file"),
         (["tune", f"{__name__}:capped_at_8", "--max-limit", "0"], "--max-limit must be >= 1"),
+        (["tune", "http://[::1/"], "TARGET must be a valid URL, like http://127.0.0.1:8080/; got"),
+        (["tune", "http://127.0.0.1:99999/"], "got 'http://127.0.0.1:99999/' (Port out of range"),
     ],
 )
 def test_bad_targets_and_items_are_refused_before_any_call(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A target or --items tune cannot use exits 2 with what would work."""
-    assert main(argv) == 2
+    assert main([*argv, "--out", str(tmp_path)]) == 2  # a wrong acceptance writes there
     assert message in capsys.readouterr().err
+
+
+async def _fixed_250ms(item: int) -> int:
+    await asyncio.sleep(0.25)
+    return item
+
+
+def _served_4_at_a_time() -> Callable[[int], Awaitable[int]]:
+    """A target serving 4 calls at once, 250 ms each: 16/s at any limit from 4 up."""
+    gate = asyncio.Semaphore(4)
+
+    async def call(item: int) -> int:
+        async with gate:
+            await asyncio.sleep(0.25)
+        return item
+
+    return call
+
+
+@pytest.mark.virtual_time
+@pytest.mark.parametrize("seconds", [0.5, 1.1])
+async def test_a_trial_measures_calls_that_end_together_without_bias(
+    seconds: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls ending at one instant are counted with the time they took: no overstatement.
+
+    On a virtual clock every batch of calls ends at exactly the same instant,
+    the hardest case for a rate taken between the first and last completion.
+    """
+    monkeypatch.setattr(tune, "_clock", lambda: asyncio.get_running_loop().time())
+    for limit in (1, 2, 4, 8, 16):
+        fixed = await tune.run_trial(_fixed_250ms, itertools.count(), limit, seconds)
+        assert fixed.throughput == pytest.approx(limit / 0.25, rel=0.05), limit
+        capped = await tune.run_trial(_served_4_at_a_time(), itertools.count(), limit, seconds)
+        assert capped.throughput == pytest.approx(min(limit, 4) / 0.25, rel=0.05), limit
+
+
+def test_an_out_that_is_not_a_directory_is_refused_before_any_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out naming a file exits 2 at once, naming --out and the value; no trial runs."""
+    taken = tmp_path / "notadir"
+    taken.write_text("mine\n")
+    assert main(["tune", f"{__name__}:_never_called", "--out", str(taken)]) == 2
+    captured = capsys.readouterr()
+    assert f"--out must be a directory to write into; got --out {str(taken)!r}" in captured.err
+    assert "limit     1" not in captured.out
+    assert taken.read_text() == "mine\n"
+
+
+async def _never_called(item: int) -> int:
+    raise AssertionError("tune ran with an unusable --out")
+
+
+def test_an_out_that_breaks_during_the_sweep_still_prints_the_recommendation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing tune.json fails: the result is still printed, then exit 1 naming --out."""
+
+    def plot(args: Any, trials: list[Trial], limit: int) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tune, "_plot", plot)
+    argv = ["tune", f"{__name__}:capped_at_8", "--json", "--trial-seconds", "0.05"]
+    assert main([*argv, "--max-limit", "2", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["recommended_limit"] in (1, 2)
+    assert f"cannot write into --out {str(tmp_path)!r}: [Errno 28] No space left" in captured.err
+
+
+async def _always_refused(item: int) -> int:
+    raise ConnectionRefusedError(111, "Connect call failed")
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_when_every_call_fails_no_limit_is_recommended(
+    as_json: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing succeeded: the first error, exit 1, and no limit offered as a result."""
+    argv = ["tune", f"{__name__}:_always_refused", "--trial-seconds", "0.05"]
+    assert main([*argv, "--out", str(tmp_path), *(["--json"] if as_json else [])]) == 1
+    out = capsys.readouterr().out
+    error = "ConnectionRefusedError: [Errno 111] Connect call failed"
+    if as_json:
+        summary = json.loads(out)
+        assert summary["recommended_limit"] == 1  # always an int; the error says why
+        assert summary["error"] == error
+    else:
+        assert "Recommended limit" not in out
+        assert "No limit recommended. Every call failed (" in out
+        assert f"the first error was {error}" in out
+    saved = json.loads((tmp_path / "tune.json").read_text())
+    assert saved["recommended_limit"] == 1
+    assert saved["error"] == error
+    assert not (tmp_path / "tune.png").exists()

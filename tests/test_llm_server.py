@@ -175,6 +175,38 @@ def test_output_lengths_parse_and_draw() -> None:
             OutputLength.parse(bad)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [10**20, 1_000_001, (1, 10**7), "lognormal:120:1000", "lognormal:120:4.5", "lognormal:2e6:1"],
+)
+def test_output_lengths_beyond_the_bounds_are_refused(bad: object) -> None:
+    """A length the mock cannot build or a sigma that overflows fails at once, named."""
+    with pytest.raises(ValueError, match=r"^output_tokens must be .* lengths from 1 to 1,000,000"):
+        OutputLength.parse(bad)
+
+
+def test_output_lengths_at_the_bounds_draw_within_them() -> None:
+    """The widest spread and the longest length still draw lengths from 1 to the maximum."""
+    rng = random.Random(2)
+    assert OutputLength.parse(1_000_000).draw(rng) == 1_000_000
+    widest = OutputLength.parse("lognormal:1000000:4")
+    assert all(1 <= widest.draw(rng) <= 1_000_000 for _ in range(200))
+    # Built directly, past parse's checks: draw() still neither overflows nor exceeds the bound.
+    wild = OutputLength("lognormal", 120, 1000.0)
+    draws = {wild.draw(rng) for _ in range(200)}
+    assert min(draws) >= 1
+    assert max(draws) == 1_000_000
+
+
+def test_a_minute_longer_than_a_day_is_refused() -> None:
+    """Resets a minute of 1e12 s ahead are no date a client can read: refused, named."""
+    with pytest.raises(
+        ValueError, match=r"^minute must be a number > 0 and <= 86400 .*=1000000000000.0$"
+    ):
+        Limits(minute=1e12)
+    assert Limits(minute=86_400).minute == 86_400
+
+
 def test_the_peak_meter_sums_a_sliding_minute() -> None:
     meter = PeakMeter(minute=60.0)
     for second in range(120):  # one call a second for two minutes
@@ -457,6 +489,15 @@ def test_serve_llm_serves_and_reports_what_it_saw() -> None:
             "corral serve: error: --capacity, --queue apply to the capacity model, not --llm",
         ),
         (["serve", "--llm", "--host", "0.0.0.0"], "corral serve: error: host must be a loopback"),
+        # Given at their default values, they are still given: refused all the same.
+        (
+            ["serve", "--llm", "--port", "0", "--capacity", "64"],
+            "corral serve: error: --capacity apply to the capacity model, not --llm",
+        ),
+        (
+            ["serve", "--llm", "--port", "0", "--status", "429", "--fail-fraction", "0"],
+            "corral serve: error: --status, --fail-fraction apply to the capacity model, not --llm",
+        ),
     ],
 )
 def test_serve_llm_refuses_options_that_do_not_apply(
@@ -472,6 +513,9 @@ def test_serve_llm_refuses_options_that_do_not_apply(
         ("--rpm", "0", "argument --rpm: must be a number > 0, got '0'"),
         ("--output-tokens", "few", "argument --output-tokens: must be an int like 200"),
         ("--latency-ms", "-1", "argument --latency-ms: must be a number >= 0, got '-1'"),
+        ("--output-tokens", "lognormal:120:1000", "argument --output-tokens: must be an int like"),
+        ("--output-tokens", "100000000000000000000", "argument --output-tokens: must be an int"),
+        ("--minute", "1e12", "argument --minute: must be a number > 0 and <= 86400, got '1e12'"),
     ],
 )
 def test_serve_llm_flags_reject_bad_values(

@@ -388,6 +388,37 @@ async def test_gate_refuses_beyond_its_bound_and_forgets_cancelled_waiters() -> 
     assert first.cancelled()
 
 
+@pytest.mark.virtual_time
+async def test_gate_opened_at_stop_adds_nothing_to_the_peaks() -> None:
+    """Waiters let through at stop are answered, not served: the peaks stay at the model's."""
+    gate = _Gate(capacity=2, bound=10)
+    holders = [asyncio.create_task(gate.acquire()) for _ in range(8)]
+    await asyncio.sleep(0)  # two in service, six waiting
+    assert (gate.in_service, gate.queued) == (2, 6)
+    gate.open_all()
+    assert await gate.acquire()  # a late arrival while stopping
+    assert all(await asyncio.gather(*holders))
+    assert gate.in_service == 9
+    assert (gate.peak_in_service, gate.peak_concurrency) == (2, 8)
+
+
+@pytest.mark.slow
+async def test_stats_after_stop_never_show_more_than_the_capacity_in_service() -> None:
+    """Requests still queued at stop() are refused at once, and not counted as served."""
+    async with asyncio.timeout(HANG_GUARD):
+        server = TargetServer(capacity=2, service_ms=20_000, queue=10)
+        await server.start()
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            tasks = [asyncio.create_task(_get(session, f"{server.url}/{i}")) for i in range(6)]
+            await _wait_until(lambda: server.stats().queued == 4, "4 requests queued")
+            await server.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        stats = server.stats()
+    assert (stats.peak_in_service, stats.capacity) == (2, 2)
+    assert stats.peak_concurrency == 6
+
+
 # --------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------
@@ -436,8 +467,13 @@ def test_loopback_hosts_are_accepted(host: str) -> None:
         ({"status": 500}, "status must be 429 or 503; got status=500"),
         (
             {"retry_after": float("inf")},
-            "retry_after must be a number >= 0 (seconds clients are asked to wait); "
-            "got retry_after=inf",
+            "retry_after must be a number between 0 and 86400 (seconds clients are asked to "
+            "wait); got retry_after=inf",
+        ),
+        (
+            {"retry_after": 1e308},
+            "retry_after must be a number between 0 and 86400 (seconds clients are asked to "
+            "wait); got retry_after=1e+308",
         ),
         (
             {"jitter": 1.5},

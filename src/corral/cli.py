@@ -258,6 +258,19 @@ def _run_tune(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------
 
 
+#: The capacity model's defaults for the options that --llm refuses.
+_CAPACITY_DEFAULTS: dict[str, Any] = {
+    "capacity": 64,
+    "service_ms": 10.0,
+    "queue": 256,
+    "status": 429,
+    "retry_after": 1.0,
+    "stall_fraction": 0.0,
+    "stall_s": 30.0,
+    "fail_fraction": 0.0,
+}
+
+
 def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "serve",
@@ -273,15 +286,21 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="a loopback address (default: %(default)s)")
     add("--port", type=_int_at_least(0), default=8080, help="0 picks a free port (default: 8080)")
-    add("--capacity", type=_int_at_least(1), default=64, help="requests in service at once")
-    add("--service-ms", type=_number(), default=10.0, help="milliseconds each request takes")
-    add("--queue", type=_int_at_least(0), default=256, help="requests that may wait for a slot")
-    add("--status", type=int, choices=(429, 503), default=429, help="status when the queue is full")
-    add("--retry-after", type=_number(), default=1.0, help="seconds the refusal asks to wait")
+    # The capacity model's own options default to None, filled in from
+    # _CAPACITY_DEFAULTS later: --llm must refuse them even at their default value.
+    add("--capacity", type=_int_at_least(1), help="requests in service at once (64)")
+    add("--service-ms", type=_number(), help="milliseconds each request takes (10)")
+    add("--queue", type=_int_at_least(0), help="requests that may wait for a slot (256)")
+    add("--status", type=int, choices=(429, 503), help="status when the queue is full (429)")
+    add(
+        "--retry-after",
+        type=_number(86_400),
+        help="seconds the refusal asks to wait, at most 86400 (1)",
+    )
     add("--jitter", type=_number(1), default=0.0, help="service time varies by +/- this fraction")
-    add("--stall-fraction", type=_number(1), default=0.0, help="share of requests that hang")
-    add("--stall-s", type=_number(), default=30.0, help="seconds a stalled request hangs")
-    add("--fail-fraction", type=_number(1), default=0.0, help="share of requests answered 500")
+    add("--stall-fraction", type=_number(1), help="share of requests that hang (0)")
+    add("--stall-s", type=_number(), help="seconds a stalled request hangs (30)")
+    add("--fail-fraction", type=_number(1), help="share of requests answered 500 (0)")
     add(
         "--schedule",
         type=_schedule,
@@ -306,6 +325,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     if args.llm:
         return _run_serve_llm(args)
+    for name, default in _CAPACITY_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     try:
         from corral.lab.server import TargetServer
     except ModuleNotFoundError as exc:

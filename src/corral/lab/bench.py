@@ -66,7 +66,14 @@ from pathlib import Path
 from typing import Any
 
 from corral.lab.console import Board, Display
-from corral.lab.runner import Result, Spec, raise_open_files_limit, run_main, run_specs
+from corral.lab.runner import (
+    Result,
+    Spec,
+    prepare_out,
+    raise_open_files_limit,
+    run_main,
+    run_specs,
+)
 
 __all__ = ["FULL", "PARTS", "QUICK", "Profile", "bench_command", "run_bench"]
 
@@ -98,6 +105,15 @@ CAPACITY_SERVER: dict[str, Any] = {
     "jitter": 0.5,
     "retry_after": 1.0,
 }
+
+
+#: The capacity part sends at least this many times what its target holds at once.
+OVERLOAD = 3
+
+
+def _holds(server: dict[str, Any]) -> int:
+    """Calls ``server`` takes at once without refusing any: in service plus waiting."""
+    return int(server["capacity"]) + int(server.get("queue", 0))
 
 
 @dataclass(frozen=True)
@@ -138,7 +154,9 @@ class Profile:
             trial_s=max(0.05, self.trial_s * factor),
             sweep_max=max(8, round(self.sweep_max * min(1.0, factor * 4))),
             httpx_n=n(self.httpx_n),
-            capacity_n=n(self.capacity_n, 50),
+            # Claim 6 is about more calls at once than the target holds: fewer
+            # would only measure a target that is never overloaded.
+            capacity_n=n(self.capacity_n, OVERLOAD * _holds(CAPACITY_SERVER)),
             cpu_heavy_n=n(self.cpu_heavy_n, 4),
             cpu_light_n=n(self.cpu_light_n, 50),
             memory_sizes=tuple(n(s, 100) for s in self.memory_sizes),
@@ -689,6 +707,10 @@ def bench_command(
     """Run ``corral bench``; write results.json, the plots and report.md into ``out``."""
     from corral.lab import report
 
+    problem = prepare_out(out)
+    if problem is not None:
+        print(f"corral bench: error: {problem}", file=sys.stderr)
+        return 2
     display = Display()
     profile = (QUICK if quick else FULL).scaled(scale)
     parts = [name for name in PARTS if only is None or name in only]
@@ -702,14 +724,27 @@ def bench_command(
         # run_main cancelled the run: the children were killed, the servers stopped.
         print("corral bench: interrupted; nothing written", file=sys.stderr)
         return 130
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plots = report.draw_plots(results, out)
     verdicts = report.judge_all(results)
-    (out / "report.md").write_text(report.markdown(results, verdicts, plots))
+    unwritten: OSError | None = None
+    plots: list[str] = []
+    try:
+        # --out was checked before the run, but it can vanish or fill up since.
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        plots = report.draw_plots(results, out)
+        (out / "report.md").write_text(report.markdown(results, verdicts, plots))
+    except OSError as exc:
+        unwritten = exc
     display.print()
     report.print_summary(display, results, verdicts)
     display.print()
+    if unwritten is not None:
+        # The summary above is all that is left of the run: say so, and fail.
+        print(
+            f"corral bench: error: cannot write the results into --out {str(out)!r}: {unwritten}",
+            file=sys.stderr,
+        )
+        return 1
     display.print(
         f"Wrote {out / 'report.md'}, {out / 'results.json'} and {len(plots)} plots to {out}/ "
         f"in {results['meta']['seconds']:.0f} s."

@@ -44,7 +44,7 @@ import math
 import random
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -110,7 +110,17 @@ def estimate_prompt_tokens(messages: Iterable[str], system: str | None = None) -
 # Output length
 # --------------------------------------------------------------------------
 
-_OUTPUT_FORMS = "an int like 200, 'LOW:HIGH' like '50:400', or 'lognormal:MEDIAN:SIGMA'"
+#: The longest completion, in tokens: beyond what any model writes, and a
+#: body (4 bytes a token) the mock can still build and send.
+MAX_OUTPUT_TOKENS = 1_000_000
+#: The widest lognormal spread: at 4, one answer in ten is over 170 times the
+#: median and one in ten under 1/170 of it; wider describes no real traffic.
+MAX_SIGMA = 4.0
+
+_OUTPUT_FORMS = (
+    "an int like 200, 'LOW:HIGH' like '50:400', or 'lognormal:MEDIAN:SIGMA', "
+    f"lengths from 1 to {MAX_OUTPUT_TOKENS:,} and SIGMA from 0 to {MAX_SIGMA:g}"
+)
 _LOGNORMAL = re.compile(r"lognormal:([0-9.eE+-]+):([0-9.eE+-]+)")
 
 
@@ -133,7 +143,8 @@ class OutputLength:
         """``200``, ``(50, 400)``, ``"200"``, ``"50:400"`` or ``"lognormal:120:0.6"``.
 
         Raises:
-            ValueError: anything else, or a length below 1, the message naming it.
+            ValueError: anything else, a length below 1 or above :data:`MAX_OUTPUT_TOKENS`,
+                or a sigma above :data:`MAX_SIGMA`; the message naming it.
         """
         if isinstance(value, OutputLength):
             return value
@@ -141,14 +152,14 @@ class OutputLength:
         if isinstance(value, bool):
             raise ValueError(error)
         if isinstance(value, int):
-            if value < 1:
+            if not 1 <= value <= MAX_OUTPUT_TOKENS:
                 raise ValueError(error)
             return cls("fixed", value)
         if isinstance(value, tuple) and len(value) == 2:
             low, high = value
             if (
                 all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high))
-                and 1 <= low <= high
+                and 1 <= low <= high <= MAX_OUTPUT_TOKENS
             ):
                 return cls("uniform", low, high)
             raise ValueError(error)
@@ -161,7 +172,7 @@ class OutputLength:
                 median, sigma = float(match[1]), float(match[2])
             except ValueError:
                 raise ValueError(error) from None
-            if not (math.isfinite(median) and median >= 1 and math.isfinite(sigma) and sigma >= 0):
+            if not (1 <= median <= MAX_OUTPUT_TOKENS and 0 <= sigma <= MAX_SIGMA):
                 raise ValueError(error)
             return cls("lognormal", median, sigma)
         low_text, sep, high_text = text.partition(":")
@@ -178,7 +189,12 @@ class OutputLength:
             return int(self.low)
         if self.kind == "uniform":
             return rng.randint(int(self.low), int(self.high))
-        return max(1, round(self.low * math.exp(self.high * rng.gauss(0.0, 1.0))))
+        # In logs, and clamped: the tail must not overflow exp() nor ask for
+        # an answer longer than MAX_OUTPUT_TOKENS.
+        log_length = math.log(self.low) + self.high * rng.gauss(0.0, 1.0)
+        if log_length >= math.log(MAX_OUTPUT_TOKENS):
+            return MAX_OUTPUT_TOKENS
+        return max(1, round(math.exp(log_length)))
 
     def describe(self) -> str:
         if self.kind == "fixed":
@@ -209,15 +225,24 @@ def _check_limit(name: str, value: object) -> float | None:
     return float(value)  # type: ignore[arg-type]
 
 
-def _check_positive(name: str, value: object, meaning: str) -> float:
+#: The longest limit minute, in real seconds: a day. The resets the server
+#: advertises are that far ahead at most, and stay dates a client can parse.
+MAX_MINUTE = 86_400.0
+
+
+def _check_positive(
+    name: str, value: object, meaning: str, *, maximum: float | None = None
+) -> float:
     ok = (
         not isinstance(value, bool)
         and isinstance(value, (int, float))
         and math.isfinite(value)
         and value > 0
+        and (maximum is None or value <= maximum)
     )
     if not ok:
-        raise ValueError(f"{name} must be a number > 0 ({meaning}); got {name}={value!r}")
+        bound = "> 0" if maximum is None else f"> 0 and <= {maximum:g}"
+        raise ValueError(f"{name} must be a number {bound} ({meaning}); got {name}={value!r}")
     return float(value)  # type: ignore[arg-type]
 
 
@@ -232,7 +257,7 @@ class Limits:
         output_tpm: output (completion) tokens per minute, Anthropic style.
         minute: how many real seconds the limits' minute lasts: 60 for a
             faithful API, less to run a long scenario quickly (every wait the
-            server advertises is in real seconds).
+            server advertises is in real seconds); at most :data:`MAX_MINUTE`.
         accel_start: an idle key may start at this fraction of ``rpm`` (per
             ``accel_window``); ``None`` turns the acceleration limit off. It
             needs ``rpm``.
@@ -256,7 +281,11 @@ class Limits:
         for name in ("rpm", "tpm", "input_tpm", "output_tpm"):
             object.__setattr__(self, name, _check_limit(name, getattr(self, name)))
         object.__setattr__(
-            self, "minute", _check_positive("minute", self.minute, "real seconds per limit minute")
+            self,
+            "minute",
+            _check_positive(
+                "minute", self.minute, "real seconds per limit minute", maximum=MAX_MINUTE
+            ),
         )
         if self.accel_start is not None:
             start = _check_positive(
@@ -609,8 +638,10 @@ class PeakMeter:
 # without the lab extra, and cli.py stays small)
 # --------------------------------------------------------------------------
 
-#: `corral serve` options of the capacity model that --llm does not use, with
-#: their defaults: giving one with --llm is an error, not silently ignored.
+#: `corral serve` options of the capacity model that --llm does not use: giving
+#: one with --llm is an error, not silently ignored. They default to None (the
+#: real defaults are filled in later), so one given at its default value is
+#: caught too.
 _CAPACITY_ONLY = (
     "capacity",
     "service_ms",
@@ -640,9 +671,6 @@ _LLM_ONLY = (
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--llm`` and its options to ``corral serve``'s parser."""
-    capacity_defaults = {
-        action.dest: action.default for action in parser._actions if action.dest in _CAPACITY_ONLY
-    }
     group = parser.add_argument_group(
         "mock LLM API (--llm)",
         "An OpenAI-compatible POST /v1/chat/completions and an Anthropic-style POST "
@@ -682,7 +710,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--minute",
-        type=_positive,
+        type=_positive_at_most(MAX_MINUTE),
         default=None,
         metavar="S",
         help="real seconds per limit minute (60)",
@@ -730,16 +758,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="ramp window in seconds (minute / 12)",
     )
     add("--no-accel", action="store_true", default=None, help="no acceleration limit")
-    parser.set_defaults(llm_capacity_defaults=capacity_defaults)
 
 
 def misplaced_options(args: argparse.Namespace) -> list[str]:
     """The options given that do not belong with ``args.llm`` (as ``--flag`` names)."""
-    if args.llm:
-        defaults: dict[str, Any] = args.llm_capacity_defaults
-        wrong = [name for name, default in defaults.items() if getattr(args, name) != default]
-    else:
-        wrong = [name for name in _LLM_ONLY if getattr(args, name, None) is not None]
+    given = _CAPACITY_ONLY if args.llm else _LLM_ONLY
+    wrong = [name for name in given if getattr(args, name, None) is not None]
     return ["--" + name.replace("_", "-") for name in wrong]
 
 
@@ -751,6 +775,18 @@ def _positive(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
     return value
+
+
+def _positive_at_most(maximum: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = _positive(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be a number > 0 and <= {maximum:g}, got {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def _non_negative(text: str) -> float:

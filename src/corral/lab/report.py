@@ -329,6 +329,14 @@ def judge_timeouts_batching(results: Results) -> Verdict:
         (f"corral limit={cap - 10}", f"{limited['failed']:,} failed, {_rate(limited['ok_per_s'])}"),
     ]
     head = f"all at once: {g['failed']:,}/{n:,} failed; limit {cap - 10}: {limited['failed']:,}"
+    holds = cap + server.get("queue", 0)
+    if n <= holds:
+        # No failure is then what the target's size guarantees, not evidence against the claim.
+        why = (
+            f"Not measured in this run: {n:,} calls at once cannot overload a target taking "
+            f"{holds:,} at once ({cap} in service, {holds - cap} waiting); run a larger --scale."
+        )
+        return Verdict(NOT_MEASURED, why, "-", evidence)
     if g["failed"] == 0:
         why = f"{n:,} calls at once against a target taking {cap} at a time ran without errors."
         return Verdict(REFUTED, why, head, evidence)

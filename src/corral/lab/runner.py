@@ -28,9 +28,18 @@ import os
 import resource
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["Progress", "Result", "Spec", "raise_open_files_limit", "run_main", "run_specs"]
+__all__ = [
+    "Progress",
+    "Result",
+    "Spec",
+    "prepare_out",
+    "raise_open_files_limit",
+    "run_main",
+    "run_specs",
+]
 
 T = TypeVar("T")
 
@@ -40,6 +49,24 @@ Result = dict[str, Any]
 Progress = Callable[[int, dict[str, Any]], None]
 
 _CHILD_CODE = "from corral.lab.workloads import child_main; child_main()"
+
+
+def prepare_out(out: Path) -> str | None:
+    """Create the ``--out`` directory ``out``; ``None``, or why it cannot take the results.
+
+    Called before a run, so a bad ``--out`` costs a second, not the whole run
+    and its measurements.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, FileExistsError) or (out.exists() and not out.is_dir()):
+            reason = "it exists and is not a directory"
+        return f"--out must be a directory to write into; got --out {str(out)!r} ({reason})"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"--out must be a directory to write into; got --out {str(out)!r} (not writable)"
+    return None
 
 
 def raise_open_files_limit() -> int:

@@ -73,6 +73,10 @@ LATENCY_WINDOW = 100_000
 #: this is only a backstop.
 _SHUTDOWN_TIMEOUT = 5.0
 
+#: The longest Retry-After a refusal may ask for: a day. Its header is whole
+#: seconds as an integer, and no client waits out a longer one anyway.
+MAX_RETRY_AFTER = 86_400.0
+
 _ADMIN_PREFIX = "/_corral"
 _ADMIN_HELP = "GET /_corral/stats, POST /_corral/capacity?value=N, POST /_corral/reset"
 
@@ -173,6 +177,10 @@ class _Gate:
         return len(self._waiters)
 
     def _note_peaks(self) -> None:
+        if self.open:
+            # Stopping: waiters are let through only to be answered at once,
+            # not served, and must not show as more than the capacity in service.
+            return
         self.peak_in_service = max(self.peak_in_service, self.in_service)
         self.peak_concurrency = max(self.peak_concurrency, self.in_service + len(self._waiters))
 
@@ -302,7 +310,7 @@ class TargetServer:
         service_ms: milliseconds each request spends in service (>= 0).
         queue: requests that may wait for a slot (int >= 0); one more is refused.
         status: the refusal's status, 429 or 503.
-        retry_after: seconds the refusal asks clients to wait. ``Retry-After``
+        retry_after: seconds the refusal asks clients to wait (at most a day). ``Retry-After``
             carries it rounded up to whole seconds (the header allows no
             fraction); ``retry-after-ms`` carries it in milliseconds.
         jitter: service time varies uniformly by +/- this fraction (0 to 1).
@@ -344,7 +352,9 @@ class TargetServer:
         if isinstance(status, bool) or status not in (429, 503):
             raise ValueError(f"status must be 429 or 503; got status={status!r}")
         self._status = status
-        retry = _check_number("retry_after", retry_after, "seconds clients are asked to wait")
+        retry = _check_number(
+            "retry_after", retry_after, "seconds clients are asked to wait", maximum=MAX_RETRY_AFTER
+        )
         self._jitter = _check_number("jitter", jitter, "fraction of service_ms", maximum=1)
         self._stall_fraction = _check_number(
             "stall_fraction", stall_fraction, "share of requests that hang", maximum=1

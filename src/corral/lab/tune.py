@@ -86,8 +86,9 @@ class Trial:
         ok: calls that returned.
         errors: calls that raised (for a URL: a failed connection or a status >= 400).
         seconds: how long the trial ran.
-        throughput: successful calls per second in the steady part of the trial
-            (from the first completion to the last, so the ramp-up is left out).
+        throughput: successful calls per second in the steady part of the trial:
+            the slope of their completions over time from the first completion
+            on, so the ramp-up is left out.
         p50_ms, p99_ms: latency of the successful calls, milliseconds.
     """
 
@@ -126,6 +127,13 @@ def _percentile_ms(ordered: list[float], q: float) -> float | None:
     return ordered[rank] * 1e3
 
 
+def _clock() -> float:
+    # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds,
+    # too coarse for the latency of a fast call. A module function so a test
+    # can put the trial on a virtual clock.
+    return time.perf_counter()
+
+
 async def run_trial(fn: Fn, items: Iterator[Any], limit: int, seconds: float) -> Trial:
     """Run ``fn`` over ``items`` (pulled as needed) at ``limit`` for about ``seconds``.
 
@@ -136,43 +144,36 @@ async def run_trial(fn: Fn, items: Iterator[Any], limit: int, seconds: float) ->
     """
     import corral
 
-    # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds,
-    # too coarse for the latency of a fast call.
-    clock = time.perf_counter
+    clock = _clock
 
-    async def timed(item: Any) -> float | None:
+    async def timed(item: Any) -> tuple[float, float] | None:
         began = clock()
         try:
             await fn(item)
         except Exception:
             return None  # the workload's failure is a measurement here
-        return clock() - began
+        now = clock()
+        return now, now - began
 
     latencies: list[float] = []
+    ended: list[float] = []  # when each successful call ended
     errors = 0
-    first = last = None  # when the first and the latest calls ended
-    ok_after_first = 0
     start = clock()
-    deadline, hard_deadline = start + seconds, start + 10 * seconds
+    deadline = start + seconds
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout_at(hard_deadline):
+        async with asyncio.timeout(10 * seconds):
             async with corral.map(timed, items, limit=limit, ordered=False) as results:
-                async for latency in results:
-                    last = clock()
-                    if first is None:
-                        first = last
-                    elif latency is not None:
-                        ok_after_first += 1
-                    if latency is None:
+                async for outcome in results:
+                    if outcome is None:
                         errors += 1
                     else:
-                        latencies.append(latency)
-                    if last >= deadline and len(latencies) + errors >= 4 * limit:
+                        ended.append(outcome[0])
+                        latencies.append(outcome[1])
+                    if clock() >= deadline and len(latencies) + errors >= 4 * limit:
                         break
     end = clock()
-    if first is not None and last is not None and last > first and ok_after_first:
-        throughput = ok_after_first / (last - first)
-    else:
+    throughput = _completion_rate(sorted(ended))
+    if throughput is None:
         throughput = len(latencies) / (end - start) if end > start else 0.0
     latencies.sort()
     return Trial(
@@ -184,6 +185,31 @@ async def run_trial(fn: Fn, items: Iterator[Any], limit: int, seconds: float) ->
         p50_ms=_percentile_ms(latencies, 50),
         p99_ms=_percentile_ms(latencies, 99),
     )
+
+
+def _completion_rate(ended: list[float]) -> float | None:
+    """Calls per second: the least-squares slope of the calls ended so far against time.
+
+    ``ended`` holds the instants the calls ended, ascending. Counting the calls
+    that ended after the first one, over the time from it to the last, would
+    overstate the rate whenever calls end together: those ending with the first
+    are counted, but none of the time it took to run them is. A fixed-latency
+    target ends calls in batches of ``limit``, and a trial of four batches
+    then read a third high. The slope of the staircase of completions is exact
+    for whole batches, needs no guess at which calls ended "together", and
+    still leaves out the ramp-up before the first completion; a trial that
+    stops partway into a batch reads at most a few percent low. ``None`` when
+    there are fewer than two distinct instants.
+    """
+    count = len(ended)
+    if count < 2:
+        return None
+    mean_t = math.fsum(ended) / count
+    mean_n = (count + 1) / 2
+    spread = math.fsum((t - mean_t) ** 2 for t in ended)
+    if spread <= 0:
+        return None
+    return math.fsum((t - mean_t) * (n - mean_n) for n, t in enumerate(ended, 1)) / spread
 
 
 def stop_reason(trials: list[Trial]) -> str | None:
@@ -406,7 +432,13 @@ def _is_url(text: str) -> bool:
 def _check_url(url: str) -> str:
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed lazily: an out-of-range port raises only here
+    except ValueError as exc:
+        raise TargetError(
+            f"TARGET must be a valid URL, like http://127.0.0.1:8080/; got {url!r} ({exc})"
+        ) from None
     if not parts.hostname:
         raise TargetError(f"TARGET URL needs a host, like http://127.0.0.1:8080/; got {url!r}")
     return url
@@ -488,7 +520,12 @@ def tune_command(args: argparse.Namespace) -> int:
     except TargetError as exc:
         print(f"corral tune: error: {exc}", file=sys.stderr)
         return 2
-    from corral.lab.runner import run_main
+    from corral.lab.runner import prepare_out, run_main
+
+    problem = prepare_out(args.out)
+    if problem is not None:
+        print(f"corral tune: error: {problem}", file=sys.stderr)
+        return 2
 
     try:
         return run_main(_tune(args, fn, source))
@@ -517,30 +554,73 @@ async def _tune(args: argparse.Namespace, fn: Fn | None, items: Iterator[Any]) -
             flush=True,
         )
 
+    first_error: list[Exception] = []
+
+    def recording(call: Fn) -> Fn:
+        async def recorded(item: Any) -> Any:
+            try:
+                return await call(item)
+            except Exception as exc:
+                # A sweep in which nothing succeeds has nothing to show but this.
+                if not first_error:
+                    first_error.append(exc)
+                raise
+
+        return recorded
+
     async with contextlib.AsyncExitStack() as stack:
         call = fn if fn is not None else await stack.enter_async_context(_url_target(args.target))
-        trials = await sweep(call, items, limits=limits, seconds=args.trial_seconds, on_trial=show)
+        trials = await sweep(
+            recording(call), items, limits=limits, seconds=args.trial_seconds, on_trial=show
+        )
     stopped = stop_reason(trials) or "every limit up to --max-limit was tried"
-    limit, reason = recommend(trials, max_limit=args.max_limit)
-    plot = _plot(args, trials, limit)
-    summary = {
-        "recommended_limit": limit,
-        "reason": reason,
-        "target": args.target,
-        "stopped": stopped,
-        "trials": [t.as_dict() for t in trials],
-        "plot": None if plot is None else str(plot),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary: dict[str, Any]
+    if any(t.ok for t in trials):
+        limit, reason = recommend(trials, max_limit=args.max_limit)
+        summary = {"recommended_limit": limit, "reason": reason}
+    else:
+        # No call succeeded: any limit named here would be a guess dressed up as a result.
+        limit = None
+        if first_error:
+            error = f"{type(first_error[0]).__name__}: {first_error[0]}"
+            reason = (
+                f"Every call failed ({sum(t.errors for t in trials):,} of them), so there is "
+                f"no limit to recommend; the first error was {error}"
+            )
+        else:
+            error = "no call ended within ten times the trial time"
+            reason = f"No call succeeded, so there is no limit to recommend: {error}"
+        # The JSON's recommended_limit is always an int (scripts read it as
+        # one): 1, the most careful, with the error beside it and exit 1.
+        summary = {"recommended_limit": 1, "reason": reason, "error": error}
+    summary.update(target=args.target, stopped=stopped, trials=[t.as_dict() for t in trials])
+    unwritten: OSError | None = None
+    try:
+        plot = None if limit is None else _plot(args, trials, limit)
+        summary["plot"] = None if plot is None else str(plot)
+        # --out was checked before the sweep, but it can vanish or fill up since.
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as exc:
+        plot, unwritten = None, exc
+        summary["plot"] = None
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"Stopped: {stopped}.")
-        print(f"Recommended limit: {limit}. {reason}")
+        if limit is None:
+            print(f"No limit recommended. {reason}.")
+        else:
+            print(f"Recommended limit: {limit}. {reason}")
         if plot is not None:
             print(f"Plot: {plot}")
-    return 0 if any(t.ok for t in trials) else 1
+    if unwritten is not None:
+        print(
+            f"corral tune: error: cannot write into --out {str(args.out)!r}: {unwritten}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0 if limit is not None else 1
 
 
 @contextlib.asynccontextmanager
