@@ -529,6 +529,26 @@ def test_an_item_a_worker_cannot_unpickle_fails_alone_and_named(ghost: types.Mod
     assert f"raised for item={reprlib.repr(thing)}, which" in error.__notes__[-1]
 
 
+def test_a_chunk_that_ends_after_the_pool_broke_is_ignored() -> None:
+    """Its calls failed with the pool's error already: its late results are not news."""
+
+    async def main() -> None:
+        pool = _offload.ProcessPool(time.sleep, 1)
+        try:
+            async with asyncio.timeout(10):  # hang guard
+                await pool(0)  # started, fn loaded
+                call = asyncio.ensure_future(pool(0.3))
+                await asyncio.sleep(0.1)  # its chunk is in the worker
+                pool._break(lambda: RuntimeError("the pool broke"))
+                with pytest.raises(RuntimeError, match="the pool broke"):
+                    await call
+                await asyncio.sleep(0.4)  # the worker ends the chunk and reports it
+        finally:
+            await pool.close(True)
+
+    run(main)  # fails on anything the loop logged, as a protocol callback's error
+
+
 # ---------------------------------------------------------------------------
 # timeout=: the clock measures the call, never the wait for a thread or process
 # ---------------------------------------------------------------------------

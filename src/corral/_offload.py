@@ -1026,6 +1026,8 @@ class ProcessPool:
             _, out, elapsed, escaped = message
             if worker.clock is not None:
                 self._stop_clock(worker)
+            if not worker.chunks:
+                return  # the pool broke meanwhile and failed this chunk's calls already
             jobs = worker.chunks.popleft()
             self._in_pool -= len(jobs)
             ran = len(out) + (escaped is not None)
