@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -161,3 +162,41 @@ def test_executor_instance_is_used_and_left_open() -> None:
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         assert corral.run(str.upper, ["a", "b"], executor=pool) == ["A", "B"]
         assert pool.submit(lambda: 1).result() == 1  # still usable
+
+
+HUGE = 10**400  # an int, and finite, but no float can hold it
+
+
+async def _same(item: int) -> int:
+    return item
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda: corral.map(_same, [1], rate=HUGE), "rate="),
+        (lambda: corral.map(_same, [1], timeout=HUGE), "timeout="),
+        (lambda: corral.map(_same, [1], deadline=HUGE), "deadline="),
+        (lambda: corral.map(_same, [1], budget={"requests": HUGE}), "budget["),
+        (lambda: corral.Limiter(rate=HUGE), "rate="),
+        (lambda: corral.Retry(backoff=HUGE), "Retry(backoff="),
+        (lambda: corral.Retry(max_backoff=HUGE), "Retry(max_backoff="),
+        (lambda: corral.Retry(budget=HUGE), "RetryBudget(ratio="),
+        (lambda: corral.RetryBudget(window=HUGE), "RetryBudget(window="),
+        (lambda: corral.RetryAfter(HUGE), "RetryAfter(seconds="),
+        (lambda: corral.Adaptive(max=HUGE), "max="),
+    ],
+)
+def test_an_int_too_large_for_a_float_is_refused_by_name(
+    make: Callable[[], object], named: str
+) -> None:
+    """Not a bare OverflowError from deep inside: the argument and its value."""
+    with pytest.raises(ValueError, match=r"\d{300}") as info:
+        make()
+    assert named in str(info.value)
+
+
+def test_a_retry_budget_window_too_short_to_slice_is_refused() -> None:
+    """Its slots would be 0 s wide: the first retry would divide by zero."""
+    with pytest.raises(ValueError, match=r"RetryBudget\(window=5e-324\)"):
+        corral.RetryBudget(window=5e-324)

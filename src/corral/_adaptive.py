@@ -158,6 +158,9 @@ __all__ = [
 #: ``"ignore"`` (no signal: cancelled, or failed for another reason).
 Outcome: TypeAlias = Literal["success", "drop", "ignore"]
 
+#: The highest limit Adaptive takes: beyond it, its float arithmetic would
+#: lose whole calls (and 10**400 would not even convert).
+MAX_LIMIT = 10**9
 #: A window this many times faster than the lowest latency means the lowest
 #: was measured in a stall: it is replaced at once. Slow start holds on a
 #: window this many times slower than the lowest (Envoy's 25% buffer).
@@ -283,6 +286,8 @@ class Adaptive:
                 raise TypeError(message)
             if value < 1:
                 raise ValueError(message)
+            if value > MAX_LIMIT:
+                raise ValueError(f"{message} (at most {MAX_LIMIT:_})")
             object.__setattr__(self, name, int(value))
         if not self.min <= self.initial <= self.max:
             raise ValueError(

@@ -36,6 +36,7 @@ from ._engine import Call, Engine, Halt, ResultStream, _Retried
 from ._errors import BudgetExhausted
 from ._limits import MAX_COOLDOWN, Limiter
 from ._monitor import DEFAULT_THRESHOLD, LoopWatch, monitor_from_env
+from ._numbers import is_finite
 from ._offload import applies_timeout, is_async_callable, offload, thread_width
 from ._progress import Progress, ProgressLike, check_progress, total_of
 from ._rate import Rate, RateGate, as_rate, as_rates, gate_for
@@ -92,7 +93,7 @@ def _check_timeout(timeout: object) -> float | None:
     if (
         isinstance(timeout, bool)
         or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
+        or not is_finite(timeout)
         or timeout <= 0
     ):
         raise ValueError(
@@ -391,7 +392,7 @@ def _check_deadline(deadline: object) -> float | None:
     if (
         isinstance(deadline, bool)
         or not isinstance(deadline, int | float)
-        or not math.isfinite(deadline)
+        or not is_finite(deadline)
         or deadline <= 0
     ):
         raise ValueError(
@@ -418,7 +419,7 @@ def _check_budget(budget: object) -> dict[str, float] | None:
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
-            or not (value >= 0 and math.isfinite(value))
+            or not (value >= 0 and is_finite(value))
         ):
             raise ValueError(
                 f"budget[{name!r}] must be a finite number >= 0; got budget={budget!r}"

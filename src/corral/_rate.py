@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, TypeGuard
 
+from ._numbers import is_finite
 from ._weighted import Cell, WeightedGate
 
 __all__ = [
@@ -398,7 +399,7 @@ def as_rate(value: object) -> Rate | None:
         return Rate.parse(value)
     if not _is_real(value):
         raise TypeError(_rate_error(value))
-    if not (math.isfinite(value) and value > 0):
+    if not (is_finite(value) and value > 0):
         raise ValueError(_rate_error(value))
     return Rate(float(value), per=1.0)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import TypeAlias, TypeGuard
 
+from ._numbers import is_finite
 from ._retry_budget import THROTTLE, RetryBudget, as_budget
 
 #: The retry budget a :class:`Retry` has unless told otherwise.
@@ -73,7 +74,7 @@ class RetryAfter(Exception):
                 f"RetryAfter(seconds={seconds!r}): seconds must be a number of seconds "
                 "(int or float), like RetryAfter(2.5)"
             )
-        if not (math.isfinite(seconds) and seconds >= 0):
+        if not (is_finite(seconds) and seconds >= 0):
             raise ValueError(
                 f"RetryAfter(seconds={seconds!r}): seconds must be a finite number >= 0 "
                 "(the least wait before the next call)"
@@ -376,7 +377,7 @@ class Retry:
                 f"Retry({name}={value!r}): {name} must be a finite number of seconds >= 0 "
                 f"({meaning})"
             )
-        if not (math.isfinite(value) and value >= 0):
+        if not (is_finite(value) and value >= 0):
             raise ValueError(
                 f"Retry({name}={value!r}): {name} must be a finite number of seconds >= 0 "
                 f"({meaning})"

@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ._numbers import is_finite
+
 __all__ = ["SLOTS", "RetryBudget", "RetryBudgetExhausted", "RetryBudgetState", "as_budget"]
 
 #: The sliding window is kept as this many slots.
@@ -66,7 +68,7 @@ def _number(name: str, value: object, minimum: float, strict: bool) -> float:
     message = f"RetryBudget({name}={value!r}): {name} must be a finite number {bound}"
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise TypeError(message)
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+    if not is_finite(value) or value < minimum or (strict and value == minimum):
         raise ValueError(message)
     return float(value)
 
@@ -100,6 +102,11 @@ class RetryBudget:
         _number("ratio", self.ratio, 0.0, strict=False)
         _number("floor", self.floor, 0.0, strict=False)
         _number("window", self.window, 0.0, strict=True)
+        if not self.window / SLOTS > 0:  # the slots' width, by which times are divided
+            raise ValueError(
+                f"RetryBudget(window={self.window!r}): window must be at least "
+                f"{SLOTS * 5e-324:g} s (a slot each {SLOTS}th of it)"
+            )
 
 
 def as_budget(budget: object) -> RetryBudget | None:
