@@ -6,6 +6,8 @@ import asyncio
 import concurrent.futures
 import sys
 from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
 
 import pytest
 
@@ -200,3 +202,38 @@ def test_a_retry_budget_window_too_short_to_slice_is_refused() -> None:
     """Its slots would be 0 s wide: the first retry would divide by zero."""
     with pytest.raises(ValueError, match=r"RetryBudget\(window=5e-324\)"):
         corral.RetryBudget(window=5e-324)
+
+
+def _numpy() -> Any:
+    return pytest.importorskip("numpy")  # the lab's matplotlib brings it
+
+
+async def test_a_numpy_int_is_taken_where_an_int_is() -> None:
+    """As Limiter(limit=) and Rate(burst=) take one: map's own int arguments do too."""
+    int64 = _numpy().int64
+    assert await corral.gather(
+        _same, range(5), limit=int64(2), retries=int64(1), budget={"requests": int64(100)}
+    ) == list(range(5))
+    retry = corral.Retry(attempts=int64(2))
+    assert type(retry.attempts) is int
+    assert retry.attempts == 2
+
+
+@pytest.mark.parametrize(
+    "real",
+    [
+        pytest.param(Fraction, id="Fraction"),
+        pytest.param(lambda n: _numpy().float64(n), id="numpy.float64"),
+    ],
+)
+async def test_any_real_number_is_taken_where_a_float_is(real: Callable[[int], Any]) -> None:
+    """As Rate(...) and monitor= take one: seconds and budgets take a Fraction too."""
+    assert await corral.gather(
+        _same, range(5), timeout=real(5), deadline=real(60), budget={"tokens": real(100)}
+    ) == list(range(5))
+    retry = corral.Retry(backoff=real(1), max_backoff=real(2), max_retry_after=real(5))
+    assert (retry.backoff, retry.max_backoff, retry.max_retry_after) == (1.0, 2.0, 5.0)
+    assert type(retry.backoff) is float
+    budget = corral.RetryBudget(ratio=real(1), floor=real(2), window=real(10))
+    assert (budget.ratio, budget.floor, budget.window) == (1.0, 2.0, 10.0)
+    assert corral.RetryAfter(real(2)).seconds == 2.0

@@ -36,7 +36,7 @@ from ._engine import Call, Engine, Halt, ResultStream, _Retried
 from ._errors import BudgetExhausted
 from ._limits import MAX_COOLDOWN, Limiter
 from ._monitor import DEFAULT_THRESHOLD, LoopWatch, monitor_from_env
-from ._numbers import is_finite
+from ._numbers import is_finite, is_integral, is_real
 from ._offload import applies_timeout, is_async_callable, offload, thread_width
 from ._progress import Progress, ProgressLike, check_progress, total_of
 from ._rate import Rate, RateGate, as_rate, as_rates, gate_for
@@ -77,25 +77,22 @@ def _check_fn(fn: object, caller: str) -> None:
         raise TypeError(f"corral.{caller}() needs a function of one item as fn; got fn={fn!r}")
 
 
-def _check_limit(limit: object) -> None:
+def _check_limit(limit: Any) -> Any:
+    """``limit`` as given, a numpy int made a plain one; refused naming it if not a limit."""
     if limit is None or isinstance(limit, Limiter | Adaptive) or limit == "auto":
-        return
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(
-            "limit must be an int >= 1, None (unbounded), 'auto' (adaptive), a corral.Adaptive "
-            f"or a corral.Limiter; got limit={limit!r}"
-        )
+        return limit
+    if is_integral(limit) and limit >= 1:
+        return int(limit)
+    raise ValueError(
+        "limit must be an int >= 1, None (unbounded), 'auto' (adaptive), a corral.Adaptive "
+        f"or a corral.Limiter; got limit={limit!r}"
+    )
 
 
 def _check_timeout(timeout: object) -> float | None:
     if timeout is None:
         return None
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not is_finite(timeout)
-        or timeout <= 0
-    ):
+    if not is_real(timeout) or not is_finite(timeout) or timeout <= 0:
         raise ValueError(
             f"timeout must be a number of seconds > 0 (per attempt), or None; "
             f"got timeout={timeout!r}"
@@ -389,12 +386,7 @@ def _check_monitor(monitor: object) -> float | None:
 def _check_deadline(deadline: object) -> float | None:
     if deadline is None:
         return None
-    if (
-        isinstance(deadline, bool)
-        or not isinstance(deadline, int | float)
-        or not is_finite(deadline)
-        or deadline <= 0
-    ):
+    if not is_real(deadline) or not is_finite(deadline) or deadline <= 0:
         raise ValueError(
             f"deadline must be a number of seconds > 0 (for the whole map), or None; "
             f"got deadline={deadline!r}"
@@ -416,15 +408,12 @@ def _check_budget(budget: object) -> dict[str, float] | None:
             raise ValueError(
                 f"budget dimensions must be named by strings like 'requests'; got budget={budget!r}"
             )
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not (value >= 0 and is_finite(value))
-        ):
+        if not is_real(value) or not (value >= 0 and is_finite(value)):
             raise ValueError(
                 f"budget[{name!r}] must be a finite number >= 0; got budget={budget!r}"
             )
-    return dict(budget)
+    # Plain numbers (a numpy int stays an int): the caps are compared per call.
+    return {name: int(v) if is_integral(v) else float(v) for name, v in budget.items()}
 
 
 def _check_meter_fn(name: str, fn: object) -> None:
@@ -465,9 +454,8 @@ def _engine_and_checkpoint(
     workers there apply ``limit``, ``rate``, ``timeout`` and ``retries``.
     """
     opts = _check_keywords(caller, options)
-    limit = opts["limit"]
     _check_fn(fn, caller)
-    _check_limit(limit)
+    limit = opts["limit"] = _check_limit(opts["limit"])
     rate = as_rates(opts["rate"])
     seconds = _check_timeout(opts["timeout"])
     retry = as_retry(opts["retries"])
@@ -683,7 +671,7 @@ def _sharded(
     if processes is None:
         return None
     _check_fn(fn, caller)
-    _check_limit(opts["limit"])
+    opts["limit"] = _check_limit(opts["limit"])
     spec = as_rates(opts["rate"])
     if isinstance(spec, tuple | str) or (spec is not None and spec.weighted):
         raise ValueError(
@@ -752,8 +740,7 @@ def _on_ray(
     if opts["backend"] != "ray":
         return None
     _check_fn(fn, caller)
-    limit = opts["limit"]
-    _check_limit(limit)
+    limit = opts["limit"] = _check_limit(opts["limit"])
     seconds = _check_timeout(opts["timeout"])
     retry = as_retry(opts["retries"])
     _check_flag("ordered", opts["ordered"])

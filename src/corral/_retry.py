@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import TypeAlias, TypeGuard
 
-from ._numbers import is_finite
+from ._numbers import is_finite, is_integral, is_real
 from ._retry_budget import THROTTLE, RetryBudget, as_budget
 
 #: The retry budget a :class:`Retry` has unless told otherwise.
@@ -40,7 +40,7 @@ RetryOn: TypeAlias = (
 
 def _is_number(value: object) -> TypeGuard[float]:
     # bool is an int to Python, but Retry(backoff=True) is a mistake, not a 1.
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return is_real(value)
 
 
 class RetryAfter(Exception):
@@ -337,7 +337,7 @@ class Retry:
     def __post_init__(self) -> None:
         # A ratio stands for RetryBudget(ratio=...): store the full form.
         object.__setattr__(self, "budget", as_budget(self.budget))
-        if not isinstance(self.attempts, int) or isinstance(self.attempts, bool):
+        if not is_integral(self.attempts):
             raise TypeError(
                 f"Retry(attempts={self.attempts!r}): attempts must be an int >= 1 "
                 "(the total number of calls)"
@@ -347,6 +347,7 @@ class Retry:
                 f"Retry(attempts={self.attempts!r}): attempts must be an int >= 1 "
                 "(the total number of calls)"
             )
+        object.__setattr__(self, "attempts", int(self.attempts))  # a numpy int: a plain one
         self._check_seconds("backoff", self.backoff, "the first retry's wait")
         self._check_seconds("max_backoff", self.max_backoff, "the cap on the backoff wait")
         if self.max_backoff < self.backoff:
@@ -355,6 +356,9 @@ class Retry:
                 f"max_backoff must be >= backoff; raise it, e.g. "
                 f"Retry(backoff={self.backoff!r}, max_backoff={self.backoff!r})"
             )
+        # Plain floats from here on (a Fraction or numpy number was taken).
+        object.__setattr__(self, "backoff", float(self.backoff))
+        object.__setattr__(self, "max_backoff", float(self.max_backoff))
         if not isinstance(self.jitter, bool):
             raise TypeError(f"Retry(jitter={self.jitter!r}): jitter must be True or False")
         self._check_on()
@@ -369,6 +373,10 @@ class Retry:
                 f"Retry(max_retry_after={limit!r}): max_retry_after must be a number of "
                 "seconds >= 0 (math.inf for no cap)"
             )
+        try:
+            object.__setattr__(self, "max_retry_after", float(limit))
+        except OverflowError:  # an int too large for a float: no cap, as math.inf
+            object.__setattr__(self, "max_retry_after", math.inf)
 
     @staticmethod
     def _check_seconds(name: str, value: object, meaning: str) -> None:
@@ -489,10 +497,10 @@ def as_retry(retries: int | Retry | None) -> Retry | None:
     if retries is None or isinstance(retries, Retry):
         return retries
     message = f"retries must be an int >= 0 or a corral.Retry; got retries={retries!r}"
-    if not isinstance(retries, int) or isinstance(retries, bool):
+    if not is_integral(retries):
         raise TypeError(message)
     if retries < 0:
         raise ValueError(message)
     if retries == 0:
         return None
-    return Retry(attempts=retries + 1)
+    return Retry(attempts=int(retries) + 1)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ._numbers import is_finite
+from ._numbers import is_finite, is_real
 
 __all__ = ["SLOTS", "RetryBudget", "RetryBudgetExhausted", "RetryBudgetState", "as_budget"]
 
@@ -66,7 +66,7 @@ class RetryBudgetExhausted(Exception):
 def _number(name: str, value: object, minimum: float, strict: bool) -> float:
     bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
     message = f"RetryBudget({name}={value!r}): {name} must be a finite number {bound}"
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    if not is_real(value):
         raise TypeError(message)
     if not is_finite(value) or value < minimum or (strict and value == minimum):
         raise ValueError(message)
@@ -99,9 +99,10 @@ class RetryBudget:
     window: float = 10.0
 
     def __post_init__(self) -> None:
-        _number("ratio", self.ratio, 0.0, strict=False)
-        _number("floor", self.floor, 0.0, strict=False)
-        _number("window", self.window, 0.0, strict=True)
+        # Stored as floats: a Fraction or numpy number is taken, then kept plain.
+        object.__setattr__(self, "ratio", _number("ratio", self.ratio, 0.0, strict=False))
+        object.__setattr__(self, "floor", _number("floor", self.floor, 0.0, strict=False))
+        object.__setattr__(self, "window", _number("window", self.window, 0.0, strict=True))
         if not self.window / SLOTS > 0:  # the slots' width, by which times are divided
             raise ValueError(
                 f"RetryBudget(window={self.window!r}): window must be at least "
@@ -113,7 +114,7 @@ def as_budget(budget: object) -> RetryBudget | None:
     """Normalise ``Retry(budget=)``: a RetryBudget, a ratio (a number), or None (off)."""
     if budget is None or isinstance(budget, RetryBudget):
         return budget
-    if isinstance(budget, int | float) and not isinstance(budget, bool):
+    if is_real(budget):
         return RetryBudget(ratio=budget)
     raise TypeError(
         "Retry budget must be a corral.RetryBudget, a ratio like 0.1 (retries per "
