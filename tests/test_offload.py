@@ -538,11 +538,15 @@ def test_a_chunk_that_ends_after_the_pool_broke_is_ignored() -> None:
             async with asyncio.timeout(10):  # hang guard
                 await pool(0)  # started, fn loaded
                 call = asyncio.ensure_future(pool(0.3))
-                await asyncio.sleep(0.1)  # its chunk is in the worker
+                [worker] = pool._workers
+                while not worker.chunks:  # until its chunk is in the worker
+                    await asyncio.sleep(0.005)
                 pool._break(lambda: RuntimeError("the pool broke"))
                 with pytest.raises(RuntimeError, match="the pool broke"):
                     await call
-                await asyncio.sleep(0.4)  # the worker ends the chunk and reports it
+                # The worker ends the chunk and reports it (0.3 s, or more on a
+                # loaded machine: its report is read whenever it comes).
+                await asyncio.sleep(1.5)
         finally:
             await pool.close(True)
 
