@@ -40,21 +40,25 @@ inference and returns filler text as long as the completion it reports.
 
 from __future__ import annotations
 
-import asyncio
-import enum
 import itertools
 import json
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
+from corral.lab._loopback import (
+    LoopbackServer,
+    check_number,
+    check_seed,
+    json_response,
+    serving,
+)
 from corral.lab.llm_model import (
     Admission,
     DimensionState,
@@ -66,11 +70,9 @@ from corral.lab.llm_model import (
     estimate_prompt_tokens,
     format_reset,
 )
-from corral.lab.server import _check_host, _check_number
 
 __all__ = ["LLMServer", "serve_llm"]
 
-_SHUTDOWN_TIMEOUT = 5.0
 _DEFAULT_OUTPUT = "lognormal:120:0.6"
 
 #: Header stems per dimension: OpenAI's x-ratelimit-{limit,remaining,reset}-STEM
@@ -83,13 +85,6 @@ _STEMS = {
 }
 
 
-class _Phase(enum.Enum):
-    NEW = "new"  # constructed, not listening
-    RUNNING = "running"  # listening, answering
-    STOPPING = "stopping"  # generations woken, waiting for handlers to answer
-    STOPPED = "stopped"  # socket closed; stats still readable
-
-
 class _BadRequest(Exception):
     """A request the API refuses with 4xx; ``kind`` is the provider's error type."""
 
@@ -100,7 +95,7 @@ class _BadRequest(Exception):
         self.message = message
 
 
-class LLMServer:
+class LLMServer(LoopbackServer):
     """The mock LLM API as an object: start it, read what it saw, reset it.
 
     ::
@@ -164,28 +159,15 @@ class LLMServer:
             accel_window=accel_window,
         )
         self._latency_s = (
-            _check_number("latency_ms", latency_ms, "milliseconds to first token") / 1e3
+            check_number("latency_ms", latency_ms, "milliseconds to first token") / 1e3
         )
-        self._token_s = _check_number("ms_per_token", ms_per_token, "milliseconds per token") / 1e3
-        self._jitter = _check_number("jitter", jitter, "fraction of the latency", maximum=1)
+        self._token_s = check_number("ms_per_token", ms_per_token, "milliseconds per token") / 1e3
+        self._jitter = check_number("jitter", jitter, "fraction of the latency", maximum=1)
         self.output = OutputLength.parse(output_tokens)
-        self._host = _check_host(host)
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(
-                f"port must be an int from 0 to 65535 (0 picks a free port); got port={port!r}"
-            )
-        self._port = port
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int; got seed={seed!r}")
-        self._seed = seed
+        super().__init__(host=host, port=port)
+        self._seed = check_seed(seed)
         self._model = RateModel(self.limits)
         self._ids = itertools.count(1)
-        self._phase = _Phase.NEW
-        self._url: str | None = None
-        self._runner: web.ServerRunner | None = None
-        self._sleeps: set[asyncio.Future[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopped_at: float | None = None
         self._in_flight = 0
         self._zero_counters()
 
@@ -199,64 +181,14 @@ class LLMServer:
 
     # -- lifecycle -------------------------------------------------------
 
-    async def start(self) -> str:
-        """Listen and return the base URL (append ``/v1`` for the SDKs' ``base_url``)."""
-        if self._phase is not _Phase.NEW:
-            raise RuntimeError(f"an LLMServer starts once; this one is {self._phase.value}")
-        self._loop = asyncio.get_running_loop()
-        self._counting_since = self._loop.time()
-        runner = web.ServerRunner(
-            web.Server(self._handle, access_log=None), shutdown_timeout=_SHUTDOWN_TIMEOUT
-        )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self._host, self._port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        host, port = runner.addresses[0][:2]
-        self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        self._phase = _Phase.RUNNING
-        return self._url
-
-    async def stop(self) -> None:
-        """Answer every call being generated at once (503), then close the socket. Idempotent."""
-        if self._phase is not _Phase.RUNNING:
-            if self._phase is _Phase.NEW:
-                self._phase = _Phase.STOPPED
-            return
-        self._phase = _Phase.STOPPING
+    def _starting(self) -> None:
         assert self._loop is not None
-        self._stopped_at = self._loop.time()
-        for sleep in self._sleeps:
-            if not sleep.done():
-                sleep.set_result(None)
-        assert self._runner is not None
-        try:
-            await self._runner.cleanup()
-        finally:
-            self._phase = _Phase.STOPPED
-
-    async def __aenter__(self) -> LLMServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+        self._counting_since = self._loop.time()
 
     @property
     def url(self) -> str:
         """The base URL, like ``http://127.0.0.1:54321`` (no ``/v1``, no trailing slash)."""
-        if self._url is None:
-            raise RuntimeError("the server has no URL before start(); await server.start() first")
-        return self._url
+        return super().url
 
     def reset(self) -> None:
         """Zero the counters and forget every key (buckets full, ramps at their start)."""
@@ -327,7 +259,7 @@ class LLMServer:
         max_tokens: int | None,
     ) -> web.StreamResponse:
         assert self._loop is not None
-        if self._phase is not _Phase.RUNNING:
+        if self._stopping_now():
             return _error(flavour, 503, "api_error", "server stopping")
         self._requests += 1
         prompt = estimate_prompt_tokens(texts, system)
@@ -472,29 +404,13 @@ class LLMServer:
                 headers["anthropic-ratelimit-tokens-reset"] = _rfc3339(wall + dim.reset_s)
         return headers
 
-    def _stopping_now(self) -> bool:
-        # A method, not an inline test: the phase changes across awaits.
-        return self._phase is not _Phase.RUNNING
-
-    async def _sleep(self, seconds: float) -> None:
-        """asyncio.sleep that stop() can end early."""
-        assert self._loop is not None
-        done = self._loop.create_future()
-        timer = self._loop.call_later(seconds, _resolve, done)
-        self._sleeps.add(done)
-        try:
-            await done
-        finally:
-            timer.cancel()
-            self._sleeps.discard(done)
-
     def _admin(self, request: web.BaseRequest, path: str) -> web.Response:
         if path == "/_corral/stats" and request.method == "GET":
-            return _json(200, self.stats().as_dict())
+            return json_response(200, self.stats().as_dict())
         if path == "/_corral/reset" and request.method == "POST":
             self.reset()
-            return _json(200, {"ok": True})
-        return _json(
+            return json_response(200, {"ok": True})
+        return json_response(
             404,
             {
                 "ok": False,
@@ -611,17 +527,6 @@ def _rfc3339(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def _resolve(done: asyncio.Future[None]) -> None:
-    if not done.done():
-        done.set_result(None)
-
-
-def _json(status: int, payload: dict[str, Any]) -> web.Response:
-    return web.Response(
-        status=status, body=json.dumps(payload).encode(), content_type="application/json"
-    )
-
-
 def _error(
     flavour: str,
     status: int,
@@ -691,16 +596,7 @@ def serve_llm(
         port=port,
         seed=seed,
     )
-    return _serving(server)
-
-
-@asynccontextmanager
-async def _serving(server: LLMServer) -> AsyncIterator[str]:
-    url = await server.start()
-    try:
-        yield url
-    finally:
-        await server.stop()
+    return serving(server)
 
 
 # --------------------------------------------------------------------------

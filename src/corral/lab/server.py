@@ -49,29 +49,30 @@ addresses only and refuses any other host.
 from __future__ import annotations
 
 import asyncio
-import enum
-import ipaddress
 import json
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+
+from corral.lab._loopback import (
+    LoopbackServer,
+    check_number,
+    check_seed,
+    json_response,
+    serving,
+)
 
 __all__ = ["ServerStats", "TargetServer", "serve"]
 
 #: Served latencies kept for the percentiles: the most recent ones, so memory
 #: stays bounded in a server left running for hours.
 LATENCY_WINDOW = 100_000
-
-#: How long stop() lets aiohttp wait for handlers; they are woken at once, so
-#: this is only a backstop.
-_SHUTDOWN_TIMEOUT = 5.0
 
 #: The longest Retry-After a refusal may ask for: a day. Its header is whole
 #: seconds as an integer, and no client waits out a longer one anyway.
@@ -96,41 +97,6 @@ def _check_int(name: str, value: object, minimum: int, meaning: str) -> int:
     return value
 
 
-def _check_number(name: str, value: object, meaning: str, *, maximum: float | None = None) -> float:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and value >= 0
-        and (maximum is None or value <= maximum)
-    )
-    if not ok:
-        bound = f"between 0 and {maximum:g}" if maximum is not None else ">= 0"
-        raise ValueError(f"{name} must be a number {bound} ({meaning}); got {name}={value!r}")
-    return float(value)  # type: ignore[arg-type]
-
-
-def _check_host(host: object) -> str:
-    """The address to bind: loopback only, ``localhost`` meaning 127.0.0.1."""
-    refusal = (
-        "host must be a loopback address (127.0.0.0/8, ::1 or localhost): corral serves "
-        f"on this machine only; got host={host!r}"
-    )
-    if not isinstance(host, str):
-        raise ValueError(refusal)
-    if host == "localhost":
-        # localhost may resolve to both 127.0.0.1 and ::1; binding both with
-        # port=0 would give two different ports and no single URL.
-        return "127.0.0.1"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(refusal) from None
-    if not address.is_loopback:
-        raise ValueError(refusal)
-    return host
-
-
 def _check_schedule(schedule: object) -> list[tuple[float, int]]:
     if schedule is None:
         return []
@@ -142,7 +108,7 @@ def _check_schedule(schedule: object) -> list[tuple[float, int]]:
         if not isinstance(entry, Sequence) or isinstance(entry, (str, bytes)) or len(entry) != 2:
             raise ValueError(f"schedule must be {shape}; got the entry {entry!r}")
         t, capacity = entry
-        t = _check_number("schedule time", t, "seconds after the start")
+        t = check_number("schedule time", t, "seconds after the start")
         capacity = _check_int("schedule capacity", capacity, 1, "requests served in parallel")
         steps.append((t, capacity))
     # sorted() is stable: two steps at the same time apply in the order given.
@@ -287,14 +253,7 @@ def _percentile(ordered: list[float], p: float) -> float | None:
 # --------------------------------------------------------------------------
 
 
-class _Phase(enum.Enum):
-    NEW = "new"  # constructed, not listening
-    RUNNING = "running"  # listening, modelling requests
-    STOPPING = "stopping"  # sleepers woken, waiting for handlers to answer
-    STOPPED = "stopped"  # socket closed; stats still readable
-
-
-class TargetServer:
+class TargetServer(LoopbackServer):
     """The modelled API as an object: start it, read its stats, change its capacity.
 
     :func:`serve` is the short form for code that needs only the URL. Use this
@@ -347,32 +306,25 @@ class TargetServer:
         seed: int = 0,
     ) -> None:
         capacity = _check_int("capacity", capacity, 1, "requests served in parallel")
-        self._service_s = _check_number("service_ms", service_ms, "milliseconds per request") / 1e3
+        self._service_s = check_number("service_ms", service_ms, "milliseconds per request") / 1e3
         queue = _check_int("queue", queue, 0, "requests that may wait for a slot")
         if isinstance(status, bool) or status not in (429, 503):
             raise ValueError(f"status must be 429 or 503; got status={status!r}")
         self._status = status
-        retry = _check_number(
+        retry = check_number(
             "retry_after", retry_after, "seconds clients are asked to wait", maximum=MAX_RETRY_AFTER
         )
-        self._jitter = _check_number("jitter", jitter, "fraction of service_ms", maximum=1)
-        self._stall_fraction = _check_number(
+        self._jitter = check_number("jitter", jitter, "fraction of service_ms", maximum=1)
+        self._stall_fraction = check_number(
             "stall_fraction", stall_fraction, "share of requests that hang", maximum=1
         )
-        self._stall_s = _check_number("stall_s", stall_s, "seconds a stalled request hangs")
-        self._fail_fraction = _check_number(
+        self._stall_s = check_number("stall_s", stall_s, "seconds a stalled request hangs")
+        self._fail_fraction = check_number(
             "fail_fraction", fail_fraction, "share of requests answered 500", maximum=1
         )
         self._schedule = _check_schedule(schedule)
-        self._host = _check_host(host)
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(
-                f"port must be an int from 0 to 65535 (0 picks a free port); got port={port!r}"
-            )
-        self._port = port
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int; got seed={seed!r}")
-        self._rng = random.Random(seed)
+        super().__init__(host=host, port=port)
+        self._rng = random.Random(check_seed(seed))
 
         # The refusal is the same every time: build its parts once.
         self._reject_headers = {
@@ -384,16 +336,8 @@ class TargetServer:
         ).encode()
 
         self._gate = _Gate(capacity, queue)
-        self._phase = _Phase.NEW
-        self._url: str | None = None
-        self._runner: web.ServerRunner | None = None
         self._schedule_task: asyncio.Task[None] | None = None
-        # Futures of the sleeps in progress, resolved early when stopping so
-        # that a 30 s stall does not hold up stop().
-        self._sleeps: set[asyncio.Future[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._started_at = 0.0
-        self._stopped_at: float | None = None  # freezes elapsed_s once stopped
         self._zero_counters()
 
     def _zero_counters(self) -> None:
@@ -403,74 +347,23 @@ class TargetServer:
 
     # -- lifecycle -------------------------------------------------------
 
-    async def start(self) -> str:
-        """Listen, apply the schedule's steps due at t=0, and return the base URL."""
-        if self._phase is not _Phase.NEW:
-            raise RuntimeError(f"a TargetServer starts once; this one is {self._phase.value}")
-        self._loop = asyncio.get_running_loop()
+    def _starting(self) -> None:
+        assert self._loop is not None
         self._started_at = self._counting_since = self._loop.time()
         while self._schedule and self._schedule[0][0] <= 0:
             self._gate.resize(self._schedule.pop(0)[1])
 
-        runner = web.ServerRunner(
-            web.Server(self._handle, access_log=None), shutdown_timeout=_SHUTDOWN_TIMEOUT
-        )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self._host, self._port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        host, port = runner.addresses[0][:2]
-        self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        self._phase = _Phase.RUNNING
+    def _listening(self) -> None:
+        assert self._loop is not None
         if self._schedule:
             self._schedule_task = self._loop.create_task(self._follow_schedule())
-        return self._url
 
-    async def stop(self) -> None:
-        """Answer every pending request at once, then close the socket. Idempotent."""
-        if self._phase is not _Phase.RUNNING:
-            if self._phase is _Phase.NEW:
-                self._phase = _Phase.STOPPED
-            return
-        self._phase = _Phase.STOPPING
-        assert self._loop is not None
-        self._stopped_at = self._loop.time()
+    async def _stopping(self) -> None:
         if self._schedule_task is not None:
             self._schedule_task.cancel()
             # wait() never raises: the task's CancelledError stays inside it.
             await asyncio.wait([self._schedule_task])
         self._gate.open_all()
-        for sleep in self._sleeps:
-            if not sleep.done():
-                sleep.set_result(None)
-        assert self._runner is not None
-        try:
-            await self._runner.cleanup()
-        finally:
-            self._phase = _Phase.STOPPED
-
-    async def __aenter__(self) -> TargetServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def url(self) -> str:
-        """The base URL, like ``http://127.0.0.1:54321`` (no trailing slash)."""
-        if self._url is None:
-            raise RuntimeError("the server has no URL before start(); await server.start() first")
-        return self._url
 
     # -- control ---------------------------------------------------------
 
@@ -542,7 +435,7 @@ class TargetServer:
             await self._sleep(self._stall_s)
             if self._stopping_now():
                 return _stopping()
-            return _json(200, {"ok": True, "path": path, "stalled": True})
+            return json_response(200, {"ok": True, "path": path, "stalled": True})
         fail = bool(self._fail_fraction) and rng.random() < self._fail_fraction
         service_s = self._service_s
         if self._jitter:
@@ -567,42 +460,24 @@ class TargetServer:
         served_ms = (self._loop.time() - arrived) * 1e3
         if fail:
             self._failed += 1
-            return _json(500, {"ok": False, "path": path, "error": "modelled failure"})
+            return json_response(500, {"ok": False, "path": path, "error": "modelled failure"})
         self._served += 1
         self._latencies_ms.append(served_ms)
         # The hot path: formatting by hand costs a fifth of json.dumps(dict).
         body = f'{{"ok": true, "path": {json.dumps(path)}, "served_ms": {served_ms:.3f}}}'
         return web.Response(body=body.encode(), content_type="application/json")
 
-    def _stopping_now(self) -> bool:
-        # A method, not an inline test: the phase changes across awaits.
-        return self._phase is not _Phase.RUNNING
-
-    async def _sleep(self, seconds: float) -> None:
-        """asyncio.sleep that stop() can end early."""
-        assert self._loop is not None
-        if self._stopping_now():
-            return  # stop() has begun: nothing waits any more
-        done = self._loop.create_future()
-        timer = self._loop.call_later(seconds, _resolve, done)
-        self._sleeps.add(done)
-        try:
-            await done
-        finally:
-            timer.cancel()
-            self._sleeps.discard(done)
-
     def _admin(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
         method = request.method
         if path == "/_corral/stats":
             if method != "GET":
                 return _not_allowed("GET", path)
-            return _json(200, self.stats().as_dict())
+            return json_response(200, self.stats().as_dict())
         if path == "/_corral/reset":
             if method != "POST":
                 return _not_allowed("POST", path)
             self.reset()
-            return _json(200, {"ok": True})
+            return json_response(200, {"ok": True})
         if path == "/_corral/capacity":
             if method != "POST":
                 return _not_allowed("POST", path)
@@ -613,32 +488,21 @@ class TargetServer:
                 value = 0
             if value < 1:
                 error = f"value must be an int >= 1 (the new capacity); got value={raw!r}"
-                return _json(400, {"ok": False, "error": error})
+                return json_response(400, {"ok": False, "error": error})
             self._gate.resize(value)
-            return _json(200, {"ok": True, "capacity": value})
+            return json_response(200, {"ok": True, "capacity": value})
         error = f"no admin path {path!r}; try {_ADMIN_HELP}"
-        return _json(404, {"ok": False, "error": error})
-
-
-def _resolve(done: asyncio.Future[None]) -> None:
-    if not done.done():
-        done.set_result(None)
-
-
-def _json(status: int, payload: dict[str, Any]) -> web.Response:
-    return web.Response(
-        status=status, body=json.dumps(payload).encode(), content_type="application/json"
-    )
+        return json_response(404, {"ok": False, "error": error})
 
 
 def _not_allowed(allowed: str, path: str) -> web.Response:
-    response = _json(405, {"ok": False, "error": f"{path} takes {allowed} only"})
+    response = json_response(405, {"ok": False, "error": f"{path} takes {allowed} only"})
     response.headers["Allow"] = allowed
     return response
 
 
 def _stopping() -> web.Response:
-    return _json(503, {"ok": False, "error": "server stopping"})
+    return json_response(503, {"ok": False, "error": "server stopping"})
 
 
 # --------------------------------------------------------------------------
@@ -689,13 +553,4 @@ def serve(
         port=port,
         seed=seed,
     )
-    return _serving(server)
-
-
-@asynccontextmanager
-async def _serving(server: TargetServer) -> AsyncIterator[str]:
-    url = await server.start()
-    try:
-        yield url
-    finally:
-        await server.stop()
+    return serving(server)
