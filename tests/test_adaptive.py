@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import corral
 from corral._adaptive import (
@@ -23,6 +25,7 @@ from corral._adaptive import (
     CUT_SMOOTHING,
     DROP_BACKOFF,
     GRADIENT_TARGET,
+    LATENCY_FLOOR,
     MIN_GRADIENT,
     MIN_SAMPLES,
     OVERLOAD,
@@ -436,6 +439,70 @@ def test_the_limit_stays_within_min_and_max() -> None:
     for _ in range(10):
         now = window(controller, now, 0.010)
     assert controller.in_force == 6
+
+
+_EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["success", "drop"]),
+        st.sampled_from([0.0, 0.0, 1e-6, 0.001, 0.01, 0.5]),  # the clock's step, often none
+        st.one_of(st.sampled_from([0.0, 1e-9, 0.002, 0.01, 0.1]), st.floats(0, 1e6)),
+        st.booleans(),
+    ),
+    max_size=400,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    bounds=st.tuples(st.integers(1, 50), st.integers(0, 50), st.integers(0, 2000)),
+    events=_EVENTS,
+)
+def test_any_outcomes_on_any_clock_keep_the_limit_within_min_and_max(
+    bounds: tuple[int, int, int], events: list[tuple[str, float, float, bool]]
+) -> None:
+    """Successes and drops of any latency, on a clock that may stand still: within bounds."""
+    low, up, extra = bounds
+    adaptive = Adaptive(initial=low + up, min=low, max=low + up + extra)
+    controller = Controller(adaptive)
+    now = 0.0
+    for kind, step, latency, busy in events:
+        now += step
+        if kind == "success":
+            controller.success(now, latency, busy)
+        else:
+            controller.drop(now, latency)
+        assert adaptive.min <= controller.limit <= adaptive.max
+        assert controller.in_force == int(controller.limit)
+        assert adaptive.min <= controller.in_force <= adaptive.max
+
+
+def test_with_no_samples_the_limit_stays_at_initial() -> None:
+    controller = Controller(Adaptive(initial=7, max=64))
+    for i in range(MIN_SAMPLES - 1):  # never a full window
+        controller.success(float(i), 0.01, True)
+    assert (controller.in_force, controller.baseline, controller.slow_start) == (7, None, True)
+
+
+def test_when_every_call_is_dropped_the_limit_rests_at_min() -> None:
+    controller = Controller(Adaptive(initial=64, min=2, max=64))
+    now = 0.0
+    for _ in range(200):
+        now += 0.01
+        controller.drop(now, 0.005)
+    assert controller.in_force == 2
+    assert not controller.slow_start
+
+
+def test_a_clock_that_stands_still_neither_fails_nor_leaves_the_bounds() -> None:
+    """Latency 0 at one instant: the floor latency; growth up to max, drops down to min."""
+    controller = Controller(Adaptive(initial=4, min=2, max=40))
+    for _ in range(1000):
+        controller.success(5.0, 0.0, True)
+    assert controller.baseline == LATENCY_FLOOR
+    assert 4 < controller.in_force <= 40
+    for _ in range(100):
+        controller.drop(5.0, 0.0)
+    assert controller.in_force == 2
 
 
 def test_the_baseline_is_a_minimum_of_smoothed_interquartile_means() -> None:

@@ -36,6 +36,13 @@ def test_a_throttle_cuts_once_per_event_and_ends_slow_start() -> None:
     assert c.throttle(now=5.0 + HOLD) == pytest.approx(10.0 * DECREASE**2)  # a new one
 
 
+def test_a_throttle_on_a_clock_that_restarted_is_a_new_event() -> None:
+    """A Limiter used by the next event loop, whose clock starts again from 0, still cuts."""
+    c = RateController(initial=10.0)
+    c.throttle(now=100.0)  # on the first loop
+    assert c.throttle(now=0.5) == pytest.approx(10.0 * DECREASE**2)  # the next loop's clock
+
+
 def test_additive_increase_regains_the_cut_in_a_bounded_time() -> None:
     """After a cut, `rate` successes per second add INCREASE x the cut level per second."""
     c = RateController(initial=100.0)

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import calendar
+import math
 from typing import Any
 
 import httpx
 import multidict
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import corral
 from _limiting import now, starts
 from corral import Rate
-from corral._headers import parse_duration, parse_reset, read_rate_headers
+from corral._headers import (
+    MAX_RESET,
+    RateHeader,
+    parse_duration,
+    parse_reset,
+    read_rate_headers,
+    read_rate_limits,
+    refill_wait,
+)
+from corral._limits import MAX_COOLDOWN, RAMP_MAX
 
 NOW = calendar.timegm((2026, 12, 3, 7, 48, 0))
 
@@ -192,3 +204,112 @@ async def test_a_429s_headers_clamp_the_shared_limiter_in_a_map() -> None:
     )
     assert isinstance(results[0], Throttled)
     assert starts[1] == pytest.approx(4.0)
+
+
+# -- garbage from a server: never an error, never a negative or absurd wait -------------
+
+
+def test_a_reset_further_than_a_day_is_unreadable() -> None:
+    """No provider's budget refills over more than a day: such a reset is garbage."""
+    assert parse_reset("23h59m", now=NOW) == 86_340.0
+    assert parse_reset("24h", now=NOW) == MAX_RESET == 86_400.0
+    assert parse_reset("24h0m1s", now=NOW) is None
+    assert parse_reset("99999999999999999999h", now=NOW) is None
+    assert parse_reset("9" * 300 + "h", now=NOW) is None
+    assert parse_reset("2026-12-04T07:48:00Z", now=NOW) == pytest.approx(86_400.0)
+    assert parse_reset("9999-12-31T23:59:59Z", now=NOW) is None
+    assert read_rate_limits(
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "876000h"}
+    ) == [RateHeader("requests", 0.0, None, None)]
+
+
+def test_a_remaining_too_large_to_be_a_number_is_ignored() -> None:
+    assert read_rate_limits({"x-ratelimit-remaining-requests": "9" * 400}) == []
+    assert read_rate_limits({"x-ratelimit-limit-requests": "9" * 400}) == []
+
+
+@pytest.mark.virtual_time
+async def test_a_limit_only_limiter_cools_down_no_longer_than_a_retry_after_would() -> None:
+    """A day-long reset with nothing left: a cooldown of MAX_COOLDOWN, like a Retry-After."""
+    limiter = corral.Limiter(limit=4)
+    limiter.sync_headers(
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "23h"}
+    )
+    assert limiter.cooling_down
+    assert limiter._cool_span == MAX_COOLDOWN == 120.0
+    await limiter.acquire()
+    assert MAX_COOLDOWN <= now() <= MAX_COOLDOWN + RAMP_MAX * 1.5
+    limiter.release()
+
+
+_HEADER_TEXT = st.one_of(
+    st.text(),
+    st.text(alphabet="0123456789.:-+TZhmsuµn e"),
+    st.from_regex(r"[0-9]{1,400}(\.[0-9]{0,5})?(h|m|s|ms)?", fullmatch=True),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(remaining=_HEADER_TEXT, reset=_HEADER_TEXT, size=_HEADER_TEXT)
+def test_any_header_text_reads_as_nothing_or_a_sane_budget(
+    remaining: str, reset: str, size: str
+) -> None:
+    headers = {
+        "x-ratelimit-remaining-tokens": remaining,
+        "x-ratelimit-reset-tokens": reset,
+        "x-ratelimit-limit-tokens": size,
+        "anthropic-ratelimit-requests-remaining": remaining,
+        "anthropic-ratelimit-requests-reset": reset,
+    }
+    for header in read_rate_limits(headers, now=NOW):
+        assert 0 <= header.remaining < math.inf
+        assert header.reset is None or 0 <= header.reset <= MAX_RESET
+        assert header.limit is None or 0 < header.limit < math.inf
+        wait = refill_wait(header.remaining, header.remaining + 1, header.reset, header.limit, 0.1)
+        assert 0 <= wait <= max(MAX_RESET, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"Retry-After": "5"}, 5.0),
+        ({"retry-after": " 1.5 "}, 1.5),
+        ({"Retry-After": "0"}, 0.0),
+        ({"Retry-After": "Thu, 03 Dec 2026 07:48:30 GMT"}, 30.0),
+        ({"Retry-After": "Thu, 03 Dec 2026 07:00:00 GMT"}, 0.0),  # past: no wait
+        (  # far: what users of the wait cap (Retry.max_retry_after, MAX_COOLDOWN)
+            {"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"},
+            calendar.timegm((9999, 12, 31, 23, 59, 59)) - NOW,
+        ),
+        ({"retry-after-ms": "250", "Retry-After": "9"}, 0.25),
+        ({"retry-after-ms": "soon", "Retry-After": "9"}, 9.0),
+        ({"Retry-After": "-5"}, None),
+        ({"Retry-After": "5s"}, None),
+        ({"Retry-After": "nan"}, None),
+        ({"Retry-After": "inf"}, None),
+        ({"Retry-After": "1e3"}, None),
+        ({"Retry-After": "9" * 400}, None),
+        ({"Retry-After": "Thu, 99 Dec 2026 07:48:30 GMT"}, None),
+        ({"Retry-After": ""}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_reads_seconds_or_a_date_and_nothing_else(
+    headers: dict[str, str], seconds: float | None
+) -> None:
+    wait = corral._retry.retry_after_seconds(Throttled(headers), now=NOW)
+    assert wait == (None if seconds is None else pytest.approx(seconds))
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["-5", "nan", "inf", "9" * 400, "Fri, 31 Dec 9999 23:59:59 GMT", "garbage", "0"],
+)
+async def test_a_retry_after_from_a_server_never_fails_a_limiter_nor_pauses_it_for_long(
+    value: str,
+) -> None:
+    """Whatever the header says, record_error neither raises nor pauses beyond MAX_COOLDOWN."""
+    for limiter in (corral.Limiter(2), corral.Limiter("auto"), corral.Limiter(2, rate="auto")):
+        limiter.record_error(0.01, Throttled({"Retry-After": value}))
+        assert 0 <= limiter._cool_span <= MAX_COOLDOWN
+        assert limiter.in_flight == 0

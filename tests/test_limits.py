@@ -6,6 +6,7 @@ import asyncio
 import gc
 import itertools
 import math
+import random
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -2129,3 +2130,337 @@ async def test_record_error_refuses_a_bad_max_cooldown(max_cooldown: Any) -> Non
     )
     with pytest.raises(ValueError, match=exactly(message)):
         Limiter(3).record_error(0.01, corral.RetryAfter(1.0), max_cooldown=max_cooldown)
+
+
+# -- Limiter: bounded bookkeeping, keys, loops and threads --------------------------------
+
+
+async def test_callers_leaving_the_line_behind_a_live_waiter_leave_nothing_behind() -> None:
+    """Timeouts queued behind a waiter that waits on: the line does not keep their futures."""
+    limiter = Limiter(1)
+    await limiter.acquire()
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        async with limiter:
+            order.append(name)
+
+    first = asyncio.create_task(take("first"))
+    await asyncio.sleep(0)  # in line, and stays there
+    for _ in range(1000):
+        quitter = asyncio.create_task(limiter.acquire())
+        await asyncio.sleep(0)  # in line...
+        quitter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await quitter  # ... and gone
+    last = asyncio.create_task(take("last"))
+    await asyncio.sleep(0)
+    assert limiter.waiting == 2
+    assert len(limiter._waiters) < 50  # not one future per caller that ever gave up
+    limiter.release()
+    await asyncio.gather(first, last)
+    assert order == ["first", "last"]
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+def _explode(item: object) -> str:
+    raise KeyError("host")
+
+
+async def test_a_key_function_that_raises_names_the_item() -> None:
+    """The key function's own error, with a note naming the item and the function."""
+    limiter = Limiter(2, key=_explode)
+    with pytest.raises(KeyError) as raised:
+        limiter.for_item({"url": "http://a"})
+    assert raised.value.__notes__ == [f"raised by key={_explode!r} for item={{'url': 'http://a'}}"]
+    results = await corral.gather(str, ["x"], limit=limiter, return_exceptions=True)
+    assert isinstance(results[0], KeyError)
+    assert results[0].__notes__[-1] == f"raised by key={_explode!r} for item='x'"
+    assert (limiter.in_flight, limiter.waiting, len(limiter._subs)) == (0, 0, 0)
+
+
+async def test_a_key_function_returning_an_unhashable_names_the_item_and_the_key() -> None:
+    def key(item: object) -> Any:
+        return [item]
+
+    limiter = Limiter(2, key=key)
+    message = (
+        f"key must return a hashable (a str, a number, a tuple...); key={key!r} "
+        "returned ['http://a'] for item='http://a'"
+    )
+    with pytest.raises(TypeError, match=exactly(message)):
+        limiter.for_item("http://a")
+    results = await corral.gather(str, ["http://a"], limit=limiter, return_exceptions=True)
+    assert isinstance(results[0], TypeError)
+    assert str(results[0]) == message
+    assert (limiter.in_flight, limiter.waiting, len(limiter._subs)) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("latency", "error"),
+    [(math.nan, ValueError), (-0.5, ValueError), (math.inf, ValueError), ("0.1", TypeError)],
+)
+async def test_record_refuses_a_latency_that_is_not_a_duration(
+    latency: Any, error: type[Exception]
+) -> None:
+    """A NaN latency used to crash the controller (int(nan)) and wedge the limit."""
+    limiter = Limiter(Adaptive(initial=8))
+    message = f"latency must be a finite number of seconds >= 0; got latency={latency!r}"
+    for _ in range(2 * MIN_SAMPLES):
+        with pytest.raises(error, match=exactly(message)):
+            limiter.record(latency)
+    for _ in range(2 * MIN_SAMPLES):
+        limiter.record(0.01)  # still learning
+    assert limiter.limit is not None
+    assert limiter.limit >= 8
+
+
+def test_acquire_nowait_after_a_loop_that_ended_in_a_cooldown() -> None:
+    """The cooldown of a finished loop does not keep acquire_nowait() refusing on the next."""
+    limiter = Limiter(2)
+
+    async def cool() -> None:
+        limiter.cooldown(60)
+
+    async def take() -> bool:
+        taken = limiter.acquire_nowait()
+        if taken:
+            limiter.release()
+        return taken
+
+    run(cool)
+    assert run(take) is True
+    assert (limiter.in_flight, limiter.waiting, limiter.cooling_down) == (0, 0, False)
+
+
+def test_limiter_refuses_a_loop_running_in_another_thread() -> None:
+    """Two loops at once (one per thread): a clear error, not slots handed across threads."""
+    import threading
+
+    limiter = Limiter(1)
+    holding = threading.Event()
+    done = threading.Event()
+
+    async def hold() -> None:
+        await limiter.acquire()
+        helper = asyncio.create_task(limiter.acquire())
+        await asyncio.sleep(0)  # waits on this loop: the Limiter serves it now
+        limiter.release()  # the slot goes to the helper, which holds it
+        await helper
+        holding.set()
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+        limiter.release()
+
+    thread = threading.Thread(target=run, args=(hold,))
+    thread.start()
+    try:
+        assert holding.wait(30)
+        message = (
+            "this Limiter is in use by an event loop running in another thread; "
+            "a Limiter can serve successive event loops, not two at once"
+        )
+
+        async def take() -> None:
+            async with asyncio.timeout(10):  # without the check: waits on the other thread
+                await limiter.acquire()
+
+        with pytest.raises(RuntimeError, match=exactly(message)):
+            run(take)
+        assert limiter.waiting == 0
+    finally:
+        done.set()
+        thread.join()
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+async def _random_line(seed: int, rate: Rate | None) -> None:
+    """Random limit changes, arrivals, releases and cancellations (queued, just handed a
+    slot, waiting for the rate, holding one), checked as they go."""
+    rng = random.Random(seed)
+    limiter = Limiter(Adaptive(initial=3, min=1, max=12), rate=rate)
+    arrived: list[int] = []
+    served: list[int] = []
+    holding: dict[int, asyncio.Event] = {}
+    tasks: dict[int, asyncio.Task[None]] = {}
+    cancelled: set[int] = set()
+
+    async def caller(n: int) -> None:
+        await limiter.acquire()
+        # Whoever arrived earlier and still wants a slot was handed one already
+        # (it has yet to resume): nobody later goes ahead of a caller in line.
+        earlier = [a for a in arrived[:n] if a not in served and a not in cancelled]
+        assert len(earlier) <= limiter.in_flight - len(holding) - 1
+        served.append(n)
+        done = holding[n] = asyncio.Event()
+        try:
+            await done.wait()
+        finally:
+            del holding[n]
+            limiter.release()
+
+    for step in range(300):
+        op = rng.random()
+        if op < 0.35:
+            n = len(arrived)
+            arrived.append(n)
+            tasks[n] = asyncio.create_task(caller(n))
+        elif op < 0.6 and holding:
+            holding[rng.choice(sorted(holding))].set()
+        elif op < 0.75:
+            limiter._set_limit(rng.randint(1, 12))
+        else:
+            live = [n for n, t in tasks.items() if not t.done()]
+            if live:
+                n = rng.choice(live)
+                cancelled.add(n)
+                tasks[n].cancel()
+        for _ in range(rng.choice([0, 1, 3])):
+            await asyncio.sleep(0)
+        if rate is not None and rng.random() < 0.3:
+            await asyncio.sleep(rng.choice([0.0005, 0.002]))  # let the rate grant some
+        if step % 7 == 0:
+            for _ in range(5):
+                await asyncio.sleep(0)
+            limit = limiter.limit
+            assert limit is not None
+            # Slots are held by the callers running, and those waiting for the rate.
+            assert limiter.in_flight - len(holding) == (limiter._gate.waiting if rate else 0)
+            if limiter._n_waiting:
+                assert limiter.in_flight >= limit  # no free slot while someone waits
+    for task in tasks.values():
+        task.cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    assert len(served) > 20
+    if rate is not None:  # each start waited for the rate in turn: in arrival order
+        assert served == sorted(served)
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_limit_changes_arrivals_and_cancellations_keep_the_line_exact(seed: int) -> None:
+    await _random_line(seed, None)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.virtual_time
+async def test_with_a_rate_too_the_line_stays_exact_and_starts_keep_arrival_order(
+    seed: int,
+) -> None:
+    await _random_line(seed, Rate(1000))
+
+
+async def test_a_map_over_many_distinct_keys_keeps_a_bounded_number_of_them() -> None:
+    """Every item its own key (think: one URL each): memory follows IDLE_KEYS, not the items."""
+    limiter = Limiter(2, key=lambda item: ("host", item))
+    most = 0
+
+    async def call(item: int) -> int:
+        nonlocal most
+        most = max(most, len(limiter._subs))
+        return item
+
+    results = await corral.gather(call, range(5000), limit=limiter, ordered=False)
+    assert sorted(results) == list(range(5000))
+    # The idle keys kept, and the keys of the calls in flight (a map's default
+    # 100 workers, each holding one item).
+    assert most <= corral._limits.IDLE_KEYS + 100
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+@pytest.mark.virtual_time
+async def test_a_caller_handed_a_slot_reaches_the_rate_before_a_later_newcomer() -> None:
+    """A raised limit hands a slot to the caller in line; a caller arriving in the same
+    instant, finding a slot free, must not take the next rate slot ahead of it."""
+    limiter = Limiter(Adaptive(initial=1, max=10), rate=Rate(10))
+    loop = asyncio.get_running_loop()
+    starts: list[tuple[str, float]] = []
+
+    async def call(name: str) -> None:
+        await limiter.acquire()
+        starts.append((name, loop.time()))
+
+    await limiter.acquire()  # holds the one slot, and the rate slot at 0
+    waiter = asyncio.create_task(call("waiter"))
+    await asyncio.sleep(0)  # in line for a slot
+    newcomer = asyncio.create_task(call("newcomer"))  # ready to run, not run yet
+    limiter._set_limit(3)  # the waiter is handed a slot; one more is free
+    await asyncio.gather(waiter, newcomer)
+    assert starts == [("waiter", pytest.approx(0.1)), ("newcomer", pytest.approx(0.2))]
+    for _ in range(3):
+        limiter.release()
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("limit", "rate"),
+    [
+        (10, Rate(10)),
+        (None, Rate(10)),
+        (10, Rate({"output_tokens": 100}, per=1.0)),  # 10 tokens a call: 10 calls/s
+        (None, [Rate({"requests": 10}, per=1.0), Rate({"requests": 1000}, per=60.0)]),
+    ],
+    ids=["capped", "rate-only", "tokens", "two-windows"],
+)
+@pytest.mark.virtual_time
+async def test_callers_waiting_for_the_rate_through_a_cooldown_start_at_the_rate_in_order(
+    limit: int | None, rate: Any
+) -> None:
+    """They used to be granted during the pause, then all start at its end at once, in
+    any order: a burst above the rate. They start after it at the rate, in arrival order."""
+    limiter = Limiter(limit=limit, rate=rate)
+    loop = asyncio.get_running_loop()
+    starts: list[tuple[int, float]] = []
+
+    async def call(n: int) -> None:
+        await limiter.acquire({"output_tokens": 10})
+        starts.append((n, loop.time()))
+        limiter.release()
+
+    tasks = [asyncio.create_task(call(n)) for n in range(6)]
+    await asyncio.sleep(0.05)  # the first started; the others wait for the rate
+    limiter.cooldown(1.0)
+    await asyncio.gather(*tasks)
+    assert [n for n, _ in starts] == list(range(6))
+    assert [t for _, t in starts] == pytest.approx([0.0, 1.05, 1.15, 1.25, 1.35, 1.45])
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+@pytest.mark.parametrize("limit", ["auto", Adaptive(initial=2)], ids=["auto", "Adaptive"])
+async def test_an_async_generator_closed_by_another_task_gives_its_slot_back(limit: Any) -> None:
+    """`async with limiter:` inside an async generator that another task closes (as the
+    loop's shutdown does): the slot used to stay taken, and aclose() raised KeyError."""
+    limiter = Limiter(limit)
+
+    async def pages() -> Any:
+        async with limiter:
+            yield 1
+            yield 2
+
+    stream = pages()
+    async for _ in stream:
+        break  # suspended inside `async with`, holding a slot
+    assert limiter.in_flight == 1
+    await asyncio.create_task(stream.aclose())  # GeneratorExit, thrown in from another task
+    assert limiter.in_flight == 0
+    async with limiter:  # and the limiter still times bodies
+        pass
+    assert limiter.in_flight == 0
+
+
+@pytest.mark.parametrize("seconds", [math.nan, -1.0, math.inf])
+async def test_a_nonsense_wait_on_a_failure_neither_raises_nor_keeps_the_slot(
+    seconds: float,
+) -> None:
+    """A RetryAfter whose seconds were changed after it was made: no error from the
+    limiter, no pause beyond MAX_COOLDOWN, and the slot is given back."""
+    error = corral.RetryAfter(1.0)
+    error.seconds = seconds
+    for limiter in (Limiter(2), Limiter("auto")):
+        with pytest.raises(corral.RetryAfter):
+            async with limiter:
+                raise error
+        assert limiter.in_flight == 0
+        assert 0 <= limiter._cool_span <= corral._limits.MAX_COOLDOWN
+        limiter.record_error(0.01, error, max_cooldown=math.inf)
+        assert 0 <= limiter._cool_span <= corral._limits.MAX_COOLDOWN

@@ -91,6 +91,18 @@ def test_the_window_slides() -> None:
     assert state.counts(1000.0) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("window", [1e-320, 1e-300, 1e-9])
+def test_a_tiny_window_slides_past_any_gap(window: float) -> None:
+    """A gap of more slots than a float counts to (1 s over 1e-321 s slots) empties the window."""
+    state = RetryBudgetState(RetryBudget(ratio=1.0, floor=0, window=window))
+    state.success(0.0)
+    assert state.counts(0.0) == (1, 0, 0)
+    state.success(1.0)
+    assert state.counts(1.0) == (1, 0, 0)
+    assert not state.try_retry(ERROR, 2.0)
+    assert state.counts(3.0) == (0, 0, 0)
+
+
 # -- in a map, on virtual time ------------------------------------------------------------
 
 

@@ -132,9 +132,10 @@ controller is tested on made-up clocks, exactly.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
+
+from ._numbers import is_integral
 
 __all__ = [
     "CHECKED_CUT",
@@ -227,10 +228,6 @@ def _interquartile_mean(samples: list[float]) -> float:
     return sum(middle) / len(middle)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True, slots=True)
 class Adaptive:
     """A concurrency limit that adapts to the service, within ``[min, max]``.
@@ -282,7 +279,7 @@ class Adaptive:
                 f"Adaptive {name} must be an int >= 1, like "
                 f"corral.Adaptive(initial=4, min=1, max=1000); got {name}={value!r}"
             )
-            if not _is_int(value):
+            if not is_integral(value):
                 raise TypeError(message)
             if value < 1:
                 raise ValueError(message)

@@ -93,7 +93,9 @@ class RateController:
 
     def throttle(self, now: float) -> float:
         """The service throttled a call at ``now``: cut the rate (once per event)."""
-        if now - self._cut_at < HOLD:
+        # A time before the last cut is another event loop's clock (a Limiter
+        # serves successive loops): a new event, not the same one.
+        if 0 <= now - self._cut_at < HOLD:
             return self.rate
         self._cut_at = now
         self._cut_level = self.rate

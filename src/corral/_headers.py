@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 __all__ = [
+    "MAX_RESET",
     "RateHeader",
     "parse_duration",
     "parse_reset",
@@ -66,6 +67,11 @@ for _dimension, _stem in _STEMS:
         _KNOWN[f"x-ratelimit-{_field}-{_stem}"] = (_dimension, _field)
         _KNOWN[f"anthropic-ratelimit-{_stem}-{_field}"] = (_dimension, _field)
 del _dimension, _stem, _field
+
+#: The furthest reset believed, in seconds: a day, the longest window providers
+#: report (requests per day). A reset further away is garbage (or a clock far
+#: off) and reads as unreadable: it must not pause calls for years.
+MAX_RESET = 86_400.0
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(h|ms|m|s|us|µs|ns)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -92,17 +98,18 @@ def parse_duration(text: str) -> float | None:
 
 def parse_reset(text: str, *, now: float | None = None) -> float | None:
     """Seconds until a reset given as a duration or an RFC 3339 time (0 if past); None if
-    unreadable. ``now`` is the wall-clock time (``time.time()`` when None)."""
+    unreadable or further than :data:`MAX_RESET`. ``now`` is the wall-clock time
+    (``time.time()`` when None)."""
     seconds = parse_duration(text)
-    if seconds is not None:
-        return seconds
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    if seconds is None:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return seconds if seconds <= MAX_RESET else None
 
 
 class RateHeader(NamedTuple):
@@ -122,8 +129,9 @@ def read_rate_limits(headers: Any, *, now: float | None = None) -> list[RateHead
 
     ``headers`` is any mapping with ``items()`` (dict, aiohttp ``CIMultiDict``,
     httpx ``Headers``), matched case-insensitively. A dimension appears only
-    when its *remaining* header parses (a number >= 0); its reset and limit
-    are None when missing or unreadable (a limit must be > 0). Anything that
+    when its *remaining* header parses (a finite number >= 0); its reset and
+    limit are None when missing or unreadable (a reset must be at most
+    :data:`MAX_RESET` away, a limit finite and > 0). Anything that
     is not a mapping gives an empty list. ``now`` is the wall-clock time for
     RFC 3339 resets (``time.time()`` when None).
     """
@@ -147,9 +155,11 @@ def read_rate_limits(headers: Any, *, now: float | None = None) -> list[RateHead
         if not _NUMBER.fullmatch(text):
             continue
         number = float(text)
+        if not math.isfinite(number):  # 400 digits: garbage, not a budget
+            continue
         if field == "remaining":
             slot[0] = number
-        elif number > 0 and math.isfinite(number):
+        elif number > 0:
             slot[2] = number
     return [
         RateHeader(dimension, remaining, reset, limit)

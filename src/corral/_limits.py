@@ -27,7 +27,8 @@ from types import TracebackType
 from typing import Any, NoReturn, TypeAlias
 
 from ._adaptive import Adaptive, Controller, Outcome
-from ._rate import Rate, RateLike, _is_int, _is_real, as_rates, gate_for
+from ._numbers import check_arity, is_finite, is_integral, is_real
+from ._rate import Rate, RateLike, as_rates, gate_for
 from ._usage import _AttemptCost, _checked
 from ._weighted import WeightedGate
 
@@ -55,7 +56,9 @@ __all__ = ["Adaptive", "Limiter", "outcome_of"]
 # adaptive cut, a cooldown): running calls finish, nothing new starts until
 # in_flight is below it. (`_n_waiting` may still count a waiter whose future
 # was just cancelled, until its task runs its withdrawal; it is bookkeeping,
-# not the gate.)
+# not the gate.) With a rate, a newcomer taking a free slot while callers
+# handed one have yet to resume (`_granted`) yields once first, so that they
+# reach the rate before it: starts stay in arrival order.
 # ---------------------------------------------------------------------------
 
 #: After a cooldown, the open slots ramp from 0 back to the limit over this
@@ -133,11 +136,20 @@ def _as_limit(limit: object) -> tuple[int | None, Adaptive | None]:
         adaptive = Adaptive()
         return adaptive.initial, adaptive
     message = _LIMIT_MESSAGE.format(limit)
-    if not _is_int(limit):
+    if not is_integral(limit):
         raise TypeError(message)
     if limit < 1:
         raise ValueError(message)
     return int(limit), None
+
+
+def _unhashable(key_fn: object, key: object, item: object) -> TypeError:
+    import reprlib
+
+    return TypeError(
+        f"key must return a hashable (a str, a number, a tuple...); key={key_fn!r} "
+        f"returned {reprlib.repr(key)} for item={reprlib.repr(item)}"
+    )
 
 
 class Limiter:
@@ -199,7 +211,11 @@ class Limiter:
     takes nothing with it. A ``Limiter`` may be created at import time,
     outside any event loop, and used from successive ``asyncio.run`` calls,
     but not from two event loops at once (a cooldown does not carry over to
-    the next loop); like asyncio's own primitives it is not thread-safe.
+    the next loop); like asyncio's own primitives it is not thread-safe. A
+    caller that has to wait while the Limiter serves a loop still running
+    in another thread (or one with callers waiting) gets a ``RuntimeError``.
+    A key function's own error reaches the caller with a note naming the
+    item; a key that is not hashable is a ``TypeError`` naming both.
 
     Args:
         limit: The most calls in flight at once: an int >= 1, ``"auto"``
@@ -237,6 +253,7 @@ class Limiter:
         "_cool_until",
         "_entered",
         "_gate",
+        "_granted",
         "_in_flight",
         "_key",
         "_limit",
@@ -282,6 +299,10 @@ class Limiter:
                 "key must be a function of the item returning a hashable, like "
                 f"key=lambda url: urlsplit(url).hostname; got key={key!r}"
             )
+        if key is not None:
+            # Its result is used as it is: an async key would make every
+            # item's key a new coroutine, one key per call.
+            check_arity("key", key, 1, "the item", plain=True)
         self._limit = first
         # Open slots now (see the invariants above); a per-key Limiter has none
         # of its own, so its acquire() always takes the slow path, which refuses.
@@ -302,6 +323,7 @@ class Limiter:
         self._retry_budgets: dict[Any, Any] | None = None
         self._in_flight = 0
         self._n_waiting = 0  # callers in line for a slot (not yet handed one)
+        self._granted = 0  # callers handed a slot that have not resumed yet
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         # Cooldown: nobody starts before _cool_until (loop time); then a ramp
@@ -441,6 +463,8 @@ class Limiter:
         cap = self._cap
         if cap is None or self._in_flight < cap:
             self._in_flight += 1  # a free slot: nobody live is waiting (see the invariants)
+            if self._granted and self._gate is not None:
+                await self._let_grantees_go_first()
         else:
             await self._wait_for_slot()
             # The slot may have been handed over just before a cooldown began
@@ -458,6 +482,20 @@ class Limiter:
             if not granted:
                 # A cooldown may have begun while this caller waited for the rate.
                 await self._sit_out_cooldown()
+
+    async def _let_grantees_go_first(self) -> None:
+        """Yield once, holding the slot taken: callers handed a slot earlier reach the rate first.
+
+        A raised limit (or a ramp step) hands slots to the callers in line and
+        may leave more free; a newcomer taking one in the same instant would
+        otherwise book the next rate slot before they resume. Their wake-ups
+        were scheduled before this caller's, so one yield lets them go first.
+        """
+        try:
+            await asyncio.sleep(0)
+        except BaseException:
+            self.release()
+            raise
 
     async def _sit_out_cooldown(self) -> None:
         """Hold the slot taken until the cooldown in force (if any) ends: no call starts in one.
@@ -482,7 +520,18 @@ class Limiter:
             self._refuse_keyed("acquire_nowait()")
         cap = self._cap
         if cap is not None and self._in_flight >= cap:
-            return False  # every open slot taken (and then callers may be in line)
+            # Every open slot taken (and then callers may be in line); unless
+            # the cap is a finished loop's cooldown.
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop: nothing to rebind to
+                return False
+            if loop is self._loop:
+                return False
+            self._rebind(loop)
+            cap = self._cap
+            if cap is not None and self._in_flight >= cap:
+                return False
         if self._gate is not None and not self._gate.wait_nowait():
             return False
         self._in_flight += 1
@@ -511,6 +560,7 @@ class Limiter:
                     fut = waiters.popleft()
                     if not fut.done():  # skip callers cancelled in line
                         self._n_waiting -= 1
+                        self._granted += 1
                         fut.set_result(None)  # the slot changes hands: in_flight stays
                         return
         self._in_flight -= 1
@@ -539,7 +589,11 @@ class Limiter:
         tb: TracebackType | None,
     ) -> None:
         if exc is not None:
-            self.record_error(0.0, exc)  # a 429/503 with Retry-After, or RetryAfter: cool down
+            try:
+                self.record_error(0.0, exc)  # a 429/503 with Retry-After, or RetryAfter: cool down
+            finally:
+                self.release()
+            return
         self.release()
 
     # -- weighted rates and provider headers ----------------------------------
@@ -594,8 +648,8 @@ class Limiter:
         refills slower than the rate allows (a rate set above the real
         limit), starts then follow the server's pace until it reports its
         bucket half full again. Without a rate, a server with no requests
-        left puts the Limiter in a :meth:`cooldown` for that wait. Needs a
-        running event loop.
+        left puts the Limiter in a :meth:`cooldown` for that wait, of at most
+        :data:`MAX_COOLDOWN`, as for a Retry-After. Needs a running event loop.
         """
         from ._headers import read_rate_limits, refill_wait
 
@@ -606,7 +660,9 @@ class Limiter:
             if gate is not None:
                 gate.clamp(dimension, remaining, reset, size)
             elif dimension == "requests" and remaining < 1 and reset:
-                self.cooldown(refill_wait(remaining, 1.0, reset, size, 0.0))
+                # No longer than a Retry-After would pause it (see MAX_COOLDOWN).
+                wait = refill_wait(remaining, 1.0, reset, size, 0.0)
+                self.cooldown(wait if wait < MAX_COOLDOWN else MAX_COOLDOWN)
 
     def retry_budget(self, budget: Any) -> Any:
         """The retry budget state the maps retrying through this Limiter share.
@@ -636,8 +692,10 @@ class Limiter:
         ``corral.map`` call it for you.
 
         Raises:
-            ValueError: an unknown ``outcome``.
-            TypeError: on a per-key Limiter (record on ``for_item(item)``).
+            ValueError: an unknown ``outcome``, or (on an adaptive limit) a
+                ``latency`` that is negative, NaN or infinite.
+            TypeError: on a per-key Limiter (record on ``for_item(item)``),
+                or (on an adaptive limit) a ``latency`` that is not a number.
         """
         controller = self._controller
         if controller is None:
@@ -646,6 +704,10 @@ class Limiter:
             if self._auto_gate is not None and outcome == "success":
                 self._auto_gate.success()
             return
+        if not (type(latency) is float or is_real(latency)) or not 0 <= latency < math.inf:
+            # A NaN would poison the window's latency (and int(nan) the limit).
+            message = f"latency must be a finite number of seconds >= 0; got latency={latency!r}"
+            raise ValueError(message) if is_real(latency) else TypeError(message)
         now = asyncio.get_running_loop().time()
         if outcome == "success":
             self.record_success(latency, now)
@@ -704,7 +766,7 @@ class Limiter:
 
             seconds = retry_after_seconds(error)
             if seconds:
-                if not (_is_real(max_cooldown) and max_cooldown >= 0):
+                if not (is_real(max_cooldown) and max_cooldown >= 0):
                     raise ValueError(
                         "max_cooldown must be a number of seconds >= 0 (math.inf for no cap); "
                         f"got max_cooldown={max_cooldown!r}"
@@ -714,7 +776,7 @@ class Limiter:
                 # through it, and the Limiter's other users must not either.
                 if seconds > max_cooldown:
                     seconds = max_cooldown
-                if seconds:
+                if 0 < seconds < math.inf:  # not a NaN, a negative or an endless wait
                     self.cooldown(seconds)
         if self._auto_gate is not None:
             self._auto_gate.feedback(error, asyncio.get_running_loop().time())
@@ -731,14 +793,17 @@ class Limiter:
         (calls already running go on), then reopens its slots over a ramp of
         ``RAMP_FRACTION`` of the wait (at most ``RAMP_MAX`` seconds), in steps
         at jittered times, so clients that paused together do not return
-        together. A second cooldown ending later extends the first; one ending
-        earlier changes nothing. On a per-key Limiter, every key pauses
-        (keys first seen during the pause, too). Needs a running event loop.
+        together. With a rate, the rate grants nothing during the pause
+        either: callers that were waiting for it start after it, at the rate's
+        pace and in arrival order. A second cooldown ending later extends the
+        first; one ending earlier changes nothing. On a per-key Limiter, every
+        key pauses (keys first seen during the pause, too). Needs a running
+        event loop.
 
         Raises:
             ValueError: ``seconds`` is negative, NaN or infinite.
         """
-        if not (_is_real(seconds) and math.isfinite(seconds) and seconds >= 0):
+        if not (is_real(seconds) and is_finite(seconds) and seconds >= 0):
             raise ValueError(
                 f"cooldown seconds must be a finite number >= 0; got seconds={seconds!r}"
             )
@@ -759,6 +824,28 @@ class Limiter:
         self._ramp = None
         self._cap = 0
         self._timer = loop.call_at(end, self._ramp_step)
+        if self._gate is not None:
+            self._hold_the_rate(seconds)
+
+    def _hold_the_rate(self, seconds: float) -> None:
+        """Grant no rate slot for ``seconds``: as a server with nothing left for that long.
+
+        Callers holding a slot and waiting for the rate would otherwise be
+        granted during a cooldown, sit it out, and all start at its end at
+        once (a burst above the rate, in any order). Held back, they start
+        after it at the rate's pace, in arrival order. One dimension is
+        enough: a start waits for every one.
+        """
+        gate = self._gate
+        assert gate is not None
+        if gate.clamp("requests", 0.0, seconds, None):
+            return
+        spec = self._rate_spec  # a weighted rate without a request dimension
+        for rate in spec if isinstance(spec, tuple) else (spec,):
+            if isinstance(rate, Rate):
+                for dimension in rate.limits:
+                    if gate.clamp(dimension, 0.0, seconds, None):
+                        return
 
     def _ramp_step(self) -> None:
         """End the cooldown, or take the next step of the ramp: open slots, hand them over.
@@ -810,9 +897,18 @@ class Limiter:
         key_fn = self._key
         if key_fn is None:
             return self
-        key = key_fn(item)
+        try:
+            key = key_fn(item)
+        except Exception as exc:
+            import reprlib
+
+            exc.add_note(f"raised by key={key_fn!r} for item={reprlib.repr(item)}")
+            raise
         subs = self._subs
-        sub = subs.pop(key, None)
+        try:
+            sub = subs.pop(key, None)
+        except TypeError:
+            raise _unhashable(key_fn, key, item) from None
         if sub is None:
             sub = Limiter(self._limit_spec, rate=self._rate_spec)
             if len(subs) >= IDLE_KEYS:
@@ -822,7 +918,10 @@ class Limiter:
                 remaining = self._cool_until - loop.time()
                 if loop is self._loop and remaining > 0:
                     sub.cooldown(remaining)
-        subs[key] = sub  # most recently used last
+        try:
+            subs[key] = sub  # most recently used last
+        except TypeError:  # pop() from an empty dict hashes nothing
+            raise _unhashable(key_fn, key, item) from None
         return sub
 
     def _evict(self) -> None:
@@ -871,6 +970,7 @@ class Limiter:
             fut = waiters.popleft()
             if not fut.done():
                 self._n_waiting -= 1
+                self._granted += 1
                 self._in_flight += 1
                 fut.set_result(None)
 
@@ -891,23 +991,42 @@ class Limiter:
             await fut
         except asyncio.CancelledError:
             if fut.cancelled():  # still in line: leave it; release() skips its future
-                self._n_waiting -= 1
-                if not self._n_waiting:
-                    self._waiters.clear()  # only cancelled futures are left
+                n_waiting = self._n_waiting = self._n_waiting - 1
+                waiters = self._waiters
+                if not n_waiting:
+                    waiters.clear()  # only cancelled futures are left
+                elif len(waiters) > 2 * n_waiting + 16:
+                    # Mostly futures of callers who gave up, kept alive behind
+                    # one who waits on: drop them (amortised O(1) per caller),
+                    # or a line that never empties grows without end.
+                    self._waiters = deque(f for f in waiters if not f.done())
             else:  # handed a slot, cancelled before resuming: pass it on
+                self._resumed()
                 self.release()
             raise
+        self._resumed()
+
+    def _resumed(self) -> None:
+        """A caller handed a slot has resumed (a new loop may have forgotten it: see _rebind)."""
+        if self._granted:
+            self._granted -= 1
 
     def _rebind(self, loop: asyncio.AbstractEventLoop) -> None:
         """First use on ``loop``: forget a closed loop's waiters and cooldown; keep slots taken."""
         old = self._loop
-        if old is not None and self._n_waiting and not old.is_closed():
-            raise RuntimeError(
-                "this Limiter has tasks waiting on another event loop that is still open; "
-                "a Limiter can serve successive event loops, not two at once"
-            )
+        if old is not None and not old.is_closed():
+            if old.is_running():  # another loop runs now: in another thread
+                raise RuntimeError(
+                    "this Limiter is in use by an event loop running in another thread; "
+                    "a Limiter can serve successive event loops, not two at once"
+                )
+            if self._n_waiting:
+                raise RuntimeError(
+                    "this Limiter has tasks waiting on another event loop that is still open; "
+                    "a Limiter can serve successive event loops, not two at once"
+                )
         self._waiters.clear()
-        self._n_waiting = 0
+        self._n_waiting = self._granted = 0
         self._loop = loop
         # The old loop's clock and timer mean nothing here: the cooldown ends.
         if self._timer is not None:
@@ -936,16 +1055,28 @@ class _TimedLimiter(Limiter):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task = asyncio.current_task()
-        starts = self._entered[task]
-        latency = asyncio.get_running_loop().time() - starts.pop()
-        if not starts:
-            del self._entered[task]
-        if exc is None:
-            self.record(latency)
-        else:
-            self.record_error(latency, exc)
-        self.release()
+        try:
+            task = asyncio.current_task()
+            entered = self._entered
+            starts = entered.get(task)
+            if starts:
+                latency = asyncio.get_running_loop().time() - starts.pop()
+                if not starts:
+                    del entered[task]
+                if exc is None:
+                    self.record(latency)
+                else:
+                    self.record_error(latency, exc)
+            else:
+                # Entered in another task: an async generator closed from
+                # elsewhere (as a loop's shutdown closes them). No time to go
+                # by; forget what tasks that have ended left behind.
+                for ended in [t for t in entered if t is None or t.done()]:
+                    del entered[ended]
+                if exc is not None:
+                    self.record_error(0.0, exc)
+        finally:
+            self.release()  # whatever recording did: never keep the slot
 
     async def _enter_timed(self) -> None:
         await self.acquire()

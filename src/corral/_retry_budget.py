@@ -158,7 +158,10 @@ class RetryBudgetState:
             self._slot_end = now + self._span
             return
         # Clear every slot that fell out of the window (all of them after a long pause).
-        steps = min(SLOTS, int((now - self._slot_end) // self._span) + 1)
+        # Compared as a float first: over a subnormal slot width the count of
+        # slots in a gap is infinite, which int() refuses.
+        gap = (now - self._slot_end) // self._span
+        steps = SLOTS if gap >= SLOTS else int(gap) + 1
         success, (throttle, error), sums = self._success, self._tries, self._sums
         slot = self._slot
         for _ in range(steps):
