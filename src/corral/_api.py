@@ -13,8 +13,6 @@ import builtins
 import concurrent.futures
 import difflib
 import inspect
-import math
-import numbers
 import os
 import random
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
@@ -36,8 +34,15 @@ from ._engine import Call, Engine, Halt, ResultStream, _Retried
 from ._errors import BudgetExhausted
 from ._limits import MAX_COOLDOWN, Limiter
 from ._monitor import DEFAULT_THRESHOLD, LoopWatch, monitor_from_env
-from ._numbers import is_finite, is_integral, is_real
-from ._offload import applies_timeout, is_async_callable, offload, thread_width
+from ._numbers import (
+    check_arity,
+    is_async_callable,
+    is_finite,
+    is_integral,
+    is_real,
+    positive_seconds,
+)
+from ._offload import applies_timeout, offload, thread_width
 from ._progress import Progress, ProgressLike, check_progress, total_of
 from ._rate import Rate, RateGate, as_rate, as_rates, gate_for
 from ._ray import RayStream, check_actors, check_address, check_setup, map_on_ray, ray_call
@@ -65,7 +70,7 @@ DEFAULT_LIMIT = 100
 # ---------------------------------------------------------------------------
 
 
-def _check_fn(fn: object, caller: str) -> None:
+def _check_fn(fn: object, caller: str, *, setup: bool = False) -> None:
     if inspect.iscoroutine(fn):
         fn.close()  # no "never awaited" warning on top of our error
         raise TypeError(
@@ -75,6 +80,12 @@ def _check_fn(fn: object, caller: str) -> None:
         )
     if not callable(fn):
         raise TypeError(f"corral.{caller}() needs a function of one item as fn; got fn={fn!r}")
+    # Else a fn of the wrong arity fails on every item, each failure (or, with
+    # return_exceptions=True, every result) a TypeError that names neither.
+    if setup:
+        check_arity("fn", fn, 2, "the item and what setup= returned")
+    else:
+        check_arity("fn", fn, 1, "the item")
 
 
 def _check_limit(limit: Any) -> Any:
@@ -92,12 +103,13 @@ def _check_limit(limit: Any) -> Any:
 def _check_timeout(timeout: object) -> float | None:
     if timeout is None:
         return None
-    if not is_real(timeout) or not is_finite(timeout) or timeout <= 0:
+    seconds = positive_seconds(timeout)
+    if seconds is None:
         raise ValueError(
             f"timeout must be a number of seconds > 0 (per attempt), or None; "
             f"got timeout={timeout!r}"
         )
-    return float(timeout)
+    return seconds
 
 
 def _check_flag(name: str, value: object) -> None:
@@ -234,6 +246,10 @@ def _with_retries(
                 wait = retry.next_wait(exc, calls, rng)
                 if wait is None:
                     raise
+            except Halt as halt:  # the map stopped before this retry: the item did start
+                if calls > 1:
+                    halt.started = True
+                raise
             retried.count += 1
             calls += 1
             await asyncio.sleep(wait)
@@ -252,6 +268,10 @@ def _with_budgeted_retries(
         while True:
             try:
                 value = await call(item)
+            except Halt as halt:  # the map stopped before this retry: the item did start
+                if calls > 1:
+                    halt.started = True
+                raise
             except Exception as exc:
                 wait = retry.next_wait(exc, calls, rng)
                 if wait is None:
@@ -370,13 +390,9 @@ def _check_monitor(monitor: object) -> float | None:
         return DEFAULT_THRESHOLD
     if monitor is False:
         return DEFAULT_THRESHOLD if monitor_from_env() else None
-    if not isinstance(monitor, bool) and isinstance(monitor, numbers.Real):
-        try:
-            seconds = float(monitor)  # a Fraction or numpy float too, as watch_loop takes
-        except OverflowError:  # an int too large for a float
-            seconds = math.inf
-        if math.isfinite(seconds) and seconds > 0:
-            return seconds
+    seconds = positive_seconds(monitor)  # a Fraction or numpy float too, as watch_loop takes
+    if seconds is not None:
+        return seconds
     raise ValueError(
         "monitor must be True, False, or a threshold in seconds > 0 (report calls that "
         f"block the event loop longer than that); got monitor={monitor!r}"
@@ -386,12 +402,13 @@ def _check_monitor(monitor: object) -> float | None:
 def _check_deadline(deadline: object) -> float | None:
     if deadline is None:
         return None
-    if not is_real(deadline) or not is_finite(deadline) or deadline <= 0:
+    seconds = positive_seconds(deadline)
+    if seconds is None:
         raise ValueError(
             f"deadline must be a number of seconds > 0 (for the whole map), or None; "
             f"got deadline={deadline!r}"
         )
-    return float(deadline)
+    return seconds
 
 
 def _check_budget(budget: object) -> dict[str, float] | None:
@@ -417,11 +434,15 @@ def _check_budget(budget: object) -> dict[str, float] | None:
 
 
 def _check_meter_fn(name: str, fn: object) -> None:
-    if fn is not None and not callable(fn):
+    if fn is None:
+        return
+    if not callable(fn):
         raise TypeError(
             f"{name} must be a function (of the item for cost=, of the result for usage=) "
             f"returning a dict of amounts per dimension, or None; got {name}={fn!r}"
         )
+    # Once per map, not per call (see _usage.Meter).
+    check_arity(name, fn, 1, "the item" if name == "cost" else "the result", plain=True)
 
 
 def _with_budget(call: Call, requests: float) -> Call:
@@ -454,7 +475,7 @@ def _engine_and_checkpoint(
     workers there apply ``limit``, ``rate``, ``timeout`` and ``retries``.
     """
     opts = _check_keywords(caller, options)
-    _check_fn(fn, caller)
+    _check_fn(fn, caller, setup=opts["setup"] is not None)
     limit = opts["limit"] = _check_limit(opts["limit"])
     rate = as_rates(opts["rate"])
     seconds = _check_timeout(opts["timeout"])
@@ -470,6 +491,8 @@ def _engine_and_checkpoint(
     _check_executor(executor, fn_is_async)
     progress = opts["progress"]
     check_progress(progress)
+    if not isinstance(progress, bool):  # a function: else it fails once, only logged
+        check_arity("progress", progress, 1, "each corral.Stats snapshot")
     threshold = _check_monitor(opts["monitor"])
     # The total is the input's len(), taken before it becomes an iterator; only
     # asked for when progress is shown (a user's __len__ may be costly).
@@ -482,6 +505,8 @@ def _engine_and_checkpoint(
         resume=opts["resume"],
         serializer=opts["serializer"],
     )
+    if opts["item_id"] is not None:  # checked callable by as_checkpoint
+        check_arity("item_id", opts["item_id"], 1, "the item", plain=True)
     # A range is kept: a checkpoint's screen slices it (see _ChunkedSource).
     source = items if type(items) is range else _as_items(items)
 
@@ -650,12 +675,12 @@ def _weighted_limiter(limiter: Limiter) -> bool:
 def _check_processes(processes: object) -> int | None:
     if processes is None:
         return None
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+    if not is_integral(processes) or processes < 1:
         raise ValueError(
             "processes must be an int >= 1 (worker processes, each with its own event "
             f"loop) or None (run in this process); got processes={processes!r}"
         )
-    return processes
+    return int(processes)  # a numpy int, as limit= takes, made a plain one
 
 
 def _sharded(
@@ -670,7 +695,7 @@ def _sharded(
     processes = _check_processes(opts["processes"])
     if processes is None:
         return None
-    _check_fn(fn, caller)
+    _check_fn(fn, caller, setup=opts["setup"] is not None)
     opts["limit"] = _check_limit(opts["limit"])
     spec = as_rates(opts["rate"])
     if isinstance(spec, tuple | str) or (spec is not None and spec.weighted):
@@ -739,7 +764,10 @@ def _on_ray(
     opts = _check_keywords(caller, options)
     if opts["backend"] != "ray":
         return None
-    _check_fn(fn, caller)
+    check_setup(opts["setup"])
+    if opts["setup"] is not None:
+        check_arity("setup", opts["setup"], 0, "no argument")
+    _check_fn(fn, caller, setup=opts["setup"] is not None)
     limit = opts["limit"] = _check_limit(opts["limit"])
     seconds = _check_timeout(opts["timeout"])
     retry = as_retry(opts["retries"])
@@ -747,7 +775,6 @@ def _on_ray(
     _check_flag("return_exceptions", opts["return_exceptions"])
     check_address(opts["ray_address"])
     actors = check_actors(opts["ray_actors"])
-    check_setup(opts["setup"])
     for name, default in _DEFAULTS.items():
         if name not in _ON_RAY and opts[name] != default:
             raise ValueError(

@@ -56,7 +56,6 @@ import enum
 import functools
 import logging
 import math
-import numbers
 import os
 import selectors
 import sys
@@ -64,6 +63,8 @@ import threading
 import traceback
 from time import monotonic
 from types import CodeType, FrameType, TracebackType
+
+from ._numbers import positive_seconds
 
 __all__ = ["BlockReport", "LagStats", "LoopWatch", "monitor_from_env", "watch_loop"]
 
@@ -340,14 +341,12 @@ class _State(enum.Enum):
 
 
 def _check_seconds(name: str, value: object, *, extra: str = "") -> float:
-    if not isinstance(value, bool) and isinstance(value, (int, float, numbers.Real)):
-        try:
-            seconds = float(value)
-        except OverflowError:  # an int too large for a float
-            seconds = math.inf
-        if math.isfinite(seconds) and seconds > 0:
-            return seconds
-    raise ValueError(f"{name} must be a finite number of seconds > 0{extra}; got {name}={value!r}")
+    seconds = positive_seconds(value)
+    if seconds is None:
+        raise ValueError(
+            f"{name} must be a finite number of seconds > 0{extra}; got {name}={value!r}"
+        )
+    return seconds
 
 
 #: Seconds the loop may be stuck before a call is reported (``monitor=True``).

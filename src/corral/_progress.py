@@ -68,7 +68,7 @@ from collections import deque
 from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._offload import is_async_callable
+from ._numbers import is_async_callable
 from ._stats import Stats
 
 if TYPE_CHECKING:

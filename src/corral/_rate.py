@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import numbers
 import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias, TypeGuard
+from typing import Any, Literal, TypeAlias
 
-from ._numbers import is_finite
+from ._numbers import check_finite, is_integral, to_float
 from ._weighted import Cell, WeightedGate
 
 __all__ = [
@@ -69,16 +68,6 @@ _UNIT_SECONDS: dict[str, float] = {
 _RATE_FORMS = "'20/s', '600/min' or '5/100ms'"
 
 
-def _is_real(value: object) -> TypeGuard[float]:
-    """True for ints, floats and other real numbers (NumPy's too), but not for bools."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    """True for ints and other integers (NumPy's too), but not for bools."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _rate_error(value: object) -> str:
     return f"rate must be > 0, like 20, '20/s' or corral.Rate(20, per=1.0); got rate={value!r}"
 
@@ -101,36 +90,22 @@ def _check_dimensions(n: Mapping[Any, Any]) -> dict[str, float]:
             f"Rate dimension {name!r} must be a finite number > 0 (allowed per `per` "
             f"seconds); got n={dict(n)!r}"
         )
-        if not _is_real(value):
-            raise TypeError(message)
-        try:
-            ok = math.isfinite(value) and value > 0
-        except OverflowError:  # an int too large for a float: the gates count in floats
-            ok = False
-        if not ok:
-            raise ValueError(message)
-        checked[name] = value
+        # The gates count in floats: 10**400 is refused too.
+        checked[name] = check_finite(value, message)
     return checked
 
 
 def _check_positive(name: str, value: object, what: str) -> None:
     """Raise unless ``value`` is a finite real number > 0; the message names ``name``."""
     message = f"Rate {name} must be {what} > 0, like Rate(20, per=1.0); got {name}={value!r}"
-    if not _is_real(value):
-        raise TypeError(message)
-    try:
-        ok = math.isfinite(value) and value > 0
-    except OverflowError:  # an int too large for a float: the gates count in floats
-        ok = False
-    if not ok:
-        raise ValueError(message)
+    check_finite(value, message)  # the gates count in floats: 10**400 is refused too
 
 
 def _quotient(per: Any, amount: Any) -> float:
     """``per / amount`` as the float the gates compute with; inf where it overflows one."""
     try:
-        return float(per / amount)
-    except OverflowError:
+        return to_float(per / amount)  # exact for ints and Fractions, then made a float
+    except ZeroDivisionError:  # a float per over a Fraction amount that is 0.0 as a float
         return math.inf
 
 
@@ -163,10 +138,7 @@ def _check_schedule(n: float | Mapping[str, float], per: float, burst: int) -> N
                 f"like Rate(20, per=1.0); got n={n!r}, per={per!r}: per / n = {interval!r}"
             )
         what = "per / n"
-    try:
-        tolerance = (burst - 1) * interval
-    except OverflowError:
-        tolerance = math.inf
+    tolerance = to_float(burst - 1) * interval  # inf, not an OverflowError, for a huge burst
     if not math.isfinite(tolerance):
         raise ValueError(
             f"Rate (burst - 1) * {what} (the seconds starts may run ahead) must be a "
@@ -243,7 +215,7 @@ class Rate:
             "Rate burst must be an int >= 1, the starts allowed back to back, "
             f"like Rate(20, per=1.0, burst=5); got burst={burst!r}"
         )
-        if not _is_int(burst):
+        if not is_integral(burst):
             raise TypeError(message)
         if burst < 1:
             raise ValueError(message)
@@ -397,11 +369,10 @@ def as_rate(value: object) -> Rate | None:
         return value
     if isinstance(value, str):
         return Rate.parse(value)
-    if not _is_real(value):
-        raise TypeError(_rate_error(value))
-    if not (is_finite(value) and value > 0):
+    n = float(check_finite(value, _rate_error(value)))
+    if n == 0.0:  # a Fraction too small for a float: the gates would see 0
         raise ValueError(_rate_error(value))
-    return Rate(float(value), per=1.0)
+    return Rate(n, per=1.0)
 
 
 def gcra_delay(tat: float, now: float, rate: Rate) -> float:

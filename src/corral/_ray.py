@@ -71,7 +71,8 @@ from typing import Any, TypeVar
 
 from ._engine import _Retried
 from ._limits import Limiter
-from ._offload import WorkerCrashed, is_async_callable, no_stop_iteration
+from ._numbers import is_async_callable, is_integral
+from ._offload import WorkerCrashed, no_stop_iteration
 from ._remote import (
     RemoteCall,
     RemoteOptions,
@@ -733,12 +734,12 @@ def check_address(address: object) -> None:
 def check_actors(actors: object) -> int | None:
     if actors is None:
         return None
-    if isinstance(actors, bool) or not isinstance(actors, int) or actors < 1:
+    if not is_integral(actors) or actors < 1:
         raise ValueError(
             "ray_actors must be an int >= 1 (Ray actors, each with its own event loop) or "
             f"None (one per CPU of the cluster); got ray_actors={actors!r}"
         )
-    return actors
+    return int(actors)  # a numpy int, as limit= takes, made a plain one
 
 
 def map_on_ray(

@@ -63,7 +63,8 @@ from ._limits import (
     RAMP_STEPS,
     Limiter,
 )
-from ._rate import Rate, RateLike, _is_real, as_rate
+from ._numbers import is_finite, is_real
+from ._rate import Rate, RateLike, as_rate
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -346,7 +347,7 @@ def _check_lease(lease: object) -> float:
         f"lease must be a number of seconds >= 0.01 and <= {MAX_LEASE:.0f} (how long a slot "
         f"stays held after its holder stops renewing it), like lease=10; got lease={lease!r}"
     )
-    if not _is_real(lease):
+    if not is_real(lease):
         raise TypeError(message)
     if not (0.01 <= lease <= MAX_LEASE):  # NaN fails both
         raise ValueError(message)
@@ -598,7 +599,7 @@ class RedisLimiter(Limiter):
                 "a Limiter shared through Redis takes an int limit (an adaptive limit is one "
                 f"process's view of the service, and is not shared); got limit={limit!r}"
             )
-        if isinstance(rate, list | tuple) or (isinstance(rate, Rate) and not _is_real(rate.n)):
+        if isinstance(rate, list | tuple) or (isinstance(rate, Rate) and not is_real(rate.n)):
             raise ValueError(
                 "a Limiter shared through Redis takes one plain rate, like '200/s' or "
                 f"corral.Rate(200, per=1.0, burst=5); got rate={rate!r}"
@@ -737,7 +738,7 @@ class RedisLimiter(Limiter):
         Raises:
             ValueError: ``seconds`` is negative, NaN or infinite.
         """
-        if not (_is_real(seconds) and math.isfinite(seconds) and seconds >= 0):
+        if not (is_real(seconds) and is_finite(seconds) and seconds >= 0):
             raise ValueError(
                 f"cooldown seconds must be a finite number >= 0; got seconds={seconds!r}"
             )

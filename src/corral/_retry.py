@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
-from typing import TypeAlias, TypeGuard
+from typing import TypeAlias
 
-from ._numbers import is_finite, is_integral, is_real
+from ._numbers import check_arity, is_finite, is_integral, is_real, to_float
 from ._retry_budget import THROTTLE, RetryBudget, as_budget
 
 #: The retry budget a :class:`Retry` has unless told otherwise.
@@ -36,11 +36,6 @@ __all__ = ["Retry", "RetryAfter", "RetryOn", "as_retry", "retry_after_seconds", 
 RetryOn: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool] | None
 )
-
-
-def _is_number(value: object) -> TypeGuard[float]:
-    # bool is an int to Python, but Retry(backoff=True) is a mistake, not a 1.
-    return is_real(value)
 
 
 class RetryAfter(Exception):
@@ -69,7 +64,7 @@ class RetryAfter(Exception):
     """
 
     def __init__(self, seconds: float) -> None:
-        if not _is_number(seconds):
+        if not is_real(seconds):  # bool is an int, but RetryAfter(True) is a mistake
             raise TypeError(
                 f"RetryAfter(seconds={seconds!r}): seconds must be a number of seconds "
                 "(int or float), like RetryAfter(2.5)"
@@ -363,30 +358,18 @@ class Retry:
             raise TypeError(f"Retry(jitter={self.jitter!r}): jitter must be True or False")
         self._check_on()
         limit = self.max_retry_after
-        if not _is_number(limit):
-            raise TypeError(
+        if not (is_real(limit) and limit >= 0):  # NaN fails too; inf is no cap
+            raise (ValueError if is_real(limit) else TypeError)(
                 f"Retry(max_retry_after={limit!r}): max_retry_after must be a number of "
                 "seconds >= 0 (math.inf for no cap)"
             )
-        if not limit >= 0:  # also rejects NaN
-            raise ValueError(
-                f"Retry(max_retry_after={limit!r}): max_retry_after must be a number of "
-                "seconds >= 0 (math.inf for no cap)"
-            )
-        try:
-            object.__setattr__(self, "max_retry_after", float(limit))
-        except OverflowError:  # an int too large for a float: no cap, as math.inf
-            object.__setattr__(self, "max_retry_after", math.inf)
+        # An int too large for a float is no cap, as math.inf is.
+        object.__setattr__(self, "max_retry_after", to_float(limit))
 
     @staticmethod
     def _check_seconds(name: str, value: object, meaning: str) -> None:
-        if not _is_number(value):
-            raise TypeError(
-                f"Retry({name}={value!r}): {name} must be a finite number of seconds >= 0 "
-                f"({meaning})"
-            )
-        if not (is_finite(value) and value >= 0):
-            raise ValueError(
+        if not (is_real(value) and is_finite(value) and value >= 0):
+            raise (ValueError if is_real(value) else TypeError)(
                 f"Retry({name}={value!r}): {name} must be a finite number of seconds >= 0 "
                 f"({meaning})"
             )
@@ -399,7 +382,13 @@ class Retry:
         elif isinstance(on, type):
             if issubclass(on, BaseException):
                 return
-        elif on is None or callable(on):
+        elif on is None:
+            return
+        elif callable(on):
+            # Once here, not at the first failure: a predicate of the wrong arity
+            # would fail then with a TypeError naming neither on= nor itself, and
+            # an async one would retry everything (a coroutine is true).
+            check_arity("on", on, 1, "the exception", plain=True)
             return
         raise TypeError(
             f"Retry(on={on!r}): on must be an exception type, a non-empty tuple of "

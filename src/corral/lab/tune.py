@@ -386,7 +386,7 @@ def load_function(text: str) -> Fn:
             f"like myapp.jobs:fetch; got {text!r}"
         )
     fn = _import_attribute(text, "TARGET")
-    from corral._offload import is_async_callable
+    from corral._numbers import is_async_callable
 
     if not is_async_callable(fn):
         raise TargetError(
