@@ -341,3 +341,81 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
+
+
+# -- values that cross between processes badly ------------------------------
+
+
+def _in_main_process() -> bool:
+    import multiprocessing
+
+    return multiprocessing.parent_process() is None
+
+
+def _load_thing(x: int) -> LoadsOnlyInWorkers:
+    if _in_main_process():
+        raise LookupError(f"a LoadsOnlyInWorkers({x}) cannot be loaded in the main process")
+    return LoadsOnlyInWorkers(x)
+
+
+class LoadsOnlyInWorkers:
+    """Pickles anywhere; unpickling it fails in the main process (the test's), not in a worker."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_load_thing, (self.x,))
+
+
+def _load_error(x: int) -> ErrorLoadsOnlyInWorkers:
+    if _in_main_process():
+        raise LookupError(f"an ErrorLoadsOnlyInWorkers({x}) cannot be loaded in the main process")
+    return ErrorLoadsOnlyInWorkers(x)
+
+
+class ErrorLoadsOnlyInWorkers(Exception):
+    """Round-trips through pickle in a worker; unpickling it fails in the main process."""
+
+    def __init__(self, x: int) -> None:
+        super().__init__(x)
+        self.x = x
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_load_error, (self.x,))
+
+
+def odd_result(arg: tuple[str, int, str]) -> object:
+    """For ``(log, x, kind)``: logs the call (a line ``x`` appended to the file ``log``), then
+    returns ``x``, or by ``kind``: ``"lambda"`` returns a result that cannot be pickled,
+    ``"unloadable"`` one the main process cannot unpickle, ``"raise-unloadable"`` raises an
+    exception the main process cannot unpickle.
+    """
+    log, x, kind = arg
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, b"%d\n" % x)
+    finally:
+        os.close(fd)
+    if kind == "lambda":
+        return lambda: x
+    if kind == "unloadable":
+        return LoadsOnlyInWorkers(x)
+    if kind == "raise-unloadable":
+        raise ErrorLoadsOnlyInWorkers(x)
+    return x
+
+
+async def async_odd_result(arg: tuple[str, int, str]) -> object:
+    """:func:`odd_result` as an async function."""
+    await asyncio.sleep(0)
+    return odd_result(arg)
+
+
+def echo(x: object) -> object:
+    return x
+
+
+async def async_echo(x: object) -> object:
+    await asyncio.sleep(0)
+    return x

@@ -30,10 +30,12 @@ from _work import (
     crash_once,
     crash_once_or_fail,
     ctrl_c,
+    echo,
     exit_on_three,
     fail_on_three,
     fail_unpicklably,
     kill_on_three,
+    odd_result,
     pid_of,
     record_pid_and_sleep,
     returns_a_lambda,
@@ -737,3 +739,122 @@ def test_threads_run_no_more_calls_than_threads_so_none_waits_under_its_timeout(
         results = run(lambda: main(None, None))  # limit=None: the map's own 4 threads
     assert results == list(range(32))  # before: calls queued for a thread timed out
     assert peak == 4
+
+
+# ---------------------------------------------------------------------------
+# Items and results that cannot cross: only their own item fails, each runs once
+# ---------------------------------------------------------------------------
+
+
+def _odd_items(log: Path, bad: dict[int, str], count: int = 40) -> list[tuple[str, int, str]]:
+    return [(str(log), x, bad.get(x, "")) for x in range(count)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["given", "process"])
+@pytest.mark.parametrize(
+    ("kind", "error", "message"),
+    [
+        ("lambda", TypeError, "cannot be sent back from the worker process: it cannot be pickled"),
+        ("unloadable", RuntimeError, "the result of fn(item) for item="),
+        ("raise-unloadable", RuntimeError, "the exception of fn(item) for item="),
+    ],
+)
+def test_a_result_that_cannot_come_back_fails_its_item_alone_in_its_chunk(
+    executor: str, kind: str, error: type[Exception], message: str, tmp_path: Path
+) -> None:
+    """Item 20 travels in a chunk of many: it alone fails, named; the others run once each."""
+    import concurrent.futures
+
+    log = tmp_path / "calls"
+    items = _odd_items(log, {20: kind})
+
+    async def main(pool: concurrent.futures.Executor | str) -> list[Any]:
+        async with asyncio.timeout(60):  # hang guard
+            return await corral.gather(odd_result, items, executor=pool, return_exceptions=True)
+
+    if executor == "given":
+        with concurrent.futures.ProcessPoolExecutor(1) as pool:
+            results = run(lambda: main(pool))
+            assert pool.submit(square, 7).result() == 49  # the pool still works
+    else:
+        results = run(lambda: main("process"))
+    assert [i for i, r in enumerate(results) if isinstance(r, BaseException)] == [20]
+    assert results[:20] + results[21:] == [x for x in range(40) if x != 20]
+    assert isinstance(results[20], error)
+    assert message in str(results[20])
+    if error is RuntimeError:
+        assert f"item={reprlib.repr(items[20])}" in str(results[20])
+    assert sorted(complete_lines(log)) == list(range(40))  # none ran twice
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_an_unpicklable_item_fails_alone_in_a_given_pool() -> None:
+    """A lambda among 40 items for a ProcessPoolExecutor: it fails, named; its chunk runs."""
+    import concurrent.futures
+
+    items: list[Any] = [(lambda: 20) if i == 20 else i for i in range(40)]
+    with concurrent.futures.ProcessPoolExecutor(1) as pool:
+        results: list[Any] = corral.run(spin, items, executor=pool, return_exceptions=True)
+    assert [i for i, r in enumerate(results) if isinstance(r, BaseException)] == [20]
+    assert results[:20] + results[21:] == [x for x in range(40) if x != 20]
+    assert isinstance(results[20], TypeError)
+    assert str(results[20]).startswith(
+        f"the item {reprlib.repr(items[20])} cannot be sent to a worker process: it cannot be "
+        "pickled (Can't pickle local object"
+    )
+
+
+@pytest.mark.slow
+def test_an_item_a_given_pool_cannot_unpickle_fails_alone_and_named(
+    ghost: types.ModuleType,
+) -> None:
+    """An item its processes cannot import, in a chunk of many: it alone fails, named."""
+    import concurrent.futures
+
+    thing = ghost.Thing()
+    items: list[Any] = [thing if i == 20 else i for i in range(40)]
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=_offload.mp_context()) as pool:
+        results: list[Any] = corral.run(spin, items, executor=pool, return_exceptions=True)
+    assert [i for i, r in enumerate(results) if isinstance(r, BaseException)] == [20]
+    assert results[:20] + results[21:] == [x for x in range(40) if x != 20]
+    assert isinstance(results[20], ModuleNotFoundError)
+    assert f"raised for item={reprlib.repr(thing)}, which" in results[20].__notes__[-1]
+
+
+@pytest.mark.slow
+def test_unpicklable_items_take_no_worker_slot_from_the_items_behind_them() -> None:
+    """Two lambdas then an int, one worker (two slots): the int still runs, nothing hangs."""
+
+    async def main() -> list[Any]:
+        pool = _offload.ProcessPool(square, 1)
+        try:
+            async with asyncio.timeout(30):  # hang guard: before, item 3 waited for ever
+                calls = (pool(item) for item in [lambda: 1, lambda: 2, 3])
+                return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await pool.close(True)
+
+    first, second, third = run(main)
+    assert isinstance(first, TypeError)
+    assert isinstance(second, TypeError)
+    assert third == 9
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["given", "process"])
+def test_results_of_every_kind_come_back_as_they_were(executor: str) -> None:
+    """Plain values travel as they are, others pickled one by one: bytes too come back intact."""
+    import concurrent.futures
+
+    values: list[Any] = [b"raw", bytearray(b"ba"), True, None, 1.5, "s", 7, (1, b"x"), {"k": [1]}]
+    values.append(signal.SIGTERM)  # an IntEnum: not a plain int
+    if executor == "given":
+        with concurrent.futures.ProcessPoolExecutor(1) as pool:
+            results = corral.run(echo, values, executor=pool)
+    else:
+        results = corral.run(echo, values, executor="process")
+    assert results == values
+    assert [type(r) for r in results] == [type(v) for v in values]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import reprlib
 import signal
 import sys
 import types
@@ -30,9 +31,11 @@ from _flaky import (
 )
 from _loops import run
 from _work import (
+    async_echo,
     async_exit_on_three,
     async_fail_on_three,
     async_flaky,
+    async_odd_result,
     async_peak,
     async_pid,
     async_record_pid_and_sleep,
@@ -41,6 +44,7 @@ from _work import (
     async_sleep_or_fail,
     async_square,
     async_start_time,
+    complete_lines,
     ctrl_c,
     square,
     worker_processes,
@@ -499,3 +503,107 @@ def test_a_result_that_cannot_be_pickled_fails_in_its_place() -> None:
         async_returns_a_lambda, range(3), processes=2, return_exceptions=True
     )
     assert all(isinstance(r, TypeError) for r in results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [("unloadable", "the result"), ("raise-unloadable", "the exception")],
+)
+def test_a_result_this_process_cannot_load_fails_its_item_alone(
+    kind: str, what: str, tmp_path: Path
+) -> None:
+    """Pickled in the child, unloadable here: that item fails, named; the others are delivered."""
+    log = str(tmp_path / "calls")
+    items = [(log, x, kind if x == 3 else "") for x in range(8)]
+
+    async def main() -> tuple[list[Any], corral.Stats]:
+        async with (
+            asyncio.timeout(60),  # hang guard
+            corral.map(async_odd_result, items, processes=2, return_exceptions=True) as out,
+        ):
+            return [r async for r in out], out.stats
+
+    results, stats = run(main)
+    assert results[:3] + results[4:] == [0, 1, 2, 4, 5, 6, 7]
+    error = results[3]
+    assert isinstance(error, RuntimeError)
+    assert str(error).startswith(
+        f"{what} of fn(item) for item={reprlib.repr((log, 3, kind))} could not be loaded in this "
+        "process: LookupError("
+    )
+    assert isinstance(error.__cause__, LookupError)
+    assert (stats.completed, stats.failed) == (7, 1)
+    assert sorted(complete_lines(tmp_path / "calls")) == list(range(8))  # each called once
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_a_result_this_process_cannot_load_is_raised_naming_its_item(tmp_path: Path) -> None:
+    """Without return_exceptions the map raises that error (not a bare unpickling error)."""
+    log = str(tmp_path / "calls")
+    items = [(log, x, "unloadable" if x == 3 else "") for x in range(6)]
+    with pytest.raises(RuntimeError, match=r"^the result of fn\(item\) for item=\(.*, 3, "):
+        corral.run(async_odd_result, items, processes=2)
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ordered", [True, False])
+def test_an_item_a_child_cannot_unpickle_fails_alone_and_named(ordered: bool) -> None:
+    """It travelled in a batch of many: the others run once each; it fails, named, in its place."""
+    module = types.ModuleType("corral_ghost_module")
+    exec("class Thing:\n    pass\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    thing = module.Thing()
+    items: list[Any] = [thing if i == 5 else i for i in range(12)]
+
+    async def main() -> list[Any]:
+        async with (
+            asyncio.timeout(60),  # hang guard
+            corral.map(
+                async_square, items, processes=2, ordered=ordered, return_exceptions=True
+            ) as out,
+        ):
+            return [r async for r in out]
+
+    try:
+        results = run(main)
+    finally:
+        del sys.modules[module.__name__]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 1
+    assert isinstance(errors[0], ModuleNotFoundError)
+    assert f"raised for item={reprlib.repr(thing)}, which" in errors[0].__notes__[-1]
+    values = [r for r in results if not isinstance(r, BaseException)]
+    expected = [x * x for x in range(12) if x != 5]
+    assert values == expected if ordered else sorted(values) == expected
+    if ordered:
+        assert results[5] is errors[0]
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hosted", [False, True], ids=["stream", "engine-in-front"])
+async def test_unpicklable_items_give_back_their_room(hosted: bool) -> None:
+    """Items that cannot be sent fill a child's room, then fail: the next items still go."""
+    items: list[Any] = [lambda: 1, lambda: 2, 3]
+    # progress= puts corral's engine in front of the processes (items handed over one by one).
+    extra: dict[str, Any] = {"progress": lambda stats: None} if hosted else {}
+    async with asyncio.timeout(60):  # hang guard: before, item 3 waited for room for ever
+        results = await corral.gather(
+            async_square, items, processes=1, limit=1, return_exceptions=True, **extra
+        )
+    assert [type(r) for r in results] == [TypeError, TypeError, int]
+    assert results[2] == 9
+    assert worker_processes() == set()
+
+
+@pytest.mark.slow
+def test_results_of_every_kind_come_back_as_they_were() -> None:
+    """Plain values travel as they are, others pickled one by one: bytes too come back intact."""
+    values: list[Any] = [b"raw", bytearray(b"ba"), True, None, 1.5, "s", 7, (1, b"x"), {"k": [1]}]
+    values.append(signal.SIGTERM)  # an IntEnum: not a plain int
+    results = corral.run(async_echo, values, processes=2)
+    assert results == values
+    assert [type(r) for r in results] == [type(v) for v in values]

@@ -38,6 +38,24 @@ Nothing is lost or duplicated: a result is handed to its caller at most once
 (a re-run only happens for an item whose result never arrived), and every
 item ends with a result or an exception.
 
+Items and results that cannot cross
+-----------------------------------
+One value that cannot make the trip fails its own item, named, never its
+chunk nor the map, and no item runs twice for it:
+
+- an item that cannot be pickled fails with ``TypeError`` before it is sent;
+- a chunk a worker cannot unpickle (an item of a class it cannot import) ran
+  nowhere: its items are sent again one per chunk, and the culprit fails;
+- a result or exception that cannot be pickled becomes a ``TypeError``;
+- results and exceptions of other types than ``int``, ``float``, ``str``,
+  ``bool`` and ``None`` are pickled one by one (:func:`pack_outcome`) and
+  loaded one by one here, so one this process cannot load fails its item
+  with a ``RuntimeError`` naming it, and the others of its chunk arrive.
+
+The same holds for a given ``ProcessPoolExecutor`` (corral pickles the items
+and results itself, so the pool never meets a value it cannot carry) and for
+``processes=N``.
+
 Chunks, sized by measurement
 ----------------------------
 One message to a worker and back costs a few hundred microseconds of pickling,
@@ -179,14 +197,6 @@ def describe_exit(exitcode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-exitcode}"
     return f"exit code {exitcode}"
-
-
-def is_async_callable(fn: object) -> bool:
-    """True for ``async def`` functions, partials of them and objects with an async ``__call__``."""
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(type(fn), "__call__", None)  # noqa: B004 - we want the class attribute
-    return call is not None and inspect.iscoroutinefunction(call)
 
 
 def offload(
@@ -426,7 +436,7 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytearray | None:
     return buffer
 
 
-def _undecodable(exc: Exception) -> RuntimeError:
+def undecodable(exc: Exception) -> RuntimeError:
     error = RuntimeError(
         f"a message between corral's processes could not be unpickled: {exc!r} (a value "
         "of a type the receiving process cannot import?)"
@@ -468,7 +478,7 @@ class Link(asyncio.Protocol):
             except Exception as exc:
                 # E.g. an exception whose class this process cannot import. The
                 # stream itself is intact: say so in place of the message.
-                message = ("undecodable", _undecodable(exc))
+                message = ("undecodable", undecodable(exc))
             del buffer[:end]  # cheap: a bytearray drops its head in O(1)
             self._on_message(message)
 
@@ -570,16 +580,52 @@ def portable(exc: BaseException) -> BaseException:
     return exc
 
 
-def picklable_value(value: object) -> object:
-    """``value``, or a TypeError saying why it cannot travel back to the parent."""
+#: Values of these exact types travel as they are: unpickling them cannot fail.
+PLAIN_TYPES = frozenset({int, float, str, bool, type(None)})
+
+
+def pack_outcome(ok: bool, value: object) -> tuple[bool, object]:
+    """An item's outcome, ready to travel back: plain values as they are, others pickled alone.
+
+    The receiver unpickles a value pickled alone on its own (see
+    :func:`unpack_outcome`), so one it cannot load (a class it cannot import,
+    a ``__reduce__`` that fails on load) fails its item only, not every
+    outcome of the message. ``bytes`` never travel as they are: a bytes value
+    in an outcome is always such a pickle. A value that cannot be pickled
+    becomes a TypeError saying so.
+    """
+    if type(value) in PLAIN_TYPES:
+        return ok, value
     try:
-        pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        return ok, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        return TypeError(
-            f"the result {reprlib.repr(value)} cannot be sent back from the worker "
+        what = "result" if ok else "exception"
+        error = TypeError(
+            f"the {what} {reprlib.repr(value)} cannot be sent back from the worker "
             f"process: it cannot be pickled ({exc})"
         )
-    return value
+        return False, pickle.dumps(error, pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_outcome(ok: bool, value: object, item: object) -> tuple[bool, object]:
+    """The outcome :func:`pack_outcome` made for ``item``, loaded here.
+
+    One that cannot be loaded fails its item with a RuntimeError naming it
+    (its cause: the unpickling error).
+    """
+    if type(value) is not bytes:
+        return ok, value
+    try:
+        return ok, pickle.loads(value)
+    except Exception as exc:
+        what = "result" if ok else "exception"
+        error = RuntimeError(
+            f"the {what} of fn(item) for item={reprlib.repr(item)} could not be loaded in "
+            f"this process: {exc!r}. It was pickled in the worker process; is its type "
+            "importable here, and does it unpickle outside the worker?"
+        )
+        error.__cause__ = exc
+        return False, error
 
 
 # ---------------------------------------------------------------------------
@@ -608,18 +654,16 @@ def _run_chunk(
     return out, None
 
 
-def _results_payload(
+def _results_message(
     out: list[tuple[bool, Any]], elapsed: float, escaped: BaseException | None
 ) -> bytes:
-    try:
-        return pickle.dumps(("done", out, elapsed, escaped), pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        # Some result cannot be pickled: find it, and send an error in its place.
-        safe = []
-        for ok, value in out:
-            checked = picklable_value(value)
-            safe.append((ok and checked is value, checked))
-        return pickle.dumps(("done", safe, elapsed, escaped), pickle.HIGHEST_PROTOCOL)
+    """The message for a chunk's outcomes: it always unpickles (see :func:`pack_outcome`)."""
+    packed = [pack_outcome(ok, value) for ok, value in out]
+    if escaped is not None:
+        _, escaped_blob = pack_outcome(False, portable(escaped))
+    else:
+        escaped_blob = None
+    return pickle.dumps(("done", packed, elapsed, escaped_blob), pickle.HIGHEST_PROTOCOL)
 
 
 def _process_worker(sock: socket.socket, payload: bytes) -> None:
@@ -647,9 +691,7 @@ def _process_worker(sock: socket.socket, payload: bytes) -> None:
                 began = time.perf_counter()
                 out, escaped = _run_chunk(fn, items)
                 elapsed = time.perf_counter() - began
-                if escaped is not None:
-                    escaped = portable(escaped)
-                send_frame(sock, _results_payload(out, elapsed, escaped))
+                send_frame(sock, _results_message(out, elapsed, escaped))
         except OSError:
             return  # the parent is gone
 
@@ -684,6 +726,56 @@ def _settle(job: _Job, ok: bool, value: Any) -> None:
         future.set_exception(error)
     else:
         future.set_exception(value)
+
+
+def _pickle_chunk(jobs: list[_Job]) -> tuple[list[_Job], bytes]:
+    """The chunk's items as one pickle, and the jobs it holds.
+
+    An item that cannot be pickled fails alone, named, and is left out; the
+    others still go.
+    """
+    try:
+        return jobs, pickle.dumps([job.item for job in jobs], pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        jobs = [job for job in jobs if _picklable_item(job)]
+        return jobs, pickle.dumps([job.item for job in jobs], pickle.HIGHEST_PROTOCOL)
+
+
+def _picklable_item(job: _Job) -> bool:
+    try:
+        pickle.dumps(job.item, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        _settle(
+            job,
+            False,
+            TypeError(
+                f"the item {reprlib.repr(job.item)} cannot be sent to a worker process: "
+                f"it cannot be pickled ({exc})"
+            ),
+        )
+        return False
+    return True
+
+
+def _unloadable_chunk(
+    live: list[_Job], size: int, error: BaseException, waiting: deque[_Job]
+) -> None:
+    """A worker could not unpickle a chunk of ``size`` items, ``live`` still awaited.
+
+    Nothing of it ran. One item is to blame, not all: with several, they go
+    again one per chunk (first in line), so only the culprit fails, named.
+    """
+    if size == 1:
+        for job in live:
+            error.add_note(
+                f"It was raised for item={reprlib.repr(job.item)}, which could "
+                "not be sent to its worker process."
+            )
+            _settle(job, False, error)
+        return
+    for job in live:
+        job.suspect = True
+    waiting.extendleft(reversed(live))
 
 
 class ChunkSizer:
@@ -916,9 +1008,8 @@ class ProcessPool:
                     break
                 else:
                     jobs.append(waiting.popleft())
-            if jobs:
-                self._send(worker, jobs)
-                free -= 1
+            if jobs and self._send(worker, jobs):
+                free -= 1  # a chunk whose every item could not be pickled took no slot
 
     def _dispatch_timed(self, timeout: float) -> None:
         """Send waiting calls one by one to idle, ready workers, starting each one's clock.
@@ -987,35 +1078,17 @@ class ProcessPool:
             worker.clock.cancel()
             worker.clock = None
 
-    def _send(self, worker: _Worker, jobs: list[_Job]) -> None:
-        try:
-            payload = pickle.dumps([job.item for job in jobs], pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            jobs = [job for job in jobs if self._picklable_item(job)]
-            if not jobs:
-                return
-            payload = pickle.dumps([job.item for job in jobs], pickle.HIGHEST_PROTOCOL)
+    def _send(self, worker: _Worker, jobs: list[_Job]) -> bool:
+        """Send a chunk (its items that can be pickled); whether anything went."""
+        jobs, payload = _pickle_chunk(jobs)
+        if not jobs:
+            return False
         worker.chunks.append(jobs)
         worker.link.send_payload(payload)
         self.chunks_sent += 1
         self.items_sent += len(jobs)
         self._in_pool += len(jobs)
         self.peak_in_pool = max(self.peak_in_pool, self._in_pool)
-
-    @staticmethod
-    def _picklable_item(job: _Job) -> bool:
-        try:
-            pickle.dumps(job.item, pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            _settle(
-                job,
-                False,
-                TypeError(
-                    f"the item {reprlib.repr(job.item)} cannot be sent to a worker process: "
-                    f"it cannot be pickled ({exc})"
-                ),
-            )
-            return False
         return True
 
     # -- messages from workers --------------------------------------------
@@ -1035,11 +1108,14 @@ class ProcessPool:
                 self._sizer.observe(elapsed, ran)
             self._deaths_without_work = 0
             for job, (ok, value) in zip(jobs[: len(out)], out, strict=True):
+                if type(value) is bytes:  # pickled alone: see pack_outcome
+                    ok, value = unpack_outcome(ok, value, job.item)
                 _settle(job, ok, value)
             if escaped is not None:
                 # SystemExit or KeyboardInterrupt from fn: raised for its item,
                 # never re-run; the items behind it in the chunk did not run.
-                _settle(jobs[len(out)], False, escaped)
+                job = jobs[len(out)]
+                _settle(job, *unpack_outcome(False, escaped, job.item))
                 rest = [job for job in jobs[len(out) + 1 :] if not job.future.done()]
                 self._waiting.extendleft(reversed(rest))
             self._schedule_dispatch()
@@ -1048,23 +1124,10 @@ class ProcessPool:
                 self._break(lambda: message[1])
                 return
             self._stop_clock(worker)
-            jobs = worker.chunks.popleft()  # the items, or the results, of the head chunk
+            jobs = worker.chunks.popleft()  # the head chunk's items: the worker could not load them
             self._in_pool -= len(jobs)
             live = [job for job in jobs if not job.future.done()]
-            if len(jobs) == 1:
-                for job in live:
-                    error = message[1]
-                    error.add_note(
-                        f"It was raised for item={reprlib.repr(job.item)}, which could "
-                        "not be sent to its worker process, or its result back."
-                    )
-                    _settle(job, False, error)
-            else:
-                # One item of the chunk is to blame, not all: run them one per
-                # chunk, so only the culprit fails, and named.
-                for job in live:
-                    job.suspect = True
-                self._waiting.extendleft(reversed(live))
+            _unloadable_chunk(live, len(jobs), message[1], self._waiting)
             self._schedule_dispatch()
         elif kind == "broken":  # the worker could not load fn: no worker ever will
             self._break(self._cannot_load(message[1]))
@@ -1202,15 +1265,25 @@ class ProcessPool:
 # ---------------------------------------------------------------------------
 
 
-def _run_timed_chunk(
-    fn: Callable[[Any], Any], items: list[Any]
-) -> tuple[list[tuple[bool, Any]], float]:
-    """Runs in the executor's worker: the chunk's outcomes and the time they took."""
+def _run_timed_chunk(fn: Callable[[Any], Any], payload: bytes) -> tuple[str, Any, float]:
+    """Runs in the executor's worker: the chunk's packed outcomes and the time they took.
+
+    corral pickles the items itself (one that cannot be pickled fails alone,
+    before the submission) and packs the outcomes (see :func:`pack_outcome`),
+    so the pool's own pickling never fails: a call it cannot pickle would
+    fail the whole chunk, a result it cannot unpickle would break the pool.
+    Items this process cannot unpickle come back as ``"undecodable"``.
+    """
+    try:
+        items = pickle.loads(payload)
+    except Exception as exc:
+        return "undecodable", pack_outcome(False, portable(exc))[1], 0.0
     began = time.perf_counter()
     out, escaped = _run_chunk(fn, items)
     if escaped is not None:
         raise escaped  # the pool sends it back as the chunk's failure
-    return out, time.perf_counter() - began
+    packed = [pack_outcome(ok, value) for ok, value in out]
+    return "done", packed, time.perf_counter() - began
 
 
 class _ExecutorCalls:
@@ -1221,6 +1294,10 @@ class _ExecutorCalls:
     stays short). corral does not own the pool, so it cannot rebuild it: when
     a process of the pool dies, the pool is broken and the calls fail with
     ``BrokenProcessPool``. Use ``executor="process"`` for crash recovery.
+
+    Items are pickled here and outcomes in the pool's process (see "Items and
+    results that cannot cross" in the module docstring), so one value that
+    cannot cross fails its own item, not its chunk, and never breaks the pool.
 
     With ``timeout``, items are submitted one at a time, at most one per
     process of the pool, and an attempt's clock starts when it is submitted.
@@ -1269,13 +1346,22 @@ class _ExecutorCalls:
                 size = self._sizer.size(len(waiting), self._slots - self._busy)
             jobs: list[_Job] = []
             while waiting and len(jobs) < size:
-                job = waiting.popleft()
-                if not job.future.done():
-                    jobs.append(job)
+                job = waiting[0]
+                if job.future.done():
+                    waiting.popleft()  # its caller was cancelled before it was sent
+                elif job.suspect:
+                    # Its chunk could not be unpickled: it goes alone, so only
+                    # the culprit fails.
+                    if not jobs:
+                        jobs.append(waiting.popleft())
+                    break
+                else:
+                    jobs.append(waiting.popleft())
+            jobs, payload = _pickle_chunk(jobs)
             if not jobs:
-                return
+                continue
             try:
-                submitted = self._pool.submit(_run_timed_chunk, self._fn, [j.item for j in jobs])
+                submitted = self._pool.submit(_run_timed_chunk, self._fn, payload)
             except Exception as exc:  # a broken or shut-down pool
                 for job in jobs:
                     _settle(job, False, exc)
@@ -1319,9 +1405,19 @@ class _ExecutorCalls:
             for job in jobs:
                 _settle(job, False, error)
         else:
-            out, elapsed = done.result()
-            self._sizer.observe(elapsed, len(jobs))
-            for job, (ok, value) in zip(jobs, out, strict=True):
-                _settle(job, ok, value)
+            kind, out, elapsed = done.result()
+            if kind == "undecodable":
+                live = [job for job in jobs if not job.future.done()]
+                try:
+                    error = pickle.loads(out)
+                except Exception as exc:
+                    error = undecodable(exc)
+                _unloadable_chunk(live, len(jobs), error, self._waiting)
+            else:
+                self._sizer.observe(elapsed, len(jobs))
+                for job, (ok, value) in zip(jobs, out, strict=True):
+                    if type(value) is bytes:  # pickled alone: see pack_outcome
+                        ok, value = unpack_outcome(ok, value, job.item)
+                    _settle(job, ok, value)
         if self._waiting and self._dispatch_handle is None:
             self._dispatch_handle = asyncio.get_running_loop().call_soon(self._dispatch)

@@ -31,7 +31,11 @@ What each guarantee becomes
 - **Exactly once, errors as themselves**: each result travels back tagged
   with its input index and is delivered once; an exception comes back as its
   own type with the remote traceback as a note. ``timeout`` and ``retries``
-  apply in the child, per attempt, as in one process.
+  apply in the child, per attempt, as in one process. A value that cannot
+  cross fails its own item, named, and nothing else: an item that cannot be
+  pickled, or that a child cannot unpickle (its batch is sent again one item
+  at a time; none of it had run), or a result or exception this process
+  cannot unpickle (each is pickled on its own; see ``pack_outcome``).
 - **Retry budget, for the whole map**: each child keeps ``Retry(budget=)``
   for its own calls (retries up to the ratio of its successes) with a share
   of the floor (10 over 4 children: 3, 3, 2, 2), so the map's retries stay
@@ -65,17 +69,20 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._engine import _Retried
+from ._numbers import is_async_callable
 from ._offload import (
+    PLAIN_TYPES,
     Link,
     WorkerCrashed,
     connect,
     describe_exit,
     ignore_sigint,
-    is_async_callable,
     mp_context,
-    picklable_value,
+    pack_outcome,
     portable,
     stop_processes,
+    undecodable,
+    unpack_outcome,
     wait_exit,
     warm_up_start_method,
 )
@@ -232,6 +239,10 @@ class ShardRun(RemoteRun[R]):
         self._flush_handle: asyncio.Handle | None = None
         self._token_requests: deque[_Child] = deque()
         self._token_waiter: asyncio.Future[None] | None = None
+        # Items sent and not back, by index: to name an item whose result cannot
+        # be loaded here, and to send again the items of a batch a child could
+        # not load.
+        self._sent: dict[int, Any] = {}
 
     # -- the children -----------------------------------------------------
 
@@ -342,13 +353,16 @@ class ShardRun(RemoteRun[R]):
                 continue
             pairs, child.outbox = child.outbox, []
             try:
-                payload = pickle.dumps(("items", pairs), pickle.HIGHEST_PROTOCOL)
+                payload = pickle.dumps(pairs, pickle.HIGHEST_PROTOCOL)
             except Exception:
                 pairs = [pair for pair in pairs if self._picklable_item(*pair)]
-                payload = pickle.dumps(("items", pairs), pickle.HIGHEST_PROTOCOL)
+                payload = pickle.dumps(pairs, pickle.HIGHEST_PROTOCOL)
             if pairs and child.link is not None:
                 child.outstanding += len(pairs)
-                child.link.send_payload(payload)
+                self._sent.update(pairs)
+                # The indexes travel apart from the items: a child that cannot
+                # load the items can still say which they were.
+                child.link.send(("items", [index for index, _ in pairs], payload))
 
     def _picklable_item(self, index: int, item: Any) -> bool:
         try:
@@ -359,6 +373,7 @@ class ShardRun(RemoteRun[R]):
                 f"cannot be pickled ({exc})"
             )
             self._deliver_items([(index, False, error)])
+            self._wake_feeder()  # its room in the child is free again
             return False
         return True
 
@@ -390,8 +405,15 @@ class ShardRun(RemoteRun[R]):
             _, outcomes, child.started, child.retried = message
             child.outstanding -= len(outcomes)
             child.done += len(outcomes)
-            self._deliver_items(outcomes)
+            self._deliver_items(self._received(outcomes))
             self._wake_feeder()
+        elif kind == "unloadable":  # items the child could not unpickle: none of them ran
+            _, indexes, packed = message
+            try:
+                error = pickle.loads(packed)
+            except Exception as exc:
+                error = undecodable(exc)
+            self._unloadable(child, indexes, error)
         elif kind == "want":
             self._token_requests.extend(itertools.repeat(child, message[1]))
             waiter = self._token_waiter
@@ -413,6 +435,38 @@ class ShardRun(RemoteRun[R]):
             self._fail(error)
         elif kind in ("fatal", "undecodable"):  # the child's map failed, or garbled news
             self._fail(message[1])
+
+    def _received(self, outcomes: list[tuple[int, bool, Any]]) -> list[tuple[int, bool, Any]]:
+        """The outcomes a child sent, their values loaded (see pack_outcome)."""
+        sent = self._sent
+        loaded = []
+        for index, ok, value in outcomes:
+            item = sent.pop(index)
+            if type(value) is bytes:  # pickled alone: see pack_outcome
+                ok, value = unpack_outcome(ok, value, item)
+            loaded.append((index, ok, value))
+        return loaded
+
+    def _unloadable(self, child: _Child, indexes: list[int], error: BaseException) -> None:
+        """A child could not unpickle a batch of items: send them again one by one.
+
+        One item is to blame, not all: alone, it fails (named), the others run.
+        """
+        if len(indexes) == 1:
+            (index,) = indexes
+            item = self._sent.pop(index)
+            child.outstanding -= 1
+            error.add_note(
+                f"It was raised for item={reprlib.repr(item)}, which could not be sent to "
+                "its worker process."
+            )
+            self._deliver_items([(index, False, error)])
+            self._wake_feeder()
+            return
+        assert child.link is not None
+        for index in indexes:
+            payload = pickle.dumps([(index, self._sent[index])], pickle.HIGHEST_PROTOCOL)
+            child.link.send(("again", [index], payload))
 
     def _on_lost(self, child: _Child) -> None:
         if self._phase is _Phase.RUNNING and not child.finished:
@@ -548,6 +602,7 @@ class _ChildSession:
         self._link = Link(self._on_message, self._on_lost)
         self._inbox: deque[tuple[int, Any]] = deque()
         self._ended = False  # the parent sent "end": no more items will come
+        self._owed = 0  # items of batches it could not load, that the parent sends again
         self._item_waiter: asyncio.Future[None] | None = None
         self._outbox: list[tuple[int, bool, Any]] = []
         self._flush_handle: asyncio.Handle | None = None
@@ -660,7 +715,7 @@ class _ChildSession:
         while True:
             if inbox:
                 yield inbox.popleft()
-            elif self._ended:
+            elif self._ended and not self._owed:
                 return
             else:
                 self._item_waiter = loop.create_future()
@@ -673,16 +728,27 @@ class _ChildSession:
 
     def _on_message(self, message: Any) -> None:
         kind = message[0]
-        if kind == "items":
-            self._inbox.extend(message[1])
+        if kind in ("items", "again"):
+            _, indexes, payload = message
+            if kind == "again":
+                self._owed -= 1
+            try:
+                self._inbox.extend(pickle.loads(payload))
+            except Exception as exc:
+                # Say which items they were: the parent sends them again one
+                # by one (a batch of several), so only the culprit fails.
+                if len(indexes) > 1:
+                    self._owed += len(indexes)
+                _, error = pack_outcome(False, portable(exc))  # loads apart, if it can
+                self._link.send(("unloadable", indexes, error))
         elif kind == "end":
             self._ended = True
         elif kind == "tokens":
             assert self._tokens is not None
             self._tokens.grant(message[1])
             return
-        elif kind == "undecodable":  # items this process cannot unpickle: their indexes
-            self._link.send(("fatal", message[1]))  # are lost with them, so the map must end
+        elif kind == "undecodable":  # a message this process cannot unpickle: what it
+            self._link.send(("fatal", message[1]))  # held is unknown, so the map must end
             return
         waiter = self._item_waiter
         if waiter is not None and not waiter.done():
@@ -707,18 +773,14 @@ class _ChildSession:
         if not self._outbox:
             return
         outcomes, self._outbox = self._outbox, []
-        message = ("results", outcomes, self._started, self._retried.count)
-        try:
-            payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            safe = []
-            for index, ok, value in outcomes:
-                checked = picklable_value(value)
-                safe.append((index, ok and checked is value, checked))
-            payload = pickle.dumps(
-                ("results", safe, self._started, self._retried.count), pickle.HIGHEST_PROTOCOL
-            )
-        self._link.send_payload(payload)
+        # Values of other types than the plainest are pickled one by one, so
+        # one the parent cannot load fails its own item only (see pack_outcome).
+        plain = PLAIN_TYPES
+        packed = [
+            outcome if type(outcome[2]) in plain else (outcome[0], *pack_outcome(*outcome[1:]))
+            for outcome in outcomes
+        ]
+        self._link.send(("results", packed, self._started, self._retried.count))
 
     def _send_progress(self) -> None:
         """Counters and the latency histogram's growth since the last report."""
