@@ -641,36 +641,48 @@ async def test_files_that_are_not_checkpoints_are_refused(tmp_path: Path) -> Non
 async def test_a_failed_write_stops_the_map(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A write the disk refuses ends the map with that error; nothing unrecorded is seen."""
+    """A write the disk refuses ends the map with an OSError naming the file; nothing
+    unrecorded is seen."""
 
-    def refuse(self: object, plain: object, others: object) -> None:
+    def refuse(self: object, chunks: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(_checkpoint_file.Database, "insert", refuse)
+    monkeypatch.setattr(_checkpoint_file.Database, "_insert", refuse)
     seen: list[int] = []
-    with pytest.raises(sqlite3.OperationalError, match=r"^disk I/O error$"):
-        async with corral.map(Spy(), range(100), checkpoint=tmp_path / "a.sqlite") as results:
-            async for value in results:
-                seen.append(value)
+    for name in ["a.sqlite", "b.sqlite"]:
+        path = tmp_path / name
+        text = (
+            f"checkpoint={str(path)!r} cannot record results: disk I/O error (OperationalError); "
+            "no result that was not recorded was handed out, and running the same map again "
+            "resumes from the recorded ones"
+        )
+        with pytest.raises(OSError, match=message(text)) as caught:
+            if name == "a.sqlite":
+                async with corral.map(Spy(), range(100), checkpoint=path) as results:
+                    async for value in results:
+                        seen.append(value)
+            else:
+                await corral.gather(Spy(), range(100), checkpoint=path)
+        assert type(caught.value.__cause__) is sqlite3.OperationalError
     assert seen == []
-    with pytest.raises(sqlite3.OperationalError, match=r"^disk I/O error$"):
-        await corral.gather(Spy(), range(100), checkpoint=tmp_path / "b.sqlite")
 
 
 @pytest.mark.slow
 async def test_a_failed_read_stops_the_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A lookup the disk refuses ends the map with that error, even with return_exceptions."""
+    """A lookup the disk refuses ends the map with an OSError naming the file, even with
+    return_exceptions."""
     path = tmp_path / "run.sqlite"
     await corral.gather(Spy(), range(10), checkpoint=path)
 
     def refuse(self: object, keys: object, ahead: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(_checkpoint_file.Database, "select", refuse)
+    monkeypatch.setattr(_checkpoint_file.Database, "_select", refuse)
     monkeypatch.setattr(_checkpoint, "FIRST_READ", 0)  # no rows read with the opening
-    with pytest.raises(sqlite3.OperationalError, match=r"^disk I/O error$"):
+    text = f"checkpoint={str(path)!r} cannot read the recorded results: disk I/O error"
+    with pytest.raises(OSError, match=f"^{re.escape(text)}"):
         await corral.gather(Spy(), range(10), checkpoint=path, return_exceptions=True)
 
 
@@ -1798,3 +1810,290 @@ async def test_items_waiting_for_a_halted_call_with_their_id_halt_too(tmp_path: 
     # spends the budget, the others (and those waiting on an id) stop.
     [called] = spy.calls
     assert recorded(tmp_path / "b") == {called: (_checkpoint_file.PLAIN, called * 10)}
+
+
+# -- the disk refusing: errors that name the file -------------------------------------
+
+
+def small_disk(monkeypatch: pytest.MonkeyPatch, extra_pages: int) -> None:
+    """Open every checkpoint with room for only ``extra_pages`` more pages, as on a full disk."""
+    prepare = _checkpoint_file.Database._prepare
+
+    def prepare_small(db: sqlite3.Connection, *args: Any) -> None:
+        prepare(db, *args)
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        db.execute(f"PRAGMA max_page_count = {pages + extra_pages}")
+
+    monkeypatch.setattr(_checkpoint_file.Database, "_prepare", staticmethod(prepare_small))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("consumed", [True, False], ids=["map", "gather"])
+async def test_a_full_disk_stops_the_map_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, consumed: bool
+) -> None:
+    """SQLite's "database or disk is full" ends the map with an OSError naming the file;
+    what was handed out is recorded, and a resume on a roomier disk runs the rest once."""
+    path = tmp_path / "run.sqlite"
+    small_disk(monkeypatch, extra_pages=4)
+
+    async def padded(item: int) -> str:
+        await asyncio.sleep(0)
+        return f"{item:05}" + "x" * 2000  # a page and a half of results per two items
+
+    items = range(300)
+    seen: list[str] = []
+    with pytest.raises(OSError) as caught:
+        if consumed:
+            async with corral.map(padded, items, limit=5, checkpoint=path) as results:
+                async for value in results:
+                    seen.append(value)
+        else:
+            seen = await corral.gather(padded, items, limit=5, checkpoint=path)
+    text = str(caught.value)
+    assert text.startswith(
+        f"checkpoint={str(path)!r} cannot record results: database or disk is full"
+    )
+    assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    done = set(recorded(path))
+    assert {int(value[:5]) for value in seen} <= done
+
+    monkeypatch.undo()
+    spy: list[int] = []
+
+    async def again(item: int) -> str:
+        spy.append(item)
+        return await padded(item)
+
+    assert await corral.gather(
+        again, items, checkpoint=path, fingerprint=default_fingerprint(padded)
+    ) == [f"{item:05}" + "x" * 2000 for item in items]
+    assert sorted(spy) == sorted(set(items) - done)
+
+
+@pytest.mark.slow
+async def test_a_file_another_connection_locks_is_an_oserror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file locked by another connection is reported as such, not as "not a checkpoint"."""
+    path = tmp_path / "run.sqlite"
+    await corral.gather(Spy(), range(3), checkpoint=path)
+    monkeypatch.setattr(_checkpoint_file, "BUSY_TIMEOUT_MS", 0)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        text = f"checkpoint={str(path)!r} cannot be opened: database is locked"
+        with pytest.raises(OSError, match=message(text)):
+            await corral.gather(Spy(), range(3), checkpoint=path)
+    finally:
+        other.close()
+    assert await corral.gather(Spy(), range(3), checkpoint=path) == [0, 10, 20]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("existing", [False, True], ids=["new-file", "existing-file"])
+async def test_a_file_another_map_is_using_is_refused(tmp_path: Path, existing: bool) -> None:
+    """Two maps on one file at once would both call fn for every item and record each
+    twice: the second is refused at once, naming the file; once the first is done
+    the file is free again, and no lock file is left behind."""
+    path = tmp_path / "run.sqlite"
+    if existing:
+        await corral.gather(Spy(), range(2), checkpoint=path, fingerprint=SAME)
+    started, release = asyncio.Event(), asyncio.Event()
+    calls: list[int] = []
+
+    async def held(item: int) -> int:
+        calls.append(item)
+        started.set()
+        await release.wait()
+        return item * 10
+
+    first = asyncio.ensure_future(
+        corral.gather(held, range(10), limit=2, checkpoint=path, fingerprint=SAME)
+    )
+    await started.wait()  # the first map has the file open
+    text = (
+        f"checkpoint={str(path)!r} cannot be opened: another map is using it (in this "
+        "process or another); wait for it to finish, or pass the path of another file"
+    )
+    try:
+        with pytest.raises(OSError, match=message(text)):
+            await asyncio.wait_for(
+                corral.gather(held, range(10), checkpoint=path, fingerprint=SAME), timeout=30
+            )
+    finally:
+        release.set()
+    assert await first == [i * 10 for i in range(10)]
+    assert sorted(calls) == (list(range(2, 10)) if existing else list(range(10)))
+    assert Counter(key for key, _, _ in read_checkpoint(path)) == Counter(range(10))
+    assert files(tmp_path) == ["run.sqlite"]
+    again = Spy()
+    assert await corral.gather(again, range(10), checkpoint=path, fingerprint=SAME) == [
+        i * 10 for i in range(10)
+    ]
+    assert again.calls == []
+
+
+@pytest.mark.slow
+async def test_a_file_deleted_while_the_map_runs_stops_it_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    """SQLite would go on writing to the deleted file, and every result after it would
+    be lost with it: the next write fails instead, and no later result is handed out."""
+    path = tmp_path / "run.sqlite"
+    release = asyncio.Event()
+
+    async def held_from_5(item: int) -> int:
+        if item >= 5:
+            await release.wait()
+        return item * 10
+
+    seen: list[int] = []
+    text = (
+        f"checkpoint={str(path)!r} cannot record results: the file was deleted or replaced "
+        "while the map ran; no result that was not recorded was handed out. Run the map "
+        "again with a file that stays in place"
+    )
+    with pytest.raises(OSError, match=message(text)):
+        async with corral.map(held_from_5, range(20), limit=4, checkpoint=path) as results:
+            async for value in results:
+                seen.append(value)
+                if value == 40:  # 0-4 are recorded: remove the file under the map
+                    path.unlink()
+                    release.set()
+    assert seen == [0, 10, 20, 30, 40]
+    assert not path.exists()
+
+
+@pytest.mark.slow
+async def test_a_map_cancelled_again_while_closing_still_closes_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled over and over while a write is under way, the map still closes its
+    file once the write is done: the connection and the lock are not left open."""
+    path = tmp_path / "run.sqlite"
+    insert = _checkpoint_file.Database.insert
+    entered, go = threading.Event(), threading.Event()
+    writers: list[threading.Thread] = []
+
+    def slow_insert(self: _checkpoint_file.Database, plain: Any, others: Any) -> None:
+        writers.append(threading.current_thread())
+        entered.set()
+        go.wait()
+        insert(self, plain, others)
+
+    monkeypatch.setattr(_checkpoint_file.Database, "insert", slow_insert)
+    task = asyncio.ensure_future(corral.gather(Spy(), range(10), checkpoint=path))
+    assert await asyncio.to_thread(entered.wait, 30)
+    for _ in range(100):  # each cancel ends the await it lands in: a few do it all
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.sleep(0)
+    assert task.cancelled()
+    go.set()
+    await asyncio.to_thread(writers[0].join, 30)
+    assert not writers[0].is_alive()
+    assert files(tmp_path) == ["run.sqlite"]
+    monkeypatch.undo()
+    assert await corral.gather(Spy(), range(10), checkpoint=path) == [i * 10 for i in range(10)]
+
+
+@pytest.mark.slow
+async def test_a_map_cancelled_while_opening_its_file_closes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled (again and again) while the thread opens the file, the map does not
+    block the loop waiting for the open, and closes the file once it is open."""
+    path = tmp_path / "run.sqlite"
+    open_file = _checkpoint_file.Database.open
+    entered, go = threading.Event(), threading.Event()
+    openers: list[threading.Thread] = []
+    released: list[bool] = []
+
+    def slow_open(*args: Any) -> Any:
+        openers.append(threading.current_thread())
+        entered.set()
+        released.append(go.wait(10))  # False: the loop was blocked, waiting for this
+        return open_file(*args)
+
+    monkeypatch.setattr(_checkpoint_file.Database, "open", slow_open)
+    task = asyncio.ensure_future(corral.gather(Spy(), range(10), checkpoint=path))
+    assert await asyncio.to_thread(entered.wait, 30)
+    for _ in range(100):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.sleep(0)
+    assert task.cancelled()
+    assert not go.is_set()
+    go.set()
+    await asyncio.to_thread(openers[0].join, 30)
+    assert not openers[0].is_alive()
+    assert released == [True]
+    assert files(tmp_path) == ["run.sqlite"]
+    monkeypatch.undo()
+    assert await corral.gather(Spy(), range(10), checkpoint=path) == [i * 10 for i in range(10)]
+
+
+@pytest.mark.slow
+def test_read_checkpoint_of_a_missing_or_foreign_file_names_it_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    """Looking into a file does not create it (a typo in the path), nor write to one."""
+    missing = tmp_path / "typo.sqlite"
+    text = f"checkpoint={str(missing)!r} cannot be opened: unable to open database file"
+    with pytest.raises(OSError, match=message(text)):
+        list(read_checkpoint(missing))
+    assert files(tmp_path) == []
+
+    other = tmp_path / "app.sqlite"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE users (name)")
+    db.commit()
+    db.close()
+    with pytest.raises(ValueError, match=r"^checkpoint=.*app.sqlite' is not a corral checkpoint"):
+        list(read_checkpoint(other))
+
+
+@pytest.mark.slow
+async def test_a_directory_as_the_checkpoint_is_an_oserror_naming_it(tmp_path: Path) -> None:
+    """A path that is a directory fails at once, names it and leaves it as it was."""
+    text = f"checkpoint={str(tmp_path)!r} cannot be opened: unable to open database file"
+    with pytest.raises(OSError, match=message(text)):
+        await corral.gather(Spy(), range(3), checkpoint=tmp_path)
+    assert files(tmp_path) == []
+
+
+@pytest.mark.slow
+async def test_a_write_another_connection_locks_out_stops_the_map_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection holding the write lock past the busy timeout fails the next
+    write: an OSError naming the file, and nothing after the last commit is handed out."""
+    path = tmp_path / "run.sqlite"
+    monkeypatch.setattr(_checkpoint_file, "BUSY_TIMEOUT_MS", 0)
+    release = asyncio.Event()
+
+    async def held_from_5(item: int) -> int:
+        if item >= 5:
+            await release.wait()
+        return item * 10
+
+    other = sqlite3.connect(path, isolation_level=None)
+    seen: list[int] = []
+    try:
+        with pytest.raises(OSError) as caught:
+            async with corral.map(held_from_5, range(20), limit=4, checkpoint=path) as results:
+                async for value in results:
+                    seen.append(value)
+                    if value == 40:  # 0-4 are recorded: take the write lock
+                        other.execute("BEGIN IMMEDIATE")
+                        release.set()
+    finally:
+        other.close()
+    assert str(caught.value).startswith(
+        f"checkpoint={str(path)!r} cannot record results: database is locked"
+    )
+    assert seen == [0, 10, 20, 30, 40]
+    assert set(recorded(path)) == set(range(5))

@@ -55,6 +55,20 @@ resume with another fingerprint is refused, since the recorded results may
 not be what the new ``fn`` would return; ``resume="ignore-fingerprint"``
 reuses them anyway. The serializer is recorded as well and must match.
 
+One map at a time, and a file that stays in place
+-------------------------------------------------
+Two maps recording into one file at once would each call ``fn`` for the
+items the other has not recorded yet, and record them twice, so a map takes
+a lock on its file while it runs (an ``flock`` on ``<path>-lock``, removed
+when the map closes; Windows has no such lock) and a second one is refused
+at once with an ``OSError`` naming the file. Reading the file meanwhile
+(:func:`read_checkpoint`, another ``sqlite3`` connection) is not blocked.
+A write SQLite refuses (a full disk, a lock another connection holds for
+more than 10 s) ends the map with an ``OSError`` naming the file; so does
+a write after the file was deleted or replaced, which SQLite would
+otherwise make to the deleted file without a word. No result that was not
+committed is handed out in either case, and running the map again resumes.
+
 Cost: batched writes on one thread, chunks screened at once, a gate at the consumer
 -----------------------------------------------------------------------------------
 The event loop never touches the disk. All database work runs on one
@@ -321,6 +335,12 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _close_opened(job: concurrent.futures.Future[tuple[Database, int, list[Chunk]]]) -> None:
+    """On the checkpoint's thread, after the open: close the database it opened, if any."""
+    if not job.cancelled() and job.exception() is None:
+        job.result()[0].close()
+
+
 class _Stored:
     """A row read ahead whose value is not the result itself (ENCODED or FAILED)."""
 
@@ -377,6 +397,7 @@ class Checkpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._opening: asyncio.Future[tuple[Database, int, list[Chunk]]] | None = None
+        self._open_job: concurrent.futures.Future[tuple[Database, int, list[Chunk]]] | None = None
         self._db: Database | None = None
         self._writes = 0  # write jobs sent to the thread and not finished
         self._timer: asyncio.TimerHandle | None = None  # the next write, when none is in flight
@@ -424,8 +445,7 @@ class Checkpoint:
                 max_workers=1, thread_name_prefix="corral-checkpoint"
             )
             spec = self.spec
-            self._opening = loop.run_in_executor(
-                self._executor,
+            self._open_job = self._executor.submit(
                 Database.open,
                 spec.path,
                 spec.fingerprint,
@@ -434,6 +454,7 @@ class Checkpoint:
                 self.seen,
                 FIRST_READ,
             )
+            self._opening = asyncio.wrap_future(self._open_job, loop=loop)
             # Mark a failed open's error retrieved even if every waiter was
             # cancelled: the error is reported to the calls, not the loop.
             self._opening.add_done_callback(_retrieve)
@@ -494,10 +515,16 @@ class Checkpoint:
         if executor is None:
             return
         try:
+            # Queued behind every write (or the open, when it is not taken yet:
+            # the close was cancelled while waiting for it): runs once they are
+            # all done. Shielded: a cancel while it waits its turn must not take
+            # it off the queue, or the connection and the file's lock would stay open.
             if self._db is not None:
-                assert self._loop is not None
-                # Queued behind every write: runs once they are all done.
-                await self._loop.run_in_executor(executor, self._db.close)
+                closed = executor.submit(self._db.close)
+            else:
+                assert self._open_job is not None
+                closed = executor.submit(_close_opened, self._open_job)
+            await asyncio.shield(asyncio.wrap_future(closed))
         except BaseException:
             executor.shutdown(wait=False)  # cancelled: do not block the loop on the close
             raise
@@ -515,7 +542,7 @@ class Checkpoint:
         """
         if self._error is not None:
             self._error_raised = True
-            raise Halt(self._error)
+            raise Halt(self._error, started=True)  # the call ran: its result is here
         self.rows += (key, value)
         if not self.others:
             self._schedule()
@@ -528,7 +555,7 @@ class Checkpoint:
         """
         if self._error is not None:
             self._error_raised = True
-            raise Halt(self._error)
+            raise Halt(self._error, started=True)  # the call ran: its result is here
         others = self.others
         others += (key, kind, value)
         if len(others) == 3 and not self.rows:
@@ -1134,7 +1161,7 @@ def with_checkpoint(
                 if isinstance(value, BaseException):
                     codec.loads_back(encoded)
             except Exception as exc:
-                raise Halt(codec.unrecordable(cp.path, item, exc)) from None
+                raise Halt(codec.unrecordable(cp.path, item, exc), started=True) from None
             record(key, ENCODED, encoded)
         except Halt as halt:  # the items waiting for this one learn it
             settle(key, (_HALTED, halt.reason))
@@ -1299,7 +1326,7 @@ def with_checkpoint(
                     if isinstance(value, BaseException):  # rare: its pickle may not load
                         codec.loads_back(encoded)
                 except Exception as exc:
-                    raise Halt(codec.unrecordable(cp.path, item, exc)) from None
+                    raise Halt(codec.unrecordable(cp.path, item, exc), started=True) from None
                 record(key, ENCODED, encoded)
                 if cp.unsent >= MAX_BACKLOG:
                     backlog = True

@@ -31,6 +31,7 @@ event loop's side (batching, lookups, the call wrapper and the recorder) is
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import marshal
 import os
@@ -55,6 +56,8 @@ Row = tuple[Key, int, Any]
 Chunk = tuple[int, list[Key], bytes | None, list[Any]]
 #: What a lookup finds: (kind, value), or None when the id is not recorded.
 Found = tuple[int, Any] | None
+#: A map's lock on its file (see _lock): the lock file's descriptor and absolute path.
+Lock = tuple[int, str]
 
 PLAIN = 0  # value is the result itself: an int, str, float or None
 ENCODED = 1  # value is the pickled (or JSON) result
@@ -77,6 +80,13 @@ SHARED_HASH = -1
 #: entry per object that is referenced elsewhere (an id that is also the
 #: result, or is held by the input): 3x the time of format 2 for such ints.
 MARSHAL_VERSION = 2
+#: The name of the lock file beside the checkpoint while a map uses it: see _lock.
+LOCK_SUFFIX = "-lock"
+#: How long a statement waits for another connection's lock before failing.
+BUSY_TIMEOUT_MS = 10_000
+#: SQLite's primary error codes that say the file or the disk cannot be used
+#: now (locked, busy, unwritable, full, failing), not that it is no checkpoint.
+_DISK_ERRORS = frozenset({"BUSY", "LOCKED", "IOERR", "CANTOPEN", "READONLY", "FULL", "PERM"})
 
 
 _describe = reprlib.Repr()
@@ -343,6 +353,23 @@ def _encode_chunks(
     into.append((marshal.dumps(keys, MARSHAL_VERSION), kinds, encoded))
 
 
+def is_disk_error(exc: BaseException) -> bool:
+    """Whether a sqlite3 error says the file or its disk cannot be used (see _DISK_ERRORS)."""
+    name = getattr(exc, "sqlite_errorname", None)
+    return isinstance(name, str) and name.removeprefix("SQLITE_").split("_")[0] in _DISK_ERRORS
+
+
+def disk_failed(path: str, doing: str, exc: BaseException) -> OSError:
+    """The error that stops the map when the thread's work on the file failed."""
+    error = OSError(
+        f"checkpoint={path!r} cannot {doing}: {exc} ({type(exc).__name__}); no result that "
+        "was not recorded was handed out, and running the same map again resumes from "
+        "the recorded ones"
+    )
+    error.__cause__ = exc
+    return error
+
+
 def _damaged(path: str, seq: int, exc: Exception) -> ValueError:
     error = ValueError(
         f"checkpoint={path!r} is damaged: chunk {seq} cannot be read ({exc}); "
@@ -413,10 +440,15 @@ class Database:
         index: dict[int, int],
         shared: dict[int, list[int]],
         last: int,
+        identity: os.stat_result,
+        lock: Lock | None = None,
     ) -> None:
         import sqlite3
 
         self._db = connection
+        self._identity = identity  # os.stat() of the file when it was opened
+        self._where = os.path.abspath(path)  # ... and where (a later chdir does not move it)
+        self._lock = lock  # held while this map uses the file (see _lock)
         self._path = path  # for the message of a damaged chunk
         #: hash(id) -> the seq of the chunk holding it, for the ids recorded
         #: when the file was opened; 0 for an id this run started (see Checkpoint.seen).
@@ -458,22 +490,32 @@ class Database:
         except sqlite3.Error as exc:
             raise OSError(f"checkpoint={path!r} cannot be opened: {exc}") from exc
         try:
+            lock = _lock(path)
+        except BaseException:
+            db.close()
+            raise
+        try:
             cls._prepare(db, path, fingerprint, serializer, resume)
             rows, last, shared = cls._load(db, path, index)
+            identity = os.stat(path)  # the file as opened: see _check_in_place
         except sqlite3.DatabaseError as exc:
             db.close()
+            _unlock(lock)
+            if is_disk_error(exc):
+                raise OSError(f"checkpoint={path!r} cannot be opened: {exc}") from exc
             raise ValueError(
                 f"checkpoint={path!r} is not a corral checkpoint ({exc}); "
                 "pass the path of a new file, or of one an earlier run wrote"
             ) from exc
         except BaseException:
             db.close()
+            _unlock(lock)
             raise
-        database = cls(db, path, index, shared, last)
+        database = cls(db, path, index, shared, last, identity, lock)
         try:
             ahead = database.read_ahead(0, first) if rows else []
         except BaseException:
-            db.close()  # a damaged chunk: the error says so, the file is not left open
+            database.close()  # a damaged chunk: the error says so, the file is not left open
             raise
         return database, rows, ahead
 
@@ -509,7 +551,7 @@ class Database:
     def _prepare(
         db: sqlite3.Connection, path: str, fingerprint: str, serializer: str, resume: str
     ) -> None:
-        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("BEGIN IMMEDIATE")
@@ -542,9 +584,40 @@ class Database:
         _check_meta(meta, path, fingerprint, serializer, resume)
 
     def insert(self, plain: list[Any], others: list[Any]) -> None:
-        """Store the rows and commit: both lists flat, as :func:`chunks_of` takes them."""
+        """Store the rows and commit: both lists flat, as :func:`chunks_of` takes them.
+
+        Raises:
+            OSError: SQLite refused the write (a full disk, a lock held too
+                long, the file gone read-only), naming the file.
+        """
+        import sqlite3
+
+        try:
+            self._insert_all(chunks_of(plain, others))
+        except sqlite3.Error as exc:
+            raise disk_failed(self._path, "record results", exc) from exc
+        self._check_in_place()
+
+    def _check_in_place(self) -> None:
+        """Raise OSError if the file was deleted or replaced since it was opened.
+
+        SQLite goes on writing to a deleted file (its open descriptor keeps it
+        alive) and reports nothing: every result recorded after would be lost
+        with it. One ``stat`` a write, on this thread.
+        """
+        try:
+            now: os.stat_result | None = os.stat(self._where)
+        except OSError:
+            now = None
+        if now is None or not os.path.samestat(now, self._identity):
+            raise OSError(
+                f"checkpoint={self._path!r} cannot record results: the file was deleted or "
+                "replaced while the map ran; no result that was not recorded was handed "
+                "out. Run the map again with a file that stays in place"
+            )
+
+    def _insert_all(self, chunks: list[tuple[Any, ...]]) -> None:
         db = self._db
-        chunks = chunks_of(plain, others)
         step = self._chunks_per_statement
         statements = [chunks[start : start + step] for start in range(0, len(chunks), step)]
         if len(statements) == 1:
@@ -575,7 +648,19 @@ class Database:
         A chunk is read whole, so its other rows come back too (to be cached:
         the items near one that was looked up tend to come soon), followed
         by up to ``ahead`` chunks recorded after the last one read.
+
+        Raises:
+            OSError: SQLite refused the read, naming the file.
+            ValueError: a chunk is damaged, naming the file and the chunk.
         """
+        import sqlite3
+
+        try:
+            return self._select(keys, ahead)
+        except sqlite3.Error as exc:
+            raise disk_failed(self._path, "read the recorded results", exc) from exc
+
+    def _select(self, keys: list[Key], ahead: int) -> tuple[list[Row], list[Chunk]]:
         index, shared = self._index, self._shared
         wanted: dict[int, list[Key]] = {}
         for key in keys:
@@ -652,7 +737,71 @@ class Database:
     def close(self) -> None:
         # The last connection to close folds the write-ahead log into the file
         # and deletes it: what is left is one self-contained .sqlite file.
-        self._db.close()
+        try:
+            self._db.close()
+        finally:
+            lock, self._lock = self._lock, None
+            _unlock(lock)
+
+
+def _lock(path: str) -> Lock | None:
+    """Take the file's lock for this map, or refuse: another map is using the file.
+
+    Two maps recording into one file at once would each call ``fn`` for
+    every item the other has not recorded yet, and record it again. The
+    lock is an ``flock`` on a file beside it (``<path>-lock``), not on the
+    database itself: closing any other descriptor of the database in this
+    process would drop SQLite's own locks on it. It does not keep anyone
+    from reading the file (:func:`read_checkpoint`). The map removes the
+    lock file when it closes; after a crash the file is left, unlocked
+    (the kernel dropped the lock with the process), and the next map takes it.
+
+    Returns the lock (None where there is no ``flock``: Windows, where
+    nothing stops a second map).
+
+    Raises:
+        OSError: another map holds the lock, or the lock file cannot be made.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    lock_path = os.path.abspath(path) + LOCK_SUFFIX  # a later chdir does not move it
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OSError(f"checkpoint={path!r} cannot be opened: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The map that held it removes the file before it lets go: a lock
+            # taken on a removed file guards nothing, so take the new one.
+            if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+                return fd, lock_path
+        except FileNotFoundError:
+            pass  # removed since it was opened: open it again
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise OSError(
+                f"checkpoint={path!r} cannot be opened: another map is using it (in this "
+                "process or another); wait for it to finish, or pass the path of another file"
+            ) from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _unlock(lock: Lock | None) -> None:
+    """Remove the lock file, then let go of the lock (see _lock)."""
+    if lock is None:
+        return
+    fd, lock_path = lock
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+    finally:
+        os.close(fd)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Iterator[Row]:
@@ -661,13 +810,30 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Iterator[Row]:
     ``kind`` is PLAIN (the value is the result itself), ENCODED (the
     serializer's bytes or text for the result) or FAILED (for the final
     failure). For looking into a file; a map reads it by itself.
+
+    Raises:
+        OSError: the file cannot be opened (it is missing: it is not created).
+        ValueError: it is not a corral checkpoint, or a chunk is damaged.
     """
+    import pathlib
     import sqlite3
 
     path = os.fspath(path)
-    db = sqlite3.connect(path)
+    # mode=rw: a mistyped path is an error, not a new empty database. Not
+    # mode=ro: a read-only connection cannot remove the write-ahead log
+    # files it opens, and the file is to stay one self-contained file.
+    uri = pathlib.Path(os.path.abspath(path)).as_uri() + "?mode=rw"
     try:
-        rows = db.execute("SELECT seq, ids, kinds, vals FROM corral_chunks ORDER BY seq")
+        db = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error as exc:
+        raise OSError(f"checkpoint={path!r} cannot be opened: {exc}") from exc
+    try:
+        try:
+            rows = db.execute("SELECT seq, ids, kinds, vals FROM corral_chunks ORDER BY seq")
+        except sqlite3.DatabaseError as exc:
+            if is_disk_error(exc):
+                raise OSError(f"checkpoint={path!r} cannot be opened: {exc}") from exc
+            raise ValueError(f"checkpoint={path!r} is not a corral checkpoint ({exc})") from exc
         for row in rows:
             _, ids, kinds, values = _decode_chunk(path, row)
             if kinds is None:

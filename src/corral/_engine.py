@@ -75,12 +75,15 @@ class Halt(BaseException):
 
     A BaseException so that no retry policy or ``except Exception`` in a
     wrapper mistakes it for the call's failure. ``reason`` is raised to the
-    consumer once everything in flight has finished.
+    consumer once everything in flight has finished. ``started``: the item
+    was called all the same (the stop refused its retry, or its result), so
+    the stats count it as started, as a call cut short.
     """
 
-    def __init__(self, reason: BaseException) -> None:
+    def __init__(self, reason: BaseException, *, started: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.started = started
 
 
 class Observer(Protocol):
@@ -212,8 +215,8 @@ class _SyncSource:
     async def refill(self) -> bool:
         return False  # a sync input is exhausted when its iterator is
 
-    def start(self, engine: Engine[Any, Any]) -> None:
-        pass
+    def start(self, engine: Engine[Any, Any]) -> asyncio.Task[None] | None:
+        return None  # a sync input needs no feeder
 
     async def close(self) -> None:
         pass
@@ -362,8 +365,8 @@ class _ChunkedSource:
         finally:
             self._spent = True
 
-    def start(self, engine: Engine[Any, Any]) -> None:
-        pass
+    def start(self, engine: Engine[Any, Any]) -> asyncio.Task[None] | None:
+        return None  # a sync input needs no feeder
 
     async def close(self) -> None:
         pass
@@ -390,7 +393,14 @@ class _AsyncSource:
     """Feeds an async iterable to the workers through a bounded buffer."""
 
     def __init__(self, items: AsyncIterable[Any], capacity: int) -> None:
-        self._aiter = aiter(items)
+        # type(items).__aiter__ as aiter() calls it: its own errors are the input's.
+        iterator = type(items).__aiter__(items)
+        if not hasattr(type(iterator), "__anext__"):
+            raise TypeError(
+                f"items must be an iterable or an async iterable; got items={items!r}, "
+                f"whose __aiter__() returned {iterator!r}, which has no __anext__()"
+            )
+        self._aiter: AsyncIterator[Any] = iterator
         self._buffer: deque[tuple[int, Any]] = deque()
         self.pairs = _BufferIterator(self._buffer)
         self._capacity = capacity
@@ -398,13 +408,14 @@ class _AsyncSource:
         self._exhausted = False
         self._starved: deque[asyncio.Future[None]] = deque()  # workers waiting for items
         self._space: asyncio.Future[None] | None = None  # the feeder waiting for room
-        self.feeder: asyncio.Task[None] | None = None
 
     def pulled(self) -> int:
         return self._count - len(self._buffer)
 
-    def start(self, engine: Engine[Any, Any]) -> None:
-        self.feeder = engine.spawn(self._feed(engine))
+    def start(self, engine: Engine[Any, Any]) -> asyncio.Task[None] | None:
+        feeder: asyncio.Task[None] = engine.spawn(self._feed(engine))
+        feeder.add_done_callback(engine.feeder_finished)
+        return feeder
 
     async def _feed(self, engine: Engine[Any, Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -419,6 +430,13 @@ class _AsyncSource:
                     await self._space
         except Exception as exc:
             engine.fail(exc)
+        except BaseException as exc:
+            # Not an Exception: ending quietly would read as the end of the
+            # input. The run raises it (the workers woken below see it), as it
+            # does one from a worker; engine.feeder_finished retrieves it.
+            if not isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                engine.fail(exc)
+            raise
         finally:
             self._exhausted = True
             while self._starved:
@@ -533,6 +551,10 @@ class Engine(Generic[T, R]):
 
         self._phase = _Phase.IDLE
         self._source: _SyncSource | _ChunkedSource | _AsyncSource
+        # An async input's feeder task (see _AsyncSource); None for a sync input.
+        self._feeder: asyncio.Task[None] | None = None
+        # Set while aclose() runs; a second aclose() waits for the first.
+        self._closed: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._alive = 0  # worker tasks not yet finished
         self._unstarted = 0  # workers spawned that have not pulled an item yet
@@ -582,26 +604,36 @@ class Engine(Generic[T, R]):
                 observer.start()
             self._stop_observers()
             return
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        items = self._items
+        try:
+            if isinstance(items, AsyncIterable):
+                capacity = self._max_workers or 1024
+                self._source = _AsyncSource(items, capacity)
+            elif self._recorder is not None and self._recorder.screen is not None:
+                # Pulled ahead by at most the pool's size, like the workers do.
+                size = min(CHUNK, self._max_workers or CHUNK)
+                self._source = _ChunkedSource(items, self._recorder, size)
+            else:
+                self._source = _SyncSource(items)
+        except BaseException:
+            # The input cannot be read (its __aiter__ failed): nothing started,
+            # nothing to close.
+            self._phase = _Phase.CLOSED
+            raise
+        self._loop = loop
         self._started_at = loop.time()
         self._phase = _Phase.RUNNING
         if self._collect:
             self._done = loop.create_future()
-        items = self._items
-        if isinstance(items, AsyncIterable):
-            capacity = self._max_workers or 1024
-            self._source = _AsyncSource(items, capacity)
-        elif self._recorder is not None and self._recorder.screen is not None:
-            # Pulled ahead by at most the pool's size, like the workers do.
-            size = min(CHUNK, self._max_workers or CHUNK)
-            self._source = _ChunkedSource(items, self._recorder, size)
-        else:
-            self._source = _SyncSource(items)
-        self._source.start(self)
-        self._alive = self._unstarted = 1
-        self._start_worker()
+        # The timer first: under the eager task factory the feeder and the
+        # first worker run inside start(), and may stop the run (cancel() from
+        # fn), which must cancel the timer.
         if self._deadline is not None:
             self._deadline_handle = loop.call_later(self._deadline, self._on_deadline)
+        self._feeder = self._source.start(self)
+        self._alive = self._unstarted = 1
+        self._start_worker()
         for observer in self._observers:
             observer.start()
 
@@ -716,10 +748,13 @@ class Engine(Generic[T, R]):
                         return False
                     if bounded and index >= self._consumed + window:  # type: ignore[operator]
                         try:
-                            await self._wait_for_room(index)
+                            room = await self._wait_for_room(index)
                         except asyncio.CancelledError:
                             self._cancelled_waiting(index, item)
                             raise
+                        if not room:  # the run stopped while this one waited
+                            self._unstarted_item(index, item)
+                            return False
                     if first:
                         first = False
                         self._maybe_grow()
@@ -769,11 +804,18 @@ class Engine(Generic[T, R]):
                         self._check_cancellation(exc, index, item)
                         return False
                     except Halt as halt:  # the budget (or the checkpoint) refused it
-                        self._not_run += 1
+                        if not halt.started:
+                            self._not_run += 1
                         if recorder is not None:
                             recorder.halted(item, halt, direct)
                         self.halt(halt.reason, cancel_in_flight=False)
                         return False
+                    except BaseException as exc:
+                        # Not an Exception (KeyboardInterrupt, a framework's own):
+                        # the item failed; _worker_finished fails the run with it.
+                        if not isinstance(exc, GeneratorExit):
+                            self._failed += 1
+                        raise
                     if collect:
                         results[index] = value
                     else:
@@ -810,6 +852,17 @@ class Engine(Generic[T, R]):
         self._alive -= 1
         if self._alive == 0:
             self._all_workers_done()
+
+    def feeder_finished(self, task: asyncio.Task[None]) -> None:
+        """An async input's feeder ended: retrieve what it raised, or the loop logs it.
+
+        The feeder failed the run with it already (see ``_AsyncSource._feed``);
+        the first failure wins, so failing again changes nothing.
+        """
+        if not task.cancelled():
+            error = task.exception()
+            if error is not None:
+                self.fail(error)
 
     def _maybe_grow(self) -> None:
         """A new worker took its first item: if no other is waiting to start, double the pool.
@@ -880,7 +933,11 @@ class Engine(Generic[T, R]):
         error.__cause__ = exc
         self.fail(error)
 
-    async def _wait_for_room(self, index: int) -> None:
+    async def _wait_for_room(self, index: int) -> bool:
+        """Wait until item ``index`` fits in the window (or a halt lets it go).
+
+        Returns whether the run may still start calls (False once it stopped).
+        """
         assert self._loop is not None
         waiter = self._loop.create_future()
         self._blocked_seq += 1
@@ -894,6 +951,7 @@ class Engine(Generic[T, R]):
                 self._blocked.remove(entry)
                 heapq.heapify(self._blocked)
             raise
+        return not self._stopping
 
     def make_room(self) -> None:
         """Wake the blocked workers whose item now fits in the window.
@@ -931,13 +989,24 @@ class Engine(Generic[T, R]):
         if cancel_in_flight:
             current = asyncio.current_task()
             # An async input's feeder goes on when the rest of it is reported.
-            feeder = getattr(self._source, "feeder", None) if self._reporting else None
+            feeder = self._feeder if self._reporting else None
             for task in self._tasks:
                 if task is not current and task is not feeder:
                     task.cancel()
+        else:
+            # The workers waiting for the consumer hold items that will not
+            # start: they let them go now. Left waiting, one whose item is
+            # beyond an item that never ends (in input order) would wait for
+            # ever, and the consumer with it.
+            blocked, self._blocked = self._blocked, []
+            for _, _, waiter in blocked:
+                if not waiter.done():
+                    waiter.set_result(None)
         self._wake_consumer()
 
     def _on_deadline(self) -> None:
+        if self._halted or self._phase is not _Phase.RUNNING:
+            return  # stopped already (the timer may outlive a cancel() in start())
         self._deadline_passed = True
         reason = DeadlineExceeded(f"the map's deadline of {self._deadline} s passed")
         # With return_exceptions each cancelled call reports the deadline in its
@@ -959,6 +1028,10 @@ class Engine(Generic[T, R]):
             task = self.spawn(self._report_unstarted())
             task.add_done_callback(self._worker_finished)
             return
+        if self._deadline_handle is not None:
+            # Every call has ended: a deadline passing now cuts nothing short
+            # (a slow consumer is still reading what is done).
+            self._deadline_handle.cancel()
         if self._ended_at is None and self._loop is not None:
             self._ended_at = self._loop.time()
         self._wake_consumer()
@@ -1070,7 +1143,17 @@ class Engine(Generic[T, R]):
     # -- cleanup ----------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Cancel and await everything the run started; idempotent."""
+        """Cancel and await everything the run started; idempotent.
+
+        A close while another is under way (``aclose()`` from another task, the
+        consumer leaving meanwhile) returns once that one has finished.
+        """
+        if self._closed is not None:
+            # A close from one of the run's own tasks (fn) returns at once: the
+            # close under way waits for that task.
+            if asyncio.current_task() not in self._tasks:
+                await self._wait_closed(self._closed)
+            return
         if self._phase is _Phase.CLOSED:
             return
         if self._phase is _Phase.IDLE:
@@ -1080,6 +1163,27 @@ class Engine(Generic[T, R]):
                 if aclose is not None:
                     await aclose()
             return
+        assert self._loop is not None
+        self._closed = self._loop.create_future()
+        try:
+            await self._close()
+        finally:
+            self._closed.set_result(None)
+
+    @staticmethod
+    async def _wait_closed(closed: asyncio.Future[None]) -> None:
+        """Wait for another task's close to finish; a cancellation meanwhile is
+        raised after it, as :meth:`_close` does its own."""
+        interrupted: asyncio.CancelledError | None = None
+        while not closed.done():
+            try:
+                await asyncio.shield(closed)
+            except asyncio.CancelledError as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+
+    async def _close(self) -> None:
         self._phase = _Phase.CLOSING
         self._stopping = True
         if self._deadline_handle is not None:
@@ -1134,12 +1238,25 @@ class Engine(Generic[T, R]):
 
     def cancel(self) -> None:
         """End the run early, keeping what is done (see :meth:`ResultStream.cancel`)."""
+        if self._reporting and self._phase is _Phase.RUNNING:
+            # The deadline passed (return_exceptions) and the items left are
+            # being reported: stop that too, or an endless input never ends.
+            self._reporting = False
+            current = asyncio.current_task()
+            for task in self._tasks:
+                if task is not current:
+                    task.cancel()
+            self._wake_consumer()
+            return
         self.halt(None, cancel_in_flight=True)
 
     def abandon(self) -> None:
         """Close the run in the background: its consumer is gone without closing it."""
         if self._phase in (_Phase.IDLE, _Phase.CLOSED) or self._loop is None:
             return
+        # No new call: a call that swallows its cancellation must not lead its
+        # worker on to the next item before the close below runs.
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         if not self._loop.is_closed():
@@ -1230,8 +1347,10 @@ class ResultStream(Generic[R]):
         No new call starts and the calls in flight are cancelled; the results
         already produced are still handed out (in input order: up to the first
         item that did not finish), then iteration ends without an error and
-        ``stats`` are final. Callable from the consumer's loop body or from
-        another task.
+        ``stats`` are final. Callable from the consumer's loop body, from
+        another task, or from ``fn`` (that call itself goes on to its end and
+        its result is kept); after the deadline passed with
+        ``return_exceptions=True`` it also ends the report of the items left.
         """
         self._engine.cancel()
 

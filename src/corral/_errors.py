@@ -13,8 +13,11 @@ class DeadlineExceeded(Exception):
     not started ("... before item 5 started"), so every item still has exactly
     one outcome and ``gather`` returns one per item. The rest of the input is
     read to report it (without calling ``fn``): for an endless input the
-    consumer decides when to stop. Neither kind is written to a checkpoint, so
-    a resume runs those items.
+    consumer decides when to stop (``break``, or ``results.cancel()``). Neither
+    kind is written to a checkpoint, so a resume runs those items.
+
+    A deadline that passes once every call has ended (the consumer still
+    reading the results) cuts nothing short and raises nothing.
     """
 
 
