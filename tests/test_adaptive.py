@@ -121,6 +121,25 @@ def test_adaptive_rejects_bad_bounds_naming_them(
         Adaptive(**kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "initial"),
+    [({"max": 2}, 2), ({"min": 10}, 10), ({"min": 2, "max": 3}, 3), ({"max": 64}, 4)],
+)
+def test_an_initial_not_given_is_4_or_the_bound_it_is_past(
+    kwargs: dict[str, int], initial: int
+) -> None:
+    """Adaptive(max=2) means "at most 2", not an error about a default nobody wrote."""
+    adaptive = Adaptive(**kwargs)
+    assert adaptive.initial == initial
+    assert type(adaptive.initial) is int
+    assert adaptive == Adaptive(initial=initial, **kwargs)
+
+
+def test_an_initial_given_out_of_bounds_is_still_refused() -> None:
+    with pytest.raises(ValueError, match="initial=4, max=2"):
+        Adaptive(initial=4, max=2)
+
+
 # -- Controller: hand-fed samples ------------------------------------------------------
 
 

@@ -168,11 +168,9 @@ async def test_a_usage_that_takes_the_result_is_accepted(usage: Callable[[Any], 
     assert await corral.gather(ident, [1, 2], rate=TOKENS, usage=usage) == [1, 2]  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("items", [3, 60])
-async def test_the_callables_are_inspected_once_per_map_not_per_call(
-    items: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Reading a signature is slow: fn, cost= and usage= are read when map() is called only."""
+@pytest.fixture
+def signature_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The callables whose signature is read from now on, in order."""
     seen: list[object] = []
     signature = inspect.signature
 
@@ -183,6 +181,15 @@ async def test_the_callables_are_inspected_once_per_map_not_per_call(
     monkeypatch.setattr(inspect, "signature", counting)
     # Plain functions are read from their code object instead: count them as the rest.
     monkeypatch.setattr(corral._numbers, "_binds_plainly", lambda fn, count: False)
+    return seen
+
+
+@pytest.mark.parametrize("items", [3, 60])
+async def test_the_callables_are_inspected_once_per_map_not_per_call(
+    items: int, signature_reads: list[object]
+) -> None:
+    """Reading a signature is slow: fn, cost= and usage= are read when map() is called only."""
+    seen = signature_reads
     meter = Meter()
     results = await corral.gather(ident, range(items), rate=TOKENS, cost=meter.cost, usage=meter)
     assert results == list(range(items))
@@ -379,18 +386,11 @@ async def test_a_predicate_of_the_exception_is_accepted_and_used(on: Any) -> Non
     assert not retry.retries(ValueError("final"))
 
 
-def test_a_predicate_is_inspected_once_per_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_predicate_is_inspected_once_per_retry(signature_reads: list[object]) -> None:
     """Made once; next_wait asks the predicate without reading its signature again."""
     import random
 
-    seen: list[object] = []
-    signature = inspect.signature
-
-    def counting(fn: Any, **kwargs: Any) -> inspect.Signature:
-        seen.append(fn)
-        return signature(fn, **kwargs)
-
-    monkeypatch.setattr(inspect, "signature", counting)
+    seen = signature_reads
     predicate = Transient()
     retry = Retry(attempts=50, on=predicate)
     for calls in range(1, 40):

@@ -601,3 +601,78 @@ async def test_a_stream_dropped_after_break_starts_no_new_call() -> None:
         await asyncio.sleep(0)  # the background close runs
     assert calls == at_break
     assert no_tasks_but_current()
+
+
+# -- one reader at a time -------------------------------------------------------------
+
+
+async def test_a_second_task_waiting_for_the_next_result_is_refused() -> None:
+    """Each result wakes one waiter: a second one would wait for ever, so it is told at once."""
+    release = asyncio.Event()
+
+    async def held(item: int) -> int:
+        await release.wait()
+        return item
+
+    async with asyncio.timeout(60):  # hang guard, not the assertion
+        async with corral.map(held, range(3), limit=3) as results:
+            first = asyncio.create_task(anext(results))
+            while results._engine._consumer is None:  # type: ignore[attr-defined]
+                await asyncio.sleep(0)  # until the first reader waits
+            with pytest.raises(RuntimeError, match="one task at a time"):
+                await anext(results)
+            release.set()
+            assert await first == 0
+            assert [value async for value in results] == [1, 2]
+
+
+async def test_a_second_reader_of_a_map_on_processes_is_refused() -> None:
+    """The same over worker processes: the only item sleeps there for 30 s, nothing wakes
+    the first reader meanwhile, and leaving the block stops the worker."""
+    from _work import async_sleep
+
+    async with asyncio.timeout(60):  # hang guard, not the assertion
+        async with corral.map(async_sleep, [30.0], processes=1) as results:
+            first = asyncio.create_task(anext(results))
+            while results._engine._consumer is None:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.01)  # until the first reader waits
+            with pytest.raises(RuntimeError, match="one task at a time"):
+                await anext(results)
+            first.cancel()
+
+
+# -- a stream dropped unclosed --------------------------------------------------------
+
+
+async def test_a_background_close_that_fails_is_logged_by_corral(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nobody awaits the close of a stream dropped after `break`: its failure goes to the log."""
+    closed = asyncio.Event()
+
+    async def items() -> AsyncIterator[int]:
+        try:
+            for i in range(100):
+                yield i
+        finally:
+            closed.set()
+            raise OSError("the input's own cleanup failed")
+
+    async def ident(item: int) -> int:
+        return item
+
+    async def consume() -> None:
+        async for _ in corral.map(ident, items(), limit=2):
+            break
+
+    await consume()
+    gc.collect()  # the stream, dropped unclosed, closes in the background
+    async with asyncio.timeout(10):  # hang guard, not the assertion
+        await closed.wait()
+        while not any("dropped unclosed failed" in r.getMessage() for r in caplog.records):
+            await asyncio.sleep(0)
+    (record,) = [r for r in caplog.records if "dropped unclosed failed" in r.getMessage()]
+    assert record.name == "corral"
+    assert record.exc_info is not None
+    assert "cleanup failed" in str(record.exc_info[1])
+    assert no_tasks_but_current()

@@ -228,6 +228,13 @@ def _interquartile_mean(samples: list[float]) -> float:
     return sum(middle) / len(middle)
 
 
+class _DefaultInitial(int):
+    """The type of ``Adaptive.initial``'s default, told apart from an explicit 4 by identity."""
+
+
+_DEFAULT_INITIAL = _DefaultInitial(4)
+
+
 @dataclass(frozen=True, slots=True)
 class Adaptive:
     """A concurrency limit that adapts to the service, within ``[min, max]``.
@@ -254,7 +261,8 @@ class Adaptive:
     ``max``.
 
     Args:
-        initial: the limit before anything is known, an int in [min, max].
+        initial: the limit before anything is known, an int in [min, max];
+            by default 4, or ``min`` or ``max`` when 4 is outside them.
             The default, 4, is low on purpose: the baseline latency can only
             be measured below the service's capacity, and slow start grows it
             by half each round trip or two (64 after 7 windows, 1000 after 14).
@@ -268,11 +276,12 @@ class Adaptive:
     .. versionadded:: 0.1
     """
 
-    initial: int = 4
+    initial: int = _DEFAULT_INITIAL
     min: int = 1
     max: int = 1000
 
     def __post_init__(self) -> None:
+        default = self.initial is _DEFAULT_INITIAL
         for name in ("initial", "min", "max"):
             value = getattr(self, name)
             message = (
@@ -286,6 +295,10 @@ class Adaptive:
             if value > MAX_LIMIT:
                 raise ValueError(f"{message} (at most {MAX_LIMIT:_})")
             object.__setattr__(self, name, int(value))
+        if default:
+            # Not given: 4 where the bounds allow it, else the bound it is past,
+            # so Adaptive(max=2) and Adaptive(min=10) mean what they say.
+            object.__setattr__(self, "initial", max(self.min, min(self.max, self.initial)))
         if not self.min <= self.initial <= self.max:
             raise ValueError(
                 "Adaptive needs min <= initial <= max; got "

@@ -45,7 +45,15 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+)
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._errors import DeadlineExceeded
@@ -68,6 +76,47 @@ class _Phase(enum.Enum):
     RUNNING = "running"  # workers pulling items
     CLOSING = "closing"  # failed, cancelled or left early: tasks being cancelled and awaited
     CLOSED = "closed"  # every task the run started has finished
+
+
+#: Only one task waits for a map's next result at a time: a second one would
+#: never be woken (each result wakes one waiter), so it is refused.
+CONCURRENT_READERS = (
+    "another task is already waiting for this map's next result: a map's results "
+    "are read by one task at a time (to share them, pass them on through an asyncio.Queue)"
+)
+
+
+#: Closes of runs whose consumer dropped them, until they end: the loop keeps
+#: only weak references to its tasks, and one collected midway never finishes.
+_BACKGROUND_CLOSES: set[asyncio.Task[None]] = set()
+
+
+def close_in_background(
+    loop: asyncio.AbstractEventLoop, aclose: Callable[[], Coroutine[Any, Any, None]]
+) -> None:
+    """Run ``aclose()`` on ``loop`` with nobody to await it; log what it raises.
+
+    For a stream dropped unclosed (``break`` out of a plain ``async for``),
+    from ``__del__``, which may run in any thread. The close cancels and
+    awaits what the run started; it fails only if closing the input does (an
+    async generator raising in its ``finally``), and nobody is left to tell
+    but the log.
+    """
+
+    def start() -> None:
+        task = loop.create_task(aclose())
+        _BACKGROUND_CLOSES.add(task)
+        task.add_done_callback(_background_close_done)
+
+    loop.call_soon_threadsafe(start)
+
+
+def _background_close_done(task: asyncio.Task[None]) -> None:
+    _BACKGROUND_CLOSES.discard(task)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        logger.error(
+            "corral: closing a map whose results were dropped unclosed failed", exc_info=error
+        )
 
 
 class Halt(BaseException):
@@ -1114,6 +1163,8 @@ class Engine(Generic[T, R]):
             if self._phase is not _Phase.RUNNING:
                 return False
             assert self._loop is not None
+            if self._consumer is not None:
+                raise RuntimeError(CONCURRENT_READERS)
             self._consumer = self._loop.create_future()
             try:
                 await self._consumer
@@ -1260,10 +1311,7 @@ class Engine(Generic[T, R]):
         for task in self._tasks:
             task.cancel()
         if not self._loop.is_closed():
-            # Nobody will await this: it only cancels, awaits and shuts down
-            # executors, and it cannot fail (errors were routed to the consumer).
-            loop = self._loop
-            loop.call_soon_threadsafe(lambda: loop.create_task(self.aclose()))
+            close_in_background(self._loop, self.aclose)
 
     # -- stats ------------------------------------------------------------
 

@@ -728,6 +728,27 @@ def _settle(job: _Job, ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
+def _take_chunk(waiting: deque[_Job], size: int) -> list[_Job]:
+    """Up to ``size`` waiting calls for one chunk, taken off the line.
+
+    Calls whose caller was cancelled before they were sent are dropped. A
+    suspect (of a crash, or of a chunk a worker could not unpickle) goes in
+    a chunk of its own, so a second failure names it.
+    """
+    jobs: list[_Job] = []
+    while waiting and len(jobs) < size:
+        job = waiting[0]
+        if job.future.done():
+            waiting.popleft()
+        elif job.suspect:
+            if not jobs:
+                jobs.append(waiting.popleft())
+            break
+        else:
+            jobs.append(waiting.popleft())
+    return jobs
+
+
 def _pickle_chunk(jobs: list[_Job]) -> tuple[list[_Job], bytes]:
     """The chunk's items as one pickle, and the jobs it holds.
 
@@ -996,18 +1017,7 @@ class ProcessPool:
         while waiting and free > 0:
             worker = min(workers, key=lambda w: len(w.chunks))
             size = self._sizer.size(len(waiting), free)
-            jobs: list[_Job] = []
-            while waiting and len(jobs) < size:
-                job = waiting[0]
-                if job.future.done():
-                    waiting.popleft()  # its caller was cancelled before it was sent
-                elif job.suspect:
-                    # A suspect of a crash runs alone, so a second crash names it.
-                    if not jobs:
-                        jobs.append(waiting.popleft())
-                    break
-                else:
-                    jobs.append(waiting.popleft())
+            jobs = _take_chunk(waiting, size)
             if jobs and self._send(worker, jobs):
                 free -= 1  # a chunk whose every item could not be pickled took no slot
 
@@ -1344,20 +1354,7 @@ class _ExecutorCalls:
                 size = 1  # each item's own clock
             else:
                 size = self._sizer.size(len(waiting), self._slots - self._busy)
-            jobs: list[_Job] = []
-            while waiting and len(jobs) < size:
-                job = waiting[0]
-                if job.future.done():
-                    waiting.popleft()  # its caller was cancelled before it was sent
-                elif job.suspect:
-                    # Its chunk could not be unpickled: it goes alone, so only
-                    # the culprit fails.
-                    if not jobs:
-                        jobs.append(waiting.popleft())
-                    break
-                else:
-                    jobs.append(waiting.popleft())
-            jobs, payload = _pickle_chunk(jobs)
+            jobs, payload = _pickle_chunk(_take_chunk(waiting, size))
             if not jobs:
                 continue
             try:

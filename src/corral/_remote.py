@@ -63,7 +63,7 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._engine import Halt, ResultStream
+from ._engine import CONCURRENT_READERS, Halt, ResultStream, close_in_background
 from ._stats import LatencyHistogram, Stats
 
 if TYPE_CHECKING:
@@ -522,6 +522,8 @@ class RemoteRun(abc.ABC, Generic[R]):
                     raise self._error
                 return False
             assert self._loop is not None
+            if self._consumer is not None:
+                raise RuntimeError(CONCURRENT_READERS)
             self._consumer = self._loop.create_future()
             try:
                 await self._consumer
@@ -567,8 +569,7 @@ class RemoteRun(abc.ABC, Generic[R]):
             return
         self._stop_now()
         if not self._loop.is_closed():
-            loop = self._loop
-            loop.call_soon_threadsafe(lambda: loop.create_task(self.aclose()))
+            close_in_background(self._loop, self.aclose)
 
     # -- stats ------------------------------------------------------------
 
