@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
+import reprlib
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +51,9 @@ __all__ = ["Meter", "UsageBudget", "metered", "token_usage"]
 Usage = Mapping[str, float]
 Call = Callable[[Any], Awaitable[Any]]
 
-_INF = math.inf
+#: The largest amount taken: an int past it has no float, and the rate gates
+#: compute in floats (an OverflowError there would leave a gate half moved).
+_MAX = sys.float_info.max
 
 
 def _get(obj: object, name: str) -> Any:
@@ -73,11 +76,11 @@ def _count(obj: object, name: str) -> float | None:
 
 
 def _num(value: object) -> float | None:
-    """A token count: a finite number >= 0 as a float; anything else None."""
+    """A token count: a number from 0 to the largest float, as a float; anything else None."""
     kind = type(value)
-    if (kind is int or kind is float) and 0 <= value < math.inf:  # type: ignore[operator]
+    if (kind is int or kind is float) and 0 <= value <= _MAX:  # type: ignore[operator]
         return float(value)  # type: ignore[arg-type]
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= _MAX:
         return float(value)  # NumPy numbers and other subclasses
     return None
 
@@ -102,6 +105,10 @@ def token_usage(result: object, *, cache_reads: bool = True) -> dict[str, float]
             limit for most models: pass ``cache_reads=False`` (e.g.
             ``usage=functools.partial(corral.token_usage, cache_reads=False)``)
             to leave them out (OpenAI's ``cached_tokens`` are then subtracted).
+
+    A count that is missing reads as 0; one that is present but unreadable
+    (not a number, negative, NaN, past the float range) is left out, with
+    ``tokens``, so that dimension keeps its reservation.
 
     Returns:
         The amounts, or None when ``result`` has no readable usage.
@@ -133,44 +140,43 @@ def token_usage(result: object, *, cache_reads: bool = True) -> dict[str, float]
     if raw_in is None and raw_out is None:
         raw_in, raw_out = get("prompt_tokens"), get("completion_tokens")
         details = "prompt_tokens_details"
+        if raw_in is None and raw_out is None:
+            return None
+    # A count that is absent reads as 0 (an SDK's optional field, the output
+    # of an embeddings call); one that is there but unreadable (a string,
+    # NaN, a negative or huge number) is left out, so its reservation stands
+    # instead of being refunded whole.
     kind = type(raw_in)
-    if (kind is int or kind is float) and 0 <= raw_in < _INF:
+    if (kind is int or kind is float) and 0 <= raw_in <= _MAX:
         input_tokens: float | None = raw_in
     else:
-        input_tokens = None if raw_in is None else _num(raw_in)
+        input_tokens = 0.0 if raw_in is None else _num(raw_in)
     kind = type(raw_out)
-    if (kind is int or kind is float) and 0 <= raw_out < _INF:
+    if (kind is int or kind is float) and 0 <= raw_out <= _MAX:
         output_tokens: float | None = raw_out
     else:
-        output_tokens = None if raw_out is None else _num(raw_out)
-    if input_tokens is None:
-        if output_tokens is None:
-            return None
-        input_tokens = 0.0
-    elif output_tokens is None:
-        output_tokens = 0.0
+        output_tokens = 0.0 if raw_out is None else _num(raw_out)
     raw_read, raw_write = get("cache_read_input_tokens"), get("cache_creation_input_tokens")
-    if raw_read is None and raw_write is None:
-        if cache_reads:
-            return {
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "tokens": input_tokens + output_tokens,
-            }
-        cache_read = cache_write = None
-    else:
-        cache_read = None if raw_read is None else _num(raw_read)
-        cache_write = None if raw_write is None else _num(raw_write)
-    if cache_read is not None or cache_write is not None:
+    if raw_read is not None or raw_write is not None:
         # Anthropic: the cache's tokens are reported apart from input_tokens.
-        input_tokens += cache_write or 0.0
-        if cache_reads:
-            input_tokens += cache_read or 0.0
-    elif not cache_reads:
+        cache_write = 0.0 if raw_write is None else _num(raw_write)
+        cache_read = 0.0 if raw_read is None or not cache_reads else _num(raw_read)
+        if input_tokens is not None:
+            if cache_write is None or cache_read is None:
+                input_tokens = None  # part of the input unreadable: keep its reservation
+            else:
+                input_tokens += cache_write + cache_read
+    elif not cache_reads and input_tokens is not None:
         # OpenAI: prompt/input tokens include the cached ones.
         cached = _count(_get(usage, details), "cached_tokens")
         if cached:
             input_tokens = max(0.0, input_tokens - cached)
+    if input_tokens is None or output_tokens is None:
+        if input_tokens is not None:
+            return {"input_tokens": input_tokens}
+        if output_tokens is not None:
+            return {"output_tokens": output_tokens}
+        return None
     return {
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
@@ -205,7 +211,7 @@ def _checked(what: str, amounts: object, subject: object = _GIVEN) -> Usage:
         # The common case, checked with exact types first: this runs per call.
         for name, value in amounts.items():
             kind = type(value)
-            if not ((kind is int or kind is float) and 0 <= value < math.inf and type(name) is str):
+            if not ((kind is int or kind is float) and 0 <= value <= _MAX and type(name) is str):
                 break
         else:
             if amounts.get("requests", 1.0) >= 1:
@@ -227,7 +233,7 @@ def _checked(what: str, amounts: object, subject: object = _GIVEN) -> Usage:
             not isinstance(name, str)
             or isinstance(value, bool)
             or not isinstance(value, int | float)
-            or not (value >= 0 and math.isfinite(value))
+            or not 0 <= value <= _MAX  # NaN, infinite, or an int past any float
         ):
             if given:
                 raise ValueError(
@@ -283,7 +289,9 @@ class Meter:
             # _checked()'s common case, inline: this runs before every call.
             for name, value in amounts.items():
                 kind = type(value)
-                if not ((kind is float or kind is int) and 0 <= value < _INF and type(name) is str):
+                if not (
+                    (kind is float or kind is int) and 0 <= value <= _MAX and type(name) is str
+                ):
                     break
             else:
                 if amounts.get("requests", 1.0) >= 1:
@@ -294,7 +302,15 @@ class Meter:
         """What the call that returned ``result`` spent, or None when unknown."""
         if self._usage is None:
             return token_usage(result)
-        amounts = self._usage(result)
+        try:
+            amounts = self._usage(result)
+        except Exception as exc:
+            # The call succeeded and its result is lost with this error: say
+            # where it came from (the type stays, so Retry(on=) reads it as before).
+            exc.add_note(
+                f"raised by usage={self._usage!r} reading the result {reprlib.repr(result)}"
+            )
+            raise
         return None if amounts is None else _checked("usage", amounts, result)
 
     @staticmethod
