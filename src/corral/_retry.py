@@ -133,9 +133,12 @@ def transient(exc: BaseException) -> bool:
     (``TransportError``, except ``UnsupportedProtocol`` and
     ``LocalProtocolError``), and any exception carrying an HTTP status of 408,
     429, 500, 502, 503 or 504 (aiohttp's ``ClientResponseError.status``, httpx's
-    ``HTTPStatusError.response.status_code``). False for everything else, in
-    particular programming errors (``TypeError``, ``ValueError``, ``KeyError``,
-    ...) and other HTTP statuses (a 404 stays a 404). Always False for a
+    ``HTTPStatusError.response.status_code``). An HTTP status decides even on
+    an ``OSError`` (urllib's ``HTTPError`` is one: its 404 is final). An
+    ``ExceptionGroup`` is transient when every exception in it is. False for
+    everything else, in particular programming errors (``TypeError``,
+    ``ValueError``, ``KeyError``, ...) and other HTTP statuses (a 404 stays a
+    404). Always False for a
     ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``,
     ``SystemExit``, ``asyncio.CancelledError``, ``GeneratorExit``).
 
@@ -145,12 +148,19 @@ def transient(exc: BaseException) -> bool:
     """
     if not isinstance(exc, Exception):
         return False
+    if isinstance(exc, ExceptionGroup):
+        # A TaskGroup inside the function fails with a group: it is worth
+        # another call only if every failure in it is (one bug makes it final).
+        return all(transient(leaf) for leaf in exc.exceptions)
+    status = _status(exc)
+    if status is not None and 100 <= status <= 599:
+        # An HTTP status decides, even on an OSError: urllib's HTTPError is
+        # one, and its 404 must stay a 404.
+        return status in _TRANSIENT_STATUSES
     if isinstance(exc, OSError | RetryAfter):
         return True
     names = {cls.__name__ for cls in type(exc).__mro__}
-    if names & _TRANSIENT_NAMES and not names & _PERMANENT_NAMES:
-        return True
-    return _status(exc) in _TRANSIENT_STATUSES
+    return bool(names & _TRANSIENT_NAMES) and not names & _PERMANENT_NAMES
 
 
 # --- Server-directed waits ----------------------------------------------------
@@ -165,12 +175,25 @@ def transient(exc: BaseException) -> bool:
 _DELTA_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
+def _text(value: object) -> str | None:
+    # A lower-level client hands over bytes; HTTP header bytes are Latin-1
+    # (RFC 9110 section 5.5), which decodes any byte string.
+    if isinstance(value, bytes | bytearray):
+        return value.decode("latin-1")
+    return value if isinstance(value, str) else None
+
+
 def _header(headers: object, name: str) -> str | None:
-    """The value of header ``name`` (lower case) in any mapping, matched case-insensitively."""
+    """The value of header ``name`` (lower case) in any mapping, matched case-insensitively.
+
+    The first occurrence counts (aiohttp's multidict yields each repeat), and
+    keys and values may be str or bytes.
+    """
     try:
         for key, value in headers.items():  # type: ignore[attr-defined]
-            if isinstance(key, str) and key.lower() == name:
-                return value if isinstance(value, str) else None
+            key = _text(key)
+            if key is not None and key.lower() == name:
+                return _text(value)
     except Exception:
         # Not a mapping (None included), or one whose iteration fails.
         return None
@@ -180,8 +203,9 @@ def _header(headers: object, name: str) -> str | None:
 def _seconds(text: str | None, *, scale: float = 1.0) -> float | None:
     if text is None or not _DELTA_SECONDS.fullmatch(text.strip()):
         return None
-    seconds = float(text) * scale
-    return seconds if math.isfinite(seconds) else None
+    # Digits past the float range read as inf: a wait longer than any cap,
+    # which fails the item (Retry.next_wait), not one to ignore and retry at once.
+    return float(text.strip()) * scale
 
 
 def _http_date(text: str | None, now: float | None) -> float | None:
@@ -208,28 +232,71 @@ def retry_after_seconds(exc: BaseException, *, now: float | None = None) -> floa
     429 or 503, the response headers (aiohttp's ``exc.headers``, httpx's
     ``exc.response.headers``), matched case-insensitively: ``retry-after-ms``
     (milliseconds) first, then ``retry-after`` as delta-seconds (``"120"``,
-    ``"1.5"``) or an HTTP-date (``"Wed, 21 Oct 2015 07:28:00 GMT"``; a date in the
-    past means 0). None when there is no such header, or its value is garbage or
-    negative.
+    ``"1.5"``) or an HTTP-date (``"Wed, 21 Oct 2015 07:28:00 GMT"``, or the
+    obsolete RFC 850 and asctime forms; a date in the past means 0). Header
+    names and values may be str or bytes; of a repeated header (httpx joins
+    repeats with ", ") the first valid value counts. For an ``ExceptionGroup``,
+    the longest wait among its exceptions. None when there is no such header,
+    or its value is garbage, negative, or a number too large for a float (a
+    wait no cap allows: :meth:`Retry.next_wait` fails the item on it).
 
     Args:
         exc: the failure.
         now: the wall-clock time (``time.time()`` seconds) an HTTP-date is
             measured from; ``time.time()`` when None.
     """
+    seconds = _server_wait(exc, now)
+    return None if seconds == math.inf else seconds
+
+
+def _server_wait(exc: BaseException, now: float | None) -> float | None:
+    """:func:`retry_after_seconds`, but ``math.inf`` for a number too large for a float."""
     if isinstance(exc, RetryAfter):
         return exc.seconds
+    if isinstance(exc, BaseExceptionGroup):
+        # The longest wait any failure in the group asked for.
+        waits = [_server_wait(leaf, now) for leaf in exc.exceptions]
+        return max((wait for wait in waits if wait is not None), default=None)
     if _status(exc) not in _RETRY_AFTER_STATUSES:
         return None
     headers = _attr(exc, "headers")
     if headers is None:
         headers = _attr(_attr(exc, "response"), "headers")
-    milliseconds = _seconds(_header(headers, "retry-after-ms"), scale=0.001)
-    if milliseconds is not None:
-        return milliseconds
-    value = _header(headers, "retry-after")
-    seconds = _seconds(value)
-    return seconds if seconds is not None else _http_date(value, now)
+    for value in _values(_header(headers, "retry-after-ms")):
+        milliseconds = _seconds(value, scale=0.001)
+        if milliseconds is not None:
+            return milliseconds
+    text = _header(headers, "retry-after")
+    for value in _values(text):
+        seconds = _seconds(value)
+        if seconds is None:
+            seconds = _http_date(value, now)
+        if seconds is not None:
+            return seconds
+    return None
+
+
+def _values(text: str | None) -> list[str]:
+    """The candidate values of a header, the whole of it first.
+
+    httpx (like HTTP itself) joins repeated headers with ", ", and an HTTP-date
+    holds a comma too ("Wed, 21 Oct 2015 ..."): after the whole text, each
+    comma-separated piece is a candidate, and so is each pair of adjacent
+    pieces, so that a repeated date is read as one. The first valid one counts.
+    """
+    if text is None:
+        return []
+    if "," not in text:
+        return [text]
+    # The first eight pieces at most: a header of a thousand commas (from a
+    # broken or hostile server) costs no more parsing than a few repeats.
+    pieces = text.split(",", 8)[:8]
+    candidates = [text]
+    for i, piece in enumerate(pieces):
+        candidates.append(piece)
+        if i + 1 < len(pieces):
+            candidates.append(f"{piece},{pieces[i + 1]}")
+    return candidates
 
 
 # --- The policy -----------------------------------------------------------------
@@ -433,9 +500,11 @@ class Retry:
         again, the item fails with ``exc``. That is the case when ``on`` does
         not retry ``exc`` (or it is not an ``Exception`` at all), when
         ``calls_made`` has reached ``attempts``, and when the server asked for a
-        wait above ``max_retry_after``. Otherwise the wait is the backoff for
-        retry ``calls_made`` (jittered with ``rng`` if ``jitter``), raised to the
-        server-directed wait if there is one.
+        wait above ``max_retry_after`` (or an endless one, whatever the cap).
+        Otherwise the wait is the backoff for retry ``calls_made`` (jittered
+        with ``rng`` if ``jitter``), raised to the server-directed wait if
+        there is one. An exception raised by an ``on`` predicate propagates:
+        a bug in it surfaces rather than passing for "do not retry".
 
         Args:
             exc: the failure of the latest call.
@@ -453,10 +522,11 @@ class Retry:
             return None
         bound = self.backoff_bound(calls_made)
         wait = rng.uniform(0.0, bound) if self.jitter else bound
-        server = retry_after_seconds(exc, now=now)
+        server = _server_wait(exc, now)
         if server is None:
             return wait
-        if server > self.max_retry_after:
+        if server > self.max_retry_after or server == math.inf:
+            # Not even max_retry_after=inf sleeps forever.
             return None
         return max(wait, server)
 
