@@ -272,8 +272,8 @@ class RemoteRun(abc.ABC, Generic[R]):
     # -- lifecycle --------------------------------------------------------
 
     def start(self) -> None:
-        if self._phase is not _Phase.IDLE:
-            return
+        if self._phase is not _Phase.IDLE or self._halted:
+            return  # cancelled before it started: it never will (as in one process)
         loop = self._loop = asyncio.get_running_loop()
         self._started_at = loop.time()
         self._phase = _Phase.RUNNING
@@ -334,6 +334,14 @@ class RemoteRun(abc.ABC, Generic[R]):
             else:
                 await self._feed_sync(iter(items))
         except Exception as exc:  # the input itself raised (or a batch could not be sent)
+            self._fail(exc)
+            return
+        except (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit):
+            raise  # stopped, or out of the loop as from anywhere else
+        except BaseException as exc:
+            # Not an Exception: ending quietly would read as the end of the
+            # input, and the consumer would wait for ever. Raised as the map's
+            # failure, as in one process.
             self._fail(exc)
             return
         self._input_done = True
@@ -476,6 +484,9 @@ class RemoteRun(abc.ABC, Generic[R]):
 
     def cancel(self) -> None:
         """``cancel()``: stop starting and running calls; keep the results already ready."""
+        if self._phase is _Phase.IDLE:
+            self._halted = True  # before it started: no worker is ever started
+            return
         if not self._live():
             return
         self._halted = True
@@ -550,8 +561,18 @@ class RemoteRun(abc.ABC, Generic[R]):
         closed = self._closed = self._loop.create_future()
         if not clean:
             self._stop_now()
+        interrupted: asyncio.CancelledError | None = None
         try:
-            await self._settle()
+            # Until every task has finished: a cancellation of this close (an
+            # outer timeout, a second Ctrl-C) does not stop it halfway, or the
+            # feeder could outlive it, still inside the async input this close
+            # then fails to close. It is raised once all is done, as in one process.
+            while True:
+                try:
+                    await self._settle()
+                    break
+                except asyncio.CancelledError as exc:
+                    interrupted = exc
         finally:
             try:
                 await self._release(clean)
@@ -562,6 +583,8 @@ class RemoteRun(abc.ABC, Generic[R]):
                 closed.set_result(None)
                 self._wake_consumer()
                 await _close_input(self._items)
+        if interrupted is not None:
+            raise interrupted
 
     def abandon(self) -> None:
         """The consumer dropped the stream unclosed: stop the workers, close in the background."""
@@ -579,7 +602,11 @@ class RemoteRun(abc.ABC, Generic[R]):
         ended = self._ended_at if self._ended_at is not None else self._loop.time()
         elapsed = ended - self._started_at
         done = self._completed + self._failed
-        started, in_flight, retried = self._counts(done, self._live())
+        # Asked as if running, so that the calls an early stop cut short still
+        # count as started (as in one process); none is in flight once stopped.
+        started, in_flight, retried = self._counts(done, True)
+        if not self._live():
+            in_flight = 0
         histogram = self._histogram
         return Stats(
             started=started,
@@ -725,8 +752,14 @@ class RemoteCall:
             if clean and not self._futures and run._phase is _Phase.RUNNING and not run._error:
                 # Every outcome is in: the run ends as the workers finish, and
                 # raises its own error if one came after the last outcome.
-                while await run.wait_next():  # pragma: no cover - nothing is ever ready
-                    run.take()
+                try:
+                    while await run.wait_next():  # pragma: no cover - nothing is ever ready
+                        run.take()
+                except BaseException:
+                    # Interrupted (an outer timeout, a second Ctrl-C): the close
+                    # goes on, stopping the workers, before it is raised.
+                    await run.aclose()
+                    raise
             else:
                 await run.aclose()
         finally:
