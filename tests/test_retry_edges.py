@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from corral import RetryBudget
 from corral._retry import Retry, retry_after_seconds, transient
+from test_retry import Response, ResponseError  # the duck-typed HTTP error shapes
 
 
 def httpx_error(status: int, headers: Any = None) -> httpx.HTTPStatusError:
@@ -26,22 +27,6 @@ def httpx_error(status: int, headers: Any = None) -> httpx.HTTPStatusError:
     request = httpx.Request("GET", "http://127.0.0.1/")
     response = httpx.Response(status, headers=headers, request=request)
     return httpx.HTTPStatusError(f"status {status}", request=request, response=response)
-
-
-class Response:
-    """Just enough of an HTTP response for duck typing."""
-
-    def __init__(self, status_code: object, headers: object = None) -> None:
-        self.status_code = status_code
-        self.headers = headers
-
-
-class ResponseError(Exception):
-    """A third-party HTTP error that carries a response like httpx does."""
-
-    def __init__(self, response: object) -> None:
-        super().__init__(response)
-        self.response = response
 
 
 def urllib_error(status: int) -> urllib.error.HTTPError:
