@@ -7,6 +7,8 @@ The worker processes are real; the calls log ``pid x`` to a file (see
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -422,4 +424,30 @@ async def test_a_cancelled_aclose_still_finishes_every_task_then_raises(tmp_path
                 await closing
         assert left == [0]  # every task of the run had finished when the close ended
         assert stream._run.finished
+    await no_worker_left()
+
+
+async def test_a_worker_lost_after_the_last_outcome_is_raised_by_the_clean_close(
+    tmp_path: Path,
+) -> None:
+    """With the engine in front, a worker that dies once every outcome is in (before
+    the close) still ends the map with WorkerCrashed, as it does during the close and
+    without the engine: whether it is raised does not depend on when it came."""
+    log = tmp_path / "calls"
+    call = sharded_call(async_logged, processes=2, limit=2, rate=None, timeout=None, retry=None)
+    async with asyncio.timeout(60):  # hang guard
+        assert await call((str(log), 3)) == 9
+        run = call._run
+        child = run._children[0]
+        assert child.process is not None
+        assert child.process.pid is not None
+        os.kill(child.process.pid, signal.SIGKILL)
+        for _ in range(400):  # the loss is noticed through its link and the exit code
+            if run._error is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert isinstance(run._error, corral.WorkerCrashed)
+        with pytest.raises(corral.WorkerCrashed):
+            await call.close(True)
+    assert run.finished
     await no_worker_left()

@@ -749,9 +749,11 @@ class RemoteCall:
         self._submissions.close()
         run = self._run
         try:
-            if clean and not self._futures and run._phase is _Phase.RUNNING and not run._error:
+            if clean and not self._futures and run._phase is _Phase.RUNNING:
                 # Every outcome is in: the run ends as the workers finish, and
-                # raises its own error if one came after the last outcome.
+                # raises its own error if one came after the last outcome,
+                # whether before this close or during it (as the map without
+                # an engine in front does).
                 try:
                     while await run.wait_next():  # pragma: no cover - nothing is ever ready
                         run.take()
