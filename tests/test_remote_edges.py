@@ -451,3 +451,42 @@ async def test_a_worker_lost_after_the_last_outcome_is_raised_by_the_clean_close
             await call.close(True)
     assert run.finished
     await no_worker_left()
+
+
+async def test_a_second_aclose_cancelled_while_the_first_runs_waits_for_it_then_raises(
+    tmp_path: Path,
+) -> None:
+    """Two acloses, the second cancelled while the first waits for the input's cleanup:
+    the second does not return before the first has finished (its caller's
+    ``async with`` would end with the run still stopping), then raises the cancellation."""
+    log = tmp_path / "calls"
+    cleaning, release = asyncio.Event(), asyncio.Event()
+
+    async def source() -> AsyncIterator[tuple[str, int]]:
+        try:
+            yield (str(log), 0)
+            await asyncio.Event().wait()  # never set: the feeder waits here
+        finally:
+            cleaning.set()
+            await release.wait()  # an async cleanup, e.g. closing a connection
+
+    async with asyncio.timeout(60):  # hang guard
+        stream = corral.map(async_logged, source(), processes=2)
+        async with stream:
+            assert await anext(stream) == 0
+            first = asyncio.create_task(stream.aclose())
+            await cleaning.wait()
+            second = asyncio.create_task(stream.aclose())
+            await asyncio.sleep(0)  # the second is waiting for the first
+            second.cancel()
+            try:
+                for _ in range(50):  # time for a second that returns early to do so
+                    await asyncio.sleep(0)
+                assert not second.done()
+            finally:
+                release.set()
+            await first
+            with pytest.raises(asyncio.CancelledError):
+                await second
+        assert stream._run.finished
+    await no_worker_left()

@@ -228,6 +228,23 @@ class Run(Protocol):
     def abandon(self) -> None: ...
 
 
+async def wait_closed(closed: asyncio.Future[None]) -> None:
+    """Wait for another task's close to finish (``closed`` is set when it has).
+
+    A cancellation meanwhile is raised after it, as a close raises its own:
+    a second ``aclose()`` that returned at once would leave the first still
+    stopping what the map started, past the caller's ``async with``.
+    """
+    interrupted: asyncio.CancelledError | None = None
+    while not closed.done():
+        try:
+            await asyncio.shield(closed)
+        except asyncio.CancelledError as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+
+
 class _Retried:
     """A mutable counter the call wrappers share with the engine's stats."""
 
@@ -1203,7 +1220,7 @@ class Engine(Generic[T, R]):
             # A close from one of the run's own tasks (fn) returns at once: the
             # close under way waits for that task.
             if asyncio.current_task() not in self._tasks:
-                await self._wait_closed(self._closed)
+                await wait_closed(self._closed)
             return
         if self._phase is _Phase.CLOSED:
             return
@@ -1220,19 +1237,6 @@ class Engine(Generic[T, R]):
             await self._close()
         finally:
             self._closed.set_result(None)
-
-    @staticmethod
-    async def _wait_closed(closed: asyncio.Future[None]) -> None:
-        """Wait for another task's close to finish; a cancellation meanwhile is
-        raised after it, as :meth:`_close` does its own."""
-        interrupted: asyncio.CancelledError | None = None
-        while not closed.done():
-            try:
-                await asyncio.shield(closed)
-            except asyncio.CancelledError as exc:
-                interrupted = exc
-        if interrupted is not None:
-            raise interrupted
 
     async def _close(self) -> None:
         self._phase = _Phase.CLOSING

@@ -63,7 +63,7 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._engine import CONCURRENT_READERS, Halt, ResultStream, close_in_background
+from ._engine import CONCURRENT_READERS, Halt, ResultStream, close_in_background, wait_closed
 from ._stats import LatencyHistogram, Stats
 
 if TYPE_CHECKING:
@@ -549,7 +549,7 @@ class RemoteRun(abc.ABC, Generic[R]):
             return
         if self._phase is _Phase.CLOSING:
             assert self._closed is not None
-            await asyncio.shield(self._closed)  # another caller is closing: wait for it
+            await wait_closed(self._closed)  # another caller is closing: wait for it
             return
         if self._phase is _Phase.IDLE:
             self._phase = _Phase.CLOSED
