@@ -498,6 +498,34 @@ async def test_processes_takes_a_numpy_int_as_limit_does() -> None:
         assert [r async for r in out] == [0, 1, 4, 9]
 
 
+@pytest.mark.parametrize(("processes", "limit"), [(10**400, None), (10**400, 100), (1025, 10)])
+def test_more_processes_than_a_machine_can_run_are_refused_naming_them(
+    processes: int, limit: int | None
+) -> None:
+    """processes=10**400 with limit=None failed with a bare OverflowError (a list of
+    that many shares), and with a huge limit never returned; 1,025 processes would
+    each start an interpreter. Refused at once, naming the value."""
+    from _work import async_square
+
+    with pytest.raises(
+        ValueError, match=r"^processes must be at most 1024 .*got processes="
+    ) as info:
+        corral.map(async_square, range(3), processes=processes, limit=limit)
+    assert str(info.value).endswith(f"got processes={processes!r}")
+    # 1,024 is still taken (no process starts until the map is iterated).
+    corral.map(async_square, range(3), processes=1024, limit=limit)
+
+
+def test_more_ray_actors_than_a_cluster_could_hold_are_refused_naming_them() -> None:
+    from corral._ray import check_actors
+
+    assert check_actors(100_000) == 100_000
+    for actors in (100_001, 10**400):
+        with pytest.raises(ValueError, match=r"^ray_actors must be at most 100_000 .*") as info:
+            check_actors(actors)
+        assert str(info.value).endswith(f"got ray_actors={actors!r}")
+
+
 # -- progress= and item_id= ----------------------------------------------------------
 
 

@@ -672,6 +672,13 @@ def _weighted_limiter(limiter: Limiter) -> bool:
     return isinstance(spec, tuple) or (isinstance(spec, Rate) and spec.weighted)
 
 
+#: The most worker processes ``processes=`` starts: each is an operating-system
+#: process with its own interpreter (tens of MB) and sockets, so far more
+#: than a machine's cores is a mistake, and a huge number would not fail
+#: until a list of that many shares was built (never, for 10**400).
+MAX_PROCESSES = 1024
+
+
 def _check_processes(processes: object) -> int | None:
     if processes is None:
         return None
@@ -679,6 +686,12 @@ def _check_processes(processes: object) -> int | None:
         raise ValueError(
             "processes must be an int >= 1 (worker processes, each with its own event "
             f"loop) or None (run in this process); got processes={processes!r}"
+        )
+    if processes > MAX_PROCESSES:
+        raise ValueError(
+            f"processes must be at most {MAX_PROCESSES} (worker processes, each an "
+            f"operating-system process; this machine has {os.cpu_count()} CPUs); "
+            f"got processes={processes!r}"
         )
     return int(processes)  # a numpy int, as limit= takes, made a plain one
 

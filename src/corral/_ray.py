@@ -731,6 +731,12 @@ def check_address(address: object) -> None:
         )
 
 
+#: The most actors ``ray_actors=`` asks for: each takes a CPU of the cluster
+#: (and a process), and a huge number would not fail until a list of that
+#: many shares of the limit was built (never, for 10**400).
+MAX_ACTORS = 100_000
+
+
 def check_actors(actors: object) -> int | None:
     if actors is None:
         return None
@@ -738,6 +744,11 @@ def check_actors(actors: object) -> int | None:
         raise ValueError(
             "ray_actors must be an int >= 1 (Ray actors, each with its own event loop) or "
             f"None (one per CPU of the cluster); got ray_actors={actors!r}"
+        )
+    if actors > MAX_ACTORS:
+        raise ValueError(
+            f"ray_actors must be at most {MAX_ACTORS:_} (Ray actors, each taking a CPU "
+            f"of the cluster); got ray_actors={actors!r}"
         )
     return int(actors)  # a numpy int, as limit= takes, made a plain one
 
