@@ -78,7 +78,13 @@ def test_only_runs_the_named_parts_and_says_how_to_measure_the_rest(tmp_path: Pa
     [
         (["bench", "--only", "network"], "argument --only: must be parts from overhead,"),
         (["bench", "--only", ","], "argument --only: must be parts from overhead,"),
-        (["bench", "--scale", "-1"], "argument --scale: must be a number >= 0, got '-1'"),
+        (["bench", "--scale", "-1"], "argument --scale: must be a number > 0 and <= 100, got '-1'"),
+        (["bench", "--scale", "0"], "argument --scale: must be a number > 0 and <= 100, got '0'"),
+        # Sizes are ints: a scale this large overflowed them with a traceback.
+        (["bench", "--scale", "1e308"], "argument --scale: must be a number > 0 and <= 100"),
+        (["bench", "--scale", "inf"], "argument --scale: must be a number > 0 and <= 100"),
+        (["bench", "--scale", "nan"], "argument --scale: must be a number > 0 and <= 100"),
+        (["bench", "--scale", "tiny"], "argument --scale: must be a number > 0 and <= 100"),
     ],
 )
 def test_bad_arguments_are_usage_errors(

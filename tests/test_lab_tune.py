@@ -242,7 +242,26 @@ ITEMS = (1, 2, 3)
         (["tune", "http://127.0.0.1:9/", "--items", "range:3"], "--items is for module:function"),
         (["tune", f"{__name__}:capped_at_8", "--items", "range:0"], "needs an int N >= 1"),
         (["tune", f"{__name__}:capped_at_8", "--items", "nofile.txt"], "--items must be a file"),
-        (["tune", f"{__name__}:capped_at_8", "--max-limit", "0"], "--max-limit must be >= 1"),
+        (
+            ["tune", f"{__name__}:capped_at_8", "--max-limit", "0"],
+            "argument --max-limit: must be an int >= 1, got '0'",
+        ),
+        (
+            ["tune", f"{__name__}:capped_at_8", "--max-limit", "1" * 5000],
+            "argument --max-limit: must be an int >= 1, got '1111",
+        ),
+        (
+            ["tune", f"{__name__}:capped_at_8", "--trial-seconds", "0"],
+            "argument --trial-seconds: must be a number of seconds > 0, got '0'",
+        ),
+        (
+            ["tune", f"{__name__}:capped_at_8", "--trial-seconds", "1e400"],
+            "argument --trial-seconds: must be a number of seconds > 0, got '1e400'",
+        ),
+        (
+            ["tune", f"{__name__}:capped_at_8", "--trial-seconds", "nan"],
+            "argument --trial-seconds: must be a number of seconds > 0, got 'nan'",
+        ),
         (["tune", "http://[::1/"], "TARGET must be a valid URL, like http://127.0.0.1:8080/; got"),
         (["tune", "http://127.0.0.1:99999/"], "got 'http://127.0.0.1:99999/' (Port out of range"),
     ],
@@ -348,3 +367,18 @@ def test_when_every_call_fails_no_limit_is_recommended(
     assert saved["recommended_limit"] == 1
     assert saved["error"] == error
     assert not (tmp_path / "tune.png").exists()
+
+
+def test_an_items_file_that_is_not_text_is_refused_before_any_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A binary --items file exits 2 naming --items and the file, not a UnicodeDecodeError."""
+    binary = tmp_path / "items.bin"
+    binary.write_bytes(b"\xff\xfe\x00 not text\n")
+    argv = ["tune", f"{__name__}:_never_called", "--items", str(binary)]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"corral tune: error: --items {str(binary)!r}: cannot read it as UTF-8 text, "
+    )
+    assert "Traceback" not in err

@@ -563,3 +563,24 @@ def test_importing_the_lab_loads_no_third_party_module() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     assert out.split() == ["False", "False", "True", "True"]
+
+
+@pytest.mark.slow
+async def test_latencies_are_measured_finer_than_the_loop_clock() -> None:
+    """A request served at once reads a real, non-zero latency on every loop.
+
+    uvloop's clock ticks in whole milliseconds and is read once per loop
+    iteration: timed with it, a request answered within one iteration read
+    0.0 ms and every percentile was a whole number of milliseconds.
+    """
+    async with asyncio.timeout(HANG_GUARD):
+        async with (
+            TargetServer(capacity=4, service_ms=0) as server,
+            aiohttp.ClientSession() as session,
+        ):
+            bodies = [(await _get(session, f"{server.url}/x"))[1] for _ in range(5)]
+            stats = server.stats()
+    assert stats.served == 5
+    assert all(0 < body["served_ms"] < 1000 for body in bodies), bodies
+    assert stats.latency_p50_ms is not None
+    assert stats.latency_p50_ms > 0

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -34,6 +36,9 @@ __all__ = ["main"]
 
 LAB_EXTRA_MESSAGE = "corral {command} needs the lab extra: pip install 'corral[lab]'"
 
+#: The largest ``corral bench --scale``.
+MAX_SCALE = 100.0
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``corral`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
@@ -45,7 +50,23 @@ def main(argv: list[str] | None = None) -> int:
         # already on stderr); hand the status back instead of raising.
         return exit_.code if isinstance(exit_.code, int) else 2
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    command = f"corral {args.command}"
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a command's own handling (while aiohttp imports, while
+        # a report is written): a word, not a traceback. 130 is the shell's
+        # status for a SIGINT.
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `corral serve | head -1`: the reader left; stop writing, quietly.
+        # stdout's buffer would fail again at exit, so point it at nothing.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="corral",
         description="corral's lab: serve a modelled API, benchmark, tune, demo.",
     )
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(
+        title="commands", metavar="COMMAND", dest="command", required=True
+    )
     _add_demo(subparsers)
     _add_bench(subparsers)
     _add_tune(subparsers)
@@ -66,27 +89,34 @@ def _parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
-        except ValueError:
+        except ValueError:  # not an int, or more digits than int() reads
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be an int {bound}, got {text!r}")
         return value
 
     return parse
 
 
-def _number(maximum: float | None = None) -> Callable[[str], float]:
+def _number(maximum: float | None = None, *, positive: bool = False) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and value >= 0 and (maximum is None or value <= maximum)):
-            bound = f"between 0 and {maximum:g}" if maximum is not None else ">= 0"
+        low_ok = value > 0 if positive else value >= 0
+        if not (math.isfinite(value) and low_ok and (maximum is None or value <= maximum)):
+            if maximum is None:
+                bound = "> 0" if positive else ">= 0"
+            elif positive:
+                bound = f"> 0 and <= {maximum:g}"
+            else:
+                bound = f"between 0 and {maximum:g}"
             raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text!r}")
         return value
 
@@ -188,10 +218,13 @@ def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add("--out", default="corral-bench", metavar="DIR", help="output directory (./corral-bench/)")
     add(
         "--scale",
-        type=_number(),
+        # Bounded: sizes are ints (scale 1e308 overflows them), and x100
+        # already turns the full run into a day.
+        type=_number(MAX_SCALE, positive=True),
         default=1.0,
         metavar="F",
-        help="multiply every size and trial time by F (e.g. 0.05 for a smoke run)",
+        help=f"multiply every size and trial time by F, > 0 and at most {MAX_SCALE:g} "
+        "(e.g. 0.05 for a smoke run)",
     )
     parser.set_defaults(handler=_run_bench)
 
@@ -211,9 +244,6 @@ def _parts(known: tuple[str, ...]) -> Callable[[str], list[str]]:
 
 def _run_bench(args: argparse.Namespace) -> int:
     if _missing_lab_extra("bench"):
-        return 2
-    if args.scale <= 0:
-        print(f"corral bench: error: --scale must be > 0; got {args.scale:g}", file=sys.stderr)
         return 2
     from pathlib import Path
 
@@ -237,7 +267,9 @@ def _add_tune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
             "Sweep the concurrency limit (1, 2, 4, ...) against TARGET with short trials, "
             "measuring successful calls per second, p50/p99 latency and errors; stop when "
             "errors appear or throughput falls or stops growing; recommend the smallest "
-            "limit reaching 95% of the peak throughput without errors, and draw the curve. "
+            "limit reaching 95% of the peak throughput without errors (or the knee of the "
+            "curve, past which more calls only queue, if that comes first), print and save "
+            "the result and draw the curve. "
             "A URL TARGET is fetched with GET and never anything else."
         ),
     )
@@ -285,7 +317,12 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="a loopback address (default: %(default)s)")
-    add("--port", type=_int_at_least(0), default=8080, help="0 picks a free port (default: 8080)")
+    add(
+        "--port",
+        type=_int_at_least(0, 65535),
+        default=8080,
+        help="0 picks a free port (default: 8080)",
+    )
     # The capacity model's own options default to None, filled in from
     # _CAPACITY_DEFAULTS later: --llm must refuse them even at their default value.
     add("--capacity", type=_int_at_least(1), help="requests in service at once (64)")
@@ -324,6 +361,15 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"corral serve: error: {', '.join(misplaced)} {where}", file=sys.stderr)
         return 2
     if args.llm:
+        ramp = [f"--accel-{name}" for name in ("start", "growth", "window")]
+        given = [flag for flag in ramp if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if args.no_accel and given:
+            print(
+                f"corral serve: error: {', '.join(given)} "
+                f"{'has' if len(given) == 1 else 'have'} no effect with --no-accel",
+                file=sys.stderr,
+            )
+            return 2
         return _run_serve_llm(args)
     for name, default in _CAPACITY_DEFAULTS.items():
         if getattr(args, name) is None:

@@ -73,6 +73,7 @@ from corral.lab.runner import (
     raise_open_files_limit,
     run_main,
     run_specs,
+    write_text_whole,
 )
 
 __all__ = ["FULL", "PARTS", "QUICK", "Profile", "bench_command", "run_bench"]
@@ -730,9 +731,9 @@ def bench_command(
     try:
         # --out was checked before the run, but it can vanish or fill up since.
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_text_whole(out / "results.json", json.dumps(results, indent=2) + "\n")
         plots = report.draw_plots(results, out)
-        (out / "report.md").write_text(report.markdown(results, verdicts, plots))
+        write_text_whole(out / "report.md", report.markdown(results, verdicts, plots))
     except OSError as exc:
         unwritten = exc
     display.print()

@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from corral.lab.console import Display
-from corral.lab.runner import Result, raise_open_files_limit, run_main, run_specs
+from corral.lab.runner import (
+    Result,
+    raise_open_files_limit,
+    run_main,
+    run_specs,
+    unwritable,
+    write_text_whole,
+)
 
 __all__ = ["DEMO_ITEMS", "DEMO_SERVER", "WAYS", "Way", "demo_command", "run_demo"]
 
@@ -265,6 +272,16 @@ def plot(results: list[Result], items: int, server: dict[str, Any], path: Path) 
 
 def demo_command(out: Path = Path("corral-demo"), items: int | None = None) -> int:
     """Run the demo, print the table and save the plot under ``out``; the exit status."""
+    problem = unwritable(out)
+    if problem is not None:
+        # Found now, not after a minute of requests. The demo has no --out:
+        # it saves into ./corral-demo/, so say where to run it from instead.
+        print(
+            f"corral demo: error: cannot save into {str(out)!r} ({problem}); "
+            "run it from a directory you can write to",
+            file=sys.stderr,
+        )
+        return 1
     display = Display()
     count = DEMO_ITEMS if items is None else items
     started = time.perf_counter()
@@ -283,7 +300,6 @@ def demo_command(out: Path = Path("corral-demo"), items: int | None = None) -> i
     )
     for line in findings(results, count, server):
         display.print("- " + line)
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         "server": server,
         "ways": [{**way.__dict__, **r} for way, r in zip(WAYS, results, strict=True)],
@@ -291,9 +307,16 @@ def demo_command(out: Path = Path("corral-demo"), items: int | None = None) -> i
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
     }
-    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    png = plot(results, count, server, out / "demo.png")
     display.print()
+    try:
+        # ./corral-demo/ was checked before the run, but it can vanish or fill up since.
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_whole(out / "results.json", json.dumps(record, indent=2) + "\n")
+        png = plot(results, count, server, out / "demo.png")
+    except OSError as exc:
+        # The table above is the result; only the files are lost: say so, and fail.
+        print(f"corral demo: error: cannot save into {str(out)!r}: {exc}", file=sys.stderr)
+        return 1
     display.print(f"Saved {png or 'no plot (matplotlib missing)'} and {out / 'results.json'}.")
     display.print(f"The demo took {record['seconds']:.0f} s.")
     return (

@@ -8,6 +8,7 @@ returns the path; ``None`` values are drawn as gaps, never as zeros.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from corral.lab.tune import Trial
+
+# matplotlib is imported where a figure is drawn (it is slow to import), but
+# callers learn that it is missing here, from `from corral.lab import plots`,
+# before any result is computed: they catch ImportError and draw nothing.
+if importlib.util.find_spec("matplotlib") is None:
+    raise ModuleNotFoundError(
+        "corral's plots need matplotlib: pip install 'corral[lab]'", name="matplotlib"
+    )
 
 __all__ = ["Panel", "Series", "bar_panels", "line_panels", "tune_curve"]
 
@@ -32,8 +41,12 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
+    from corral.lab.runner import replacing
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    # Whole or not at all: a full disk must not leave half a PNG behind.
+    with replacing(path) as part:
+        fig.savefig(part, format=path.suffix.removeprefix(".") or "png")
     return path
 
 

@@ -27,7 +27,7 @@ import json
 import os
 import resource
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,8 +37,11 @@ __all__ = [
     "Spec",
     "prepare_out",
     "raise_open_files_limit",
+    "replacing",
     "run_main",
     "run_specs",
+    "unwritable",
+    "write_text_whole",
 ]
 
 T = TypeVar("T")
@@ -57,16 +60,50 @@ def prepare_out(out: Path) -> str | None:
     Called before a run, so a bad ``--out`` costs a second, not the whole run
     and its measurements.
     """
+    reason = unwritable(out)
+    if reason is None:
+        return None
+    return f"--out must be a directory to write into; got --out {str(out)!r} ({reason})"
+
+
+def unwritable(out: Path) -> str | None:
+    """Create the directory ``out``; ``None``, or why files cannot be written into it."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
         if isinstance(exc, FileExistsError) or (out.exists() and not out.is_dir()):
-            reason = "it exists and is not a directory"
-        return f"--out must be a directory to write into; got --out {str(out)!r} ({reason})"
+            return "it exists and is not a directory"
+        return exc.strerror or str(exc)
     if not os.access(out, os.W_OK | os.X_OK):
-        return f"--out must be a directory to write into; got --out {str(out)!r} (not writable)"
+        return "not writable"
     return None
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``, moved over it when the body succeeds.
+
+    Results are written whole or not at all: a full disk, a Ctrl-C or an
+    error halfway leaves the previous file (or none), never a truncated one
+    that a later run or a reader would take for the real thing::
+
+        with replacing(out / "results.json") as part:
+            part.write_text(text)
+    """
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        yield part
+        os.replace(part, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        raise
+
+
+def write_text_whole(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all (see :func:`replacing`)."""
+    with replacing(path) as part:
+        part.write_text(text, encoding="utf-8")
 
 
 def raise_open_files_limit() -> int:

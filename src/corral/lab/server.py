@@ -52,6 +52,7 @@ import asyncio
 import json
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -424,7 +425,10 @@ class TargetServer(LoopbackServer):
 
     async def _model(self, path: str) -> web.StreamResponse:
         assert self._loop is not None
-        arrived = self._loop.time()
+        # perf_counter, not loop.time(): uvloop's clock ticks in whole
+        # milliseconds and is read once per loop iteration, so a 1 ms service
+        # read as 1 or 2 ms and the percentiles came out in whole milliseconds.
+        arrived = time.perf_counter()
         if self._stopping_now():
             return _stopping()
         # Every draw happens here, at arrival, in a fixed order, and only for
@@ -457,7 +461,7 @@ class TargetServer(LoopbackServer):
             gate.release()
         if self._stopping_now():
             return _stopping()
-        served_ms = (self._loop.time() - arrived) * 1e3
+        served_ms = (time.perf_counter() - arrived) * 1e3
         if fail:
             self._failed += 1
             return json_response(500, {"ok": False, "path": path, "error": "modelled failure"})

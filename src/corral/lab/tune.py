@@ -410,7 +410,13 @@ def load_items(text: str | None) -> Iterable[Any]:
         return range(count)
     path = Path(text)
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text_read = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TargetError(
+                f"--items {text!r}: cannot read it as UTF-8 text, one item per line ({exc})"
+            ) from None
+        lines = [line for line in text_read.splitlines() if line.strip()]
         if not lines:
             raise TargetError(f"--items {text!r}: the file has no non-empty line")
         return lines
@@ -475,10 +481,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="for module:function: a file (one item per line), range:N, or module:attr "
         "(an iterable); reused in turn across trials (default: 0, 1, 2, ...)",
     )
-    add("--max-limit", type=int, default=1024, metavar="N", help="largest limit tried (1024)")
+    add(
+        "--max-limit",
+        type=_max_limit,
+        default=1024,
+        metavar="N",
+        help="largest limit tried, an int >= 1 (1024)",
+    )
     add(
         "--trial-seconds",
-        type=float,
+        type=_trial_seconds,
         default=1.0,
         metavar="S",
         help="length of each trial (default 1.0)",
@@ -491,6 +503,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="where tune.png and tune.json go (default: ./corral-tune/)",
     )
+
+
+def _max_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:  # not an int, or more digits than int() reads
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def _trial_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def tune_command(args: argparse.Namespace) -> int:
@@ -535,6 +567,8 @@ def tune_command(args: argparse.Namespace) -> int:
 
 
 async def _tune(args: argparse.Namespace, fn: Fn | None, items: Iterator[Any]) -> int:
+    from corral.lab.runner import write_text_whole
+
     out = sys.stderr if args.json else sys.stdout
     limits = geometric_limits(args.max_limit)
     print(
@@ -600,7 +634,7 @@ async def _tune(args: argparse.Namespace, fn: Fn | None, items: Iterator[Any]) -
         summary["plot"] = None if plot is None else str(plot)
         # --out was checked before the sweep, but it can vanish or fill up since.
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_whole(args.out / "tune.json", json.dumps(summary, indent=2) + "\n")
     except OSError as exc:
         plot, unwritten = None, exc
         summary["plot"] = None
@@ -643,6 +677,7 @@ async def _url_target(url: str) -> Any:
 
 
 def _plot(args: argparse.Namespace, trials: list[Trial], limit: int) -> Path | None:
+    """tune.png, or ``None`` without matplotlib (the result does not need the picture)."""
     try:
         from corral.lab import plots
     except ImportError:
