@@ -17,7 +17,7 @@ import corral
 from _loops import run
 from corral import Rate
 from corral._rate import RateGate, as_rates, gate_for
-from corral._weighted import Cell, WeightedGate
+from corral._weighted import MAX_AMOUNT, Cell, WeightedGate
 
 
 def exactly(message: str) -> str:
@@ -774,3 +774,114 @@ def test_no_loop_needed_to_build_a_weighted_limiter() -> None:
     asyncio.run(once())
     asyncio.run(once())
     assert math.isfinite(asyncio.run(once()))
+
+
+# -- amounts near the float range -------------------------------------------------------
+
+_HUGE = 1e308  # finite, but two of them overflow a float
+
+
+@pytest.mark.virtual_time
+async def test_an_amount_above_the_bound_is_refused_naming_it() -> None:
+    """Past MAX_AMOUNT a sum of amounts (or amount x interval) could overflow to inf."""
+    limiter = corral.Limiter(rate=Rate({"requests": 10, "tokens": 10}, per=60.0))
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "cost must hold amounts of at most 1e+200 (the rates add them up in floats); "
+            "got cost={'tokens': 1e+308}"
+        ),
+    ):
+        await limiter.acquire({"tokens": _HUGE})
+    assert limiter.in_flight == 0
+    cost = {"tokens": MAX_AMOUNT}  # the bound itself is taken
+    await limiter.acquire(cost)
+    with pytest.raises(ValueError, match=r"usage must hold amounts of at most 1e\+200"):
+        limiter.settle(cost, {"tokens": 2e200})
+    limiter.release()
+    # Read from a response: a count past the bound keeps the reservation, like any unreadable one.
+    response = {"usage": {"input_tokens": 2e200, "output_tokens": 3}}
+    assert corral.token_usage(response) == {"output_tokens": 3}
+
+
+@pytest.mark.virtual_time
+async def test_a_cost_above_the_bound_fails_its_item_without_a_call_or_a_retry() -> None:
+    calls: list[int] = []
+
+    async def ask(n: int) -> int:
+        calls.append(n)
+        return n
+
+    results = await corral.gather(
+        ask,
+        [1, 2],
+        limit=1,
+        budget={"tokens": 1.5e308},
+        cost=lambda n: {"tokens": _HUGE if n == 1 else 5.0},
+        usage=lambda r: {"tokens": 0.0},
+        retries=corral.Retry(attempts=3, on=Exception),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], ValueError)
+    assert str(results[0]).endswith("got {'tokens': 1e+308} for 1")
+    assert results[1] == 2
+    assert calls == [2]
+
+
+@pytest.mark.virtual_time
+async def test_the_largest_amounts_on_the_slowest_rate_keep_the_schedule_finite() -> None:
+    """One unit per 1e308 s: a booking of MAX_AMOUNT units must not become inf, a refund NaN."""
+    rate = Rate({"requests": 1000, "tokens": 1e-300}, per=1e8)
+    gate = gate_for(rate)
+    assert isinstance(gate, WeightedGate)
+    cost = {"tokens": MAX_AMOUNT}
+    assert gate.wait_nowait(cost)
+    now = _loop_time()
+    assert math.isfinite(gate.delay(now))
+    assert gate.delay(now) > 1e200  # never, within any run
+    gate.settle(cost, {"tokens": MAX_AMOUNT / 2})  # half refunded: still never
+    assert math.isfinite(gate.delay(now))
+    assert gate.delay(now) > 1e200
+    assert not gate.wait_nowait({"tokens": 0.0})  # not a NaN that lets every start through
+    gate.settle(cost, {"tokens": 0.0})  # all refunded: back to the request rate
+    assert gate.delay(now) == pytest.approx(rate.interval)
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None)
+@given(
+    allowance=st.sampled_from([1e-300, 1e-20, 1.0, 1e20, 1e300]),
+    per=st.sampled_from([1e-3, 60.0, 1e8]),
+    burst=st.integers(1, 3),
+    steps=st.lists(
+        st.tuples(
+            st.floats(0, MAX_AMOUNT),  # cost
+            st.floats(0, MAX_AMOUNT),  # usage
+            st.sampled_from(["oldest", "newest", "none"]),  # which call in flight settles
+            st.floats(0, 1e6),  # seconds before the next step
+        ),
+        min_size=1,
+        max_size=15,
+    ),
+)
+def test_amounts_up_to_the_bound_never_make_the_schedule_inf_or_nan(
+    allowance: float, per: float, burst: int, steps: list[tuple[float, float, str, float]]
+) -> None:
+    rate = Rate({"requests": 10, "tokens": allowance}, per=per, burst=burst)
+
+    async def main() -> None:
+        gate = gate_for(rate)
+        assert isinstance(gate, WeightedGate)
+        in_flight: list[dict[str, float]] = []
+        for amount, used, which, pause in steps:
+            cost = {"tokens": amount}
+            if gate.wait_nowait(cost):
+                in_flight.append(cost)
+            if in_flight and which != "none":
+                gate.settle(in_flight.pop(0 if which == "oldest" else -1), {"tokens": used})
+            for tat in gate._tats:
+                assert tat == -math.inf or math.isfinite(tat), gate._tats
+            assert math.isfinite(gate.delay(_loop_time()))
+            await asyncio.sleep(pause)
+
+    run(main, virtual_time=True)

@@ -50,7 +50,7 @@ from ._remote import RemoteCall, RemoteStream
 from ._retry import Retry, as_retry, retry_after_seconds, retry_kind
 from ._retry_budget import RetryBudgetExhausted, RetryBudgetState
 from ._shard import ShardedStream, map_sharded, sharded_call
-from ._usage import Meter, UsageBudget, metered
+from ._usage import Meter, NoRetry, UsageBudget, metered
 from ._weighted import WeightedGate
 
 T = TypeVar("T")
@@ -242,6 +242,9 @@ def _with_retries(
         while True:
             try:
                 return await call(item)
+            except NoRetry as final:  # cost= or the usage failed (see metered): final
+                error = final.error
+                break  # raised out of this handler, so that it does not become its context
             except Exception as exc:
                 wait = retry.next_wait(exc, calls, rng)
                 if wait is None:
@@ -253,6 +256,7 @@ def _with_retries(
             retried.count += 1
             calls += 1
             await asyncio.sleep(wait)
+        raise error
 
     return retrying
 
@@ -272,6 +276,9 @@ def _with_budgeted_retries(
                 if calls > 1:
                     halt.started = True
                 raise
+            except NoRetry as final:  # cost= or the usage failed (see metered): final
+                error = final.error
+                break  # raised out of this handler, so that it does not become its context
             except Exception as exc:
                 wait = retry.next_wait(exc, calls, rng)
                 if wait is None:
@@ -296,6 +303,7 @@ def _with_budgeted_retries(
             retried.count += 1
             calls += 1
             await asyncio.sleep(wait)
+        raise error
 
     return retrying
 
@@ -583,6 +591,7 @@ def _engine_and_checkpoint(
                 limiter=limiter,
                 budget=UsageBudget(budget) if budget is not None else None,
                 max_cooldown=max_cooldown,
+                under_retries=retry is not None,  # see _with_retries
             )
         else:
             if budget is not None:

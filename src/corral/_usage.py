@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import reprlib
-import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,21 +39,22 @@ from ._engine import Halt
 from ._errors import BudgetExhausted
 from ._headers import read_rate_limits
 from ._rate import RateGate
-from ._weighted import WeightedGate
+from ._weighted import MAX_AMOUNT, WeightedGate
 
 if TYPE_CHECKING:
     # Imported where used at run time: _limits checks a Limiter's costs with
     # _checked() below, so it imports this module first.
     from ._limits import Limiter
 
-__all__ = ["Meter", "UsageBudget", "metered", "token_usage"]
+__all__ = ["Meter", "NoRetry", "UsageBudget", "metered", "token_usage"]
 
 Usage = Mapping[str, float]
 Call = Callable[[Any], Awaitable[Any]]
 
-#: The largest amount taken: an int past it has no float, and the rate gates
-#: compute in floats (an OverflowError there would leave a gate half moved).
-_MAX = sys.float_info.max
+#: The largest amount taken (and token count read): the rate gates and the
+#: budget add amounts up in floats, and past it a sum could overflow to inf
+#: (see corral._weighted.MAX_AMOUNT).
+_MAX = MAX_AMOUNT
 
 
 def _get(obj: object, name: str) -> Any:
@@ -76,7 +77,7 @@ def _count(obj: object, name: str) -> float | None:
 
 
 def _num(value: object) -> float | None:
-    """A token count: a number from 0 to the largest float, as a float; anything else None."""
+    """A token count: a number from 0 to ``_MAX``, as a float; anything else None."""
     kind = type(value)
     if (kind is int or kind is float) and 0 <= value <= _MAX:  # type: ignore[operator]
         return float(value)  # type: ignore[arg-type]
@@ -107,7 +108,7 @@ def token_usage(result: object, *, cache_reads: bool = True) -> dict[str, float]
             to leave them out (OpenAI's ``cached_tokens`` are then subtracted).
 
     A count that is missing reads as 0; one that is present but unreadable
-    (not a number, negative, NaN, past the float range) is left out, with
+    (not a number, negative, NaN, above 1e200) is left out, with
     ``tokens``, so that dimension keeps its reservation.
 
     Returns:
@@ -199,7 +200,7 @@ class _AttemptCost(dict[str, float]):
 
 
 def _checked(what: str, amounts: object, subject: object = _GIVEN) -> Usage:
-    """``amounts`` if it is a mapping of dimension -> finite number >= 0; else a clear error.
+    """``amounts`` if it is a mapping of dimension -> number from 0 to 1e200; else a clear error.
 
     ``requests``, when named, must be >= 1: every call that starts is at
     least one request, and a smaller amount would let starts through the
@@ -233,7 +234,7 @@ def _checked(what: str, amounts: object, subject: object = _GIVEN) -> Usage:
             not isinstance(name, str)
             or isinstance(value, bool)
             or not isinstance(value, int | float)
-            or not 0 <= value <= _MAX  # NaN, infinite, or an int past any float
+            or not 0 <= value < math.inf  # NaN, negative or infinite
         ):
             if given:
                 raise ValueError(
@@ -243,6 +244,16 @@ def _checked(what: str, amounts: object, subject: object = _GIVEN) -> Usage:
             raise ValueError(
                 f"{what} must return amounts >= 0 (finite numbers) named by strings; "
                 f"got {dict(amounts)!r} for {subject!r}"
+            )
+        if value > _MAX:  # an int past any float too
+            if given:
+                raise ValueError(
+                    f"{what} must hold amounts of at most {_MAX:g} (the rates add them up "
+                    f"in floats); got {what}={amounts!r}"
+                )
+            raise ValueError(
+                f"{what} must return amounts of at most {_MAX:g} (the rates add them up "
+                f"in floats); got {dict(amounts)!r} for {subject!r}"
             )
     if amounts.get("requests", 1.0) < 1:
         if given:
@@ -255,6 +266,29 @@ def _checked(what: str, amounts: object, subject: object = _GIVEN) -> Usage:
             f"got {dict(amounts)!r} for {subject!r}"
         )
     return amounts
+
+
+class NoRetry(Exception):
+    """Carries ``error``, which fails its item at once, whatever ``Retry(on=)`` says.
+
+    :func:`metered` raises it under retries for an error of ``cost=`` (no
+    call was made: calling again fails again) or of reading the usage (the
+    call succeeded and was paid for: calling again pays twice). The retry
+    wrapper raises ``error`` in its place.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    try:
+        exc.add_note(note)
+    except Exception:
+        pass  # an exception that refuses attributes (a frozen dataclass) stays as it is
 
 
 class Meter:
@@ -280,7 +314,15 @@ class Meter:
         cost = self._cost
         if cost is None:
             return None
-        amounts = cost(item)
+        try:
+            amounts = cost(item)
+        except Exception as exc:
+            _add_note(
+                exc,
+                f"raised by cost={cost!r} for the item {reprlib.repr(item)}: "
+                "no call was made, and none is retried",
+            )
+            raise
         # Each attempt gets a mapping of its own: the rate gates tell a
         # reservation by its mapping's identity (the latest start's from the
         # others'), which one dict returned for every item would defeat; and
@@ -302,16 +344,19 @@ class Meter:
         """What the call that returned ``result`` spent, or None when unknown."""
         if self._usage is None:
             return token_usage(result)
-        try:
-            amounts = self._usage(result)
-        except Exception as exc:
-            # The call succeeded and its result is lost with this error: say
-            # where it came from (the type stays, so Retry(on=) reads it as before).
-            exc.add_note(
-                f"raised by usage={self._usage!r} reading the result {reprlib.repr(result)}"
-            )
-            raise
+        amounts = self._usage(result)
         return None if amounts is None else _checked("usage", amounts, result)
+
+    def usage_failed(self, exc: BaseException, item: Any, result: Any) -> None:
+        """Say on ``exc`` that reading the usage of ``item``'s result raised it."""
+        # The type and message stay the reader's own (Retry(on=) and the
+        # caller read them as ever); the result is lost with this error.
+        reader = token_usage if self._usage is None else self._usage
+        _add_note(
+            exc,
+            f"raised reading with usage={reader!r} the result {reprlib.repr(result)} "
+            f"of the item {reprlib.repr(item)}: the call succeeded, so it is not retried",
+        )
 
     @staticmethod
     def usage_of_error(exc: BaseException) -> Usage | None:
@@ -398,6 +443,7 @@ def metered(
     limiter: Limiter | None,
     budget: UsageBudget | None,
     max_cooldown: float | None = None,
+    under_retries: bool = False,
 ) -> Call:
     """Wrap ``call`` with reservations, settlement and the budget, per attempt.
 
@@ -410,6 +456,12 @@ def metered(
     ``Retry.max_retry_after``; None: the Limiter's own default cap); an
     adaptive Limiter (or one with ``rate="auto"``) learns from the latency
     and outcome.
+
+    An error of ``cost=`` (no call is made) or of reading the usage (the
+    call succeeded; its reservations stand, as for an unknown usage) fails
+    the item at once: with ``under_retries`` it is raised wrapped in
+    :class:`NoRetry`, which the retry wrapper around this one unwraps
+    instead of calling again.
     """
     from ._limits import MAX_COOLDOWN, Limiter
 
@@ -464,7 +516,12 @@ def metered(
             settle = own_gate.settle  # all that Limiter.settle does for a key-less Limiter
 
         async def limited(item: Any) -> Any:
-            cost = cost_of(item)
+            try:
+                cost = cost_of(item)
+            except Exception as exc:
+                if under_retries:  # a bug: calling again fails again
+                    raise NoRetry(exc) from exc
+                raise
             # acquire() alone when there is no cost: a Limiter subclass may not take one.
             await (acquire() if cost is None else acquire(cost))
             try:
@@ -477,9 +534,18 @@ def metered(
                     release()
                 raise
             try:
-                used = usage_of(value)
+                try:
+                    used = usage_of(value)
+                except Exception as exc:
+                    meter.usage_failed(exc, item, value)
+                    raise
                 if used:
                     settle(cost, used)
+            except Exception as exc:
+                # The call succeeded and was paid for: calling again would pay twice.
+                if under_retries:
+                    raise NoRetry(exc) from exc
+                raise
             finally:
                 release()
             return value
@@ -487,7 +553,12 @@ def metered(
         return limited
 
     async def run(item: Any) -> Any:
-        cost = cost_of(item)
+        try:
+            cost = cost_of(item)
+        except Exception as exc:
+            if under_retries:  # a bug: calling again fails again
+                raise NoRetry(exc) from exc
+            raise
         own = limiter.for_item(item) if keyed else limiter  # type: ignore[union-attr]
         if own is not None:
             await (own.acquire() if cost is None else own.acquire(cost))
@@ -518,9 +589,18 @@ def metered(
         if auto is not None:
             auto.success()
         try:
-            used = usage_of(value)
+            try:
+                used = usage_of(value)
+            except Exception as exc:
+                meter.usage_failed(exc, item, value)
+                raise
             if used:
                 settle_everywhere(own, cost, used)
+        except Exception as exc:
+            # The call succeeded and was paid for: calling again would pay twice.
+            if under_retries:
+                raise NoRetry(exc) from exc
+            raise
         finally:
             if own is not None:
                 if timed:

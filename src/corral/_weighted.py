@@ -52,10 +52,22 @@ from typing import Any, NamedTuple
 
 from ._headers import refill_wait, server_pace
 
-__all__ = ["Cell", "WeightedGate"]
+__all__ = ["MAX_AMOUNT", "Cell", "WeightedGate"]
 
 _get_running_loop = asyncio.get_running_loop
 _INF = math.inf
+
+#: The largest amount of any dimension a cost or a usage may hold (checked
+#: where they come in, see corral._usage._checked), and the largest interval
+#: a cell books per unit (larger ones are lowered to it: one unit per 1e80 s
+#: and one per 1e200 s both mean "never again" in any run). So one booking,
+#: debt or refund moves a schedule by well under 1e290 s (token_usage may sum
+#: up to four counts), less than half a unit in the last place of the largest
+#: float: the sums of them and of the times the gate keeps stay finite (at
+#: worst they round to the largest float), never inf, and so never the NaN
+#: of inf - inf, which every comparison here reads as "no limit".
+MAX_AMOUNT = 1e200
+_MAX_INTERVAL = 1e80
 _NO_COST: dict[str, float] = {}
 #: How many recent starts a gate with a tolerance logs for refunds: a refund of
 #: a call further back (or one the log cannot tell apart) keeps more of its
@@ -140,7 +152,12 @@ class WeightedGate:
         self._rate = rates
         # Per cell: (dimension, amount when the cost does not name it, interval, tolerance).
         self._cells = tuple(
-            (c.dimension, 1.0 if c.dimension == "requests" else 0.0, c.interval, c.tolerance)
+            (
+                c.dimension,
+                1.0 if c.dimension == "requests" else 0.0,
+                min(c.interval, _MAX_INTERVAL),
+                c.tolerance,
+            )
             for c in cells
         )
         # What the per-call loops walk, built once: the cells with their index
@@ -546,6 +563,7 @@ class WeightedGate:
     def _pace(self, index: int, interval: float) -> float:
         """Put ``interval`` in force for cell ``index`` (the per-call loops read it from _rows)."""
         row = self._rows[index]
+        interval = min(interval, _MAX_INTERVAL)  # a server's pace too (see MAX_AMOUNT)
         if row[3] != interval:
             rows = list(self._rows)
             rows[index] = (row[0], row[1], row[2], interval, row[4])
