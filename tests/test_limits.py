@@ -1677,7 +1677,9 @@ async def test_idle_keys_are_forgotten_beyond_the_bound(monkeypatch: pytest.Monk
     for i in range(100):
         async with limiter.for_item(i):
             pass
-    assert len(limiter._subs) <= 5
+    # Swept when the keys double: the 4 idle keys kept and the busy one, and
+    # as many new keys since.
+    assert len(limiter._subs) <= 2 * (4 + 1)
     assert limiter.for_item("busy") is busy  # in use: never forgotten
     assert 99 in limiter._subs  # the most recent idle keys stay
     busy.release()
@@ -1699,6 +1701,133 @@ async def test_a_key_that_still_owes_its_rate_is_not_forgotten(
             pass
     async with limiter.for_item("slow"):
         assert loop.time() == pytest.approx(1.0)
+
+
+async def test_looking_up_a_known_key_leaves_the_keys_where_they_are() -> None:
+    """for_item() of a key held already only reads: no delete and re-insert per call,
+    which would leave a hole in the dict per call for later reads to step over."""
+    limiter = Limiter(1, key=lambda item: item)
+    subs = [limiter.for_item(i) for i in range(10)]
+    order = list(limiter._subs)
+    for i in (0, 5, 0, 9, 3):
+        assert limiter.for_item(i) is subs[i]
+    assert list(limiter._subs) == order
+
+
+async def test_many_busy_keys_stay_and_the_idle_ones_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A crawler with many hosts in flight: busy keys are never forgotten, idle keys
+    beyond IDLE_KEYS are, and each new key costs O(1) keys examined however many are
+    busy (not a sweep of them all per new key)."""
+    monkeypatch.setattr(corral._limits, "IDLE_KEYS", 4)
+    examined = 0
+    idle = Limiter._idle
+
+    def counted(self: Limiter, now: float) -> bool:
+        nonlocal examined
+        examined += 1
+        return idle(self, now)
+
+    monkeypatch.setattr(Limiter, "_idle", counted)
+    limiter = Limiter(1, key=lambda item: item)
+    busy: dict[object, Limiter] = {}
+    for b in range(50):
+        sub = busy["busy", b] = limiter.for_item(("busy", b))
+        assert sub.acquire_nowait()
+    for i in range(1000):
+        key = ("busy", i % 50)
+        assert limiter.for_item(key) is busy[key]
+        async with limiter.for_item(i):
+            pass
+        # The busy keys and the 4 idle ones kept, and as many new keys until the sweep.
+        assert len(limiter._subs) <= 2 * (50 + 4)
+    assert all(limiter._subs[key] is sub for key, sub in busy.items())
+    assert 999 in limiter._subs
+    # A sweep over n keys comes after n/2 new keys or more.
+    assert examined <= 2 * (50 + 1000)
+
+    for sub in busy.values():
+        sub.release()
+    for i in range(1000, 1200):
+        limiter.for_item(i)
+    # Memory follows the keys in use: the former busy keys are forgotten too.
+    assert len(limiter._subs) <= 2 * 4
+    assert not any(key in limiter._subs for key in busy)
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_the_least_recently_used_idle_keys_are_forgotten_first(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Whenever a key is forgotten, every key used after it is still held; the 4 most
+    recently used always are; a key held keeps its Limiter, a forgotten one starts afresh."""
+    monkeypatch.setattr(corral._limits, "IDLE_KEYS", 4)
+    limiter = Limiter(1, key=lambda item: item)
+    rng = random.Random(seed)
+    recent: list[int] = []  # keys seen, least recently used first
+    for _ in range(500):
+        key = rng.randrange(30)
+        held = dict(limiter._subs)
+        sub = limiter.for_item(key)
+        assert (sub is held[key]) if key in held else (sub not in held.values())
+        if key in recent:
+            recent.remove(key)
+        recent.append(key)
+        kept = set(limiter._subs)
+        assert kept == set(recent[-len(kept) :])
+        assert min(4, len(recent)) <= len(kept) <= 2 * 4
+
+
+async def test_a_key_in_use_at_a_sweep_counts_as_used_then(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Recency is the last look-up, or the last sweep that found the key in use: a long
+    call's key is not the first forgotten when it ends, as if unused since it began."""
+    monkeypatch.setattr(corral._limits, "IDLE_KEYS", 2)
+    limiter = Limiter(1, key=lambda item: item)
+    long_call = limiter.for_item("long")
+    assert long_call.acquire_nowait()
+    for key in (0, 1, 2, 3):  # the 4th key held sweeps: "long" is in use then
+        limiter.for_item(key)
+    for key in (4, 5):  # busy: no competition for the 2 idle places kept
+        assert limiter.for_item(key).acquire_nowait()
+    long_call.release()
+    limiter.for_item(6)  # 6 keys held: a sweep, which keeps "long" and 3 of the idle ones
+    assert set(limiter._subs) == {"long", 3, 4, 5, 6}
+    assert limiter.for_item("long") is long_call
+
+
+@pytest.mark.virtual_time
+async def test_keys_first_seen_in_a_cooldown_inherit_what_remains_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However many keys come and go: a new key sits out the rest of a Limiter-wide
+    cooldown, and a key in a cooldown is not idle, so not forgotten."""
+    monkeypatch.setattr(corral._limits, "IDLE_KEYS", 2)
+    limiter = Limiter(2, key=lambda item: item)
+    loop = asyncio.get_running_loop()
+    for i in range(10):  # keys held, some forgotten, before the cooldown
+        limiter.for_item(("before", i))
+    limiter.cooldown(2.0)
+    await asyncio.sleep(0.5)
+    during = [("during", i) for i in range(20)]
+    subs = [limiter.for_item(key) for key in during]  # sweeps among them
+    assert all(sub.cooling_down for sub in subs)
+    assert all(limiter._subs[key] is sub for key, sub in zip(during, subs, strict=True))
+    starts: list[float] = []
+
+    async def call(key: object) -> None:
+        async with limiter.for_item(key):
+            starts.append(loop.time())
+
+    await asyncio.gather(*(call(key) for key in during))
+    assert min(starts) >= 2.0
+    await asyncio.sleep(10)  # past the cooldown and every key's ramp
+    assert not limiter.for_item("after").cooling_down
+    for i in range(100):
+        limiter.for_item(("after", i))
+    assert len(limiter._subs) <= 2 * 2
 
 
 async def test_a_keyed_limiter_needs_the_item() -> None:
@@ -2362,9 +2491,9 @@ async def test_a_map_over_many_distinct_keys_keeps_a_bounded_number_of_them() ->
 
     results = await corral.gather(call, range(5000), limit=limiter, ordered=False)
     assert sorted(results) == list(range(5000))
-    # The idle keys kept, and the keys of the calls in flight (a map's default
-    # 100 workers, each holding one item).
-    assert most <= corral._limits.IDLE_KEYS + 100
+    # The idle keys kept and the keys of the calls in flight (a map's default
+    # 100 workers, each holding one item), and as many new keys until the sweep.
+    assert most <= 2 * (corral._limits.IDLE_KEYS + 100)
     assert (limiter.in_flight, limiter.waiting) == (0, 0)
 
 

@@ -68,11 +68,11 @@ RAMP_FRACTION = 0.5
 RAMP_MAX = 5.0
 #: The ramp opens slots in at most this many steps, at jittered intervals.
 RAMP_STEPS = 32
-#: A per-key Limiter keeps at most this many idle keys (least recently used
-#: first out), so memory follows the keys in use, not every key ever seen.
+#: A per-key Limiter keeps this many idle keys, the most recently used ones,
+#: and forgets the others, so memory follows the keys in use, not every key
+#: ever seen. It sweeps for them when its keys have doubled since the last
+#: sweep (see ``Limiter._evict``): in between it may hold up to twice as many.
 IDLE_KEYS = 1024
-#: Keys examined for eviction per new key: O(1) work per call.
-_EVICT_STEPS = 4
 #: The longest cooldown a server-directed wait (Retry-After, RetryAfter) puts
 #: on a Limiter through :meth:`Limiter.record_error` when nobody says otherwise:
 #: ``Retry``'s default ``max_retry_after``. A server asking for more usually
@@ -192,7 +192,10 @@ class Limiter:
 
     Keys with nothing in flight, nothing waiting and no rate or cooldown
     still running are idle; the least recently used idle keys beyond
-    :data:`IDLE_KEYS` are forgotten (a forgotten key starts afresh).
+    :data:`IDLE_KEYS` are forgotten (a forgotten key starts afresh) by a
+    sweep when the keys held have doubled since the last one, so memory stays
+    within twice the keys in use plus ``IDLE_KEYS``, and a new key costs the
+    same however many keys are busy.
 
     What it is not: not a token bucket for the cap (tokens are not
     replenished over time, only returned), and not a per-item or per-task
@@ -258,6 +261,7 @@ class Limiter:
         "_key",
         "_limit",
         "_limit_spec",
+        "_lookups",
         "_loop",
         "_n_waiting",
         "_on_limit",
@@ -266,7 +270,9 @@ class Limiter:
         "_retry_budgets",
         "_rng",
         "_subs",
+        "_sweep_at",
         "_timer",
+        "_used",
         "_waiters",
     )
 
@@ -316,6 +322,12 @@ class Limiter:
         self._limit_spec: LimitSpec = adaptive if adaptive is not None else first
         self._rate_spec = parsed
         self._subs: dict[Hashable, Limiter] = {}
+        # Per key, for forgetting the least recently used idle keys: lookups
+        # so far (a key's Limiter is stamped with the count when looked up,
+        # in its _used), and the number of keys held at which to sweep next.
+        self._lookups = 0
+        self._used = 0
+        self._sweep_at = 2 * IDLE_KEYS
         self._gate = gate_for(parsed) if key is None else None
         # rate="auto": the gate whose rate the calls' outcomes steer (see _auto_rate).
         self._auto_gate: Any = self._gate if isinstance(parsed, str) else None
@@ -453,7 +465,7 @@ class Limiter:
 
         Raises:
             TypeError: ``cost`` is not a mapping.
-            ValueError: an amount of ``cost`` is not a finite number >= 0, or
+            ValueError: an amount of ``cost`` is not a number from 0 to 1e200, or
                 its ``"requests"`` is below 1. Nothing is taken.
         """
         if cost is not None and type(cost) is not _AttemptCost:  # a map's is checked already
@@ -614,7 +626,7 @@ class Limiter:
         Raises:
             TypeError: on a per-key Limiter (settle on ``for_item(item)``),
                 or a ``usage`` that is not a mapping.
-            ValueError: an amount of ``usage`` is not a finite number >= 0,
+            ValueError: an amount of ``usage`` is not a number from 0 to 1e200,
                 or its ``"requests"`` is below 1.
         """
         if usage is not None:
@@ -905,36 +917,61 @@ class Limiter:
             exc.add_note(f"raised by key={key_fn!r} for item={reprlib.repr(item)}")
             raise
         subs = self._subs
+        # A plain look-up, the dict left as it is: keeping it in LRU order
+        # (pop, insert) leaves a hole per call at its front, and reading its
+        # first key steps over every hole until the dict is resized: with
+        # thousands of keys busy, tens of us per new key.
         try:
-            sub = subs.pop(key, None)
+            sub = subs.get(key)
         except TypeError:
             raise _unhashable(key_fn, key, item) from None
         if sub is None:
             sub = Limiter(self._limit_spec, rate=self._rate_spec)
-            if len(subs) >= IDLE_KEYS:
+            if len(subs) >= self._sweep_at:
                 self._evict()
             if self._cool_until > -math.inf:
                 loop = asyncio.get_running_loop()
                 remaining = self._cool_until - loop.time()
                 if loop is self._loop and remaining > 0:
                     sub.cooldown(remaining)
-        try:
-            subs[key] = sub  # most recently used last
-        except TypeError:  # pop() from an empty dict hashes nothing
-            raise _unhashable(key_fn, key, item) from None
+            subs[key] = sub
+        # Recency, for _evict: the later the use, the higher the stamp.
+        sub._used = self._lookups = self._lookups + 1
         return sub
 
     def _evict(self) -> None:
-        """Forget up to a few least recently used idle keys (busy ones go to the back)."""
+        """Forget the least recently used idle keys beyond :data:`IDLE_KEYS`; busy keys stay.
+
+        A sweep of all the keys held, when they reach ``_sweep_at``; the next
+        is due at twice the keys kept (and at least ``2 * IDLE_KEYS``). So a
+        sweep over n keys comes after n/2 new keys or more: O(1) keys examined
+        per new key, however many are busy (all of them, say: each sweep then
+        doubles the bound instead of running again at the next new key).
+        """
         subs = self._subs
         now = asyncio.get_running_loop().time()
-        for _ in range(_EVICT_STEPS):
-            if len(subs) < IDLE_KEYS:
-                return
-            key = next(iter(subs))
-            sub = subs.pop(key)
-            if not sub._idle(now):
-                subs[key] = sub
+        latest = self._lookups
+        idle: list[Hashable] = []
+        stamps: list[int] = []
+        for key, sub in subs.items():
+            if sub._idle(now):
+                idle.append(key)
+                stamps.append(sub._used)
+            else:
+                # In use now, so used later than any look-up so far; each
+                # stamp stays unique, which makes the cut below exact.
+                latest += 1
+                sub._used = latest
+        self._lookups = latest
+        excess = len(idle) - IDLE_KEYS
+        if excess > 0:
+            # The excess oldest stamps go: one sort of ints, in C, far cheaper
+            # than the loop above.
+            cut = sorted(stamps)[excess - 1]
+            for key, stamp in zip(idle, stamps, strict=True):
+                if stamp <= cut:
+                    del subs[key]
+        self._sweep_at = max(2 * IDLE_KEYS, 2 * len(subs))
 
     def _idle(self, now: float) -> bool:
         """Nothing in flight or waiting, no cooldown, and the rate as fresh as a new one's."""
