@@ -25,8 +25,10 @@ It has two halves:
   thread's Python stack (``sys._current_frames()``) every ``threshold / 4``
   seconds until it turns again. Then the heartbeat closes
   the episode: one :class:`BlockReport` per stall, blaming the place the
-  samples saw most often, appended to ``watch.reports`` and logged as a
-  warning on the ``corral`` logger.
+  samples saw most often, appended to ``watch.reports`` (which keeps the
+  latest :data:`MAX_REPORTS`) and logged as a warning on the ``corral``
+  logger. The time spent logging a report is not measured: a slow log
+  handler would otherwise be reported, and its report logged, and so on.
 
 Blame goes to the innermost frame of *your* code: not the standard library,
 not an installed package, not corral. ``time.sleep`` is C code, so a
@@ -81,6 +83,15 @@ _MIN_INTERVAL = 0.005
 _MAX_INTERVAL = 0.25
 # The watchdog never polls faster than this, whatever the threshold.
 _MIN_TICK = 0.001
+# Nor sleeps longer than this: a lock's timeout overflows past
+# threading.TIMEOUT_MAX (a threshold of 1e10 s is legal), and a watch whose
+# loop was closed without stop() must notice soon, not after a long threshold.
+_MAX_WAIT = 1.0
+
+#: The most reports a watch keeps (the latest ones): a watch on a map that runs
+#: for days must not keep every stall's stack forever. ``stats().blocked``
+#: counts them all.
+MAX_REPORTS = 1000
 
 _THREAD_NAME = "corral-loop-watchdog"
 
@@ -133,7 +144,7 @@ class LagStats:
     p50: float
     p99: float
     max: float
-    blocked: int  #: stalls reported (``len(watch.reports)``)
+    blocked: int  #: stalls reported, all of them (``watch.reports`` keeps the latest)
 
     def as_dict(self) -> dict[str, float | int]:
         """The fields as a flat, JSON-serialisable dict."""
@@ -318,11 +329,15 @@ class _Episode:
     lag without a culprit, and gets no report.
     """
 
-    __slots__ = ("counts", "stacks")
+    __slots__ = ("counts", "overdue", "stacks")
 
     def __init__(self) -> None:
         self.counts: collections.Counter[_Culprit] = collections.Counter()
         self.stacks: dict[_Culprit, _Stack] = {}  # the first stack seen for each culprit
+        # How late the heartbeat was at the last sample: a lower bound of the
+        # stall's length that holds even when the next beat cannot measure it
+        # (the loop stopped running, or the watch was stopped, in between).
+        self.overdue = 0.0
 
     def add(self, culprit: _Culprit, stack: _Stack) -> None:
         self.counts[culprit] += 1
@@ -362,8 +377,8 @@ class LoopWatch:
 
     Attributes:
         reports: one :class:`BlockReport` per stall longer than ``threshold``,
-            in order. A report is added when the loop turns again after the
-            stall, or when the watch stops.
+            in order: the latest :data:`MAX_REPORTS` of them. A report is added
+            when the loop turns again after the stall, or when the watch stops.
     """
 
     def __init__(
@@ -376,8 +391,9 @@ class LoopWatch:
             self._interval = _check_seconds(
                 "interval", interval, extra=", or None to derive it from threshold"
             )
-        self._tick = max(_MIN_TICK, self._threshold / 4)
+        self._tick = min(_MAX_WAIT, max(_MIN_TICK, self._threshold / 4))
         self.reports: list[BlockReport] = []
+        self._blocked = 0  # stalls reported, including those no longer in reports
         self._state = _State.NEW
         self._lags = _LagHistogram()
         # Shared with the watchdog thread, guarded by _lock: when the next beat
@@ -432,7 +448,7 @@ class LoopWatch:
             p50=lags.percentile(0.5),
             p99=lags.percentile(0.99),
             max=lags.max,
-            blocked=len(self.reports),
+            blocked=self._blocked,
         )
 
     # -- lifecycle -----------------------------------------------------------
@@ -464,8 +480,15 @@ class LoopWatch:
         # loop's machinery frames, and its lag measures this turn.
         self._handle = loop.call_soon(self._beat)
         self._thread = threading.Thread(target=self._watch, name=_THREAD_NAME, daemon=True)
+        try:
+            self._thread.start()  # "can't start new thread" when a pids limit is hit
+        except BaseException:
+            # Leave nothing behind: a heartbeat with no watchdog would run
+            # forever, as stop() only stops a running watch.
+            self._handle.cancel()
+            self._handle = self._thread = self._loop = None
+            raise
         self._state = _State.RUNNING
-        self._thread.start()
 
     def stop(self) -> None:
         """Stop watching; report a stall still in progress. Idempotent.
@@ -484,11 +507,14 @@ class LoopWatch:
         self._thread.join()
         self._handle.cancel()
         self._handle = None
-        # The code that ran since the last beat has returned (we are running),
-        # so this is the end of any stall: measure it like a beat would.
+        # From a coroutine, the code that ran since the last beat has returned,
+        # so this is the end of any stall: measure it like a beat would. From
+        # plain code between runs of the loop (or after it closed), the time
+        # since the last beat is not lag: the loop had nothing to run.
+        running = self._loop is not None and self._loop.is_running()
         now = monotonic()
         with self._lock:
-            lag = now - self._due
+            lag = now - self._due if running else 0.0
             self._due = math.inf
             episode, self._episode = self._episode, None
         if lag > 0:
@@ -526,9 +552,19 @@ class LoopWatch:
         self._handle = self._loop.call_later(self._interval, self._beat)
         if episode is not None or lag > self._threshold:
             self._close(episode, lag)
+            # Reporting runs on the loop thread, and a log handler may be slow
+            # (a network or a slow disk behind it). That time is the watch's
+            # own doing: measured, it would be reported, whose logging would be
+            # reported in turn, one stall after another for as long as the
+            # loop runs. The next beat is measured from here.
+            with self._lock:
+                self._due = monotonic() + self._interval
+                self._episode = None
 
     def _close(self, episode: _Episode | None, lag: float) -> None:
         """End of a stall: turn its samples into a report (on the loop thread)."""
+        if episode is not None:
+            lag = max(lag, episode.overdue)
         if episode is None or not episode.counts:
             if lag > self._threshold:
                 _log.debug(
@@ -547,13 +583,28 @@ class LoopWatch:
             duration=lag,
             stack=_format_stack(episode.stacks[culprit]),
         )
+        self._blocked += 1
+        if len(self.reports) >= MAX_REPORTS:
+            del self.reports[0]  # O(MAX_REPORTS), at most once per threshold
         self.reports.append(report)
-        _log.warning(
-            "%s\nStack of the event loop thread (most recent call last):\n%s",
-            report,
-            report.stack.rstrip("\n"),
-            extra={"corral_block_report": report},
-        )
+        try:
+            _log.warning(
+                "%s\nStack of the event loop thread (most recent call last):\n%s",
+                report,
+                report.stack.rstrip("\n"),
+                extra={"corral_block_report": report},
+            )
+        except Exception as exc:
+            # A log handler or filter that raises: the watch, and whatever
+            # stops it (the end of a map), must go on. Said where asyncio says
+            # a callback failed, like an error in the heartbeat itself.
+            assert self._loop is not None
+            self._loop.call_exception_handler(
+                {
+                    "message": f"logging a report of the loop watch failed: {report}",
+                    "exception": exc,
+                }
+            )
 
     # -- watchdog thread -----------------------------------------------------
 
@@ -577,14 +628,16 @@ class LoopWatch:
         asleep = self._asleep.acquire
         while not asleep(timeout=wait):
             self.wakeups += 1
+            if loop.is_closed():  # closed without stop(): nothing left to watch
+                return
             overdue = monotonic() - self._due  # unlocked read: a hint
             if overdue <= threshold:
-                wait = max(_MIN_TICK, min(threshold - overdue, threshold + self._interval))
+                wait = max(
+                    _MIN_TICK, min(threshold - overdue, threshold + self._interval, _MAX_WAIT)
+                )
                 continue
             wait = tick
             if not loop.is_running():
-                if loop.is_closed():
-                    return
                 # Between run_until_complete calls: nothing to blame, and the
                 # time the loop is not running is no lag either, so the next
                 # beat is not measured from before the gap.
@@ -598,7 +651,8 @@ class LoopWatch:
         # that the loop is stuck and the sample: every sample in an episode was
         # taken while the heartbeat was overdue by more than threshold.
         with self._lock:
-            if monotonic() - self._due <= self._threshold:  # pragma: no cover - a race
+            overdue = monotonic() - self._due
+            if overdue <= self._threshold:  # pragma: no cover - a race
                 return  # the loop turned between the unlocked check and now
             frame = sys._current_frames().get(self._loop_thread)
             if frame is None:  # pragma: no cover - a race: the loop's thread just ended
@@ -609,6 +663,7 @@ class LoopWatch:
             del frame
             if self._episode is None:
                 self._episode = _Episode()
+            self._episode.overdue = overdue
             culprit = _blame(stack, self._machinery or frozenset())
             if culprit is not None:
                 self._episode.add(culprit, stack)
@@ -629,15 +684,19 @@ def watch_loop(threshold: float = DEFAULT_THRESHOLD, *, interval: float | None =
     ``lineno``, ``duration``, ``stack``), also logged as a warning on the
     ``corral`` logger, blaming the innermost frame of your code (not the
     standard library, installed packages or corral) where the loop thread spent
-    the stall. ``CORRAL_MONITOR=1`` in the environment turns this on for every
-    ``corral.map`` (see :func:`monitor_from_env`).
+    the stall; ``watch.reports`` keeps the latest :data:`MAX_REPORTS` (1000),
+    ``stats().blocked`` counts them all. ``CORRAL_MONITOR=1`` in the
+    environment turns this on for every ``corral.map`` (see
+    :func:`monitor_from_env`).
 
     Cost: one tiny callback on the loop every ``interval`` seconds and a thread
     that wakes about once per ``threshold``; it samples stacks only while the
     loop is stuck.
 
     Args:
-        threshold: seconds the loop may be stuck before it is reported.
+        threshold: seconds the loop may be stuck before it is reported (any
+            finite number > 0; a huge one reports nothing, but still
+            measures the lag).
         interval: seconds between heartbeats; default ``threshold / 4`` within
             [0.005, 0.25]. ``duration`` may fall short of a stall's true length
             by up to ``interval``, and a stall up to ``threshold + interval``

@@ -37,7 +37,12 @@ pulls a snapshot from the engine's counters, the ones ``results.stats`` reads,
 and draws it; no thread and no task. Rich is imported only for
 ``progress=True``, and its own refresh thread is off: the timer redraws.
 Several maps drawing on the same terminal at once share one live display, one
-row each, so their redraws do not overwrite each other.
+row each, so their redraws do not overwrite each other; a map that ends while
+others run prints its final row above the display, which keeps the running
+rows only. While the display is drawn, what goes through ``sys.stdout`` or
+``sys.stderr`` (``print()``) shows above it when it was going to the
+display's own terminal, pipe or file; a stdout sent elsewhere
+(``python app.py > out.txt``) keeps its output.
 
 The rate shown while running is over the last :data:`RATE_WINDOW` seconds (it
 follows a limit that changes); the final line gives the average over the run.
@@ -62,13 +67,14 @@ import enum
 import importlib.util
 import logging
 import math
+import os
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._numbers import is_async_callable
+from ._numbers import is_async_callable, positive_seconds
 from ._stats import Stats
 
 if TYPE_CHECKING:
@@ -132,14 +138,16 @@ def total_of(items: object) -> int | None:
     """``len(items)`` when ``items`` has a length, else ``None``; never consumes it.
 
     Call it on the input as the user passed it, before it is turned into an
-    iterator. A length that cannot be computed (``__len__`` raising
-    ``TypeError``, or too large for ``len``) counts as no length.
+    iterator. A length that cannot be computed (``__len__`` raising, say a
+    lazy collection's ``TypeError`` or ``ValueError``, or a length too large
+    for ``len``) counts as no length: the display is an observer, and must not
+    fail a map that would run without it.
     """
     if not isinstance(items, Sized):
         return None
     try:
         total = len(items)
-    except (TypeError, OverflowError):
+    except Exception:
         return None
     return total
 
@@ -321,13 +329,41 @@ BAR_WIDTH = 24
 _PULSE_WIDTH = 6
 
 
+def _same_destination(a: object, b: object) -> bool:
+    """Whether text streams ``a`` and ``b`` write to the same place.
+
+    The same object, or descriptors of one terminal, pipe or file (a shell's
+    ``2>&1``). A live display redirects ``print()`` through itself so that the
+    output appears above it; that is right only when the output was going
+    there anyway: ``python app.py > results.txt`` must still fill results.txt
+    while the display is drawn on stderr.
+    """
+    a = getattr(a, "rich_proxied_file", a)  # another live display's redirection
+    b = getattr(b, "rich_proxied_file", b)
+    if a is b:
+        return a is not None
+    try:
+        first = os.fstat(a.fileno())  # type: ignore[attr-defined]
+        second = os.fstat(b.fileno())  # type: ignore[attr-defined]
+        if first.st_ino == 0 or second.st_ino == 0:
+            # No identity to compare (Windows consoles and pipes): one
+            # terminal is the best guess only when both are terminals.
+            return bool(a.isatty() and b.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):  # no stream, a closed one, no descriptor
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
 class _Board:
     """One rich live display per stream, shared by the maps drawing on it at the same time.
 
     Two live displays on one terminal each move the cursor back over what they
     drew last and overwrite the other's lines; one display with a row per map
-    does not. The display starts with its first row and stops (leaving every
-    final row on screen) when its last row leaves.
+    does not. The display starts with its first row and stops (leaving the
+    final row on screen) when its last row leaves. A row that leaves before
+    then is printed above the display, which keeps only the running rows: a
+    long map running short ones, each with its own progress, must not redraw
+    (nor keep) every row that ever joined.
 
     Rows are single lines of ``rich.text.Text`` built by hand rather than a
     ``rich.progress.Progress`` table: laying out a table costs about 3 ms per
@@ -343,46 +379,63 @@ class _Board:
 
         self._key = id(stream)
         self._group = Group
-        self.lines: list[Text] = []  # one per row that joined, finished ones included
-        self.active = 0
+        # The rows of the maps still running, by number, in the order they joined.
+        self.rows: dict[int, Text] = {}
+        self._joined = 0
         self.live = Live(
             console=Console(file=stream, force_terminal=True),
             # The map's timer redraws; rich's refresh thread would redraw a
             # finished display forever and costs a thread per display.
             auto_refresh=False,
             get_renderable=self._render,
+            # print() and logging show above the display when they write
+            # where it draws; anywhere else (stdout piped to a file), their
+            # output must stay where it was going.
+            redirect_stdout=_same_destination(sys.stdout, stream),
+            redirect_stderr=_same_destination(sys.stderr, stream),
         )
 
     def _render(self) -> RenderableType:
-        return self._group(*self.lines)
+        # tuple() copies in one step under the GIL: another thread may join.
+        return self._group(*tuple(self.rows.values()))
 
     @classmethod
     def join(cls, stream: TextIO, first: Text) -> tuple[_Board, int]:
-        """Add a row showing ``first``; returns the board and the row's index."""
+        """Add a row showing ``first``; returns the board and the row's number."""
         with cls._lock:
             board = cls._boards.get(id(stream))
             if board is None:
                 board = cls._boards[id(stream)] = cls(stream)
-            board.lines.append(first)
-            board.active += 1
-            if board.active == 1:
+            row = board._joined
+            board._joined += 1
+            board.rows[row] = first
+            if len(board.rows) == 1:
                 try:
                     board.live.start(refresh=True)
                 except BaseException:
                     del cls._boards[id(stream)]
                     raise
-            return board, len(board.lines) - 1
+            return board, row
 
     def draw(self, row: int, line: Text) -> None:
-        self.lines[row] = line
+        self.rows[row] = line
         self.live.refresh()
 
-    def leave(self) -> None:
+    def leave(self, row: int, final: Text | None) -> None:
+        """Remove ``row``, leaving ``final`` (if any) on screen; the last row stops the display."""
         with self._lock:
-            self.active -= 1
-            if self.active == 0:
+            if final is not None:
+                self.rows[row] = final
+            if len(self.rows) == 1:
                 del self._boards[self._key]
-                self.live.stop()
+                self.live.stop()  # its last refresh draws the final row, and leaves it
+                return
+            self.rows.pop(row)
+            # Redraw without the row first: printing re-renders the display as
+            # last drawn below what it prints, which would still show the row.
+            self.live.refresh()
+            if final is not None:
+                self.live.console.print(final)  # above the display
 
 
 class _LiveSink(_Sink):
@@ -465,21 +518,22 @@ class _LiveSink(_Sink):
         ]
         if cancelled := _cancelled(stats):
             details.append((f"{_count(cancelled)} cancelled", "yellow"))
+        line: Text | None = None
         try:
-            self._draw(self._line(stats, details, final=True))
+            line = self._line(stats, details, final=True)
         finally:
-            self._release()
+            self._release(line)
 
     def abandon(self) -> None:
         try:
-            self._release()
+            self._release(None)
         except Exception:
             pass  # the failure that got us here is already logged
 
-    def _release(self) -> None:
+    def _release(self, final: Text | None) -> None:
         board, self._board = self._board, None
         if board is not None:
-            board.leave()
+            board.leave(self._row, final)
 
 
 # ---------------------------------------------------------------------------
@@ -553,6 +607,8 @@ class Progress:
         if target is True:
             if stream is None:
                 stream = sys.stderr
+                if stream is None:  # pythonw, or a daemon without one: nowhere to draw
+                    return None
             # While a live display runs, rich replaces sys.stderr with a proxy
             # that writes above the display; a second map must find the same
             # board, so look through the proxy.
@@ -569,8 +625,13 @@ class Progress:
             sink, default = _CallbackSink(target), CALLBACK_INTERVAL
         if interval is None:
             interval = default
-        elif not interval > 0:
-            raise ValueError(f"interval must be > 0 seconds; got interval={interval!r}")
+        else:
+            seconds = positive_seconds(interval)
+            if seconds is None:
+                raise ValueError(
+                    f"interval must be a finite number of seconds > 0; got interval={interval!r}"
+                )
+            interval = seconds
         return cls(sink, snapshot, interval, target)
 
     def start(self) -> None:

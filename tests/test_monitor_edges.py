@@ -1,0 +1,260 @@
+"""corral._monitor at its edges: extreme arguments, odd lifecycles, a watch's own reporting."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from corral import _monitor
+from corral._monitor import LoopWatch, watch_loop
+
+WATCHDOG = "corral-loop-watchdog"
+
+
+def blocker(seconds: float) -> None:
+    time.sleep(seconds)  # blocker-sleep
+
+
+def watchdog_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == WATCHDOG]
+
+
+def corral_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "corral" and r.levelno >= logging.ERROR]
+
+
+class _OnReports(logging.Handler):
+    """A handler on the ``corral`` logger that acts on block reports only."""
+
+    def __init__(self, *, sleep: float = 0.0, fail: bool = False) -> None:
+        super().__init__(logging.WARNING)
+        self.sleep = sleep
+        self.fail = fail
+        self.seen = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "corral_block_report" not in record.__dict__:
+            return
+        self.seen += 1
+        if self.sleep:
+            time.sleep(self.sleep)  # a handler writing to a slow disk or a network
+        if self.fail:
+            raise RuntimeError("the log shipper is down")
+
+
+@pytest.fixture
+def on_reports() -> Iterator[list[_OnReports]]:
+    """Handlers appended to the list are attached to the ``corral`` logger for the test."""
+    handlers: list[_OnReports] = []
+    logger = logging.getLogger("corral")
+    yield handlers
+    for handler in handlers:
+        logger.removeHandler(handler)
+
+
+def attach(handlers: list[_OnReports], handler: _OnReports) -> _OnReports:
+    handlers.append(handler)
+    logging.getLogger("corral").addHandler(handler)
+    return handler
+
+
+# ---------------------------------------------------------------------------
+# Extreme but valid arguments
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("threshold", "interval"),
+    [(1e300, None), (4e10, 4e10), (0.1, 1e300)],
+    ids=["huge-threshold", "huge-both", "huge-interval"],
+)
+async def test_huge_threshold_or_interval_keeps_the_watchdog_alive(
+    caplog: pytest.LogCaptureFixture, threshold: float, interval: float | None
+) -> None:
+    """A threshold of 1e300 s means "never report", not a watchdog that dies of an overflow.
+
+    A lock's timeout cannot exceed threading.TIMEOUT_MAX (about 292 years), so a
+    watchdog that slept "until the heartbeat is overdue by threshold" failed at
+    once and logged an OverflowError instead of watching.
+    """
+    with caplog.at_level(logging.ERROR, logger="corral"):
+        async with watch_loop(threshold=threshold, interval=interval) as watch:
+            await asyncio.sleep(0.05)  # the watchdog has gone to sleep by now
+            [thread] = watchdog_threads()
+            assert thread.is_alive()
+        assert watchdog_threads() == []
+    assert corral_errors(caplog) == []
+    assert watch.reports == []
+    assert watch.stats().beats >= 1
+
+
+# ---------------------------------------------------------------------------
+# Lifecycles: a loop that closes first, stop() outside the loop, a failed start
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_watchdog_ends_soon_after_its_loop_closes_even_with_a_long_threshold() -> None:
+    """A watch never stopped, on a loop that closed, leaves no thread behind for long.
+
+    The watchdog used to notice the closed loop only once the heartbeat was
+    overdue by threshold: an hour after the loop was gone, for threshold=3600.
+    """
+
+    async def leak() -> None:
+        watch_loop(threshold=3600).start()
+
+    asyncio.run(leak())
+    for thread in watchdog_threads():
+        thread.join(timeout=10)  # ten times the longest it now sleeps
+    assert watchdog_threads() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("closed", [False, True], ids=["between-runs", "after-close"])
+def test_stop_outside_the_running_loop_counts_no_idle_time_as_lag(closed: bool) -> None:
+    """stop() from plain code, the loop not running (or closed): the idle time is not lag."""
+    loop = asyncio.new_event_loop()
+    # A threshold longer than the idle gap: the watchdog leaves the heartbeat's
+    # due time alone, so only stop() decides what the gap counts as.
+    watch = watch_loop(threshold=5.0)
+
+    async def start() -> None:
+        watch.start()
+
+    try:
+        loop.run_until_complete(start())
+        loop.run_until_complete(asyncio.sleep(0.05))  # a couple of beats
+        if closed:
+            loop.close()
+        time.sleep(1.0)  # nothing runs on the loop meanwhile
+        watch.stop()
+    finally:
+        loop.close()
+    # The beats' own lags only (a few ms): the idle second counted as 0.75 s.
+    assert watch.max_lag < 0.4
+    assert watch.reports == []
+    assert watchdog_threads() == []
+
+
+@pytest.mark.slow
+def test_a_stall_at_the_end_of_a_run_is_still_reported_by_a_stop_outside_the_loop() -> None:
+    """The last callback of a run blocked: stop() after it still reports it, with its length."""
+    loop = asyncio.new_event_loop()
+    watch = watch_loop(threshold=0.05)
+
+    async def start() -> None:
+        watch.start()
+
+    async def block_at_the_end() -> None:
+        await asyncio.sleep(0.05)
+        blocker(0.3)
+
+    try:
+        loop.run_until_complete(start())
+        loop.run_until_complete(block_at_the_end())
+        watch.stop()
+    finally:
+        loop.close()
+    [report] = watch.reports
+    assert report.function == "blocker"
+    assert report.duration >= 0.2  # how late the heartbeat was when last sampled
+
+
+async def test_a_watch_whose_thread_cannot_start_leaves_no_heartbeat(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """start() failing to start its thread (a pids limit) undoes itself and can be retried."""
+    watch = watch_loop(threshold=0.05, interval=0.005)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(RuntimeError, match=r"^can't start new thread$"):
+            watch.start()
+    assert repr(watch).startswith("<LoopWatch new ")
+    for _ in range(5):  # turns of the loop: a heartbeat left scheduled would run
+        await asyncio.sleep(0)
+    assert watch.stats().beats == 0
+    async with watch:  # nothing was half started: the same watch starts now
+        await asyncio.sleep(0.02)
+    assert watch.stats().beats >= 1
+    assert watchdog_threads() == []
+
+
+# ---------------------------------------------------------------------------
+# The watch's own reporting: slow or failing log handlers
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_slow_log_handler_does_not_make_each_report_cause_the_next(
+    on_reports: list[_OnReports],
+) -> None:
+    """One stall, one report, though logging it blocks the loop longer than threshold.
+
+    Reporting runs on the loop thread; the time a slow handler took used to be
+    measured as a stall, reported, and its logging measured again: a report
+    every 0.2 s for as long as the loop ran.
+    """
+    slow = attach(on_reports, _OnReports(sleep=0.2))
+    async with watch_loop(threshold=0.05) as watch:
+        blocker(0.2)
+        await asyncio.sleep(1.0)  # room for five self-inflicted reports
+    assert [r.function for r in watch.reports] == ["blocker"]
+    assert slow.seen == 1
+
+
+@pytest.mark.slow
+async def test_a_failing_log_handler_does_not_break_stop(
+    on_reports: list[_OnReports],
+) -> None:
+    """A handler that raises: stop() still returns, the report is kept, the loop is told."""
+    attach(on_reports, _OnReports(fail=True))
+    loop = asyncio.get_running_loop()
+    told: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: told.append(context))
+    try:
+        async with watch_loop(threshold=0.05) as watch:
+            await asyncio.sleep(0.02)
+            blocker(0.2)  # still open when the block exits: stop() reports it
+    finally:
+        loop.set_exception_handler(previous)
+    [report] = watch.reports
+    assert report.function == "blocker"
+    [context] = told
+    assert context["message"] == f"logging a report of the loop watch failed: {report}"
+    assert str(context["exception"]) == "the log shipper is down"
+    assert watchdog_threads() == []
+
+
+# ---------------------------------------------------------------------------
+# Memory over a long run
+# ---------------------------------------------------------------------------
+
+
+def test_a_watch_keeps_the_latest_reports_and_counts_them_all(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A watch on a map that runs for days keeps MAX_REPORTS reports, not one per stall forever."""
+    monkeypatch.setattr(_monitor, "MAX_REPORTS", 3)
+    watch = LoopWatch(threshold=0.1)
+    culprit = ("handler", "/app/main.py", 12)
+    with caplog.at_level(logging.CRITICAL, logger="corral"):
+        for second in range(1, 6):  # five stalls of 1..5 s, closed as the heartbeat would
+            episode = _monitor._Episode()
+            episode.add(culprit, ())
+            watch._close(episode, float(second))
+    assert [r.duration for r in watch.reports] == [3.0, 4.0, 5.0]
+    assert watch.stats().blocked == 5
+    assert repr(watch).endswith(" reports=3>")
