@@ -28,6 +28,8 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from corral.lab._options import int_option, number_option
+
 if TYPE_CHECKING:
     from corral.lab.llm_server import LLMServer
     from corral.lab.server import ServerStats, TargetServer
@@ -82,45 +84,6 @@ def _parser() -> argparse.ArgumentParser:
     _add_tune(subparsers)
     _add_serve(subparsers)
     return parser
-
-
-# --------------------------------------------------------------------------
-# Argument types: each rejects a bad value with what it must be.
-# --------------------------------------------------------------------------
-
-
-def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:  # not an int, or more digits than int() reads
-            value = minimum - 1
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-            raise argparse.ArgumentTypeError(f"must be an int {bound}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _number(maximum: float | None = None, *, positive: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        low_ok = value > 0 if positive else value >= 0
-        if not (math.isfinite(value) and low_ok and (maximum is None or value <= maximum)):
-            if maximum is None:
-                bound = "> 0" if positive else ">= 0"
-            elif positive:
-                bound = f"> 0 and <= {maximum:g}"
-            else:
-                bound = f"between 0 and {maximum:g}"
-            raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text!r}")
-        return value
-
-    return parse
 
 
 def _schedule(text: str) -> list[tuple[float, int]]:
@@ -220,7 +183,7 @@ def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--scale",
         # Bounded: sizes are ints (scale 1e308 overflows them), and x100
         # already turns the full run into a day.
-        type=_number(MAX_SCALE, positive=True),
+        type=number_option(MAX_SCALE, positive=True),
         default=1.0,
         metavar="F",
         help=f"multiply every size and trial time by F, > 0 and at most {MAX_SCALE:g} "
@@ -319,25 +282,30 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add("--host", default="127.0.0.1", help="a loopback address (default: %(default)s)")
     add(
         "--port",
-        type=_int_at_least(0, 65535),
+        type=int_option(0, 65535),
         default=8080,
         help="0 picks a free port (default: 8080)",
     )
     # The capacity model's own options default to None, filled in from
     # _CAPACITY_DEFAULTS later: --llm must refuse them even at their default value.
-    add("--capacity", type=_int_at_least(1), help="requests in service at once (64)")
-    add("--service-ms", type=_number(), help="milliseconds each request takes (10)")
-    add("--queue", type=_int_at_least(0), help="requests that may wait for a slot (256)")
+    add("--capacity", type=int_option(1), help="requests in service at once (64)")
+    add("--service-ms", type=number_option(), help="milliseconds each request takes (10)")
+    add("--queue", type=int_option(0), help="requests that may wait for a slot (256)")
     add("--status", type=int, choices=(429, 503), help="status when the queue is full (429)")
     add(
         "--retry-after",
-        type=_number(86_400),
+        type=number_option(86_400),
         help="seconds the refusal asks to wait, at most 86400 (1)",
     )
-    add("--jitter", type=_number(1), default=0.0, help="service time varies by +/- this fraction")
-    add("--stall-fraction", type=_number(1), help="share of requests that hang (0)")
-    add("--stall-s", type=_number(), help="seconds a stalled request hangs (30)")
-    add("--fail-fraction", type=_number(1), help="share of requests answered 500 (0)")
+    add(
+        "--jitter",
+        type=number_option(1),
+        default=0.0,
+        help="service time varies by +/- this fraction",
+    )
+    add("--stall-fraction", type=number_option(1), help="share of requests that hang (0)")
+    add("--stall-s", type=number_option(), help="seconds a stalled request hangs (30)")
+    add("--fail-fraction", type=number_option(1), help="share of requests answered 500 (0)")
     add(
         "--schedule",
         type=_schedule,

@@ -44,9 +44,11 @@ import math
 import random
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from corral.lab._options import number_option
 
 __all__ = [
     "DIMENSIONS",
@@ -682,49 +684,49 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--llm", action="store_true", help="serve the mock LLM API instead of the capacity model")
     add(
         "--rpm",
-        type=_positive,
+        type=number_option(positive=True),
         default=None,
         metavar="N",
         help="requests per minute per key (default: none)",
     )
     add(
         "--tpm",
-        type=_positive,
+        type=number_option(positive=True),
         default=None,
         metavar="N",
         help="tokens (input + output) per minute per key",
     )
     add(
         "--input-tpm",
-        type=_positive,
+        type=number_option(positive=True),
         default=None,
         metavar="N",
         help="input tokens per minute per key",
     )
     add(
         "--output-tpm",
-        type=_positive,
+        type=number_option(positive=True),
         default=None,
         metavar="N",
         help="output tokens per minute per key",
     )
     add(
         "--minute",
-        type=_positive_at_most(MAX_MINUTE),
+        type=number_option(MAX_MINUTE, positive=True),
         default=None,
         metavar="S",
         help="real seconds per limit minute (60)",
     )
     add(
         "--latency-ms",
-        type=_non_negative,
+        type=number_option(),
         default=None,
         metavar="MS",
         help="milliseconds before the first token (200)",
     )
     add(
         "--ms-per-token",
-        type=_non_negative,
+        type=number_option(),
         default=None,
         metavar="MS",
         help="milliseconds per output token (10)",
@@ -738,21 +740,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--accel-start",
-        type=_positive,
+        type=number_option(positive=True),
         default=None,
         metavar="F",
         help="share of rpm an idle key starts at (0.5)",
     )
     add(
         "--accel-growth",
-        type=_positive,
+        type=number_option(positive=True),
         default=None,
         metavar="F",
         help="allowance factor per busy window (2)",
     )
     add(
         "--accel-window",
-        type=_positive,
+        type=number_option(positive=True),
         default=None,
         metavar="S",
         help="ramp window in seconds (minute / 12)",
@@ -765,38 +767,6 @@ def misplaced_options(args: argparse.Namespace) -> list[str]:
     given = _CAPACITY_ONLY if args.llm else _LLM_ONLY
     wrong = [name for name in given if getattr(args, name, None) is not None]
     return ["--" + name.replace("_", "-") for name in wrong]
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
-
-
-def _positive_at_most(maximum: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = _positive(text)
-        if value > maximum:
-            raise argparse.ArgumentTypeError(
-                f"must be a number > 0 and <= {maximum:g}, got {text!r}"
-            )
-        return value
-
-    return parse
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
 
 
 def _output_length(text: str) -> OutputLength:

@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.lab._options import int_option, number_option
+
 __all__ = [
     "PEAK_SHARE",
     "Trial",
@@ -483,14 +485,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--max-limit",
-        type=_max_limit,
+        type=int_option(1),
         default=1024,
         metavar="N",
         help="largest limit tried, an int >= 1 (1024)",
     )
     add(
         "--trial-seconds",
-        type=_trial_seconds,
+        type=number_option(positive=True, what="a number of seconds"),
         default=1.0,
         metavar="S",
         help="length of each trial (default 1.0)",
@@ -503,26 +505,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="where tune.png and tune.json go (default: ./corral-tune/)",
     )
-
-
-def _max_limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:  # not an int, or more digits than int() reads
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
-    return value
-
-
-def _trial_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
-    return value
 
 
 def tune_command(args: argparse.Namespace) -> int:
