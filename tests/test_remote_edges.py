@@ -389,6 +389,19 @@ async def test_an_input_raising_a_base_exception_ends_the_map_with_it(
     await no_worker_left()
 
 
+async def slow_to_close(
+    log: Path, cleaning: asyncio.Event, release: asyncio.Event
+) -> AsyncIterator[tuple[str, int]]:
+    """One item, then a wait for ever; closed, it sets ``cleaning`` and waits for
+    ``release``: an async cleanup (closing a connection, say) that takes its time."""
+    try:
+        yield (str(log), 0)
+        await asyncio.Event().wait()  # never set: the feeder waits here
+    finally:
+        cleaning.set()
+        await release.wait()
+
+
 async def test_a_cancelled_aclose_still_finishes_every_task_then_raises(tmp_path: Path) -> None:
     """aclose() is cancelled while the async input still cleans up: the close goes on
     until the feeder has finished and the input is closed, then raises the
@@ -396,16 +409,8 @@ async def test_a_cancelled_aclose_still_finishes_every_task_then_raises(tmp_path
     log = tmp_path / "calls"
     cleaning, release = asyncio.Event(), asyncio.Event()
 
-    async def source() -> AsyncIterator[tuple[str, int]]:
-        try:
-            yield (str(log), 0)
-            await asyncio.Event().wait()  # never set: the feeder waits here
-        finally:
-            cleaning.set()
-            await release.wait()  # an async cleanup, e.g. closing a connection
-
     async with asyncio.timeout(60):  # hang guard
-        stream = corral.map(async_logged, source(), processes=2)
+        stream = corral.map(async_logged, slow_to_close(log, cleaning, release), processes=2)
         async with stream:
             assert await anext(stream) == 0
             closing = asyncio.create_task(stream.aclose())
@@ -462,16 +467,8 @@ async def test_a_second_aclose_cancelled_while_the_first_runs_waits_for_it_then_
     log = tmp_path / "calls"
     cleaning, release = asyncio.Event(), asyncio.Event()
 
-    async def source() -> AsyncIterator[tuple[str, int]]:
-        try:
-            yield (str(log), 0)
-            await asyncio.Event().wait()  # never set: the feeder waits here
-        finally:
-            cleaning.set()
-            await release.wait()  # an async cleanup, e.g. closing a connection
-
     async with asyncio.timeout(60):  # hang guard
-        stream = corral.map(async_logged, source(), processes=2)
+        stream = corral.map(async_logged, slow_to_close(log, cleaning, release), processes=2)
         async with stream:
             assert await anext(stream) == 0
             first = asyncio.create_task(stream.aclose())
