@@ -36,3 +36,23 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 def loop_kind(request: pytest.FixtureRequest) -> str:
     """The loop kind the current async test runs on."""
     return str(request.param)
+
+
+# rich's view of a stream, for the progress display's tests.
+
+
+@pytest.fixture
+def plain(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Rich sees a StringIO as a non-terminal, whatever the environment says."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def terminal(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Rich treats any stream as a 200-column terminal (FORCE_COLOR)."""
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    return monkeypatch

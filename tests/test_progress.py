@@ -61,25 +61,9 @@ def sleeper(seconds: float) -> Any:
 
 
 # pytest swaps its own capture into sys.stderr as each test phase starts, so
-# these environments are fixtures but the StringIO is put in place from the
-# test body, with stderr_to().
-
-
-@pytest.fixture
-def plain(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """Rich sees a StringIO as a non-terminal, whatever the environment says."""
-    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
-
-
-@pytest.fixture
-def terminal(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """Rich treats any stream as a 200-column terminal (FORCE_COLOR)."""
-    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
-    monkeypatch.setenv("FORCE_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "200")
-    return monkeypatch
+# the environments rich reads are fixtures (``plain``, ``terminal``: see
+# conftest.py) but the StringIO is put in place from the test body, with
+# stderr_to().
 
 
 def stderr_to(monkeypatch: pytest.MonkeyPatch, stream: io.StringIO | None = None) -> io.StringIO:

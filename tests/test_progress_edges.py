@@ -22,23 +22,6 @@ from corral._stats import Stats
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-@pytest.fixture
-def terminal(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """Rich treats any stream as a 200-column terminal (FORCE_COLOR)."""
-    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
-    monkeypatch.setenv("FORCE_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "200")
-    return monkeypatch
-
-
-@pytest.fixture
-def plain(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """Rich sees a StringIO as a non-terminal, whatever the environment says."""
-    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
-
-
 def printer(seconds: float) -> Any:
     async def show(item: int) -> int:
         await asyncio.sleep(seconds)
