@@ -100,8 +100,12 @@ def test_rate_parse_rejects_text_that_is_not_a_rate(text: str) -> None:
 
 @pytest.mark.parametrize("text", ["0/s", "-5/s", "0", "20/0ms", "1e400/s", "1/1e400s"])
 def test_rate_parse_rejects_rates_that_are_not_positive(text: str) -> None:
-    """A zero, negative or infinite number in the text fails with the '> 0' message."""
-    message = f"rate must be > 0, like 20, '20/s' or corral.Rate(20, per=1.0); got rate={text!r}"
+    """A zero, negative or infinite number in the text fails with the 'finite number > 0'
+    message."""
+    message = (
+        "rate must be a finite number > 0, like 20, '20/s' or corral.Rate(20, per=1.0); "
+        f"got rate={text!r}"
+    )
     with pytest.raises(ValueError, match=exactly(message)):
         Rate.parse(text)
 
@@ -247,7 +251,10 @@ def test_as_rate_rejects_other_values_naming_the_value(
     value: object, error: type[Exception]
 ) -> None:
     """Zero, negatives, NaN, infinity, bools and other types fail with the forms to use."""
-    message = f"rate must be > 0, like 20, '20/s' or corral.Rate(20, per=1.0); got rate={value!r}"
+    message = (
+        "rate must be a finite number > 0, like 20, '20/s' or corral.Rate(20, per=1.0); "
+        f"got rate={value!r}"
+    )
     with pytest.raises(error, match=exactly(message)):
         as_rate(value)
 
@@ -705,7 +712,9 @@ def test_limiter_checks_its_rate_like_map_does() -> None:
     """rate= accepts the same forms as everywhere else and fails with the same messages."""
     assert Limiter(rate="600/min").rate == Rate(600.0, per=60.0)
     assert Limiter(rate=20).rate == Rate(20.0)
-    message = "rate must be > 0, like 20, '20/s' or corral.Rate(20, per=1.0); got rate=0"
+    message = (
+        "rate must be a finite number > 0, like 20, '20/s' or corral.Rate(20, per=1.0); got rate=0"
+    )
     with pytest.raises(ValueError, match=exactly(message)):
         Limiter(3, rate=0)
     message = "rate must look like '20/s', '600/min' or '5/100ms'; got rate='fast'"

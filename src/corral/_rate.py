@@ -69,7 +69,11 @@ _RATE_FORMS = "'20/s', '600/min' or '5/100ms'"
 
 
 def _rate_error(value: object) -> str:
-    return f"rate must be > 0, like 20, '20/s' or corral.Rate(20, per=1.0); got rate={value!r}"
+    # "finite" too: 10**400, math.inf and "1e400/s" are > 0 but no rate a float can hold.
+    return (
+        "rate must be a finite number > 0, like 20, '20/s' or corral.Rate(20, per=1.0); "
+        f"got rate={value!r}"
+    )
 
 
 def _check_dimensions(n: Mapping[Any, Any]) -> dict[str, float]:
@@ -249,17 +253,19 @@ class Rate:
 
         For a weighted rate, ``per / n["requests"]``; 0.0 when it has no
         ``requests`` dimension (then only the other dimensions space starts).
+        Always a Python float: a numpy ``float32`` rate's own quotient would
+        make the gates' times float32 too (a step of 0.06 s at 1e6 s).
         """
         n = self.n
         if isinstance(n, Mapping):
             requests = n.get("requests")
-            return self.per / requests if requests else 0.0
-        return self.per / n
+            return _quotient(self.per, requests) if requests else 0.0
+        return _quotient(self.per, n)
 
     @property
     def tolerance(self) -> float:
         """tau, how far ahead of its slot a start may come: ``(burst - 1) * interval``."""
-        return (self.burst - 1) * self.interval
+        return to_float(self.burst - 1) * self.interval
 
     @classmethod
     def parse(cls, text: str) -> Rate:
@@ -277,8 +283,8 @@ class Rate:
         0.02
 
         Raises:
-            ValueError: the text is not of that form, or its rate is not > 0
-                (a zero, negative or infinite number).
+            ValueError: the text is not of that form, or its rate is not a
+                finite number > 0 (a zero, negative or overflowing number).
             TypeError: ``text`` is not a str.
         """
         if not isinstance(text, str):
@@ -316,8 +322,8 @@ def as_rates(value: object) -> RateSpec:
     :func:`as_rate`.
 
     Raises:
-        ValueError: an empty list, or a bad rate in it.
-        TypeError: as :func:`as_rate`.
+        ValueError: an empty list, ``"auto"`` in a list, or a bad rate in it.
+        TypeError: ``None`` or a list in the list; else as :func:`as_rate`.
     """
     if isinstance(value, list | tuple):
         if not value:
@@ -326,11 +332,33 @@ def as_rates(value: object) -> RateSpec:
                 "[Rate({'requests': 500}, per=60), Rate({'requests': 10_000}, per=86_400)]; "
                 "got rate=[]"
             )
-        rates = tuple(as_rate(one) for one in value)
-        return rates[0] if len(rates) == 1 else rates  # type: ignore[return-value]
+        rates = tuple(_listed_rate(one, value) for one in value)
+        return rates[0] if len(rates) == 1 else rates
     if isinstance(value, str) and value == "auto":
         return "auto"
     return as_rate(value)
+
+
+def _listed_rate(one: object, rates: list[Any] | tuple[Any, ...]) -> Rate:
+    """One rate of a list of rates (one window): a rate, never "no rate" or another list.
+
+    ``None`` in a list used to reach the gates as a window and fail there with
+    an AttributeError; ``"auto"`` and a nested list were refused naming only
+    the element, as if it had been the whole ``rate=``.
+    """
+    if one is None or isinstance(one, list | tuple):
+        raise TypeError(
+            "each rate in a list of rates must be a rate like 20, '20/s' or "
+            f"corral.Rate(20, per=1.0), not {one!r}; got rate={rates!r}"
+        )
+    if isinstance(one, str) and one == "auto":
+        raise ValueError(
+            "rate='auto' adapts one rate on its own and cannot be one of a list of rates; "
+            f"got rate={rates!r}"
+        )
+    rate = as_rate(one)
+    assert rate is not None  # None was refused above
+    return rate
 
 
 def gate_for(spec: RateSpec) -> RateGate | WeightedGate | None:
@@ -345,8 +373,8 @@ def gate_for(spec: RateSpec) -> RateGate | WeightedGate | None:
     if isinstance(spec, Rate) and not spec.weighted:
         return RateGate(spec)
     rates = (spec,) if isinstance(spec, Rate) else spec
-    cells = [
-        Cell(dimension, rate.per / amount, rate.tolerance, rate.per)
+    cells = [  # in Python floats, as the plain gate (see Rate.interval)
+        Cell(dimension, _quotient(rate.per, amount), rate.tolerance, to_float(rate.per))
         for rate in rates
         for dimension, amount in rate.limits.items()
     ]
@@ -415,6 +443,14 @@ def gcra_next_tat(tat: float, now: float, rate: Rate) -> float:
 #   starts before somebody who asked first. A newcomer that finds the line
 #   empty but grantees not yet resumed sets the timer, even for "now": a timer
 #   runs after the wake-ups already scheduled, so the grantees start first.
+#
+# Times are kept as seconds since `_origin`, the loop's time when the gate
+# bound to it. Loop clocks may start anywhere (a monotonic clock reads the
+# uptime; some loops read the wall clock, ~1.7e9 s), and a float that large
+# cannot hold a short interval exactly: at 1e9 s its step is 1.2e-7 s, so TAT
+# + 1e-6 adds 0.95e-6 (starts 5% faster than the rate) and TAT + 1e-8 adds
+# nothing (no limit at all). Relative to the origin, TAT stays as small as the
+# gate's lifetime on one loop and each interval is added almost exactly.
 # ---------------------------------------------------------------------------
 
 
@@ -437,10 +473,13 @@ class RateGate:
     The gate binds to no event loop when built, so it can be made at import
     time and used by successive ``asyncio.run`` calls. Loops' clocks are
     unrelated, so on a new loop the gate carries over what the last loop's
-    starts still owe, as if no time had passed in between: switching loops
-    never grants an extra burst (it may cost up to ``burst`` intervals of
-    extra wait). Using one gate from two loops *at once* is an error. Time is
-    read only through the running loop's ``time()``.
+    starts (and a server's clamp) still owe, as if no time had passed in
+    between: switching loops never grants an extra burst (it may cost up to
+    ``burst`` intervals of extra wait). Using one gate from two loops *at
+    once* is an error. Time is read only through the running loop's
+    ``time()``, and kept as seconds since the gate bound to that loop, so a
+    clock far from 0 (a long uptime, a wall clock) spaces starts as exactly
+    as one at 0.
 
     Args:
         rate: The :class:`Rate` to enforce.
@@ -452,6 +491,7 @@ class RateGate:
         "_interval",
         "_last_now",
         "_loop",
+        "_origin",
         "_queued",
         "_rate",
         "_tat",
@@ -471,8 +511,10 @@ class RateGate:
         self._rate = rate
         self._interval = rate.interval
         self._tolerance = rate.tolerance
+        # Times below are seconds since _origin, the loop's time at binding.
+        self._origin = 0.0
         self._tat = -math.inf  # no start yet: a full burst is available
-        self._last_now = -math.inf  # loop time of the last grant
+        self._last_now = -math.inf  # the latest time seen: the last grant or clamp
         # Grants made through the line and still standing; a granted future's
         # result is (its number, TAT before it, TAT after it), so it can be
         # undone (_give_back).
@@ -501,10 +543,11 @@ class RateGate:
         """Whether, from ``now`` on, the gate behaves exactly as a new one would.
 
         True when nobody is in line or just granted and no start is still
-        owed (the TAT is not after ``now``): forgetting the gate then changes
-        nothing, which is what lets a per-key Limiter forget idle keys.
+        owed (the TAT is not after ``now``, the loop's time): forgetting the
+        gate then changes nothing, which is what lets a per-key Limiter forget
+        idle keys.
         """
-        return not self._queued and not self._granted and self._tat <= now
+        return not self._queued and not self._granted and self._tat <= now - self._origin
 
     def wait_nowait(self, cost: Mapping[str, float] | None = None) -> bool:
         """Take a start now if one conforms and nobody is ahead; never suspends.
@@ -519,10 +562,12 @@ class RateGate:
             self._rebind(loop)
         if self._queued or self._granted:
             return False
-        now = loop.time()
+        now = loop.time() - self._origin
         tat = self._tat
         # gcra_delay() == 0 and gcra_next_tat(), inlined: this is the per-call hot path.
-        if now < tat - self._tolerance:
+        slot = tat - self._tolerance  # -inf before the first start
+        # A millionth of an interval early or less may be rounding alone: see _only_rounding.
+        if now < slot and (slot - now > self._interval * 1e-6 or not self._only_rounding(tat, now)):
             return False
         self._tat = (tat if tat > now else now) + self._interval
         self._last_now = now
@@ -566,7 +611,11 @@ class RateGate:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._rebind(loop)
-        now = loop.time()
+        now = loop.time() - self._origin
+        if now > self._last_now:
+            # What a later loop carries over is measured from here: a clamp
+            # made long after the last grant must not count that time as owed.
+            self._last_now = now
         configured = self.rate.interval
         if remaining >= 1:
             if self._interval != configured and (limit is None or remaining >= limit / 2):
@@ -587,14 +636,27 @@ class RateGate:
 
     # -- internals ---------------------------------------------------------
 
+    def _only_rounding(self, tat: float, now: float) -> bool:
+        """Whether a start at ``now``, just before its slot, is due in exact arithmetic.
+
+        After an idle spell, TAT is ``now + T`` plus one T per start, each sum
+        rounded, while the tolerance is ``(burst - 1) * T`` rounded once: the
+        last start of a burst could miss by an ulp or two (``Rate(100,
+        burst=7)`` let 6 start at once, not 7). An ulp of TAT per start of
+        the burst, twice over, covers those roundings; the caller also caps
+        the margin at a millionth of an interval, so no start comes
+        measurably early, and asks only when a start is that close to its slot.
+        """
+        return tat - self._tolerance - now <= self._rate.burst * 2 * math.ulp(tat)
+
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         """Set the timer for when the head of the line conforms (now at the earliest)."""
         when = self._tat - self._tolerance
-        now = loop.time()
+        now = loop.time() - self._origin
         if when < now:
             when = now
         self._timer_when = when
-        self._timer = loop.call_at(when, self._on_timer)
+        self._timer = loop.call_at(self._origin + when, self._on_timer)
 
     def _on_timer(self) -> None:
         """Grant every caller at the head of the line that conforms now; set the timer again."""
@@ -605,7 +667,8 @@ class RateGate:
         # the time asked for. It was asked for exactly the head's slot, so read
         # the clock as that time: otherwise the head would not conform yet and
         # the gate would spin on 0-delay timers until the clock caught up.
-        now = loop.time()
+        # (The same holds when origin + slot rounds to a loop time before it.)
+        now = loop.time() - self._origin
         now = now if now > self._timer_when else self._timer_when
         waiters = self._waiters
         while waiters:
@@ -614,7 +677,10 @@ class RateGate:
                 waiters.popleft()
                 continue
             tat = self._tat
-            if now < tat - self._tolerance:
+            slot = tat - self._tolerance
+            if now < slot and (
+                slot - now > self._interval * 1e-6 or not self._only_rounding(tat, now)
+            ):
                 self._arm(loop)
                 return
             waiters.popleft()
@@ -666,12 +732,13 @@ class RateGate:
                 "this rate is in use by tasks of another event loop that is still open; "
                 "a corral.Limiter or RateGate can serve successive event loops, not two at once"
             )
-        # What the last starts still owe, as if no time passed since the last
-        # grant: conservative, as real time can only have paid some of it off.
-        now = loop.time()
+        # What the last starts (or a clamp) still owe, as if no time passed
+        # since the last grant or clamp: conservative, as real time can only
+        # have paid some of it off. The new loop's time now is the new origin.
         tat, last = self._tat, self._last_now
-        self._tat = now + (tat - last) if tat > last else -math.inf
-        self._last_now = now
+        self._origin = loop.time()
+        self._tat = tat - last if tat > last else -math.inf
+        self._last_now = 0.0
         # Futures and the timer of a closed loop can never run: forget them.
         self._waiters.clear()
         self._queued = self._granted = 0
