@@ -28,10 +28,15 @@ What each guarantee becomes
   (``ordered=False``: as chunks complete).
 - **Errors as themselves**: an item's exception travels back as its own
   type, with the actor's traceback as a note; an error Ray wraps
-  (``RayTaskError``, e.g. from ``setup=``) is unwrapped to its cause. The
-  first failure (``return_exceptions=False``) ends the map and cancels the
-  chunks in flight with ``ray.cancel``, which raises ``CancelledError``
-  inside their running coroutines.
+  (``RayTaskError``, e.g. from ``setup=``, noted as coming from there) is
+  unwrapped to its cause. The first failure (``return_exceptions=False``)
+  ends the map and cancels the chunks in flight with ``ray.cancel``, which
+  raises ``CancelledError`` inside their running coroutines.
+- **What cannot travel fails its own item**: an item that cannot be pickled
+  (a TypeError naming it and its index, in its place) or a result that
+  cannot (pickled in the actor, by chunk, to find out), as with
+  ``processes=N``; a ``fn`` or ``setup`` that cannot is refused before any
+  actor starts, by name.
 - **Retries** run in the actor, per attempt; each actor keeps the retry
   budget for its own calls with a share of its floor (see _remote), so the
   map's retries stay ``floor + ratio x successes`` as in one process.
@@ -41,9 +46,12 @@ What each guarantee becomes
   once. **Side effects are at-least-once**: the calls of a re-run chunk that
   had already finished before the actor died run again.
 - **Structured**: leaving the map by any path cancels its chunks in flight,
-  waits briefly for them to stop, and kills its actors. A local cluster that
-  corral started stays up for the next map of this process and is shut down
-  when the interpreter exits.
+  waits briefly for them to stop, closes each actor's ``setup=`` state
+  (``aclose()`` or ``close()``, once), and kills its actors, even when that
+  close is itself cancelled. A local cluster that corral started stays up
+  for the next map of this process and is shut down when the interpreter
+  exits. A ``ray_address`` where nothing accepts a connection fails within
+  ``CONNECT_TIMEOUT`` seconds (Ray alone retries for minutes).
 
 ``fn`` and ``setup`` travel to the actors with Ray's serialiser (cloudpickle),
 so lambdas and closures work; what they import must be importable on every
@@ -62,6 +70,8 @@ import logging
 import math
 import os
 import queue
+import reprlib
+import socket
 import sys
 import threading
 import traceback
@@ -72,14 +82,13 @@ from typing import Any, TypeVar
 from ._engine import _Retried
 from ._limits import Limiter
 from ._numbers import is_async_callable, is_integral
-from ._offload import WorkerCrashed, no_stop_iteration
+from ._offload import PLAIN_TYPES, WorkerCrashed, no_stop_iteration
 from ._remote import (
     RemoteCall,
     RemoteOptions,
     RemoteRun,
     RemoteStream,
     Submissions,
-    _Phase,
     finish_tasks,
     split_limit,
     split_retry_budget,
@@ -108,8 +117,11 @@ CHUNKS_AHEAD = 2
 MAX_RESTARTS = 3
 #: Seconds the chunks in flight get to stop after ``ray.cancel`` before their actors are killed.
 CANCEL_GRACE = 5.0
-#: Seconds a clean end gives each actor to close its ``setup=`` state.
+#: Seconds the end of a map (any end) gives each actor to close its ``setup=`` state.
 CLOSE_GRACE = 5.0
+#: Seconds ``ray_address=`` gets to accept a connection before the map fails
+#: (Ray itself would keep trying for minutes).
+CONNECT_TIMEOUT = 10.0
 
 
 # ---------------------------------------------------------------------------
@@ -215,23 +227,46 @@ def connect(address: str | None) -> Any:
     (starting a cluster takes seconds): run it through :func:`connect_async`.
     """
     global _started_here
+    given = address
     address = address or os.environ.get("RAY_ADDRESS") or None
-    local = address is None
-    if local and "ray" not in sys.modules:
+    if address is None and "ray" not in sys.modules:
         # A Linux node advertises (and binds) its network address unless Ray
         # is told it runs on one machine; read once, when ray is imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = _ray()
     if ray.is_initialized():
         return ray
-    if local:
+    if address is None:
         _keep_on_loopback(ray)
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
         _started_here = True
         atexit.register(shutdown)
     else:
+        _check_reachable(address, named="ray_address" if address == given else "RAY_ADDRESS")
         ray.init(address=address, logging_level=logging.WARNING)
     return ray
+
+
+def _check_reachable(address: str, *, named: str) -> None:
+    """Fail within CONNECT_TIMEOUT when nothing listens at a ``host:port`` address.
+
+    Ray itself keeps trying an address where no cluster answers for minutes,
+    logging warnings, before it gives up: a map would seem to hang. ``auto``
+    (found in this machine's Ray session files) is left to Ray.
+    """
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return  # not host:port ('auto'): Ray says what is wrong with it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        raise ConnectionError(
+            f"backend='ray' found no Ray cluster at {named}={address!r}: nothing accepted a "
+            f"connection there within {CONNECT_TIMEOUT:g} s ({exc}). Start one there "
+            "(`ray start --head`), or leave ray_address and RAY_ADDRESS unset for a local "
+            "cluster on this machine."
+        ) from None
 
 
 def _keep_on_loopback(ray: Any) -> None:
@@ -281,9 +316,10 @@ def _unwrap(exc: BaseException) -> BaseException:
 # The actor (runs on a Ray worker)
 # ---------------------------------------------------------------------------
 
-#: What one chunk brings back: (values or None, failed offsets, the first
-#: failure when the map stops at one, attempts retried, latency histogram growth).
-ChunkOutcome = tuple[list[Any] | None, list[int], BaseException | None, int, dict[int, int]]
+#: What one chunk brings back: (values, or them pickled as one (see _pack), or
+#: None; failed offsets; the first failure when the map stops at one; attempts
+#: retried; latency histogram growth).
+ChunkOutcome = tuple[list[Any] | bytes | None, list[int], BaseException | None, int, dict[int, int]]
 
 _NO_STATE = object()
 
@@ -297,6 +333,7 @@ class _Actor:
 
     def __init__(
         self,
+        number: int,
         fn: Callable[..., Any],
         setup: Callable[[], Any] | None,
         share: int | None,
@@ -305,6 +342,7 @@ class _Actor:
         budget: RetryBudget | None,
         return_exceptions: bool,
     ) -> None:
+        self._number = number
         self._fn = fn
         self._setup = setup
         self._timeout = timeout
@@ -321,21 +359,31 @@ class _Actor:
             )
         )
         self._state_task: asyncio.Future[Any] | None = None
+        self._closed = False
 
     async def _state(self) -> Any:
         """The setup state, made once per actor (a restarted actor makes it again)."""
         if self._setup is None:
             return _NO_STATE
+        if self._closed:
+            raise RuntimeError(f"Ray actor {self._number}: its map has ended")
         if self._state_task is None:
             self._state_task = asyncio.ensure_future(self._make_state(self._setup))
         # Shielded: a cancelled chunk does not cancel the setup other chunks wait for.
         return await asyncio.shield(self._state_task)
 
-    @staticmethod
-    async def _make_state(setup: Callable[[], Any]) -> Any:
-        state = setup()
-        if inspect.isawaitable(state):
-            state = await state
+    async def _make_state(self, setup: Callable[[], Any]) -> Any:
+        try:
+            state = setup()
+            if inspect.isawaitable(state):
+                state = await state
+        except Exception as exc:
+            # Raised as itself, saying where it came from: fn never ran on this actor.
+            exc.add_note(
+                f"Raised by setup={setup!r} in Ray actor {self._number} (pid {os.getpid()}); "
+                "fn was not called there."
+            )
+            raise _portable(exc) from None
         return state
 
     def _call(self, state: Any) -> Callable[[Any], Awaitable[Any]]:
@@ -350,8 +398,12 @@ class _Actor:
             return fn
         return lambda item: fn(item, state)
 
-    async def run_chunk(self, items: list[Any]) -> ChunkOutcome:
-        """Run one chunk on corral's engine; every outcome in the chunk's order."""
+    async def run_chunk(self, items: list[Any], skip: list[int] | None = None) -> ChunkOutcome:
+        """Run one chunk on corral's engine; every outcome in the chunk's order.
+
+        ``skip``: offsets of items the driver could not send (placeholders
+        here), whose failures it fills in itself.
+        """
         from ._api import map as corral_map  # here: _api imports this module
 
         retried = _Retried()
@@ -377,9 +429,11 @@ class _Actor:
 
         values: list[Any] = [None] * len(items)
         failed: list[int] = []
-        async with corral_map(
-            run_item, enumerate(items), limit=self._limiter, ordered=False
-        ) as outcomes:
+        pairs: Iterable[tuple[int, Any]] = enumerate(items)
+        if skip:
+            unsent = set(skip)
+            pairs = [pair for pair in pairs if pair[0] not in unsent]
+        async with corral_map(run_item, pairs, limit=self._limiter, ordered=False) as outcomes:
             async for offset, ok, value in outcomes:
                 if ok:
                     values[offset] = value
@@ -390,20 +444,69 @@ class _Actor:
                     return (None, [offset], error, retried.count, _growth(histogram))
                 failed.append(offset)
                 values[offset] = error
-        return (values, failed, None, retried.count, _growth(histogram))
+        packed, error = self._pack(values, failed)
+        if error is not None:
+            return (None, [failed[-1]], error, retried.count, _growth(histogram))
+        return (packed, failed, None, retried.count, _growth(histogram))
+
+    def _pack(self, values: list[Any], failed: list[int]) -> tuple[list[Any] | bytes, Any]:
+        """The chunk's values ready to travel back, and the first failure that stops the map.
+
+        Values of the plainest types go as they are. Others are pickled here,
+        as one, so that a result that cannot be pickled fails its own item
+        (a TypeError in its place, ``failed`` gaining its offset) instead of
+        the whole chunk and the map, as it would in Ray's own serialiser.
+        """
+        if PLAIN_TYPES.issuperset(map(type, values)):  # ~17 ns an item
+            return values, None
+        pickler = _ray().cloudpickle
+        try:
+            return pickler.dumps(values), None
+        except Exception:
+            pass  # find which
+        errors = set(failed)
+        for offset, value in enumerate(values):
+            if offset in errors:
+                continue  # an exception already made portable
+            try:
+                pickler.dumps(value)
+            except Exception as exc:
+                error = TypeError(
+                    f"the result {reprlib.repr(value)} of fn cannot be sent back from Ray "
+                    f"actor {self._number}: it cannot be pickled ({exc})"
+                )
+                values[offset] = error
+                failed.append(offset)
+                if not self._return_exceptions:
+                    return values, error
+        return pickler.dumps(values), None
 
     async def close(self) -> None:
-        """Close the setup state (``aclose()`` or ``close()``, when it has one)."""
-        task = self._state_task
-        if task is not None and task.done() and not task.cancelled() and not task.exception():
+        """Close the setup state (``aclose()`` or ``close()``, when it has one), once.
+
+        The driver calls it at the end of every map, however it ended, once
+        the chunks have stopped. A setup still running then is cancelled; one
+        that finishes all the same is closed too.
+        """
+        task, self._state_task = self._state_task, None
+        self._closed = True  # no chunk comes after this: none may make a new state
+        try:
+            if task is None:
+                return
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+            if task.cancelled() or task.exception() is not None:
+                return
             state = task.result()
             closer = getattr(state, "aclose", None) or getattr(state, "close", None)
             if callable(closer):
                 result = closer()
                 if inspect.isawaitable(result):
                     await result
-        if self._threads is not None:
-            self._threads.shutdown(wait=False, cancel_futures=True)
+        finally:
+            if self._threads is not None:
+                self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def pid(self) -> int:
         """The actor's process id (tests use it to kill one)."""
@@ -451,13 +554,23 @@ class _Slot:
 
 
 class _Chunk:
-    __slots__ = ("ref", "size", "slot", "start")
+    __slots__ = ("items", "ref", "size", "slot", "start", "unsent")
 
-    def __init__(self, start: int, size: int, slot: _Slot, ref: Any) -> None:
+    def __init__(
+        self,
+        start: int,
+        items: list[Any],
+        slot: _Slot,
+        ref: Any,
+        unsent: dict[int, BaseException],
+    ) -> None:
         self.start = start
-        self.size = size
+        self.size = len(items)
+        # Kept until the outcome is in: sent again one by one if the actor cannot load them.
+        self.items = items
         self.slot = slot
         self.ref = ref
+        self.unsent = unsent  # by offset: the failures of items that could not be sent
 
 
 class RayRun(RemoteRun[R]):
@@ -500,6 +613,17 @@ class RayRun(RemoteRun[R]):
         await self._feed()
 
     def _start_actors(self, ray: Any) -> None:
+        # Said plainly and at once, before an actor starts: Ray's own error
+        # names neither the argument nor what to do.
+        for name, value in (("fn", self._fn), ("setup", self._setup)):
+            try:
+                ray.cloudpickle.dumps(value)
+            except Exception as exc:
+                raise TypeError(
+                    f"backend='ray' sends {name} to its actors, but {name}={value!r} cannot "
+                    f"be pickled ({exc}). Make what it holds (a lock, a client, an open "
+                    "file) inside the actors instead: setup= runs there, once per actor."
+                ) from None
         count = self._actors_wanted
         if count is None:
             count = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -523,6 +647,7 @@ class RayRun(RemoteRun[R]):
         budgets = split_retry_budget(options.retry, len(shares))
         for number, (share, budget) in enumerate(zip(shares, budgets, strict=True)):
             handle = actor_class.remote(
+                number,
                 self._fn,
                 self._setup,
                 share,
@@ -551,22 +676,35 @@ class RayRun(RemoteRun[R]):
         await finish_tasks(self._chunk_tasks, cancel=False, grace=CANCEL_GRACE)
 
     async def _release(self, clean: bool) -> None:
+        # Every end closes the setup= state, not only a clean one: the chunks
+        # have stopped by now (_settle), and what setup opened (a session, a
+        # connection, a file being written) is closed as the docstring says.
         ray = self._ray
         if ray is None or not self._slots:
             return
-        if clean and self._setup is not None:
-            closing = [asyncio.ensure_future(slot.handle.close.remote()) for slot in self._slots]
-            await asyncio.wait(closing, timeout=CLOSE_GRACE)
-            for future in closing:
-                if not future.done():
-                    future.cancel()
-                elif not future.cancelled():
-                    future.exception()  # seen: a failed close is not the map's error
-        for slot in self._slots:
-            try:
-                ray.kill(slot.handle, no_restart=True)
-            except Exception:  # pragma: no cover - already dead
-                pass
+        try:
+            if self._setup is not None:
+                closing = [
+                    # Not retried: a restarted actor has no state to close.
+                    asyncio.ensure_future(slot.handle.close.options(max_task_retries=0).remote())
+                    for slot in self._slots
+                ]
+                try:
+                    await asyncio.wait(closing, timeout=CLOSE_GRACE)
+                finally:
+                    for future in closing:
+                        if not future.done():
+                            future.cancel()
+                        elif not future.cancelled():
+                            future.exception()  # seen: a failed close is not the map's error
+        finally:
+            # Even when this close is cancelled while the states close: an
+            # actor left alive holds its CPU of the cluster until this process exits.
+            for slot in self._slots:
+                try:
+                    ray.kill(slot.handle, no_restart=True)
+                except Exception:  # pragma: no cover - already dead
+                    pass
 
     def _counts(self, done: int, running: bool) -> tuple[int, int, int]:
         return self._sent, (self._sent - done) if running else 0, self._retried
@@ -633,13 +771,47 @@ class RayRun(RemoteRun[R]):
     def _dispatch(self, batch: list[Any]) -> None:
         slot = min(self._slots, key=lambda s: s.held)
         start = self._next_index
-        ref = slot.handle.run_chunk.remote(batch)
+        unsent: dict[int, BaseException] = {}
+        try:
+            ref = slot.handle.run_chunk.remote(batch)
+        except Exception:
+            unsent = self._unpicklable(start, batch)
+            if not unsent:
+                raise  # not one item's fault: the map's
+            if not self._return_exceptions:
+                # The first failure ends the map, as it would in the actor.
+                self._next_index += 1
+                self._sent += 1
+                self._failed += 1
+                self._fail(next(iter(unsent.values())))
+                return
+            # The others go, with placeholders keeping their offsets.
+            batch = [None if offset in unsent else item for offset, item in enumerate(batch)]
+            ref = slot.handle.run_chunk.remote(batch, sorted(unsent))
         self._next_index += len(batch)
         self._sent += len(batch)
-        slot.held += 1
-        record = _Chunk(start, len(batch), slot, ref)
-        self._outstanding[start] = record
-        self._spawn(self._await_chunk(record), self._chunk_tasks)
+        self._track(_Chunk(start, batch, slot, ref, unsent))
+
+    def _track(self, chunk: _Chunk) -> None:
+        chunk.slot.held += 1
+        self._outstanding[chunk.start] = chunk
+        self._spawn(self._await_chunk(chunk), self._chunk_tasks)
+
+    def _resend_one_by_one(self, chunk: _Chunk) -> None:
+        """Send a chunk the actor could not load again, an item at a time.
+
+        Ray could not load its items in the actor (one of a class the actor
+        cannot import, say), so none of them ran; alone, only the items that
+        cannot be loaded fail (see _await_chunk).
+        """
+        for offset, item in enumerate(chunk.items):
+            start = chunk.start + offset
+            if offset in chunk.unsent:
+                self._deliver_chunk(start, [chunk.unsent[offset]], [0])
+                continue
+            slot = min(self._slots, key=lambda s: s.held)
+            self._track(_Chunk(start, [item], slot, slot.handle.run_chunk.remote([item]), {}))
+        self._check_end()
 
     async def _await_chunk(self, chunk: _Chunk) -> None:
         try:
@@ -648,9 +820,26 @@ class RayRun(RemoteRun[R]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._outstanding.get(chunk.start) is not chunk:
+                    return  # already settled: a chunk counts once
                 self._forget(chunk)
-                if self._phase is _Phase.RUNNING:
-                    self._fail(self._explain(chunk, exc))
+                if not self._live():
+                    return  # already failed, cancelled or closing: nothing more to say
+                if isinstance(exc, self._ray.exceptions.RaySystemError):
+                    # Ray could not load the chunk's items in the actor.
+                    if chunk.size > 1:
+                        self._resend_one_by_one(chunk)
+                        return
+                    why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    error = RuntimeError(
+                        f"the item {reprlib.repr(chunk.items[0])} (index {chunk.start}) cannot "
+                        f"be loaded in Ray actor {chunk.slot.number}: {why}"
+                    )
+                    error.__cause__ = exc
+                    stop = None if self._return_exceptions else error
+                    self._on_outcome(chunk, ([error], [0], stop, 0, {}))
+                    return
+                self._fail(self._explain(chunk, exc))
                 return
             if self._outstanding.get(chunk.start) is not chunk:
                 return  # already settled: a chunk counts once
@@ -658,6 +847,20 @@ class RayRun(RemoteRun[R]):
             self._on_outcome(chunk, outcome)
         except Exception as bug:  # pragma: no cover - never leave the consumer waiting
             self._fail(bug)
+
+    def _unpicklable(self, start: int, batch: list[Any]) -> dict[int, BaseException]:
+        """By offset in ``batch``: a TypeError naming each item that cannot be pickled."""
+        pickler = self._ray.cloudpickle
+        found: dict[int, BaseException] = {}
+        for offset, item in enumerate(batch):
+            try:
+                pickler.dumps(item)
+            except Exception as exc:
+                found[offset] = TypeError(
+                    f"the item {reprlib.repr(item)} (index {start + offset}) cannot be sent "
+                    f"to a Ray actor: it cannot be pickled ({exc})"
+                )
+        return found
 
     def _forget(self, chunk: _Chunk) -> None:
         if self._outstanding.get(chunk.start) is chunk:
@@ -684,13 +887,32 @@ class RayRun(RemoteRun[R]):
     def _on_outcome(self, chunk: _Chunk, outcome: ChunkOutcome) -> None:
         if not self._live():
             return
-        values, failed, error, retried, latency = outcome
+        packed, failed, error, retried, latency = outcome
         self._retried += retried
         self._add_latency(latency)
         if error is not None:
             self._failed += 1
             self._fail(error)
             return
+        values: list[Any] | None
+        if isinstance(packed, bytes):  # pickled as one in the actor (see _Actor._pack)
+            try:
+                values = self._ray.cloudpickle.loads(packed)
+            except Exception as exc:
+                self._fail(
+                    RuntimeError(
+                        f"the results of items {chunk.start} to {chunk.start + chunk.size - 1} "
+                        f"came back from Ray actor {chunk.slot.number} but cannot be loaded "
+                        f"in this process ({type(exc).__name__}: {exc})"
+                    )
+                )
+                return
+        else:
+            values = packed
+        if chunk.unsent and values is not None:
+            for offset, unsent_error in chunk.unsent.items():
+                values[offset] = unsent_error
+            failed = [*failed, *chunk.unsent]
         if values is None or len(values) != chunk.size:  # pragma: no cover - a bug, loudly
             self._fail(
                 RuntimeError(
