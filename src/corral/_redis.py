@@ -14,14 +14,18 @@ Three things are kept in Redis, under keys that share the hash tag
   microseconds). A holder's process renews its leases while it is alive
   (every third of the lease); a holder that dies without releasing (a
   SIGKILL, a lost machine) stops renewing, and its slots come back once its
-  leases end. Nobody has to notice the death.
+  leases end. Nobody has to notice the death. Leases Redis lost (a restart
+  without its data) are taken back at the next renewal while the cap has
+  room.
 - ``corral:{name}:tat``, the rate: one number, GCRA's theoretical arrival
   time (see :class:`corral.Rate`). A start *reserves* its slot in one atomic
   step and then sleeps until it, so every grant costs exactly one round trip
   however many clients compete: no "try, fail, retry" storm.
 - ``corral:{name}:cool``, a shared cooldown (:meth:`Limiter.cooldown`, a
   server's Retry-After): no slot is granted anywhere until it ends, then the
-  slots reopen in steps.
+  slots reopen in steps and the rate starts empty, as after a server with
+  nothing left (callers whose rate slot fell inside it book a new one after
+  it, rather than all starting at its end).
 
 All times are Redis's own clock (``TIME`` inside the scripts), never a
 client's: machines whose clocks disagree still share one schedule.
@@ -227,24 +231,45 @@ if redis.call('HDEL', KEYS[3], ARGV[1]) > 0 then redis.call('PUBLISH', ARGV[2], 
 return 1
 """
 
-# KEYS: holders. ARGV: lease, tokens. Extends the leases still held; returns
-# the tokens whose lease had already been taken back. (A lease past its end
-# but not yet purged is renewed: nobody can have been granted its slot, since
-# every grant purges first.)
+# KEYS: holders. ARGV: lease, limit, tokens. Extends the leases still held;
+# returns n, then the n tokens whose lease it took back, then those it could
+# not. (A lease past its end but not yet purged is renewed: nobody can have
+# been granted its slot, since every grant purges first.) A lease Redis no longer
+# has (it restarted without its data, or purged the lease while this
+# process's loop was blocked) is taken back while the cap leaves room: the
+# call it stands for is still running, and counting it again keeps other
+# processes from taking its slot too.
 _RENEW = (
     _PRELUDE
     + """
-local lost = {}
+local limit = tonumber(ARGV[2])
 local ends = us(now + tonumber(ARGV[1]))
-for i = 2, #ARGV do
+local missing = {}
+for i = 3, #ARGV do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
     redis.call('ZADD', KEYS[1], 'XX', ends, ARGV[i])
   else
-    lost[#lost + 1] = ARGV[i]
+    missing[#missing + 1] = ARGV[i]
+  end
+end
+local back, lost = {}, {}
+if #missing > 0 then
+  local live = redis.call('ZCOUNT', KEYS[1], '(' .. us(now), '+inf')
+  for _, token in ipairs(missing) do
+    if live < limit then
+      redis.call('ZADD', KEYS[1], ends, token)
+      live = live + 1
+      back[#back + 1] = token
+    else
+      lost[#lost + 1] = token
+    end
   end
 end
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) / 1000) + 1000)
-return lost
+local out = {#back}
+for _, token in ipairs(back) do out[#out + 1] = token end
+for _, token in ipairs(lost) do out[#out + 1] = token end
+return out
 """
 )
 
@@ -271,8 +296,12 @@ return 1
 """
 )
 
-# KEYS: cool. ARGV: seconds (us), ramp (us), ramp steps. A cooldown ending
-# later replaces the current one; one ending earlier changes nothing.
+# KEYS: cool, tat. ARGV: seconds (us), ramp (us), ramp steps, the rate's
+# tolerance (us; -1 without a rate). A cooldown ending later replaces the
+# current one; one ending earlier changes nothing. With a rate, the rate is
+# left empty at the cooldown's end (as a server with nothing left until
+# then): the first start after it comes at its end and the rest at the
+# rate's pace, not a burst.
 _COOLDOWN = (
     _PRELUDE
     + """
@@ -281,6 +310,13 @@ local old = tonumber(redis.call('HGET', KEYS[1], 'until'))
 if old and old >= untl then return 0 end
 redis.call('HSET', KEYS[1], 'until', us(untl), 'ramp', ARGV[2], 'steps', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.ceil((untl - now + tonumber(ARGV[2])) / 1000) + 1000)
+local tolerance = tonumber(ARGV[4])
+if tolerance >= 0 then
+  local tat = untl + tolerance
+  if (tonumber(redis.call('GET', KEYS[2])) or 0) < tat then
+    redis.call('SET', KEYS[2], us(tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  end
+end
 return 1
 """
 )
@@ -321,6 +357,8 @@ def _check_url(url: object) -> str:
         db = parts.path.strip("/")
         if parts.scheme != "unix" and db and "db" not in options:
             raise ValueError(f"the database must be a number, not {db!r}")
+        if int(options.get("db") or 0) < 0:  # Redis refuses it, but only at the first call
+            raise ValueError(f"the database must be a number >= 0, not {options['db']!r}")
         kind = options.pop("connection_class", connection.Connection)
         kind(**options)  # refuses unknown options; opens no socket
     except (TypeError, ValueError) as exc:
@@ -410,6 +448,7 @@ class _Binding:
         "idle",
         "leave",
         "loop",
+        "lost",
         "n_rate",
         "n_waiting",
         "offset",
@@ -453,6 +492,7 @@ class _Binding:
         self.pump: asyncio.Task[None] | None = None
         self.idle = False  # the pump waits between two asks (cancelling it loses no grant)
         self.renewer: asyncio.Task[None] | None = None
+        self.lost: set[str] = set()  # held tokens whose lease another process may have
         self.sender: asyncio.Task[None] | None = None
         self.guard: AsyncGenerator[None, None] | None = None
         self.closed = False
@@ -546,6 +586,8 @@ class RedisLimiter(Limiter):
       died are free again at most ``lease`` seconds after its last renewal.
       A process whose event loop stays blocked longer than ``2 * lease / 3``
       may lose its leases (a warning is logged on the ``corral`` logger);
+      leases lost when Redis restarts without its data are taken back at
+      the next renewal while the cap leaves room;
     - callers in one process are served in arrival order; between
       processes a freed slot goes to whichever asks first;
     - :meth:`cooldown` (and a Retry-After seen by ``corral.map``, or
@@ -731,9 +773,12 @@ class RedisLimiter(Limiter):
 
         Calls already running go on. Then the slots reopen in
         ``min(limit, RAMP_STEPS)`` even steps over ``RAMP_FRACTION`` of the
-        wait (at most ``RAMP_MAX`` seconds). A cooldown ending earlier than
-        one already running changes nothing. The announcement is sent to
-        Redis in the background. Needs a running event loop.
+        wait (at most ``RAMP_MAX`` seconds), and the rate starts empty: the
+        first start at the cooldown's end, the next at the rate's pace
+        (callers whose rate slot fell inside the cooldown book a new one).
+        A cooldown ending earlier than one already running changes nothing.
+        The announcement is sent to Redis in the background; this process
+        grants nothing meanwhile. Needs a running event loop.
 
         Raises:
             ValueError: ``seconds`` is negative, NaN or infinite.
@@ -791,7 +836,12 @@ class RedisLimiter(Limiter):
         b = self._binding
         if b is not None and b.loop is loop and not b.closed:
             return b
-        if b is not None and not b.closed and not b.loop.is_closed():  # noqa: SIM102
+        if b is not None and not b.closed and not b.loop.is_closed():
+            if b.loop.is_running():  # another loop runs now: in another thread
+                raise RuntimeError(
+                    "this Limiter is in use by an event loop running in another thread; "
+                    "a Limiter can serve successive event loops, not two at once"
+                )
             if b.n_waiting or b.n_rate:
                 raise RuntimeError(
                     "this Limiter has tasks waiting on another event loop that is still open; "
@@ -829,6 +879,11 @@ class RedisLimiter(Limiter):
         Returns the grants, and with none, the seconds after which asking
         again may succeed even if no release is announced.
         """
+        # A cooldown this process began may not have reached Redis yet (the
+        # sender sends it in the background): asking now could be granted in it.
+        left = self._cool_until - b.loop.time()
+        if left > 0:
+            return [], left
         tokens = [self._token() for _ in range(n)]
         releases = b.to_release[:RELEASE_BATCH]
         del b.to_release[: len(releases)]
@@ -894,13 +949,28 @@ class RedisLimiter(Limiter):
                         # pump's next wake-up (up to a third of a lease away).
                         assert b.pump is not None
                         b.pump.cancel()
+                elif len(b.waiters) > 2 * b.n_waiting + 16:
+                    # Mostly futures of callers who gave up behind one who
+                    # waits on: drop them (amortised O(1) per caller), or a
+                    # line that does not move grows without end.
+                    b.waiters = deque(f for f in b.waiters if not f.done())
             else:  # granted a slot, cancelled before resuming: give it all back
                 self._drop(b, fut.result())
             raise
 
     async def _reserve_rate(self, b: _Binding) -> _Grant:
         """A rate-only Limiter: reserve the next start (waiting out a shared cooldown)."""
+        start_at, after, before = await self._book_rate(b)
+        self._in_flight += 1
+        return (None, start_at, after, before)
+
+    async def _book_rate(self, b: _Binding) -> tuple[float, int, int]:
+        """Reserve the next rate slot, after any shared cooldown: (loop time, tat after, before)."""
         while True:
+            left = self._cool_until - b.loop.time()
+            if left > 0:  # known here, maybe not yet in Redis (see _ask)
+                await asyncio.sleep(left)
+                continue
             reply: list[int] = await b.acquire(
                 keys=self._keys,
                 args=[0, self._lease_us, self._interval_us, self._tolerance_us, "", "", 0, 0, "-"],
@@ -909,26 +979,32 @@ class RedisLimiter(Limiter):
                 break
             self._cool_until = max(self._cool_until, b.loop.time() + int(reply[1]) / 1e6)
             await asyncio.sleep(int(reply[1]) / 1e6)
-        self._in_flight += 1
-        return (None, _start_at(b, int(reply[3]), int(reply[4])), int(reply[5]), int(reply[6]))
+        return _start_at(b, int(reply[3]), int(reply[4])), int(reply[5]), int(reply[6])
 
     async def _wait_for_rate(self, b: _Binding, grant: _Grant) -> None:
         """Sleep until the grant's rate slot, then sit out any cooldown, holding the slot."""
         b.n_rate += 1
+        token, start_at, after, before = grant
         try:
-            await asyncio.sleep(grant[1] - b.loop.time())
-            # A cooldown may have begun while this caller slept, here or in
-            # another process (which only Redis knows of): no call starts in one.
             while True:
+                await asyncio.sleep(start_at - b.loop.time())
+                # A cooldown may have begun while this caller slept, here or in
+                # another process (which only Redis knows of): no call starts in one.
                 left = self._cool_until - b.loop.time()
                 if left <= 0:
                     left = int(await b.cooling(keys=self._keys[2:3])) / 1e6
                     if left <= 0:
-                        break
+                        return
                     self._cool_until = max(self._cool_until, b.loop.time() + left)
+                # The slot booked fell in the cooldown and is gone (nothing to
+                # give back). Starting at its end would start every caller held
+                # back at once, a burst above the rate: book a slot after it
+                # instead, at the rate's pace, as a caller arriving then would.
+                after = 0
                 await asyncio.sleep(left)
+                start_at, after, before = await self._book_rate(b)
         except BaseException:  # cancelled, or Redis unreachable: this caller will not start
-            self._drop(b, grant)
+            self._drop(b, (token, start_at, after, before))
             raise
         finally:
             b.n_rate -= 1
@@ -989,8 +1065,13 @@ class RedisLimiter(Limiter):
             ramp = min(RAMP_MAX, RAMP_FRACTION * seconds)
             try:
                 await b.cool(
-                    keys=self._keys[2:3],
-                    args=[round(seconds * 1e6), max(1, round(ramp * 1e6)), RAMP_STEPS],
+                    keys=[self._keys[2], self._keys[1]],
+                    args=[
+                        round(seconds * 1e6),
+                        max(1, round(ramp * 1e6)),
+                        RAMP_STEPS,
+                        self._tolerance_us if self._interval_us else -1,
+                    ],
                 )
             except BaseException:
                 b.outbox.append(seconds)
@@ -1122,7 +1203,9 @@ class RedisLimiter(Limiter):
             if not held:
                 return
             try:
-                lost: list[bytes] = await b.renew(keys=self._keys[:1], args=[self._lease_us, *held])
+                reply: list[Any] = await b.renew(
+                    keys=self._keys[:1], args=[self._lease_us, self._limit or 0, *held]
+                )
             except Exception as exc:
                 logger.warning(
                     "corral: could not renew %d lease(s) of %r (%r); retrying",
@@ -1131,14 +1214,33 @@ class RedisLimiter(Limiter):
                     exc,
                 )
                 continue
-            # A slot released while the renewal was on its way is not lost.
+            n_back = int(reply[0])
+            back = [token.decode() for token in reply[1 : 1 + n_back]]
+            lost = {token.decode() for token in reply[1 + n_back :]}
+            # A slot released while the renewal was on its way is neither lost
+            # nor to be taken back: release it again if Redis took it back.
             still = set(self._held)
-            lost = [token for token in lost if token.decode() in still]
-            if lost:
+            gone = [token for token in back if token not in still]
+            if gone:
+                b.to_release.extend(gone)
+                self._send(b)
+            back = [token for token in back if token in still]
+            if back:
+                logger.warning(
+                    "corral: Redis had lost %d lease(s) of %r (restarted without its data?); "
+                    "taken back",
+                    len(back),
+                    self._name,
+                )
+            # Each lost slot is reported once, not at every renewal.
+            fresh = (lost & still) - b.lost
+            b.lost = ((b.lost - set(back)) | lost) & still
+            if fresh:
                 logger.warning(
                     "corral: %d slot(s) of %r outlived their lease (was the event loop "
-                    "blocked for over %.3g s?); others may have been granted them",
-                    len(lost),
+                    "blocked for over %.3g s, or Redis restarted?); others may have been "
+                    "granted them",
+                    len(fresh),
                     self._name,
                     self._lease * 2 / 3,
                 )
