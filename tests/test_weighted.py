@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import corral
@@ -18,6 +18,7 @@ from _loops import run
 from corral import Rate
 from corral._rate import RateGate, as_rates, gate_for
 from corral._weighted import MAX_AMOUNT, Cell, WeightedGate
+from test_rate_edges import _resolution, run_from
 
 
 def exactly(message: str) -> str:
@@ -717,7 +718,8 @@ class _BookingGate(WeightedGate):
     def _take(self, now: float, cost: Mapping[str, float] | None) -> None:
         super()._take(now, cost)  # a start granted from the line
         assert cost is not None
-        self.booked.append([now, cost, cost["tokens"]])
+        # The gate's times count from its binding to the loop: noted in the loop's time.
+        self.booked.append([now + self._origin, cost, cost["tokens"]])
 
 
 @pytest.mark.slow
@@ -885,3 +887,324 @@ def test_amounts_up_to_the_bound_never_make_the_schedule_inf_or_nan(
             await asyncio.sleep(pause)
 
     run(main, virtual_time=True)
+
+
+# -- a loop clock far from 0 (see tests/test_rate_edges.py for the plain gate) -----------
+
+
+@pytest.mark.parametrize("start", [1e9, 1.7e9])  # long uptime; a loop on the wall clock
+def test_several_fast_windows_keep_their_pace_on_a_clock_far_from_0(start: float) -> None:
+    """1e6/s at 1e9 s: starts stay 1 us apart, not 0.954 us (TAT + 1e-6 at 1e9 adds 0.95e-6)."""
+
+    async def main() -> list[float]:
+        gate = gate_for([Rate(1_000_000), Rate(1e9, per=1000)])
+        assert isinstance(gate, WeightedGate)
+        starts = []
+        for _ in range(1001):
+            await gate.wait()
+            starts.append(_loop_time())
+        return starts
+
+    starts = run_from(start, main)
+    grid = math.ulp(start)
+    assert starts[-1] - starts[0] >= 1000 * 1e-6 - grid
+    # Each start is seen at the first clock reading at or after its slot.
+    assert starts[-1] - starts[0] <= 1000 * (1e-6 + grid)
+
+
+@pytest.mark.parametrize(
+    ("rate", "cost"),
+    [
+        ([Rate(100_000_000), Rate(1e12, per=1000)], None),
+        (Rate({"requests": 100_000_000, "tokens": 1e12}), {"tokens": 1.0}),
+        (Rate({"tokens": 1e8}), {"tokens": 1.0}),
+    ],
+)
+def test_a_rate_finer_than_the_clock_still_admits_one_start_per_instant(
+    rate: Any, cost: dict[str, float] | None
+) -> None:
+    """1e8/s at 1e9 s: TAT + 1e-8 used to be TAT, and every start at one instant conformed."""
+
+    async def main() -> int:
+        gate = gate_for(rate)
+        assert isinstance(gate, WeightedGate)
+        admitted = 0
+        while admitted < 10 and gate.wait_nowait(cost):
+            admitted += 1
+        return admitted
+
+    assert run_from(1e9, main) == 1
+
+
+def test_tokens_booked_and_refunded_on_a_clock_far_from_0_keep_their_pace() -> None:
+    """Reserve 10 tokens, use 5, at 1e8 tokens/s: one start per 50 ns, however far the clock.
+
+    The clock's own grid at 1e9 s (119 ns) spaces the starts no closer than
+    that; without the fix the gate at 1e9 s booked nothing and let all through.
+    """
+
+    async def main() -> tuple[int, float]:
+        gate = gate_for(Rate({"requests": 1e12, "tokens": 1e8}))
+        assert isinstance(gate, WeightedGate)
+        cost = {"tokens": 10.0}
+        admitted = 0
+        while admitted < 10 and gate.wait_nowait(cost):
+            admitted += 1
+        gate.settle(cost, {"tokens": 5.0})  # its own refund: back to its start + 50 ns
+        return admitted, gate.delay(_loop_time())
+
+    admitted, delay = run_from(1e9, main)
+    assert admitted == 1
+    assert delay == pytest.approx(5e-8, rel=1e-6)
+
+
+def test_a_clamp_on_a_clock_far_from_0_delays_then_keeps_the_pace() -> None:
+    """A server's 'nothing left for 1 ms' at 1e9 s: then starts 1 us apart, as at 0."""
+
+    async def main() -> tuple[float, float]:
+        gate = gate_for(Rate({"requests": 1_000_000, "tokens": 1e9}))
+        assert isinstance(gate, WeightedGate)
+        origin = _loop_time()
+        assert gate.wait_nowait()
+        assert gate.clamp("requests", 0.0, 0.001)
+        await gate.wait()
+        first = _loop_time() - origin
+        for _ in range(1000):
+            await gate.wait()
+        return first, _loop_time() - origin - first
+
+    first, pace = run_from(1e9, main)
+    grid = math.ulp(1e9)
+    assert 0.001 - grid <= first <= 0.001 + grid
+    assert 1000 * 1e-6 - grid <= pace <= 1000 * (1e-6 + grid)
+
+
+def test_a_weighted_gate_far_from_0_says_fresh_only_once_nothing_is_owed() -> None:
+    """fresh() takes the loop's time: 50 ns of tokens owed at 1e9 s is not fresh, then is."""
+
+    async def main() -> tuple[bool, bool, bool]:
+        gate = gate_for(Rate({"requests": 1e12, "tokens": 1e8}))
+        assert isinstance(gate, WeightedGate)
+        before = gate.fresh(_loop_time())
+        assert gate.wait_nowait({"tokens": 5.0})  # 50 ns owed: less than the clock's step
+        owed = gate.fresh(_loop_time())
+        await asyncio.sleep(math.ulp(1e9))
+        return before, owed, gate.fresh(_loop_time())
+
+    assert run_from(1e9, main) == (True, False, True)
+
+
+@pytest.mark.parametrize(("first", "second"), [(1e9, 0.0), (0.0, 1e9), (5e5, 1.7e9)])
+def test_loops_with_unrelated_clocks_in_turn_carry_the_weighted_rate_over(
+    first: float, second: float
+) -> None:
+    """Made at import time, used by one loop then another: no stale TAT, no extra burst.
+
+    What is owed carries over exactly, even 50 ns of tokens: finer than the
+    grid of a clock at 1e9 s, where it used to be lost.
+    """
+    gate = gate_for([Rate(2, burst=2), Rate(40, per=10, burst=4)])
+    assert isinstance(gate, WeightedGate)
+    tokens = gate_for(Rate({"tokens": 1e8}))
+    assert isinstance(tokens, WeightedGate)
+
+    async def book() -> bool:
+        assert tokens.wait_nowait({"tokens": 5.0})
+        return tokens.fresh(_loop_time())
+
+    async def still_owed() -> tuple[bool, bool]:
+        started = tokens.wait_nowait({"tokens": 5.0})  # binds the gate to this loop
+        return started, tokens.fresh(_loop_time())
+
+    async def main() -> list[float]:
+        origin = _loop_time()
+        starts = []
+        for _ in range(4):
+            await gate.wait()
+            starts.append(_loop_time() - origin)
+        return starts
+
+    assert run_from(first, main) == pytest.approx([0.0, 0.0, 0.5, 1.0])
+    # The last start (at 1.0) left TAT at 2.0, as if no time passed: the next
+    # start is 0.5 s away (TAT - tolerance), as it was on the first loop.
+    assert run_from(second, main) == pytest.approx([0.5, 1.0, 1.5, 2.0], abs=1e-6)
+    assert gate.waiting == 0
+    assert run_from(first, book) is False
+    assert run_from(second, still_owed) == (False, False)
+
+
+def test_a_clamp_long_after_the_last_start_carries_over_only_what_it_asked() -> None:
+    """Told to wait 30 s at 100 s, 100 s after the last start: the next loop waits 30 s, not 130."""
+    gate = gate_for(Rate({"requests": 1, "tokens": 100}))
+    assert isinstance(gate, WeightedGate)
+
+    async def first() -> None:
+        assert gate.wait_nowait({"tokens": 1.0})  # at 0
+        await asyncio.sleep(100)
+        assert gate.clamp("requests", 0.0, 30.0)  # a 429: nothing left for 30 s
+
+    async def second() -> float:
+        await gate.wait({"tokens": 1.0})
+        return _loop_time()
+
+    run(first, virtual_time=True)
+    assert run(second, virtual_time=True) == pytest.approx(30.0)
+
+
+# -- the burst, exactly ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start", [0.0, 3.3, 1e4, 1e9])
+def test_a_weighted_burst_at_one_instant_is_exactly_the_burst(start: float) -> None:
+    """After an idle spell, ``burst`` starts at once: not one fewer for a rounded sum.
+
+    Each cell's TAT grows by one rounded booking per start, the tolerance is
+    ``(burst - 1) * T`` rounded once: Rate({"requests": 100, "tokens":
+    10_000}, burst=7) used to let 6 through at once. So did its tokens cell
+    when each start books exactly one request interval of tokens.
+    """
+    cases = [
+        (rate, cost)
+        for n in (3, 6, 7, 50, 100, 1000, 12_345.6, 1e6)
+        for burst in (1, 2, 3, 7, 11, 12, 100)
+        for rate, cost in (
+            (Rate({"requests": n, "tokens": 100 * n}, burst=burst), None),
+            (Rate({"requests": n, "tokens": 100 * n}, burst=burst), {"tokens": 100.0}),
+            ([Rate(n, burst=burst), Rate(n * 1000, per=100, burst=burst)], None),
+        )
+    ]
+
+    async def main() -> list[tuple[Any, int]]:
+        admitted = []
+        for rate, cost in cases:
+            gate = gate_for(rate)
+            assert isinstance(gate, WeightedGate)
+            count = 0
+            while count <= 200 and gate.wait_nowait(cost):
+                count += 1
+            admitted.append((rate, count))
+        return admitted
+
+    wrong = [
+        (rate, count)
+        for rate, count in run_from(start, main)
+        if count != (rate[0] if isinstance(rate, list) else rate).burst
+    ]
+    assert wrong == []
+
+
+def test_a_burst_is_exact_and_a_start_early_by_more_than_rounding_still_waits() -> None:
+    """Seven at once, then the eighth waits: 2 millionths of an interval early is no rounding."""
+
+    async def main() -> tuple[int, bool, bool]:
+        gate = gate_for(Rate({"requests": 100, "tokens": 10_000}, burst=7))
+        assert isinstance(gate, WeightedGate)
+        admitted = 0
+        while admitted < 10 and gate.wait_nowait():
+            admitted += 1
+        await asyncio.sleep(0.01 - 2e-8)
+        early = gate.wait_nowait()
+        await asyncio.sleep(2e-8)
+        return admitted, early, gate.wait_nowait()
+
+    assert run_from(0.0, main) == (7, False, True)
+
+
+@pytest.mark.virtual_time
+async def test_a_weighted_limiter_takes_its_whole_burst_without_waiting() -> None:
+    limiter = corral.Limiter(rate=Rate({"requests": 100, "tokens": 10_000}, burst=7))
+    taken = 0
+    while taken <= 7 and limiter.acquire_nowait():
+        taken += 1
+    assert taken == 7
+    for _ in range(taken):
+        limiter.release()
+    await asyncio.sleep(1.0)  # idle again: a burst of seven starts costing 100 tokens each
+    for _ in range(7):
+        await limiter.acquire({"tokens": 100.0})
+    assert _loop_time() == 1.0
+    for _ in range(7):
+        limiter.release()
+
+
+def _weighted_ideal(
+    arrivals: list[tuple[float, int]], rate: Rate, starts: list[float], grid: float
+) -> None:
+    """Each start comes at its GCRA slot over every cell, replayed over the starts before it."""
+    cells = [(d, rate.per / amount) for d, amount in rate.limits.items()]
+    tats = [-math.inf] * len(cells)
+    previous = -math.inf
+    for (arrival, tokens), at in zip(arrivals, starts, strict=True):
+        due = max(arrival, previous, *(tat - rate.tolerance for tat in tats))
+        assert due - grid <= at <= due + grid, (arrival, tokens, at, due)
+        booked = {"requests": 1.0, "tokens": float(tokens)}
+        tats = [
+            max(tat, at) + booked[d] * interval
+            for tat, (d, interval) in zip(tats, cells, strict=True)
+        ]
+        previous = at
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    start=st.sampled_from([0.0, 3e5, 1e9, 1.7e9]),
+    n=st.sampled_from([0.5, 3.0, 20.0, 1e4, 2e5, 1e6]),
+    burst=st.integers(1, 6),
+    calls=st.lists(
+        st.tuples(st.floats(0.0, 40.0), st.integers(0, 3)),  # arrival (intervals), tokens
+        min_size=1,
+        max_size=25,
+    ),
+)
+@example(start=1e9, n=1e6, burst=1, calls=[(0.0, 1)] * 25)  # a line: TAT + T, again and again
+@example(start=1.7e9, n=2e5, burst=3, calls=[(0.0, 2)] * 8 + [(5.0, 0)] * 8 + [(30.0, 3)] * 8)
+def test_any_arrivals_and_costs_on_any_clock_follow_the_ideal_schedule(
+    start: float, n: float, burst: int, calls: list[tuple[float, int]]
+) -> None:
+    """Arrivals at random times with random token costs, on clocks from 0 to 1.7e9 s.
+
+    Starts come in arrival order, each at its slot over both cells (a token
+    costs one request interval), but for the loop clock's own grid: a
+    reading is off by up to a step of it, and a start seen a step late books
+    the next slot from there (a late start, as GCRA has it).
+    """
+    rate = Rate({"requests": n, "tokens": n}, burst=burst)
+    interval = rate.interval
+    timed = sorted((at * interval, tokens) for at, tokens in calls)
+    asked: list[tuple[int, float]] = []
+    started: list[tuple[int, float]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        origin = loop.time()
+        gate = gate_for(rate)
+        assert isinstance(gate, WeightedGate)
+
+        async def caller(i: int, tokens: int) -> None:
+            await asyncio.sleep(0)
+            asked.append((i, loop.time() - origin))
+            await gate.wait({"tokens": float(tokens)})
+            started.append((i, loop.time() - origin))
+
+        tasks = []
+        for i, (offset, tokens) in enumerate(timed):
+            if origin + offset > loop.time():
+                await asyncio.sleep(origin + offset - loop.time())
+            tasks.append(loop.create_task(caller(i, tokens)))
+        for _ in range(200 * len(timed)):  # the last start is due within 40 + 75 intervals
+            if len(started) == len(timed):
+                break
+            await asyncio.sleep(interval)
+        for task in tasks:
+            task.cancel()  # none is left, unless the gate stalled: then fail, not hang
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    run_from(start, main)
+    assert [i for i, _ in started] == [i for i, _ in asked]
+    grid = 2 * math.ulp(start + 200 * interval) + _resolution(start)
+    arrivals = [(arrival, timed[i][1]) for i, arrival in asked]
+    starts = [t for _, t in started]
+    _weighted_ideal(arrivals, rate, starts, grid)
+    for i, first in enumerate(starts):
+        for j in range(i + 1, len(starts)):
+            assert j - i + 1 <= burst + (starts[j] - first + grid) / interval + 1e-9

@@ -38,7 +38,11 @@ reservation.
 
 :class:`WeightedGate` enforces the cells on an event loop, first come first
 served, exactly as :class:`corral.RateGate` does for one plain rate (whose
-hot path stays separate and unchanged).
+hot path stays separate and unchanged). As there, times are kept as seconds
+since the gate bound to its loop: a loop clock far from 0 (a long uptime, a
+wall clock at ~1.7e9 s) has too coarse a float grid for short intervals (at
+1e9 s a step is 1.2e-7 s, so TAT + 1e-6 adds 0.95e-6 and TAT + 1e-8 adds
+nothing), while TAT since binding stays as small as the gate's time on that loop.
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ class WeightedGate:
     __slots__ = (
         "_by_dimension",
         "_cells",
+        "_clamped",
         "_clock",
         "_granted",
         "_grants",
@@ -134,12 +139,15 @@ class WeightedGate:
         "_log",
         "_loop",
         "_lost",
+        "_origin",
         "_queued",
         "_rate",
         "_ready",
+        "_rounding",
         "_rows",
         "_settled",
         "_shortest",
+        "_slack",
         "_tats",
         "_timer",
         "_timer_when",
@@ -163,6 +171,9 @@ class WeightedGate:
         # What the per-call loops walk, built once: the cells with their index
         # (cheaper than enumerate() per call).
         self._rows = tuple((i, *cell) for i, cell in enumerate(self._cells))
+        # Every time below is seconds since _origin, the loop's time when the
+        # gate bound to it (see _rebind): the loop's own clock may be far from 0.
+        self._origin = 0.0
         self._tats = [-_INF] * len(cells)
         # When the next start conforms: max(TAT - tolerance) over the cells,
         # kept up to date by whatever moves a TAT, so the hot path compares once.
@@ -171,14 +182,30 @@ class WeightedGate:
         for i, c in enumerate(cells):
             by_dimension.setdefault(c.dimension, []).append(i)
         self._by_dimension = by_dimension
+        # A start that comes before its slot by rounding alone is let through
+        # (see _only_rounding): by at most 2 ulps of TAT per start a burst holds,
+        # and never by more than a millionth of a request interval. A tolerance
+        # is (burst - 1) request intervals of its rate; a rate without requests
+        # has none, and then no start is ever early.
+        burst, slack = 1.0, _INF
+        for c in cells:
+            if c.dimension == "requests" and c.interval > 0:
+                starts = c.tolerance / c.interval + 1  # (a comparison drops a NaN)
+                burst = starts if starts > burst else burst
+                slack = min(slack, c.interval, _MAX_INTERVAL)
+        self._rounding = 2 * burst
+        self._slack = slack * 1e-6 if slack < _INF else 0.0
         # The cell a provider's headers describe: the shortest window of each dimension.
         self._shortest = {
             d: min(indices, key=lambda i: cells[i].per) for d, indices in by_dimension.items()
         }
-        # The loop time of the latest start (or of the switch to this loop): a
+        # The time of the latest start (or of the switch to this loop): a
         # refund moves no TAT before it, as every call still in flight started
         # by then (see the module docstring).
         self._last_now = -_INF
+        # The time of the latest header clamp: what carries over to a next loop
+        # is measured from it too, when it came after the latest start.
+        self._clamped = -_INF
         # The latest start's cost: what the next start likely needs, for clamp().
         self._last_cost: Mapping[str, float] | None = None
         # Once the latest start settled: (its mapping, its start, the usage it
@@ -227,12 +254,13 @@ class WeightedGate:
         return f"<corral.WeightedGate rate={self._rate!r} waiting={self._queued}>"
 
     def fresh(self, now: float) -> bool:
-        """Whether the gate behaves from ``now`` on exactly as a new one would."""
-        return not self._queued and not self._granted and max(self._tats) <= now
+        """Whether the gate behaves from ``now`` (the loop's time) on exactly as a new one would."""
+        return not self._queued and not self._granted and max(self._tats) <= now - self._origin
 
     def delay(self, now: float) -> float:
-        """Seconds from ``now`` until a start conforms (0.0: it may start now)."""
+        """Seconds from ``now`` (the loop's time) until a start conforms (0.0: it may start now)."""
         ready = self._ready
+        now -= self._origin
         return ready - now if ready > now else 0.0
 
     # -- the hot path ----------------------------------------------------------
@@ -245,6 +273,26 @@ class WeightedGate:
             if tat > ready:
                 ready = tat
         self._ready = ready
+
+    def _only_rounding(self, now: float) -> bool:
+        """Whether a start at ``now``, just before the slot, is due in exact arithmetic.
+
+        After an idle spell a cell's TAT is ``now`` plus each start's booking,
+        each sum rounded, while its tolerance is ``(burst - 1) * T`` rounded
+        once: the last start of a burst could miss by an ulp or two
+        (``Rate({"requests": 100, "tokens": 10_000}, burst=7)`` let 6 start
+        at once, not 7). Two ulps of TAT per start of the burst cover those
+        roundings; the caller also caps the margin at a millionth of a request
+        interval, so no start comes measurably early, and asks only when a
+        start is that close to its slot.
+        """
+        tats = self._tats
+        rounding = self._rounding
+        for i, _, _, _, tolerance in self._rows:
+            tat = tats[i]
+            if tat - tolerance - now > rounding * math.ulp(tat):
+                return False
+        return True
 
     def _take(self, now: float, cost: Mapping[str, float] | None) -> None:
         # Every cell moves to max(TAT, now), even for an amount of 0: a debt
@@ -280,8 +328,10 @@ class WeightedGate:
             self._rebind(loop)
         if self._queued or self._granted:
             return False
-        now = self._clock()
-        if now < self._ready:
+        now = self._clock() - self._origin
+        ready = self._ready
+        # A millionth of an interval early or less may be rounding alone: see _only_rounding.
+        if now < ready and (ready - now > self._slack or not self._only_rounding(now)):
             return False
         # _take(), inlined: the per-call hot path.
         tats = self._tats
@@ -536,7 +586,9 @@ class WeightedGate:
         loop = _get_running_loop()
         if loop is not self._loop:
             self._rebind(loop)
-        now = self._clock()
+        now = self._clock() - self._origin
+        if now > self._clamped:
+            self._clamped = now
         _, _, configured, tolerance = self._cells[index]
         interval = self._rows[index][3]  # in force: the server's pace after a clamp, if slower
         if dimension == "requests":
@@ -573,10 +625,11 @@ class WeightedGate:
     # -- the line ----------------------------------------------------------------
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
-        when = now + self.delay(now)
+        now = loop.time() - self._origin
+        ready = self._ready
+        when = ready if ready > now else now
         self._timer_when = when
-        self._timer = loop.call_at(when, self._on_timer)
+        self._timer = loop.call_at(self._origin + when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -584,7 +637,8 @@ class WeightedGate:
         assert loop is not None  # the timer runs on the loop that set it
         # A coarse timer (uvloop: 1 ms) may fire a little early: read the
         # clock as the time asked for, so the head conforms instead of spinning.
-        now = loop.time()
+        # (The same holds when origin + slot rounds to a loop time before it.)
+        now = loop.time() - self._origin
         now = now if now > self._timer_when else self._timer_when
         waiters = self._waiters
         while waiters:
@@ -592,7 +646,8 @@ class WeightedGate:
             if fut.done():
                 waiters.popleft()
                 continue
-            if now < self._ready:
+            ready = self._ready
+            if now < ready and (ready - now > self._slack or not self._only_rounding(now)):
                 # Not yet (a debt or a header clamp moved the schedule): later.
                 self._arm(loop)
                 return
@@ -641,12 +696,19 @@ class WeightedGate:
                 "this rate is in use by tasks of another event loop that is still open; "
                 "a corral.Limiter or rate can serve successive event loops, not two at once"
             )
-        # What the last starts still owe carries over, as if no time had passed.
-        now = loop.time()
-        last = self._last_now
-        self._tats = [now + (t - last) if t > last else -_INF for t in self._tats]
+        # What the last starts (and a header clamp) still owe carries over, as
+        # if no time had passed since the latest of them: the new loop's time
+        # now is the new origin. A clamp long after the latest start counts
+        # from itself, not from that start.
+        last = self._last_now if self._last_now > self._clamped else self._clamped
+        self._origin = loop.time()
+        self._tats = [t - last if t > last else -_INF for t in self._tats]
         self._update_ready()
-        self._last_now = now
+        self._last_now = 0.0
+        self._clamped = -_INF
+        # A start on this loop may reuse the latest one's mapping at 0.0: the
+        # usage that one settled must not be read as the new start's.
+        self._settled = None
         log = self._log
         if log:
             # Their starts are on the old loop's clock: refunds of calls not
