@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 import corral
 from _loops import VirtualClockLoop, run
 from corral import Rate
-from corral._rate import RateGate, as_rate, as_rates, gcra_delay, gcra_next_tat
+from corral._rate import RateGate, as_rate, as_rates
+from test_limits import _simulate  # the ideal FIFO GCRA schedule
 
 
 def exactly(message: str) -> str:
@@ -237,16 +238,42 @@ def test_a_burst_on_a_clock_far_from_0_is_the_burst_exactly() -> None:
     assert waited == pytest.approx(1e-6, abs=math.ulp(1e9))
 
 
-def _simulate(arrivals: list[float], rate: Rate) -> list[float]:
-    """The ideal FIFO GCRA schedule for callers arriving at these times, in this order."""
-    tat, previous, starts = -math.inf, -math.inf, []
-    for arrival in arrivals:
-        now = max(arrival, previous)
-        now += gcra_delay(tat, now, rate)
-        tat = gcra_next_tat(tat, now, rate)
-        starts.append(now)
-        previous = now
-    return starts
+async def arrive_and_wait(
+    offsets: list[float],
+    wait: Callable[[int], Coroutine[Any, Any, None]],
+    interval: float,
+    patience: int,
+    asked: list[tuple[int, float]],
+    started: list[tuple[int, float]],
+) -> None:
+    """Caller ``i`` arrives ``offsets[i]`` seconds from now and awaits ``wait(i)``.
+
+    Each records in ``asked`` when it asked and in ``started`` when it was let
+    through (seconds from now, with its number). Waits at most ``patience``
+    intervals per caller for the last one, then cancels whoever is left: a gate
+    that stalls fails the test, it does not hang it.
+    """
+    loop = asyncio.get_running_loop()
+    origin = loop.time()
+
+    async def caller(i: int) -> None:
+        await asyncio.sleep(0)
+        asked.append((i, loop.time() - origin))
+        await wait(i)
+        started.append((i, loop.time() - origin))
+
+    tasks = []
+    for i, offset in enumerate(offsets):
+        if origin + offset > loop.time():
+            await asyncio.sleep(origin + offset - loop.time())
+        tasks.append(loop.create_task(caller(i)))
+    for _ in range(patience * len(offsets)):
+        if len(started) == len(offsets):
+            break
+        await asyncio.sleep(interval)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @settings(max_examples=120, deadline=None)
@@ -276,28 +303,9 @@ def test_any_arrivals_on_any_clock_follow_the_ideal_schedule(
     started: list[tuple[int, float]] = []
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        origin = loop.time()
         gate = RateGate(rate)
-
-        async def caller(i: int) -> None:
-            await asyncio.sleep(0)
-            asked.append((i, loop.time() - origin))
-            await gate.wait()
-            started.append((i, loop.time() - origin))
-
-        tasks = []
-        for i, offset in enumerate(offsets):
-            if origin + offset > loop.time():
-                await asyncio.sleep(origin + offset - loop.time())
-            tasks.append(loop.create_task(caller(i)))
-        for _ in range(100 * len(offsets)):  # the last start is due within 40 + 30 intervals
-            if len(started) == len(offsets):
-                break
-            await asyncio.sleep(interval)
-        for task in tasks:
-            task.cancel()  # none is left, unless the gate stalled: then fail, not hang
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # The last start is due within 40 + 30 intervals.
+        await arrive_and_wait(offsets, lambda i: gate.wait(), interval, 100, asked, started)
 
     run_from(start, main)
     assert [i for i, _ in started] == [i for i, _ in asked]

@@ -8,10 +8,7 @@ import gc
 import itertools
 import logging
 import shutil
-import subprocess
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ from test_redis_limiter import (  # the server fixture and the helpers reading R
     _holders,
     _holders_are,
     _name,
-    _ping,
+    _redis_server,
     _shutdown,
     _until,
     redis_url,
@@ -32,33 +29,11 @@ from test_redis_limiter import (  # the server fixture and the helpers reading R
 __all__ = ["redis_url"]  # a fixture: used by name
 
 
-@contextlib.contextmanager
-def _server_on(port: int, workdir: Path) -> Iterator[None]:
+def _server_on(port: int, workdir: Path) -> contextlib.AbstractContextManager[str]:
     """A redis-server of our own on ``port`` (loopback, no persistence), stopped on exit."""
     binary = shutil.which("redis-server")
     assert binary is not None  # the redis_url fixture skipped (or failed) the test otherwise
-    server = subprocess.Popen(
-        [
-            *(binary, "--port", str(port), "--bind", "127.0.0.1"),
-            *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not _ping(port):
-            assert server.poll() is None, f"redis-server exited on port {port}"
-            assert time.monotonic() < deadline, f"redis-server did not start on port {port}"
-            time.sleep(0.02)
-        yield
-    finally:
-        server.terminate()
-        try:
-            server.wait(5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    return _redis_server(binary, workdir, port)
 
 
 # ---------------------------------------------------------------------------

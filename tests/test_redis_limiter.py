@@ -47,9 +47,10 @@ def _ping(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def _redis_server(binary: str, workdir: Path) -> Iterator[str]:
-    """A redis-server on a free loopback port (no persistence), stopped on exit: its URL."""
-    port = _free_port()
+def _redis_server(binary: str, workdir: Path, port: int | None = None) -> Iterator[str]:
+    """A redis-server on ``port`` (a free loopback port by default; no persistence),
+    stopped on exit: its URL."""
+    port = _free_port() if port is None else port
     log = workdir / "redis.log"
     server = subprocess.Popen(
         [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,7 +18,7 @@ from _loops import run
 from corral import Rate
 from corral._rate import RateGate, as_rates, gate_for
 from corral._weighted import MAX_AMOUNT, Cell, WeightedGate
-from test_rate_edges import _resolution, run_from
+from test_rate_edges import _resolution, arrive_and_wait, run_from
 
 
 def exactly(message: str) -> str:
@@ -1175,29 +1175,15 @@ def test_any_arrivals_and_costs_on_any_clock_follow_the_ideal_schedule(
     started: list[tuple[int, float]] = []
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        origin = loop.time()
         gate = gate_for(rate)
         assert isinstance(gate, WeightedGate)
 
-        async def caller(i: int, tokens: int) -> None:
-            await asyncio.sleep(0)
-            asked.append((i, loop.time() - origin))
-            await gate.wait({"tokens": float(tokens)})
-            started.append((i, loop.time() - origin))
+        def wait(i: int) -> Coroutine[Any, Any, None]:
+            return gate.wait({"tokens": float(timed[i][1])})
 
-        tasks = []
-        for i, (offset, tokens) in enumerate(timed):
-            if origin + offset > loop.time():
-                await asyncio.sleep(origin + offset - loop.time())
-            tasks.append(loop.create_task(caller(i, tokens)))
-        for _ in range(200 * len(timed)):  # the last start is due within 40 + 75 intervals
-            if len(started) == len(timed):
-                break
-            await asyncio.sleep(interval)
-        for task in tasks:
-            task.cancel()  # none is left, unless the gate stalled: then fail, not hang
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # The last start is due within 40 + 75 intervals.
+        offsets = [offset for offset, _ in timed]
+        await arrive_and_wait(offsets, wait, interval, 200, asked, started)
 
     run_from(start, main)
     assert [i for i, _ in started] == [i for i, _ in asked]
