@@ -38,7 +38,7 @@ $(VENV)/.ray: $(VENV)/.installed
 
 ## The Ray backend's tests alone (a local Ray cluster on 127.0.0.1).
 test-ray: $(VENV)/.ray
-	$(BIN)/python -m pytest tests/test_ray_backend.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/test_ray_backend.py tests/test_ray_edges.py $(PYTEST_ARGS)
 
 ## Benchmarks run on demand, never in CI's pass/fail.
 bench: $(VENV)/.installed
