@@ -345,12 +345,8 @@ def test_a_clamp_long_after_the_last_start_carries_over_only_what_it_asked() -> 
     assert run(second, virtual_time=True) == pytest.approx(30.0)
 
 
-@pytest.mark.parametrize(("first", "second"), [(1e9, 0.0), (0.0, 1e9), (5e5, 1.7e9)])
-def test_loops_with_unrelated_clocks_in_turn_carry_the_rate_over(
-    first: float, second: float
-) -> None:
-    """A gate made at import time, used by one loop then another: no stale TAT, no extra burst."""
-    gate = RateGate(Rate(2, burst=2))
+def four_starts(gate: Any) -> Callable[[], Coroutine[Any, Any, list[float]]]:
+    """A main() that waits for four starts of ``gate``: their times from its own start."""
 
     async def main() -> list[float]:
         origin = _loop_time()
@@ -359,6 +355,18 @@ def test_loops_with_unrelated_clocks_in_turn_carry_the_rate_over(
             await gate.wait()
             starts.append(_loop_time() - origin)
         return starts
+
+    return main
+
+
+@pytest.mark.parametrize(("first", "second"), [(1e9, 0.0), (0.0, 1e9), (5e5, 1.7e9)])
+def test_loops_with_unrelated_clocks_in_turn_carry_the_rate_over(
+    first: float, second: float
+) -> None:
+    """A gate made at import time, used by one loop then another: no stale TAT, no extra burst."""
+    gate = RateGate(Rate(2, burst=2))
+
+    main = four_starts(gate)
 
     assert run_from(first, main) == pytest.approx([0.0, 0.0, 0.5, 1.0])
     # The last start (at 1.0) left TAT at 2.0, as if no time passed: the next

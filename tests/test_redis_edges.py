@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import itertools
 import logging
 import shutil
 import threading
@@ -166,9 +165,10 @@ async def test_callers_held_back_by_a_cooldown_start_at_the_rate_pace(redis_url:
     for _ in starts:
         limiter.release()
     await limiter.aclose()
-    assert starts[1] - began >= 0.5 - 0.01
-    gaps = [later - earlier for earlier, later in itertools.pairwise(starts[1:])]
-    assert min(gaps) >= 0.2 - 0.03, gaps
+    # Lower bounds only, each from the cooldown's end: a start woken late on a busy
+    # machine cannot fail them (gaps between neighbours could, after a late one).
+    after = [t - began for t in starts[1:]]
+    assert all(t >= 0.5 + 0.2 * k - 0.03 for k, t in enumerate(after)), after
     assert await _holders(redis_url, name) == 0
 
 
@@ -231,9 +231,9 @@ async def test_after_a_cooldown_the_rate_starts_empty_not_with_a_burst(
     for _ in starts:
         limiter.release()
     await limiter.aclose()
-    assert starts[0] - began >= 0.3 - 0.01
-    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
-    assert min(gaps) >= 0.2 - 0.03, gaps
+    # Lower bounds only, from the cooldown's end (see the test above).
+    after = [t - began for t in starts]
+    assert all(t >= 0.3 + 0.2 * k - 0.03 for k, t in enumerate(after)), after
     assert await _holders(redis_url, name) == 0
 
 

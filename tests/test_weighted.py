@@ -18,7 +18,7 @@ from _loops import run
 from corral import Rate
 from corral._rate import RateGate, as_rates, gate_for
 from corral._weighted import MAX_AMOUNT, Cell, WeightedGate
-from test_rate_edges import _resolution, arrive_and_wait, run_from
+from test_rate_edges import _resolution, arrive_and_wait, four_starts, run_from
 
 
 def exactly(message: str) -> str:
@@ -1016,13 +1016,7 @@ def test_loops_with_unrelated_clocks_in_turn_carry_the_weighted_rate_over(
         started = tokens.wait_nowait({"tokens": 5.0})  # binds the gate to this loop
         return started, tokens.fresh(_loop_time())
 
-    async def main() -> list[float]:
-        origin = _loop_time()
-        starts = []
-        for _ in range(4):
-            await gate.wait()
-            starts.append(_loop_time() - origin)
-        return starts
+    main = four_starts(gate)
 
     assert run_from(first, main) == pytest.approx([0.0, 0.0, 0.5, 1.0])
     # The last start (at 1.0) left TAT at 2.0, as if no time passed: the next
