@@ -422,6 +422,14 @@ def test_bad_seconds_are_refused_naming_them(name: str, value: object) -> None:
         corral.map(ident, range(3), **{name: value})
 
 
+@pytest.mark.parametrize("value", [0.0009, 1e-6, Fraction(1, 2000)])
+def test_a_monitor_threshold_below_a_millisecond_is_refused_naming_it(value: object) -> None:
+    """Below 1 ms the loop's own scheduling would be reported as blocking, turn after turn."""
+    with pytest.raises(ValueError, match=rf">= 0\.001 .*; got monitor={re.escape(repr(value))}$"):
+        corral.map(ident, range(3), monitor=value)
+    corral.map(ident, range(3), monitor=0.001)  # a millisecond is taken
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [(Fraction(1, 4), 0.25), (np.float64(0.5), 0.5), (np.int64(2), 2.0), (3, 3.0)],

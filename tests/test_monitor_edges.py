@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -258,3 +260,197 @@ def test_a_watch_keeps_the_latest_reports_and_counts_them_all(
     assert [r.duration for r in watch.reports] == [3.0, 4.0, 5.0]
     assert watch.stats().blocked == 5
     assert repr(watch).endswith(" reports=3>")
+
+
+# ---------------------------------------------------------------------------
+# Blame in an application installed into site-packages
+# ---------------------------------------------------------------------------
+
+# Three installed packages: an application, the HTTP library it calls (which
+# blocks, two modules deep) and a framework that runs the application's
+# handlers in tasks of its own. Real files, imported from a directory that
+# looks like a virtualenv's site-packages, so the frames are real frames.
+_INSTALLED = {
+    "shopapp/__init__.py": """
+import asyncio
+
+import vendorhttp
+
+
+async def fetch(seconds):
+    await asyncio.sleep(0)  # the rest runs from the loop, in this task
+    vendorhttp.get(seconds)  # shopapp-get
+    return seconds
+
+
+async def handle(seconds):
+    vendorhttp.get(seconds)  # shopapp-handle
+    return seconds
+
+
+def main(coroutine_function):
+    return asyncio.run(coroutine_function())
+""",
+    "vendorhttp/__init__.py": """
+from vendorhttp import _conn
+
+
+def get(seconds):
+    return _conn.read(seconds)
+""",
+    "vendorhttp/_conn.py": """
+import time
+
+
+def read(seconds):
+    time.sleep(seconds)  # vendorhttp-read
+""",
+    "vendorweb.py": """
+import asyncio
+
+import vendorhttp
+
+
+async def ping(seconds):
+    await asyncio.sleep(0)
+    vendorhttp.get(seconds)  # vendorweb-ping
+
+
+async def _serve_one(handler, request):
+    await asyncio.sleep(0)
+    return await handler(request)
+
+
+async def serve(handler, request):
+    return await asyncio.create_task(_serve_one(handler, request))
+""",
+}
+
+
+def marked_line(path: str, marker: str) -> int:
+    with open(path) as source:
+        [line] = [n for n, text in enumerate(source, 1) if text.rstrip().endswith(f"# {marker}")]
+    return line
+
+
+@pytest.fixture
+def installed(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """The packages above, importable from ``.../lib/python3.X/site-packages``, by name."""
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    for name, text in _INSTALLED.items():
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text(text)
+    monkeypatch.syspath_prepend(str(site))
+    names = ["shopapp", "vendorhttp", "vendorhttp._conn", "vendorweb"]
+    modules = {name: importlib.import_module(name) for name in names}
+    assert _monitor._classify(modules["shopapp"].__file__) is _monitor._Kind.LIBRARY
+    yield modules
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def blamed_on(report: _monitor.BlockReport, module: Any, function: str, marker: str) -> bool:
+    return (report.function, report.filename, report.lineno) == (
+        function,
+        module.__file__,
+        marked_line(module.__file__, marker),
+    )
+
+
+@pytest.mark.slow
+async def test_an_installed_application_task_is_blamed_not_the_library_it_called(
+    installed: dict[str, Any],
+) -> None:
+    """A task of an installed app blocks in a library two modules deep: the app's line is blamed.
+
+    Everything in site-packages used to count as a library, so the innermost
+    installed frame (the HTTP library's socket read) was blamed instead of
+    the application's call.
+    """
+    shopapp, conn = installed["shopapp"], installed["vendorhttp._conn"]
+    async with watch_loop(threshold=0.05) as watch:
+        # A task of its own: the test's coroutine (a file of the user's) is not on the stack.
+        await asyncio.create_task(shopapp.fetch(0.3))
+    [report] = watch.reports
+    assert blamed_on(report, shopapp, "fetch", "shopapp-get")
+    assert f'File "{conn.__file__}", line {marked_line(conn.__file__, "vendorhttp-read")}' in (
+        report.stack
+    )
+
+
+@pytest.mark.slow
+async def test_a_map_over_an_installed_function_blames_that_function(
+    installed: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """monitor= on a map whose fn is installed: fn's line, under corral's worker, is blamed."""
+    import corral
+
+    shopapp = installed["shopapp"]
+    with caplog.at_level(logging.WARNING, logger="corral"):
+        async with corral.map(shopapp.fetch, [0.0, 0.3, 0.0], monitor=0.05) as results:
+            assert [r async for r in results] == [0.0, 0.3, 0.0]
+    [report] = [r.__dict__["corral_block_report"] for r in caplog.records if r.name == "corral"]
+    assert blamed_on(report, shopapp, "fetch", "shopapp-get")
+
+
+@pytest.mark.slow
+def test_the_installed_package_that_started_the_loop_is_blamed_in_a_framework_s_task(
+    installed: dict[str, Any],
+) -> None:
+    """An installed app runs the loop; an installed framework's task calls its handler.
+
+    The task belongs to the framework, but the application (which called
+    asyncio.run, like a console script's main) is the code to point at.
+    """
+    shopapp, web = installed["shopapp"], installed["vendorweb"]
+    watches: list[LoopWatch] = []
+
+    async def serve_one_request() -> None:
+        async with watch_loop(threshold=0.05) as watch:
+            watches.append(watch)
+            assert await web.serve(shopapp.handle, 0.3) == 0.3
+
+    shopapp.main(serve_one_request)
+    [report] = watches[0].reports
+    assert blamed_on(report, shopapp, "handle", "shopapp-handle")
+
+
+@pytest.mark.slow
+async def test_an_installed_library_s_own_task_is_blamed_on_that_library(
+    installed: dict[str, Any],
+) -> None:
+    """No application code on the stack: the task's own package, where it called the blocker."""
+    web = installed["vendorweb"]
+    async with watch_loop(threshold=0.05) as watch:
+        await asyncio.create_task(web.ping(0.3))
+    [report] = watch.reports
+    assert blamed_on(report, web, "ping", "vendorweb-ping")
+
+
+# ---------------------------------------------------------------------------
+# The smallest threshold
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("small", [0.0009, 1e-6, 5e-324])
+def test_a_threshold_below_a_millisecond_is_refused_naming_it(small: float) -> None:
+    """Below 1 ms a watch reports the loop's own scheduling, dozens of times a second."""
+    expected = (
+        "threshold must be at least 0.001 s (1 ms): the event loop's own scheduling "
+        "outlasts a shorter one, and nearly every turn of the loop would be reported; "
+        f"got threshold={small!r}"
+    )
+    with pytest.raises(ValueError) as info:
+        watch_loop(threshold=small)
+    assert str(info.value) == expected
+    with pytest.raises(ValueError, match=r"^threshold must be at least 0\.001 s"):
+        LoopWatch(small)
+
+
+def test_a_threshold_of_one_millisecond_is_taken() -> None:
+    """The minimum itself is a threshold, as is a Fraction at it."""
+    from fractions import Fraction
+
+    assert _monitor.MIN_THRESHOLD == 0.001
+    assert watch_loop(threshold=0.001).threshold == 0.001
+    assert watch_loop(threshold=Fraction(1, 1000)).threshold == 0.001

@@ -106,7 +106,8 @@ def test_final_line_gives_duration_average_rate_and_cancelled_calls() -> None:
     # completed nor failed were cut short.
     stats = snapshot(started=45, completed=40, failed=1, elapsed=125.0, throughput=0.328)
     assert final_line(stats, 100) == (
-        "corral: 41/100 done (41.0%) in 2m05s, 0.33/s, 1 failed, 0 retried, 4 cancelled"
+        "corral: 41/100 done (41.0%) in 2m05s, 0.33/s, 1 failed, 0 retried, 4 cancelled, "
+        "55 not started"
     )
     assert final_line(snapshot(started=3, completed=3, elapsed=0.25, throughput=12.0), None) == (
         "corral: 3 done in 0.2s, 12.0/s, 0 failed, 0 retried"
@@ -354,7 +355,7 @@ async def test_a_failed_map_ends_with_a_line_counting_failure_and_cancelled_call
     [line] = plain_stderr.getvalue().splitlines()
     assert line.startswith("corral: ")
     assert "/20 done (" in line
-    assert line.endswith(", 1 failed, 0 retried, 4 cancelled")
+    assert line.endswith(", 1 failed, 0 retried, 4 cancelled, 8 not started")
 
 
 class _BrokenStream(io.StringIO):

@@ -290,3 +290,109 @@ async def test_a_resumed_map_ends_with_its_whole_total_done(tmp_path: Any) -> No
     ) == (list(range(50)))
     final = snaps[-1]
     assert (final.completed, final.failed, final.in_flight) == (50, 0, 0)
+
+
+# ---------------------------------------------------------------------------
+# An early end: how many items never started
+# ---------------------------------------------------------------------------
+
+
+async def nap(item: int) -> int:
+    await asyncio.sleep(1.0)
+    return item
+
+
+def final_row(mode: str, stream: io.StringIO) -> str:
+    """The last line drawn: a plain line, or the live display's final row (escapes removed)."""
+    text = stream.getvalue() if mode == "plain" else ANSI.sub("", stream.getvalue())
+    return text.replace("\r", "\n").rstrip().splitlines()[-1]
+
+
+@pytest.mark.virtual_time
+@pytest.mark.parametrize("mode", ["plain", "terminal"])
+async def test_a_map_cancelled_early_says_how_many_items_never_started(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """cancel() from the consumer after 25 results: the final line counts the 1,000 - started.
+
+    The final line used to say "30/1,000 done (3.0%), ..., 10 cancelled" and
+    leave the reader to work out that 960 items never ran.
+    """
+    patch: pytest.MonkeyPatch = request.getfixturevalue(mode)
+    stream = io.StringIO()
+    patch.setattr(sys, "stderr", stream)
+    seen: list[int] = []
+    async with corral.map(nap, range(1000), limit=10, progress=True) as results:
+        async for result in results:
+            seen.append(result)
+            if len(seen) == 25:
+                results.cancel()
+    stats = results.stats
+    done, cut = stats.completed + stats.failed, stats.started - stats.completed - stats.failed
+    not_started = 1000 - stats.started
+    assert (done, cut, not_started) == (30, 10, 960)  # the three add up to the input
+    assert sorted(seen) == list(range(30))
+    if mode == "plain":
+        expected = (
+            "corral: 30/1,000 done (3.0%) in 3.0s, 10.0/s, 0 failed, 0 retried, "
+            "10 cancelled, 960 not started"
+        )
+        assert final_row(mode, stream) == expected
+    else:
+        row = final_row(mode, stream)
+        assert row.endswith(
+            " 30/1,000 3.0% in 3.0s · 10.0/s · 0 failed · 0 retried"
+            " · 10 cancelled · 960 not started"
+        )
+    assert _Board._boards == {}
+
+
+@pytest.mark.virtual_time
+@pytest.mark.parametrize("mode", ["plain", "terminal"])
+async def test_a_deadline_with_return_exceptions_counts_the_items_it_never_reached(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """Items past the deadline get a DeadlineExceeded each, and count as not started."""
+    patch: pytest.MonkeyPatch = request.getfixturevalue(mode)
+    stream = io.StringIO()
+    patch.setattr(sys, "stderr", stream)
+    results = await corral.gather(
+        nap, range(100), limit=5, deadline=3.5, return_exceptions=True, progress=True
+    )
+    assert results[:15] == list(range(15))
+    assert all(isinstance(r, corral.DeadlineExceeded) for r in results[15:])
+    row = final_row(mode, stream)
+    if mode == "plain":
+        assert row == (
+            "corral: 20/100 done (20.0%) in 3.5s, 5.7/s, 5 failed, 0 retried, 80 not started"
+        )
+    else:
+        assert row.endswith(" 20/100 20.0% in 3.5s · 5.7/s · 5 failed · 0 retried · 80 not started")
+
+
+@pytest.mark.virtual_time
+@pytest.mark.parametrize("mode", ["plain", "terminal"])
+async def test_a_complete_run_and_an_input_without_length_say_nothing_of_not_started(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """A run that reached its total ends as before; without a total there is nothing to count."""
+    patch: pytest.MonkeyPatch = request.getfixturevalue(mode)
+    stream = io.StringIO()
+    patch.setattr(sys, "stderr", stream)
+    assert await corral.gather(nap, range(30), limit=10, progress=True) == list(range(30))
+    complete = final_row(mode, stream)
+    if mode == "plain":
+        assert complete == "corral: 30/30 done (100.0%) in 3.0s, 10.0/s, 0 failed, 0 retried"
+    else:
+        assert complete.endswith(" 30/30 100.0% in 3.0s · 10.0/s · 0 failed · 0 retried")
+
+    stream.seek(0)
+    stream.truncate()
+    async with corral.map(nap, iter(range(1000)), limit=10, progress=True) as results:
+        async for result in results:
+            if result == 24:
+                results.cancel()
+    unknown = final_row(mode, stream)
+    assert "not started" not in unknown
+    assert unknown.endswith("10 cancelled")
+    assert _Board._boards == {}

@@ -33,7 +33,7 @@ from ._checkpoint import (
 from ._engine import Call, Engine, Halt, ResultStream, _Retried
 from ._errors import BudgetExhausted
 from ._limits import MAX_COOLDOWN, Limiter
-from ._monitor import DEFAULT_THRESHOLD, LoopWatch, monitor_from_env
+from ._monitor import DEFAULT_THRESHOLD, MIN_THRESHOLD, LoopWatch, monitor_from_env
 from ._numbers import (
     check_arity,
     is_async_callable,
@@ -399,11 +399,11 @@ def _check_monitor(monitor: object) -> float | None:
     if monitor is False:
         return DEFAULT_THRESHOLD if monitor_from_env() else None
     seconds = positive_seconds(monitor)  # a Fraction or numpy float too, as watch_loop takes
-    if seconds is not None:
+    if seconds is not None and seconds >= MIN_THRESHOLD:
         return seconds
     raise ValueError(
-        "monitor must be True, False, or a threshold in seconds > 0 (report calls that "
-        f"block the event loop longer than that); got monitor={monitor!r}"
+        f"monitor must be True, False, or a threshold in seconds >= {MIN_THRESHOLD} (report "
+        f"calls that block the event loop longer than that); got monitor={monitor!r}"
     )
 
 

@@ -37,6 +37,18 @@ call; ``threading.Event().wait(1)`` or ``json.dumps(huge)`` are blamed on the
 line of yours that called them, and the report's ``stack`` still shows the
 library frames below it.
 
+An application installed into site-packages (``pip install .``) has no file
+that is plainly "yours", so when the stalled code is all installed, blame
+goes to the innermost frame of the package that started the event loop
+(``myapp.cli:main`` calling ``asyncio.run``), else of the package of the
+blocked task's coroutine (for a ``corral.map``, of the function it calls).
+So ``myapp.fetch`` calling ``requests.get`` is blamed on its line in
+``myapp.fetch``, not on the ``urllib3`` frame deep below it. What this cannot
+tell: which package is the application when an installed framework both
+started the loop and runs the application's tasks (``uvicorn myapp:app``
+with ``myapp`` installed); the framework's frame is blamed there, and the
+report's stack shows the rest.
+
 What it is not: a profiler (it only looks while the loop is stuck), nor exact
 about the start of a stall. ``duration`` is how late the heartbeat ran, a lower
 bound that can fall short of the blocking call's true length by up to
@@ -107,7 +119,8 @@ class BlockReport:
 
     Attributes:
         function: qualified name of the blamed function (``"blocker"``,
-            ``"Client.fetch"``), the innermost frame of your code on the stack.
+            ``"Client.fetch"``), the innermost frame of your code on the stack
+            (see :mod:`corral._monitor` for an installed application).
         filename: the file of that function.
         lineno: the line it was running (for a blocking call, the call's line).
         duration: how long the loop was stuck, in seconds (a lower bound; see
@@ -199,13 +212,14 @@ class _LagHistogram:
 # of user code: a C function (time.sleep) leaves no frame, so the frame that
 # called it is the culprit, and a standard-library or third-party helper
 # (threading's Event.wait, json, requests) is usually a symptom of the user
-# line that called it.
+# line that called it. An installed application's code is in site-packages
+# like its libraries: _blame then tells them apart by package.
 # ---------------------------------------------------------------------------
 
 
 class _Kind(enum.IntEnum):
     USER = 0  # the application's own code: what a report should point at
-    LIBRARY = 1  # an installed third-party package
+    LIBRARY = 1  # an installed package: third-party, or the application itself
     CORRAL = 2  # corral itself
     STDLIB = 3  # the standard library, frozen modules
 
@@ -232,6 +246,7 @@ def _stdlib_and_corral_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
 # can sit inside a stdlib directory (a venv's lib/pythonX.Y): test it first.
 _SITE_MARKERS = tuple(os.path.join("", name, "") for name in ("site-packages", "dist-packages"))
 _kinds: dict[str, _Kind] = {}
+_packages: dict[str, str] = {}
 
 
 def _classify(filename: str) -> _Kind:
@@ -258,6 +273,43 @@ def _classify(filename: str) -> _Kind:
     return kind
 
 
+def _package(filename: str) -> str:
+    """The top-level package (or module) an installed file belongs to.
+
+    ``requests`` for ``.../site-packages/requests/api.py``, ``six`` for
+    ``.../site-packages/six.py``. Only for files :func:`_classify` finds to
+    be :attr:`_Kind.LIBRARY` (cached: called on every sample).
+    """
+    package = _packages.get(filename)
+    if package is None:
+        path = os.path.normcase(os.path.abspath(filename))
+        # The last marker: the one whose directory the import system searched.
+        start = max(path.rfind(marker) + len(marker) for marker in _SITE_MARKERS if marker in path)
+        top = path[start:].split(os.sep, 1)[0]
+        package = _packages[filename] = top.removesuffix(".py")
+    return package
+
+
+def _loop_owner(below: _Stack, loop_package: str) -> frozenset[str]:
+    """The installed package that runs the event loop, given the frames below its callbacks.
+
+    An application installed with ``pip install .`` and started by its
+    console script (``myapp`` calling ``myapp.cli:main``, which calls
+    ``asyncio.run``) has its own code in site-packages; the innermost frame
+    below the loop that is neither the standard library, corral, nor the
+    loop's own package (``uvloop.run``) is the code that started the loop.
+    Empty when that is the user's own file (a script, a test), which blame
+    prefers anyway, or when there is none.
+    """
+    for code, _ in below:
+        kind = _classify(code.co_filename)
+        if kind is _Kind.USER:
+            break
+        if kind is _Kind.LIBRARY and (package := _package(code.co_filename)) != loop_package:
+            return frozenset({package})
+    return frozenset()
+
+
 _SELECTORS_FILE = selectors.__file__
 _BASE_EVENTS_FILE = asyncio.base_events.__file__
 
@@ -279,8 +331,17 @@ def _is_idle(region: _Stack) -> bool:
     return caller.co_name == "_run_once" and caller.co_filename == _BASE_EVENTS_FILE
 
 
-def _blame(stack: _Stack, machinery: frozenset[CodeType]) -> _Culprit | None:
-    """The place to blame in a sampled stack, or ``None`` if the loop was idle."""
+def _blame(
+    stack: _Stack, machinery: frozenset[CodeType], owners: frozenset[str] = frozenset()
+) -> _Culprit | None:
+    """The place to blame in a sampled stack, or ``None`` if the loop was idle.
+
+    In order: the innermost frame of the user's own files; else, all the code
+    being installed, the innermost frame of a package in ``owners`` (the
+    package that started the loop, :func:`_loop_owner`), else of the blocked
+    task's own package; else (the standard library and corral only) the
+    innermost frame.
+    """
     region = stack
     for i, (code, _) in enumerate(stack):
         if code in machinery:
@@ -288,17 +349,30 @@ def _blame(stack: _Stack, machinery: frozenset[CodeType]) -> _Culprit | None:
             break
     if _is_idle(region):
         return None
-    # Innermost user frame, else innermost third-party frame, else innermost.
-    best = region[0]
-    best_kind = _Kind.STDLIB
+    owned: tuple[CodeType, int] | None = None
+    task_file: str | None = None
     for code, lineno in region:
         kind = _classify(code.co_filename)
         if kind is _Kind.USER:
-            best = (code, lineno)
-            break
-        if kind is _Kind.LIBRARY and best_kind is not _Kind.LIBRARY:
-            best, best_kind = (code, lineno), kind
-    code, lineno = best
+            return code.co_qualname, code.co_filename, lineno
+        if kind is _Kind.LIBRARY:
+            if owned is None and _package(code.co_filename) in owners:
+                owned = (code, lineno)
+            task_file = code.co_filename  # the outermost so far: the task's own code
+    if owned is None and task_file is not None:
+        # The outermost installed frame is the blocked task's coroutine (under
+        # corral's worker, the function a map calls): an installed
+        # application's code, or the library whose task it is. Its package's
+        # innermost frame is where it called what blocked; the packages
+        # further in are a symptom, left in the report's stack.
+        task_package = _package(task_file)
+        owned = next(  # found at the latest at the task's own frame
+            (code, lineno)
+            for code, lineno in region
+            if _classify(code.co_filename) is _Kind.LIBRARY
+            and _package(code.co_filename) == task_package
+        )
+    code, lineno = owned if owned is not None else region[0]
     return code.co_qualname, code.co_filename, lineno
 
 
@@ -366,6 +440,15 @@ def _check_seconds(name: str, value: object, *, extra: str = "") -> float:
 
 #: Seconds the loop may be stuck before a call is reported (``monitor=True``).
 DEFAULT_THRESHOLD = 0.1
+#: The smallest threshold a watch takes, in seconds (1 ms). Below it a watch
+#: measures the loop's own work, not a blocking call: one turn of the loop
+#: runs every ready callback before the heartbeat's, selects, and fires timers
+#: with 1 ms resolution on uvloop, so the heartbeat is routinely a fraction
+#: of a millisecond late on a healthy loop: such a watch would blame whichever
+#: callback happened to run, up to hundreds of times a second. Nor can the
+#: watchdog resolve it: it polls the overdue heartbeat every ``_MIN_TICK``
+#: (1 ms) at best.
+MIN_THRESHOLD = _MIN_TICK
 
 
 class LoopWatch:
@@ -385,6 +468,12 @@ class LoopWatch:
         self, threshold: float = DEFAULT_THRESHOLD, *, interval: float | None = None
     ) -> None:
         self._threshold = _check_seconds("threshold", threshold, extra=", like 0.1")
+        if self._threshold < MIN_THRESHOLD:
+            raise ValueError(
+                f"threshold must be at least {MIN_THRESHOLD} s (1 ms): the event loop's own "
+                "scheduling outlasts a shorter one, and nearly every turn of the loop would be "
+                f"reported; got threshold={threshold!r}"
+            )
         if interval is None:
             self._interval = min(_MAX_INTERVAL, max(_MIN_INTERVAL, self._threshold / 4))
         else:
@@ -405,6 +494,12 @@ class LoopWatch:
         # machinery and whatever called run_until_complete), learned by the
         # first beat; None until then.
         self._machinery: frozenset[CodeType] | None = None
+        # The frames below the first beat (innermost first), from which the
+        # watchdog works out the package that started the loop (_loop_owner):
+        # classifying files costs milliseconds the first time, which the loop
+        # thread must not spend inside a beat.
+        self._below: _Stack | None = None
+        self._owners: frozenset[str] | None = None  # the watchdog's, once _below is known
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._handle: asyncio.Handle | None = None
@@ -540,7 +635,8 @@ class LoopWatch:
         if self._machinery is None:
             # Every frame below this callback is machinery that runs callbacks
             # (none at all if C code runs the loop).
-            self._machinery = frozenset(code for code, _ in _walk(sys._getframe(0).f_back))
+            self._below = _walk(sys._getframe(0).f_back)
+            self._machinery = frozenset(code for code, _ in self._below)
         with self._lock:
             lag = now - self._due
             self._due = now + self._interval
@@ -664,7 +760,10 @@ class LoopWatch:
             if self._episode is None:
                 self._episode = _Episode()
             self._episode.overdue = overdue
-            culprit = _blame(stack, self._machinery or frozenset())
+            if self._owners is None and self._below is not None:
+                loop_package = type(self._loop).__module__.partition(".")[0]
+                self._owners = _loop_owner(self._below, loop_package)
+            culprit = _blame(stack, self._machinery or frozenset(), self._owners or frozenset())
             if culprit is not None:
                 self._episode.add(culprit, stack)
 
@@ -683,9 +782,10 @@ def watch_loop(threshold: float = DEFAULT_THRESHOLD, *, interval: float | None =
     Each stall gives one :class:`BlockReport` (``function``, ``filename``,
     ``lineno``, ``duration``, ``stack``), also logged as a warning on the
     ``corral`` logger, blaming the innermost frame of your code (not the
-    standard library, installed packages or corral) where the loop thread spent
-    the stall; ``watch.reports`` keeps the latest :data:`MAX_REPORTS` (1000),
-    ``stats().blocked`` counts them all. ``CORRAL_MONITOR=1`` in the
+    standard library, installed packages or corral; for an application
+    installed in site-packages, its own package: see the module's docs) where
+    the loop thread spent the stall; ``watch.reports`` keeps the latest
+    :data:`MAX_REPORTS` (1000), ``stats().blocked`` counts them all. ``CORRAL_MONITOR=1`` in the
     environment turns this on for every ``corral.map`` (see
     :func:`monitor_from_env`).
 
@@ -694,16 +794,19 @@ def watch_loop(threshold: float = DEFAULT_THRESHOLD, *, interval: float | None =
     loop is stuck.
 
     Args:
-        threshold: seconds the loop may be stuck before it is reported (any
-            finite number > 0; a huge one reports nothing, but still
-            measures the lag).
+        threshold: seconds the loop may be stuck before it is reported: a
+            finite number, at least :data:`MIN_THRESHOLD` (0.001, 1 ms); a
+            huge one reports nothing, but still measures the lag. Stalls of
+            pure-Python code much under the interpreter's thread switch
+            interval (5 ms) are hard to sample: prefer 0.01 or more.
         interval: seconds between heartbeats; default ``threshold / 4`` within
             [0.005, 0.25]. ``duration`` may fall short of a stall's true length
             by up to ``interval``, and a stall up to ``threshold + interval``
             long may be missed.
 
     Raises:
-        ValueError: ``threshold`` or ``interval`` is not a finite number > 0.
+        ValueError: ``threshold`` is not a finite number of seconds >= 0.001,
+            or ``interval`` not a finite number > 0.
     """
     return LoopWatch(threshold, interval=interval)
 

@@ -25,6 +25,11 @@ so ``progress=`` shows it::
       2 retried, ETA 20s
       corral: 10,000/10,000 done (100.0%) in 21.9s, 456.6/s, 0 failed, 2 retried
 
+  A map that ended early (a deadline, ``results.cancel()``, a budget, a
+  failure) says so on its final line: the calls it cut short are
+  "cancelled", and with a known total the items it never reached are "not
+  started" (``…, 100 cancelled, 8,700 not started``).
+
 - ``progress=callable`` receives :class:`corral.Stats` snapshots instead, a
   few per second (every :data:`CALLBACK_INTERVAL` seconds) and a final one
   when the map ends, whichever way it ends. It runs on the event loop, so it
@@ -241,11 +246,28 @@ def _cancelled(stats: Stats) -> int:
     return max(0, stats.started - stats.completed - stats.failed)
 
 
+def _not_started(stats: Stats, total: int | None) -> int:
+    """Items of the input never handed to a call: the map ended first (0 without a total).
+
+    A deadline, ``cancel()``, a budget, a failure or a ``break`` ends a map
+    before its input runs out; "done" and "cancelled" alone would leave the
+    reader to work out that the rest never ran. The engine's ``started``
+    includes the items a checkpoint had already recorded and leaves out the
+    items taken from the input that never ran (held back for the consumer),
+    so a complete run, resumed or not, gives 0. ``max``: an input whose
+    ``__len__`` understated it must not give a negative count.
+    """
+    if total is None:
+        return 0
+    return max(0, total - stats.started)
+
+
 def final_line(stats: Stats, total: int | None) -> str:
     """The plain line written once the map has ended, however it ended.
 
     Calls still in flight when the map ended were cancelled (after a failure,
-    ``break`` or cancellation); they are counted as such.
+    ``break`` or cancellation); they are counted as such. With a known total,
+    the items that never started (the map ended first) are counted too.
     """
     done = stats.completed + stats.failed
     if total is None:
@@ -260,6 +282,8 @@ def final_line(stats: Stats, total: int | None) -> str:
     ]
     if cancelled := _cancelled(stats):
         parts.append(f"{_count(cancelled)} cancelled")
+    if not_started := _not_started(stats, total):
+        parts.append(f"{_count(not_started)} not started")
     return ", ".join(parts)
 
 
@@ -518,6 +542,8 @@ class _LiveSink(_Sink):
         ]
         if cancelled := _cancelled(stats):
             details.append((f"{_count(cancelled)} cancelled", "yellow"))
+        if not_started := _not_started(stats, self._total):
+            details.append((f"{_count(not_started)} not started", "yellow"))
         line: Text | None = None
         try:
             line = self._line(stats, details, final=True)
