@@ -1653,7 +1653,7 @@ def test_ctrl_c_on_run_keeps_what_is_done_and_says_how_to_resume(
     assert files(tmp_path) == sorted(["interrupted_run.py", "run.sqlite", "calls-1"])
     done = recorded(checkpoint)
     hint = (
-        f"corral: interrupted. {len(done)} results are recorded in checkpoint="
+        f"corral: interrupted. {len(done):,} results are recorded in checkpoint="
         f"{str(checkpoint)!r}; run the same call again to resume: the recorded items are "
         "returned without calling fn again."
     )

@@ -1390,7 +1390,7 @@ def resume_hint(checkpoint: Checkpoint | None) -> Iterator[None]:
             raise
         recorded = checkpoint.recorded_at_open + checkpoint.committed
         print(
-            f"corral: interrupted. {recorded} results are recorded in checkpoint="
+            f"corral: interrupted. {recorded:,} results are recorded in checkpoint="
             f"{checkpoint.path!r}; run the same call again to resume: the recorded items "
             "are returned without calling fn again.",
             file=sys.stderr,
