@@ -75,7 +75,10 @@ def test_serve_prints_its_url_serves_and_summarises_on_a_signal(
     ("argv", "message"),
     [
         (["serve", "--capacity", "0"], "argument --capacity: must be an int >= 1, got '0'"),
-        (["serve", "--service-ms", "-5"], "argument --service-ms: must be a number >= 0, got '-5'"),
+        (
+            ["serve", "--service-ms", "-5"],
+            "argument --service-ms: must be a number between 0 and 86400000, got '-5'",
+        ),
         (
             ["serve", "--jitter", "2"],
             "argument --jitter: must be a number between 0 and 1, got '2'",

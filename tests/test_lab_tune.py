@@ -252,15 +252,17 @@ ITEMS = (1, 2, 3)
         ),
         (
             ["tune", f"{__name__}:capped_at_8", "--trial-seconds", "0"],
-            "argument --trial-seconds: must be a number of seconds > 0, got '0'",
+            "argument --trial-seconds: must be a number of seconds between 0.01 and 86400, got '0'",
         ),
         (
             ["tune", f"{__name__}:capped_at_8", "--trial-seconds", "1e400"],
-            "argument --trial-seconds: must be a number of seconds > 0, got '1e400'",
+            "argument --trial-seconds: must be a number of seconds between 0.01 and 86400, "
+            "got '1e400'",
         ),
         (
             ["tune", f"{__name__}:capped_at_8", "--trial-seconds", "nan"],
-            "argument --trial-seconds: must be a number of seconds > 0, got 'nan'",
+            "argument --trial-seconds: must be a number of seconds between 0.01 and 86400, "
+            "got 'nan'",
         ),
         (["tune", "http://[::1/"], "TARGET must be a valid URL, like http://127.0.0.1:8080/; got"),
         (["tune", "http://127.0.0.1:99999/"], "got 'http://127.0.0.1:99999/' (Port out of range"),

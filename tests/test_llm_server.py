@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import re
 import signal
@@ -129,11 +130,15 @@ def test_the_acceleration_limit_admits_one_per_window_at_the_least() -> None:
 
 
 def test_limits_reject_bad_values_naming_them() -> None:
-    with pytest.raises(ValueError, match=r"^rpm must be a number > 0 per minute, or None .*rpm=0$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^rpm must be a number between 1 and 1000000000000 \(requests per minute, "
+        r"or None for no limit\); got rpm=0$",
+    ):
         Limits(rpm=0)
-    with pytest.raises(ValueError, match=r"^minute must be a number > 0 .*minute=nan$"):
+    with pytest.raises(ValueError, match=r"^minute must be a number between 0.1 and .*minute=nan$"):
         Limits(minute=float("nan"))
-    with pytest.raises(ValueError, match=r"^accel_growth must be a number > 1 .*=1$"):
+    with pytest.raises(ValueError, match=r"^accel_growth must be a number > 1 and <= 100 .*=1$"):
         Limits(accel_growth=1)
     with pytest.raises(ValueError, match=r"^output_tpm must be .*output_tpm=True$"):
         Limits(output_tpm=True)
@@ -201,10 +206,40 @@ def test_output_lengths_at_the_bounds_draw_within_them() -> None:
 def test_a_minute_longer_than_a_day_is_refused() -> None:
     """Resets a minute of 1e12 s ahead are no date a client can read: refused, named."""
     with pytest.raises(
-        ValueError, match=r"^minute must be a number > 0 and <= 86400 .*=1000000000000.0$"
+        ValueError, match=r"^minute must be a number between 0.1 and 86400 .*=1000000000000.0$"
     ):
         Limits(minute=1e12)
     assert Limits(minute=86_400).minute == 86_400
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "rule"),
+    [
+        *(
+            (name, value, "between 1 and 1000000000000")
+            for name in ("rpm", "tpm", "input_tpm", "output_tpm")
+            for value in (0.5, 1e-300, 1e13, 1e300, math.inf)
+        ),
+        *(("minute", value, "between 0.1 and 86400") for value in (1e-300, 0.09, 86_401)),
+        *(("accel_start", value, "> 0 and <= 1") for value in (0, 1.5, 1e300)),
+        *(("accel_growth", value, "> 1 and <= 100") for value in (1, 0.5, 101, 1e300)),
+        *(("accel_window", value, "between 0.001 and 86400") for value in (1e-300, 86_401, 1e300)),
+    ],
+)
+def test_limits_out_of_their_bounds_are_refused(field: str, bad: float, rule: str) -> None:
+    """1e-300 s minutes, 1e300 rpm, a growth that overflows the ramp: refused, named."""
+    with pytest.raises(ValueError, match=rf"^{field} must be a number {re.escape(rule)} .*"):
+        Limits(**{"rpm": 60.0, field: bad})
+
+
+def test_limits_at_their_bounds_are_accepted_and_the_ramp_stays_finite() -> None:
+    """The extremes allowed still admit, and 64 idle windows at growth 100 do not overflow."""
+    low = Limits(rpm=1, tpm=1, input_tpm=1, output_tpm=1, minute=0.1, accel_window=0.001)
+    high = Limits(rpm=1e12, minute=86_400, accel_start=1, accel_growth=100, accel_window=1.0)
+    assert RateModel(low).admit("k", {"requests": 1, "tokens": 1}, now=0.0).admitted
+    model = RateModel(high)
+    assert model.admit("k", {"requests": 1}, now=0.0).admitted
+    assert model.admit("k", {"requests": 1}, now=1e6).admitted  # a million idle windows later
 
 
 def test_the_peak_meter_sums_a_sliding_minute() -> None:
@@ -348,6 +383,73 @@ async def test_bad_calls_are_refused_and_counted_apart() -> None:
             stats = await response.json()
     assert (stats["requests"], stats["invalid"], stats["too_large"]) == (1, 7, 1)
     assert stats["ok"] == 0
+
+
+@pytest.mark.slow
+async def test_large_limits_are_written_in_full_where_corral_reads_them() -> None:
+    """A 2M tpm is "2000000" in both header styles, never "2e+06", and corral reads it."""
+    from corral._headers import read_rate_limits
+
+    async with (
+        asyncio.timeout(HANG_GUARD),
+        LLMServer(
+            rpm=30_000, tpm=2_000_000, output_tpm=1e12, latency_ms=0, ms_per_token=0
+        ) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        _, openai, _ = await _post(session, f"{server.url}/v1/chat/completions", CHAT)
+        body = {"model": "m", "max_tokens": 5, "messages": CHAT["messages"]}
+        async with session.post(
+            f"{server.url}/v1/messages", json=body, headers={"x-api-key": "key-2"}
+        ) as response:
+            anthropic = response.headers.copy()
+    assert openai["x-ratelimit-limit-requests"] == "30000"
+    assert openai["x-ratelimit-limit-tokens"] == "2000000"
+    assert openai["x-ratelimit-limit-output-tokens"] == "1000000000000"
+    assert anthropic["anthropic-ratelimit-tokens-limit"] == "2000000"
+    read = {h.dimension: h.limit for h in read_rate_limits(openai, now=0.0)}
+    assert read == {"requests": 30_000, "tokens": 2_000_000, "output_tokens": 1e12}
+
+
+#: Each known path of the mock, the one method it takes, and the others tried.
+_KNOWN_PATHS = [
+    ("/v1/chat/completions", "POST", ("GET", "PUT", "DELETE")),
+    ("/v1/messages", "POST", ("GET", "PATCH")),
+    ("/_corral/stats", "GET", ("POST", "PUT", "DELETE")),
+    ("/_corral/reset", "POST", ("GET", "PUT", "DELETE")),
+]
+
+
+@pytest.mark.slow
+async def test_a_wrong_method_on_a_known_path_is_405_with_allow() -> None:
+    """Every known path asked the wrong way: 405 and Allow, not 404; nothing is reset."""
+    async with (
+        asyncio.timeout(HANG_GUARD),
+        LLMServer(rpm=1, latency_ms=0, ms_per_token=0, accel_start=None) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        assert (await _post(session, f"{server.url}/v1/chat/completions", CHAT))[0] == 200
+        replies = {}
+        for path, _, wrong in _KNOWN_PATHS:
+            for method in wrong:
+                async with session.request(method, server.url + path) as response:
+                    replies[method, path] = (response.status, response.headers.get("Allow"))
+        async with session.post(f"{server.url}/_corral/nothing") as response:
+            unknown = response.status, await response.json()
+        stats = server.stats()
+    assert replies == {
+        (method, path): (405, allowed) for path, allowed, wrong in _KNOWN_PATHS for method in wrong
+    }
+    assert unknown == (
+        404,
+        {
+            "ok": False,
+            "error": "no admin path '/_corral/nothing'; try GET /_corral/stats or "
+            "POST /_corral/reset",
+        },
+    )
+    assert stats.ok == 1  # GET /_corral/reset reset nothing
+    assert stats.invalid == 5  # the model endpoints' 405s count as invalid calls; admin's do not
 
 
 @pytest.mark.slow
@@ -510,12 +612,20 @@ def test_serve_llm_refuses_options_that_do_not_apply(
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--rpm", "0", "argument --rpm: must be a number > 0, got '0'"),
+        ("--rpm", "0", "argument --rpm: must be a number between 1 and 1000000000000, got '0'"),
         ("--output-tokens", "few", "argument --output-tokens: must be an int like 200"),
-        ("--latency-ms", "-1", "argument --latency-ms: must be a number >= 0, got '-1'"),
+        (
+            "--latency-ms",
+            "-1",
+            "argument --latency-ms: must be a number between 0 and 86400000, got '-1'",
+        ),
         ("--output-tokens", "lognormal:120:1000", "argument --output-tokens: must be an int like"),
         ("--output-tokens", "100000000000000000000", "argument --output-tokens: must be an int"),
-        ("--minute", "1e12", "argument --minute: must be a number > 0 and <= 86400, got '1e12'"),
+        (
+            "--minute",
+            "1e12",
+            "argument --minute: must be a number between 0.1 and 86400, got '1e12'",
+        ),
     ],
 )
 def test_serve_llm_flags_reject_bad_values(

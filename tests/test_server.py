@@ -339,6 +339,30 @@ async def test_admin_paths_refuse_bad_requests() -> None:
     assert capacity == 2
 
 
+@pytest.mark.slow
+async def test_a_wrong_method_on_an_admin_path_is_405_with_allow() -> None:
+    """Each admin path asked the wrong way: 405 and Allow naming its method; nothing changes."""
+    known = [
+        ("/_corral/stats", "GET", ("POST", "PUT", "DELETE")),
+        ("/_corral/reset", "POST", ("GET", "PUT", "DELETE")),
+        ("/_corral/capacity?value=9", "POST", ("GET", "PUT", "DELETE")),
+    ]
+    async with asyncio.timeout(HANG_GUARD):
+        async with TargetServer(capacity=2) as server, aiohttp.ClientSession() as session:
+            async with session.get(f"{server.url}/work") as response:
+                assert response.status == 200
+            replies = {}
+            for path, _, wrong in known:
+                for method in wrong:
+                    async with session.request(method, server.url + path) as response:
+                        replies[method, path] = (response.status, response.headers.get("Allow"))
+            stats = server.stats()
+    assert replies == {
+        (method, path): (405, allowed) for path, allowed, wrong in known for method in wrong
+    }
+    assert (stats.served, stats.capacity) == (1, 2)  # no reset, no resize
+
+
 # --------------------------------------------------------------------------
 # The admission gate, on virtual time
 # --------------------------------------------------------------------------
@@ -458,7 +482,13 @@ def test_loopback_hosts_are_accepted(host: str) -> None:
         ),
         (
             {"service_ms": -1},
-            "service_ms must be a number >= 0 (milliseconds per request); got service_ms=-1",
+            "service_ms must be a number between 0 and 86400000 (milliseconds per request); "
+            "got service_ms=-1",
+        ),
+        (
+            {"service_ms": 1e300},
+            "service_ms must be a number between 0 and 86400000 (milliseconds per request); "
+            "got service_ms=1e+300",
         ),
         (
             {"queue": -1},
@@ -491,7 +521,13 @@ def test_loopback_hosts_are_accepted(host: str) -> None:
         ),
         (
             {"stall_s": -1},
-            "stall_s must be a number >= 0 (seconds a stalled request hangs); got stall_s=-1",
+            "stall_s must be a number between 0 and 86400 (seconds a stalled request hangs); "
+            "got stall_s=-1",
+        ),
+        (
+            {"stall_s": 1e300},
+            "stall_s must be a number between 0 and 86400 (seconds a stalled request hangs); "
+            "got stall_s=1e+300",
         ),
         (
             {"port": 70000},
@@ -502,6 +538,11 @@ def test_loopback_hosts_are_accepted(host: str) -> None:
             {"schedule": [(1.0, 0)]},
             "schedule capacity must be an int >= 1 (requests served in parallel); "
             "got schedule capacity=0",
+        ),
+        (
+            {"schedule": [(1e300, 2)]},
+            "schedule time must be a number between 0 and 86400 (seconds after the start); "
+            "got schedule time=1e+300",
         ),
         (
             {"schedule": [5]},

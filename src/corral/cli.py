@@ -21,14 +21,13 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
-import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from corral.lab._options import int_option, number_option
+from corral.lab._options import DAY_MS, DAY_S, int_option, number_option, show_number
 
 if TYPE_CHECKING:
     from corral.lab.llm_server import LLMServer
@@ -94,9 +93,11 @@ def _schedule(text: str) -> list[tuple[float, int]]:
             step = (float(at), int(capacity))
         except ValueError:
             sep = ""
-        if not sep or not math.isfinite(step[0]) or step[0] < 0 or step[1] < 1:
+        # T at most a day, like every wait the lab takes: 1e300 is a typo, not a plan.
+        if not sep or not (0 <= step[0] <= DAY_S) or step[1] < 1:
             raise argparse.ArgumentTypeError(
-                f"must be T:CAPACITY pairs joined by commas, like 5:32,10:64; got {text!r}"
+                f"must be T:CAPACITY pairs joined by commas, like 5:32,10:64; got {text!r} "
+                f"(T from 0 to {show_number(DAY_S)} seconds, CAPACITY an int >= 1)"
             )
         steps.append(step)
     return steps
@@ -183,7 +184,7 @@ def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--scale",
         # Bounded: sizes are ints (scale 1e308 overflows them), and x100
         # already turns the full run into a day.
-        type=number_option(MAX_SCALE, positive=True),
+        type=number_option(0, MAX_SCALE, exclusive=True),
         default=1.0,
         metavar="F",
         help=f"multiply every size and trial time by F, > 0 and at most {MAX_SCALE:g} "
@@ -289,29 +290,38 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     # The capacity model's own options default to None, filled in from
     # _CAPACITY_DEFAULTS later: --llm must refuse them even at their default value.
     add("--capacity", type=int_option(1), help="requests in service at once (64)")
-    add("--service-ms", type=number_option(), help="milliseconds each request takes (10)")
+    add(
+        "--service-ms",
+        type=number_option(0, DAY_MS),
+        help=f"milliseconds each request takes, at most {show_number(DAY_MS)} (10)",
+    )
     add("--queue", type=int_option(0), help="requests that may wait for a slot (256)")
     add("--status", type=int, choices=(429, 503), help="status when the queue is full (429)")
     add(
         "--retry-after",
-        type=number_option(86_400),
-        help="seconds the refusal asks to wait, at most 86400 (1)",
+        type=number_option(0, DAY_S),
+        help=f"seconds the refusal asks to wait, at most {show_number(DAY_S)} (1)",
     )
     add(
         "--jitter",
-        type=number_option(1),
+        type=number_option(0, 1),
         default=0.0,
         help="service time varies by +/- this fraction",
     )
-    add("--stall-fraction", type=number_option(1), help="share of requests that hang (0)")
-    add("--stall-s", type=number_option(), help="seconds a stalled request hangs (30)")
-    add("--fail-fraction", type=number_option(1), help="share of requests answered 500 (0)")
+    add("--stall-fraction", type=number_option(0, 1), help="share of requests that hang (0)")
+    add(
+        "--stall-s",
+        type=number_option(0, DAY_S),
+        help=f"seconds a stalled request hangs, at most {show_number(DAY_S)} (30)",
+    )
+    add("--fail-fraction", type=number_option(0, 1), help="share of requests answered 500 (0)")
     add(
         "--schedule",
         type=_schedule,
         default=None,
         metavar="T:N,...",
-        help="set the capacity to N at T seconds after the start, e.g. 5:32,10:64",
+        help="set the capacity to N at T seconds after the start (T at most "
+        f"{show_number(DAY_S)}), e.g. 5:32,10:64",
     )
     add("--seed", type=int, default=0, help="seeds jitter, stalls and failures")
     from corral.lab.llm_model import add_serve_arguments

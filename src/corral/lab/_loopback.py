@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from ._options import show_number
+
 #: How long stop() lets aiohttp wait for handlers; they are woken at once, so
 #: this is only a backstop.
 _SHUTDOWN_TIMEOUT = 5.0
@@ -60,7 +62,7 @@ def check_number(name: str, value: object, meaning: str, *, maximum: float | Non
         and (maximum is None or value <= maximum)
     )
     if not ok:
-        bound = f"between 0 and {maximum:g}" if maximum is not None else ">= 0"
+        bound = f"between 0 and {show_number(maximum)}" if maximum is not None else ">= 0"
         raise ValueError(f"{name} must be a number {bound} ({meaning}); got {name}={value!r}")
     return float(value)  # type: ignore[arg-type]
 

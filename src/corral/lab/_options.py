@@ -4,6 +4,11 @@ argparse reports the message as ``argument --port: must be an int from 0 to
 65535, got '70000'``: the option, the rule and the text as typed. Standard
 library only: ``corral --help`` and a bad option must work without the lab's
 extras.
+
+Every numeric option has both bounds written down, not only a sign: a value
+like ``1e300`` or ``1e-300`` parses as a fine float and then turns into a
+sleep that never ends or a rate of 1e301 per second, far from where the
+mistake was made.
 """
 
 from __future__ import annotations
@@ -12,7 +17,17 @@ import argparse
 import math
 from collections.abc import Callable
 
-__all__ = ["int_option", "number_option"]
+__all__ = ["DAY_MS", "DAY_S", "int_option", "number_option", "show_number"]
+
+#: The longest wait any option may ask for: a day, in seconds and in
+#: milliseconds. Past it, a value is a typo, not a scenario.
+DAY_S = 86_400.0
+DAY_MS = DAY_S * 1e3
+
+
+def show_number(value: float) -> str:
+    """``value`` as a bound in a message: ``86400``, ``0.01``, never ``8.64e+07``."""
+    return f"{value:.15g}"
 
 
 def int_option(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -32,26 +47,33 @@ def int_option(minimum: int, maximum: int | None = None) -> Callable[[str], int]
 
 
 def number_option(
-    maximum: float | None = None, *, positive: bool = False, what: str = "a number"
+    minimum: float = 0.0,
+    maximum: float | None = None,
+    *,
+    exclusive: bool = False,
+    what: str = "a number",
 ) -> Callable[[str], float]:
-    """A finite number >= 0 (> 0 when ``positive``), at most ``maximum`` when given.
+    """A finite number from ``minimum`` (excluded when ``exclusive``) to ``maximum``, if given.
 
-    ``what`` names it in the message (``"a number of seconds"``).
+    ``what`` names it in the message (``"a number of seconds"``), which reads
+    ``>= 0``, ``> 0``, ``between 0.1 and 86400`` or ``> 0 and <= 100``.
     """
+    low = show_number(minimum)
+    if maximum is None:
+        bound = f"> {low}" if exclusive else f">= {low}"
+    elif exclusive:
+        bound = f"> {low} and <= {show_number(maximum)}"
+    else:
+        bound = f"between {low} and {show_number(maximum)}"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        low_ok = value > 0 if positive else value >= 0
+        low_ok = value > minimum if exclusive else value >= minimum
+        # nan fails every comparison, so it fails low_ok; inf fails isfinite.
         if not (math.isfinite(value) and low_ok and (maximum is None or value <= maximum)):
-            if maximum is None:
-                bound = "> 0" if positive else ">= 0"
-            elif positive:
-                bound = f"> 0 and <= {maximum:g}"
-            else:
-                bound = f"between 0 and {maximum:g}"
             raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}")
         return value
 

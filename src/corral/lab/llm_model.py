@@ -48,7 +48,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from corral.lab._options import number_option
+from corral.lab._options import DAY_MS, DAY_S, number_option, show_number
 
 __all__ = [
     "DIMENSIONS",
@@ -211,41 +211,63 @@ class OutputLength:
 # --------------------------------------------------------------------------
 
 
+#: The largest limit per minute: far above any provider's tier, and small
+#: enough that the buckets still count single tokens and headers stay short.
+MAX_LIMIT = 1e12
+#: The shortest limit minute, in real seconds: 600 times faster than a real
+#: API. Below it, loopback round trips and the event loop's millisecond
+#: clock are a large share of the minute, and the rates mean nothing.
+MIN_MINUTE = 0.1
+#: The longest limit minute, in real seconds: a day. The resets the server
+#: advertises are that far ahead at most, and stay dates a client can parse.
+MAX_MINUTE = DAY_S
+#: The largest acceleration growth per window: 100 times per window is
+#: already a jump to full speed, and the ramp divides by ``growth ** idle``
+#: (up to 64 idle windows), which overflows a float from a growth of about 1e5.
+MAX_ACCEL_GROWTH = 100.0
+#: The shortest ramp window, in real seconds: the event loop's clock resolution.
+MIN_ACCEL_WINDOW = 0.001
+
+
+def _check_range(
+    name: str,
+    value: object,
+    meaning: str,
+    *,
+    minimum: float,
+    maximum: float,
+    exclusive: bool = False,
+) -> float:
+    """``value`` as a float if finite and from ``minimum`` (excluded if ``exclusive``) to
+    ``maximum``; else ValueError naming ``name`` and the value."""
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > minimum if exclusive else value >= minimum)
+        and value <= maximum
+    )
+    if not ok:
+        low, high = show_number(minimum), show_number(maximum)
+        bound = f"> {low} and <= {high}" if exclusive else f"between {low} and {high}"
+        raise ValueError(f"{name} must be a number {bound} ({meaning}); got {name}={value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+_LIMIT_UNITS = {
+    "rpm": "requests",
+    "tpm": "tokens",
+    "input_tpm": "input tokens",
+    "output_tpm": "output tokens",
+}
+
+
 def _check_limit(name: str, value: object) -> float | None:
     if value is None:
         return None
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and value > 0
-    )
-    if not ok:
-        raise ValueError(
-            f"{name} must be a number > 0 per minute, or None for no limit; got {name}={value!r}"
-        )
-    return float(value)  # type: ignore[arg-type]
-
-
-#: The longest limit minute, in real seconds: a day. The resets the server
-#: advertises are that far ahead at most, and stay dates a client can parse.
-MAX_MINUTE = 86_400.0
-
-
-def _check_positive(
-    name: str, value: object, meaning: str, *, maximum: float | None = None
-) -> float:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and value > 0
-        and (maximum is None or value <= maximum)
-    )
-    if not ok:
-        bound = "> 0" if maximum is None else f"> 0 and <= {maximum:g}"
-        raise ValueError(f"{name} must be a number {bound} ({meaning}); got {name}={value!r}")
-    return float(value)  # type: ignore[arg-type]
+    # At least 1: a bucket holding less than one request or token refuses every call.
+    meaning = f"{_LIMIT_UNITS[name]} per minute, or None for no limit"
+    return _check_range(name, value, meaning, minimum=1, maximum=MAX_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -257,14 +279,18 @@ class Limits:
         tpm: tokens (input + output) per minute, OpenAI style.
         input_tpm: input (prompt) tokens per minute, Anthropic style.
         output_tpm: output (completion) tokens per minute, Anthropic style.
+            Each limit is from 1 to :data:`MAX_LIMIT`.
         minute: how many real seconds the limits' minute lasts: 60 for a
             faithful API, less to run a long scenario quickly (every wait the
-            server advertises is in real seconds); at most :data:`MAX_MINUTE`.
+            server advertises is in real seconds); from :data:`MIN_MINUTE`
+            (0.1) to :data:`MAX_MINUTE` (a day).
         accel_start: an idle key may start at this fraction of ``rpm`` (per
-            ``accel_window``); ``None`` turns the acceleration limit off. It
-            needs ``rpm``.
-        accel_growth: the allowance's factor per busy (or idle) window, > 1.
-        accel_window: the ramp's window in real seconds; default ``minute / 12``.
+            ``accel_window``), > 0 and <= 1; ``None`` turns the acceleration
+            limit off. It needs ``rpm``.
+        accel_growth: the allowance's factor per busy (or idle) window, > 1
+            and <= :data:`MAX_ACCEL_GROWTH` (100).
+        accel_window: the ramp's window in real seconds, from
+            :data:`MIN_ACCEL_WINDOW` (0.001) to a day; default ``minute / 12``.
 
     Raises:
         ValueError: a value out of range; the message names it.
@@ -282,31 +308,41 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "input_tpm", "output_tpm"):
             object.__setattr__(self, name, _check_limit(name, getattr(self, name)))
-        object.__setattr__(
-            self,
+        minute = _check_range(
             "minute",
-            _check_positive(
-                "minute", self.minute, "real seconds per limit minute", maximum=MAX_MINUTE
-            ),
+            self.minute,
+            "real seconds per limit minute",
+            minimum=MIN_MINUTE,
+            maximum=MAX_MINUTE,
         )
+        object.__setattr__(self, "minute", minute)
         if self.accel_start is not None:
-            start = _check_positive(
-                "accel_start", self.accel_start, "the share of rpm an idle key may start at"
+            start = _check_range(
+                "accel_start",
+                self.accel_start,
+                "the share of rpm an idle key may start at",
+                minimum=0,
+                maximum=1,
+                exclusive=True,
             )
             object.__setattr__(self, "accel_start", start)
-        growth = self.accel_growth
-        if (
-            isinstance(growth, bool)
-            or not isinstance(growth, (int, float))
-            or not (math.isfinite(growth) and growth > 1)
-        ):
-            raise ValueError(
-                "accel_growth must be a number > 1 (the allowance's factor per busy window); "
-                f"got accel_growth={growth!r}"
-            )
-        object.__setattr__(self, "accel_growth", float(growth))
+        growth = _check_range(
+            "accel_growth",
+            self.accel_growth,
+            "the allowance's factor per busy window",
+            minimum=1,
+            maximum=MAX_ACCEL_GROWTH,
+            exclusive=True,
+        )
+        object.__setattr__(self, "accel_growth", growth)
         if self.accel_window is not None:
-            window = _check_positive("accel_window", self.accel_window, "seconds per ramp window")
+            window = _check_range(
+                "accel_window",
+                self.accel_window,
+                "seconds per ramp window",
+                minimum=MIN_ACCEL_WINDOW,
+                maximum=MAX_MINUTE,
+            )
             object.__setattr__(self, "accel_window", window)
 
     def per_minute(self) -> dict[str, float]:
@@ -682,54 +718,33 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add = group.add_argument
     add("--llm", action="store_true", help="serve the mock LLM API instead of the capacity model")
-    add(
-        "--rpm",
-        type=number_option(positive=True),
-        default=None,
-        metavar="N",
-        help="requests per minute per key (default: none)",
-    )
-    add(
-        "--tpm",
-        type=number_option(positive=True),
-        default=None,
-        metavar="N",
-        help="tokens (input + output) per minute per key",
-    )
-    add(
-        "--input-tpm",
-        type=number_option(positive=True),
-        default=None,
-        metavar="N",
-        help="input tokens per minute per key",
-    )
-    add(
-        "--output-tpm",
-        type=number_option(positive=True),
-        default=None,
-        metavar="N",
-        help="output tokens per minute per key",
-    )
+    limit = number_option(1, MAX_LIMIT)
+    per_key = f"per minute per key, from 1 to {show_number(MAX_LIMIT)}"
+    add("--rpm", type=limit, default=None, metavar="N", help=f"requests {per_key} (default: none)")
+    add("--tpm", type=limit, default=None, metavar="N", help=f"tokens (input + output) {per_key}")
+    add("--input-tpm", type=limit, default=None, metavar="N", help=f"input tokens {per_key}")
+    add("--output-tpm", type=limit, default=None, metavar="N", help=f"output tokens {per_key}")
     add(
         "--minute",
-        type=number_option(MAX_MINUTE, positive=True),
+        type=number_option(MIN_MINUTE, MAX_MINUTE),
         default=None,
         metavar="S",
-        help="real seconds per limit minute (60)",
+        help=f"real seconds per limit minute, from {show_number(MIN_MINUTE)} to "
+        f"{show_number(MAX_MINUTE)} (60)",
     )
     add(
         "--latency-ms",
-        type=number_option(),
+        type=number_option(0, DAY_MS),
         default=None,
         metavar="MS",
-        help="milliseconds before the first token (200)",
+        help=f"milliseconds before the first token, at most {show_number(DAY_MS)} (200)",
     )
     add(
         "--ms-per-token",
-        type=number_option(),
+        type=number_option(0, DAY_MS),
         default=None,
         metavar="MS",
-        help="milliseconds per output token (10)",
+        help=f"milliseconds per output token, at most {show_number(DAY_MS)} (10)",
     )
     add(
         "--output-tokens",
@@ -740,24 +755,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--accel-start",
-        type=number_option(positive=True),
+        type=number_option(0, 1, exclusive=True),
         default=None,
         metavar="F",
-        help="share of rpm an idle key starts at (0.5)",
+        help="share of rpm an idle key starts at, > 0 and <= 1 (0.5)",
     )
     add(
         "--accel-growth",
-        type=number_option(positive=True),
+        type=number_option(1, MAX_ACCEL_GROWTH, exclusive=True),
         default=None,
         metavar="F",
-        help="allowance factor per busy window (2)",
+        help=f"allowance factor per busy window, > 1 and <= {show_number(MAX_ACCEL_GROWTH)} (2)",
     )
     add(
         "--accel-window",
-        type=number_option(positive=True),
+        type=number_option(MIN_ACCEL_WINDOW, MAX_MINUTE),
         default=None,
         metavar="S",
-        help="ramp window in seconds (minute / 12)",
+        help=f"ramp window in seconds, from {show_number(MIN_ACCEL_WINDOW)} to "
+        f"{show_number(MAX_MINUTE)} (minute / 12)",
     )
     add("--no-accel", action="store_true", default=None, help="no acceleration limit")
 

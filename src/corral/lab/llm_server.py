@@ -10,7 +10,8 @@ byte leaving the machine::
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="test", max_retries=0)
         ...
 
-Endpoints (everything else is 404):
+Endpoints (any other path is 404; a wrong method on one of these is 405 with
+an ``Allow`` header):
 
 - ``POST /v1/chat/completions``: OpenAI's chat body (``model``, ``messages``,
   ``max_tokens`` or ``max_completion_tokens``) answered with a
@@ -59,6 +60,7 @@ from corral.lab._loopback import (
     json_response,
     serving,
 )
+from corral.lab._options import DAY_MS, show_number
 from corral.lab.llm_model import (
     Admission,
     DimensionState,
@@ -74,6 +76,13 @@ from corral.lab.llm_model import (
 __all__ = ["LLMServer", "serve_llm"]
 
 _DEFAULT_OUTPUT = "lognormal:120:0.6"
+
+#: The model endpoints (POST only) and the shape each answers in.
+_ENDPOINTS = {"/v1/chat/completions": "openai", "/v1/messages": "anthropic"}
+_ADMIN_PREFIX = "/_corral"
+#: The admin paths and the one method each takes.
+_ADMIN_METHODS = {"/_corral/stats": "GET", "/_corral/reset": "POST"}
+_ADMIN_HELP = "GET /_corral/stats or POST /_corral/reset"
 
 #: Header stems per dimension: OpenAI's x-ratelimit-{limit,remaining,reset}-STEM
 #: and Anthropic's anthropic-ratelimit-STEM-{limit,remaining,reset}.
@@ -112,8 +121,8 @@ class LLMServer(LoopbackServer):
         minute: real seconds in the limits' minute (default 60). A smaller
             minute runs an hour of traffic in a minute: the limits, the
             refill, the acceleration ramp and every advertised wait scale.
-        latency_ms: milliseconds before the first token.
-        ms_per_token: milliseconds per completion token.
+        latency_ms: milliseconds before the first token, at most a day.
+        ms_per_token: milliseconds per completion token, at most a day.
         jitter: both latencies vary uniformly by +/- this fraction (0 to 1).
         output_tokens: the completion length before ``max_tokens``: an int,
             ``(low, high)``, ``"low:high"`` or ``"lognormal:median:sigma"``.
@@ -158,10 +167,16 @@ class LLMServer(LoopbackServer):
             accel_growth=accel_growth,
             accel_window=accel_window,
         )
+        # At most a day each: a longer wait is a typo, and would hold its
+        # request until stop().
         self._latency_s = (
-            check_number("latency_ms", latency_ms, "milliseconds to first token") / 1e3
+            check_number("latency_ms", latency_ms, "milliseconds to first token", maximum=DAY_MS)
+            / 1e3
         )
-        self._token_s = check_number("ms_per_token", ms_per_token, "milliseconds per token") / 1e3
+        self._token_s = (
+            check_number("ms_per_token", ms_per_token, "milliseconds per token", maximum=DAY_MS)
+            / 1e3
+        )
         self._jitter = check_number("jitter", jitter, "fraction of the latency", maximum=1)
         self.output = OutputLength.parse(output_tokens)
         super().__init__(host=host, port=port)
@@ -226,9 +241,9 @@ class LLMServer(LoopbackServer):
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path.rstrip("/")
-        if path.startswith("/_corral"):
+        if path == _ADMIN_PREFIX or path.startswith(_ADMIN_PREFIX + "/"):
             return self._admin(request, path)
-        flavour = {"/v1/chat/completions": "openai", "/v1/messages": "anthropic"}.get(path)
+        flavour = _ENDPOINTS.get(path)
         if flavour is None:
             self._invalid += 1
             return _error("openai", 404, "not_found_error", f"no endpoint {request.path!r}")
@@ -358,7 +373,7 @@ class LLMServer(LoopbackServer):
             limit = decision.state[name].limit
             message = (
                 f"Request too large: it needs {amount:g} {name.replace('_', ' ')} but the limit "
-                f"is {limit:g} per minute"
+                f"is {show_number(limit)} per minute"
             )
             return _error(flavour, 400, "invalid_request_error", message, headers)
         self._rejected += 1
@@ -372,7 +387,7 @@ class LLMServer(LoopbackServer):
         else:
             state = decision.state[reason]
             what = (
-                f"{reason.replace('_', ' ')} per min: Limit {state.limit:g}, Remaining "
+                f"{reason.replace('_', ' ')} per min: Limit {show_number(state.limit)}, Remaining "
                 f"{state.remaining}"
             )
         message = f"Rate limit reached for {what}. Please try again in {wait_ms}ms."
@@ -380,18 +395,20 @@ class LLMServer(LoopbackServer):
         return _error(flavour, 429, kind, message, headers)
 
     def _limit_headers(self, flavour: str, state: Mapping[str, DimensionState]) -> dict[str, str]:
+        # Limits are written out in full, as the providers do: "2e+06" (what
+        # :g makes of a 2M tpm) is no number a header reader takes.
         headers: dict[str, str] = {}
         if flavour == "openai":
             for name, dim in state.items():
                 stem = _STEMS[name]
-                headers[f"x-ratelimit-limit-{stem}"] = f"{dim.limit:g}"
+                headers[f"x-ratelimit-limit-{stem}"] = show_number(dim.limit)
                 headers[f"x-ratelimit-remaining-{stem}"] = str(dim.remaining)
                 headers[f"x-ratelimit-reset-{stem}"] = format_reset(dim.reset_s)
             return headers
         wall = time.time()
         for name, dim in state.items():
             stem = _STEMS[name]
-            headers[f"anthropic-ratelimit-{stem}-limit"] = f"{dim.limit:g}"
+            headers[f"anthropic-ratelimit-{stem}-limit"] = show_number(dim.limit)
             headers[f"anthropic-ratelimit-{stem}-remaining"] = str(dim.remaining)
             headers[f"anthropic-ratelimit-{stem}-reset"] = _rfc3339(wall + dim.reset_s)
         if "tokens" not in state:
@@ -399,25 +416,26 @@ class LLMServer(LoopbackServer):
             split = [state[n] for n in ("input_tokens", "output_tokens") if n in state]
             if split:
                 dim = min(split, key=lambda d: d.remaining / d.limit)
-                headers["anthropic-ratelimit-tokens-limit"] = f"{dim.limit:g}"
+                headers["anthropic-ratelimit-tokens-limit"] = show_number(dim.limit)
                 headers["anthropic-ratelimit-tokens-remaining"] = str(dim.remaining)
                 headers["anthropic-ratelimit-tokens-reset"] = _rfc3339(wall + dim.reset_s)
         return headers
 
     def _admin(self, request: web.BaseRequest, path: str) -> web.Response:
-        if path == "/_corral/stats" and request.method == "GET":
+        allowed = _ADMIN_METHODS.get(path)
+        if allowed is None:
+            error = f"no admin path {path!r}; try {_ADMIN_HELP}"
+            return json_response(404, {"ok": False, "error": error})
+        if request.method != allowed:
+            # A known path asked the wrong way: 405 naming the method, as the
+            # model endpoints and the capacity server answer, not "no such path".
+            response = json_response(405, {"ok": False, "error": f"{path} takes {allowed} only"})
+            response.headers["Allow"] = allowed
+            return response
+        if path == "/_corral/stats":
             return json_response(200, self.stats().as_dict())
-        if path == "/_corral/reset" and request.method == "POST":
-            self.reset()
-            return json_response(200, {"ok": True})
-        return json_response(
-            404,
-            {
-                "ok": False,
-                "error": f"no admin path {request.method} {path!r}; try GET "
-                "/_corral/stats or POST /_corral/reset",
-            },
-        )
+        self.reset()  # POST /_corral/reset, the other admin path
+        return json_response(200, {"ok": True})
 
 
 # --------------------------------------------------------------------------

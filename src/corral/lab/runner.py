@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import sys
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ __all__ = [
     "Spec",
     "prepare_out",
     "raise_open_files_limit",
+    "remove_stale_parts",
     "replacing",
     "run_main",
     "run_specs",
@@ -79,6 +81,62 @@ def unwritable(out: Path) -> str | None:
     return None
 
 
+#: A temporary file of a writer whose pid is gone is removed only once it has
+#: not changed for this long: a writer in another pid namespace (a container
+#: sharing the directory) looks dead from here but keeps its file fresh.
+STALE_PART_S = 60.0
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (someone else's counts: it may be writing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: alive, not ours; others: unsure
+        return True
+    return True
+
+
+def remove_stale_parts(path: Path, *, now: float | None = None) -> list[Path]:
+    """Remove the temporary files beside ``path`` that a killed writer left; return them.
+
+    :func:`replacing` cleans up after an exception or a Ctrl-C, but nothing
+    runs after a SIGKILL (or a power cut): its ``.NAME.PID.part`` stays. Such a
+    file is removed when its pid is not a running process and it has not
+    changed for :data:`STALE_PART_S` seconds; a live writer's file is never
+    touched. Only ``path``'s own temporary files are considered.
+    """
+    prefix, suffix = f".{path.name}.", ".part"
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed  # the write that follows reports the directory's problem
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        digits = name[len(prefix) : -len(suffix)]
+        if not (digits.isascii() and digits.isdigit()):
+            continue
+        pid = int(digits)
+        # pid 0 would ask about our own process group: not a writer's name.
+        if pid <= 0 or pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if now - entry.stat(follow_symlinks=False).st_mtime < STALE_PART_S:
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue  # gone already (another run cleaned it) or not ours to remove
+        removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path``, moved over it when the body succeeds.
@@ -89,7 +147,11 @@ def replacing(path: Path) -> Iterator[Path]:
 
         with replacing(out / "results.json") as part:
             part.write_text(text)
+
+    The temporary file is ``.NAME.PID.part``; one that a killed writer left is
+    removed by the next write of the same ``path`` (see :func:`remove_stale_parts`).
     """
+    remove_stale_parts(path)
     part = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         yield part

@@ -42,6 +42,9 @@ Admin paths (everything else is the model, whatever the method):
 - ``POST /_corral/capacity?value=N``: change the capacity;
 - ``POST /_corral/reset``: zero the counters and the latency window.
 
+A wrong method on one of them is ``405`` with an ``Allow`` header; any other
+``/_corral/...`` path is ``404``.
+
 This is a lab instrument, not a production server: it listens on loopback
 addresses only and refuses any other host.
 """
@@ -68,6 +71,7 @@ from corral.lab._loopback import (
     json_response,
     serving,
 )
+from corral.lab._options import DAY_MS, DAY_S
 
 __all__ = ["ServerStats", "TargetServer", "serve"]
 
@@ -77,7 +81,7 @@ LATENCY_WINDOW = 100_000
 
 #: The longest Retry-After a refusal may ask for: a day. Its header is whole
 #: seconds as an integer, and no client waits out a longer one anyway.
-MAX_RETRY_AFTER = 86_400.0
+MAX_RETRY_AFTER = DAY_S
 
 _ADMIN_PREFIX = "/_corral"
 _ADMIN_HELP = "GET /_corral/stats, POST /_corral/capacity?value=N, POST /_corral/reset"
@@ -109,7 +113,7 @@ def _check_schedule(schedule: object) -> list[tuple[float, int]]:
         if not isinstance(entry, Sequence) or isinstance(entry, (str, bytes)) or len(entry) != 2:
             raise ValueError(f"schedule must be {shape}; got the entry {entry!r}")
         t, capacity = entry
-        t = check_number("schedule time", t, "seconds after the start")
+        t = check_number("schedule time", t, "seconds after the start", maximum=DAY_S)
         capacity = _check_int("schedule capacity", capacity, 1, "requests served in parallel")
         steps.append((t, capacity))
     # sorted() is stable: two steps at the same time apply in the order given.
@@ -267,7 +271,7 @@ class TargetServer(LoopbackServer):
 
     Args:
         capacity: requests in service at once (int >= 1).
-        service_ms: milliseconds each request spends in service (>= 0).
+        service_ms: milliseconds each request spends in service (0 to a day).
         queue: requests that may wait for a slot (int >= 0); one more is refused.
         status: the refusal's status, 429 or 503.
         retry_after: seconds the refusal asks clients to wait (at most a day). ``Retry-After``
@@ -275,10 +279,11 @@ class TargetServer(LoopbackServer):
             fraction); ``retry-after-ms`` carries it in milliseconds.
         jitter: service time varies uniformly by +/- this fraction (0 to 1).
         stall_fraction: share of requests that hang ``stall_s`` seconds (0 to 1).
-        stall_s: how long a stalled request hangs before answering 200.
+        stall_s: how long a stalled request hangs before answering 200 (0 to a day).
         fail_fraction: share of admitted requests answered 500 (0 to 1).
         schedule: ``[(t_seconds, capacity), ...]``: set the capacity at those
-            times after the start (steps at t=0 apply before the first request).
+            times after the start, at most a day (steps at t=0 apply before the
+            first request).
         host: a loopback address; anything else raises ``ValueError``.
         port: 0 picks a free port; read it back from :attr:`url`.
         seed: seeds the one ``random.Random`` behind jitter, stalls and failures.
@@ -307,7 +312,11 @@ class TargetServer(LoopbackServer):
         seed: int = 0,
     ) -> None:
         capacity = _check_int("capacity", capacity, 1, "requests served in parallel")
-        self._service_s = check_number("service_ms", service_ms, "milliseconds per request") / 1e3
+        # Waits are at most a day: a longer one is a typo, and would hold its
+        # request (and, for service_ms, its slot) until stop().
+        self._service_s = (
+            check_number("service_ms", service_ms, "milliseconds per request", maximum=DAY_MS) / 1e3
+        )
         queue = _check_int("queue", queue, 0, "requests that may wait for a slot")
         if isinstance(status, bool) or status not in (429, 503):
             raise ValueError(f"status must be 429 or 503; got status={status!r}")
@@ -319,7 +328,9 @@ class TargetServer(LoopbackServer):
         self._stall_fraction = check_number(
             "stall_fraction", stall_fraction, "share of requests that hang", maximum=1
         )
-        self._stall_s = check_number("stall_s", stall_s, "seconds a stalled request hangs")
+        self._stall_s = check_number(
+            "stall_s", stall_s, "seconds a stalled request hangs", maximum=DAY_S
+        )
         self._fail_fraction = check_number(
             "fail_fraction", fail_fraction, "share of requests answered 500", maximum=1
         )

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.lab._options import int_option, number_option
+from corral.lab._options import DAY_S, int_option, number_option, show_number
 
 __all__ = [
     "PEAK_SHARE",
@@ -75,6 +75,12 @@ KNEE_GAIN = 1.2
 KNEE_LATENCY = 1.5
 #: ... from a limit already at this share of the peak (80%).
 KNEE_FLOOR = 0.8
+#: The shortest --trial-seconds, 10 ms: a trial is cut off at ten times its
+#: length on the loop's clock, which uvloop ticks in whole milliseconds; far
+#: shorter (1e-300) ends every trial before any call does.
+MIN_TRIAL_S = 0.01
+#: The longest --trial-seconds: a day per limit already makes a sweep of a week or more.
+MAX_TRIAL_S = DAY_S
 
 Fn = Callable[[Any], Awaitable[Any]]
 
@@ -492,10 +498,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--trial-seconds",
-        type=number_option(positive=True, what="a number of seconds"),
+        type=number_option(MIN_TRIAL_S, MAX_TRIAL_S, what="a number of seconds"),
         default=1.0,
         metavar="S",
-        help="length of each trial (default 1.0)",
+        help=f"length of each trial, from {show_number(MIN_TRIAL_S)} to "
+        f"{show_number(MAX_TRIAL_S)} (default 1.0)",
     )
     add("--json", action="store_true", help="print one JSON object (recommended_limit, ...)")
     add(
@@ -514,9 +521,11 @@ def tune_command(args: argparse.Namespace) -> int:
             f"corral tune: error: --max-limit must be >= 1; got {args.max_limit}", file=sys.stderr
         )
         return 2
-    if not (math.isfinite(args.trial_seconds) and args.trial_seconds > 0):
+    if not MIN_TRIAL_S <= args.trial_seconds <= MAX_TRIAL_S:  # False for nan too
         print(
-            f"corral tune: error: --trial-seconds must be > 0; got {args.trial_seconds}",
+            f"corral tune: error: --trial-seconds must be a number of seconds between "
+            f"{show_number(MIN_TRIAL_S)} and {show_number(MAX_TRIAL_S)}; "
+            f"got {args.trial_seconds}",
             file=sys.stderr,
         )
         return 2
