@@ -5,22 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import logging
 import shutil
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import corral
-from corral._redis import RedisLimiter
+from corral._redis import _ACQUIRE, RedisLimiter
 from test_redis_limiter import (  # the server fixture and the helpers reading Redis
     _free_port,
     _holders,
     _holders_are,
     _name,
+    _queue_holds,
     _redis_server,
     _shutdown,
+    _tat,
     _until,
     redis_url,
 )
@@ -376,3 +381,295 @@ async def test_a_retry_after_past_the_cap_pauses_every_process_for_the_cap(
             assert 0 < ttl <= (120 + 12 + 2) * 1000  # it expires: nothing left for ever
     finally:
         await client.aclose()
+
+
+# ---------------------------------------------------------------------------
+# Cancelled as Redis grants; callers giving up mid-line; Redis out for a while
+# ---------------------------------------------------------------------------
+
+
+def _port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+class _ReplyHolder:
+    """A loopback TCP proxy to a Redis that, once armed, holds back the reply to the next
+    command naming ``marker`` (a script's SHA): Redis has run it, the client still waits."""
+
+    def __init__(self, port: int, marker: bytes) -> None:
+        self._port = port
+        self._marker = marker
+        self._armed = False
+        self.replied = asyncio.Event()  # Redis answered the command held back
+        self._let_go = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    def arm(self) -> None:
+        self._armed = True
+
+    def let_go(self) -> None:
+        """Pass the reply held back on to the client."""
+        self._let_go.set()
+
+    async def __aenter__(self) -> _ReplyHolder:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        self._writers += [writer, up_writer]
+        holding = [False]  # this connection's next reply is held back
+        for pipe in (
+            self._to_redis(reader, up_writer, holding),
+            self._to_client(up_reader, writer, holding),
+        ):
+            self._tasks.add(asyncio.create_task(pipe))
+
+    async def _to_redis(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, holding: list[bool]
+    ) -> None:
+        tail = b""  # the marker may straddle two reads
+        try:
+            while data := await reader.read(65536):
+                if self._armed and self._marker in tail + data:
+                    self._armed = False
+                    holding[0] = True
+                tail = data[-len(self._marker) :]
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _to_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, holding: list[bool]
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if holding[0]:
+                    self.replied.set()
+                    await self._let_go.wait()
+                    holding[0] = False
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("limit", [2, None])
+async def test_an_acquire_cancelled_as_redis_grants_it_gives_back_slot_and_rate(
+    redis_url: str, limit: int | None
+) -> None:
+    """Cancelled after Redis ran the script granting it, before the reply came: the
+    caller gives back its slot and its rate start (no later start was booked on it)."""
+    name = _name()
+    sha = hashlib.sha1(_ACQUIRE.encode()).hexdigest().encode()
+    held = 1 if limit else 0  # the first caller's slot (a rate-only Limiter has none)
+    async with _ReplyHolder(_port_of(redis_url), sha) as proxy, asyncio.timeout(10):
+        rate = corral.Rate(1, per=60)
+        limiter = corral.Limiter(limit=limit, rate=rate, redis=proxy.url, name=name)
+        await limiter.acquire()  # connected, the scripts loaded; the first start, at once
+        booked = await _tat(redis_url, name)
+        proxy.arm()
+        caller = asyncio.create_task(limiter.acquire())
+        await proxy.replied.wait()  # granted in Redis: a slot, and the start 60 s on
+        assert await _holders(redis_url, name) == 2 * held
+        assert await _tat(redis_url, name) != booked
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        proxy.let_go()
+
+        async def given_back() -> bool:
+            tat_back = await _tat(redis_url, name) == booked
+            return tat_back and await _holders(redis_url, name) == held
+
+        await _until(given_back, "the slot and the rate start given back")
+        assert limiter.in_flight == 1
+        assert limiter.waiting == 0
+        limiter.release()
+        await limiter.aclose()
+    assert await _holders(redis_url, name) == 0
+
+
+async def test_a_caller_leaving_mid_line_lowers_what_its_process_wants_at_once(
+    redis_url: str,
+) -> None:
+    """A caller giving up in a line that goes on (callers left behind or ahead of it): its
+    process wants one slot less in the shared queue now, not at its next ask (a third of
+    a lease away), during which that slot would be held back from processes behind it."""
+    import redis.asyncio as aioredis
+
+    name = _name()
+    holder = corral.Limiter(limit=1, redis=redis_url, name=name, lease=30)
+    limiter = corral.Limiter(limit=1, redis=redis_url, name=name, lease=30)
+    client = aioredis.Redis.from_url(redis_url)
+
+    def wanting(n: int) -> Callable[[], Awaitable[bool]]:
+        async def condition() -> bool:
+            wants = await client.hgetall(f"corral:{{{name}}}:wants")
+            return [int(w) for w in wants.values()] == [n]
+
+        return condition
+
+    try:
+        async with asyncio.timeout(10):
+            await holder.acquire()
+            first = asyncio.create_task(limiter.acquire())
+            await _until(_queue_holds(redis_url, name, 1), "queued")
+            behind = [asyncio.create_task(limiter.acquire()) for _ in range(2)]
+            while limiter.waiting < 3:
+                await asyncio.sleep(0.001)  # until both are in line behind `first`
+            # A release anywhere wakes the process, which asks again for all three.
+            await client.publish(f"corral:{{{name}}}:released", 0)
+            await _until(wanting(3), "three slots wanted")
+            behind[0].cancel()  # in the middle of the line
+            with pytest.raises(asyncio.CancelledError):
+                await behind[0]
+            await _until(wanting(2), "two slots wanted", timeout=2.0)
+            first.cancel()  # at its head
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            await _until(wanting(1), "one slot wanted", timeout=2.0)
+            holder.release()
+            await behind[1]  # the one left is served
+            assert limiter.in_flight == 1
+            limiter.release()
+            await _until(_queue_holds(redis_url, name, 0), "the queue empty")
+    finally:
+        await client.aclose()
+        await holder.aclose()
+        await limiter.aclose()
+    assert await _holders(redis_url, name) == 0
+
+
+class _FailedAsks:
+    """Counts a Limiter's asks for slots that failed because Redis could not be reached."""
+
+    def __init__(self, limiter: corral.Limiter) -> None:
+        import redis.exceptions
+
+        assert isinstance(limiter, RedisLimiter)
+        b = limiter._binding
+        assert b is not None  # used once already
+        acquire = b.acquire
+        self.n = 0
+
+        async def counted(**kwargs: Any) -> Any:
+            try:
+                return await acquire(**kwargs)
+            except redis.exceptions.ConnectionError:
+                self.n += 1
+                raise
+
+        b.acquire = counted  # type: ignore[assignment]
+
+    def at_least(self, n: int) -> Callable[[], Awaitable[bool]]:
+        async def condition() -> bool:
+            return self.n >= n
+
+        return condition
+
+
+def test_callers_waiting_for_a_slot_ride_out_a_brief_redis_outage(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Redis stopped, then started again on its port: callers in line, a caller asking
+    with nobody ahead of it and a caller booking a rate start all ask again, backing off,
+    and are served once Redis is back, none failed meanwhile."""
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    name = _name()
+
+    async def main() -> None:
+        holder = corral.Limiter(limit=1, redis=url, name=name, lease=30)
+        limiter = corral.Limiter(limit=1, redis=url, name=name, lease=30)
+        alone = corral.Limiter(limit=1, redis=url, name=_name(), lease=30)
+        rated = corral.Limiter(rate="100/s", redis=url, name=_name(), lease=30)
+        async with asyncio.timeout(20):
+            await holder.acquire()
+            for other in (alone, rated):  # connected once
+                await other.acquire()
+                other.release()
+            in_line = [asyncio.create_task(limiter.acquire()) for _ in range(2)]
+            await _until(_queue_holds(url, name, 1), "queued")
+            failed = [_FailedAsks(each) for each in (limiter, alone, rated)]
+            _shutdown(port)
+            newcomers = [asyncio.create_task(each.acquire()) for each in (alone, rated)]
+            for each in failed:
+                await _until(each.at_least(2), "asked again after a failure")
+            assert not [t for t in (*in_line, *newcomers) if t.done()]
+            holder.release()  # sent once Redis is back
+            with _server_on(port, tmp_path):  # back, empty, on the same port
+                await asyncio.gather(*newcomers)
+                await in_line[0]
+                assert not in_line[1].done()  # the cap is 1: it waits its turn
+                limiter.release()
+                await in_line[1]
+                for each in (limiter, alone, rated):
+                    each.release()
+                    await each.aclose()
+                await holder.aclose()
+                assert await _holders(url, name) == 0
+
+    with _server_on(port, tmp_path):
+        asyncio.run(main())
+
+
+def test_callers_give_up_once_redis_has_been_unreachable_for_a_lease(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Redis gone for good: the callers in line fail a lease after the outage began, with
+    an error naming the Redis address; a caller coming just after fails at once."""
+    import redis.exceptions
+
+    port = _free_port()
+    name = _name()
+
+    async def main(url: str) -> None:
+        loop = asyncio.get_running_loop()
+        holder = corral.Limiter(limit=1, redis=url, name=name, lease=1.0)
+        limiter = corral.Limiter(limit=1, redis=url, name=name, lease=1.0)
+        async with asyncio.timeout(10):
+            await holder.acquire()
+            waiters = [asyncio.create_task(limiter.acquire()) for _ in range(2)]
+            await _until(_queue_holds(url, name, 1), "queued")
+            failed = _FailedAsks(limiter)
+            _shutdown(port)
+            began = loop.time()
+            await _until(failed.at_least(1), "an ask failed")
+            for waiter in waiters:
+                with pytest.raises(redis.exceptions.ConnectionError) as info:
+                    await waiter
+                message = str(info.value)
+                assert f"Redis at {url} could not be reached" in message
+                assert "(lease=1)" in message
+            assert loop.time() - began >= 1.0
+            # Redis was just seen down for a lease: no second lease of waiting.
+            with pytest.raises(redis.exceptions.ConnectionError, match="could not be reached"):
+                async with asyncio.timeout(0.9):
+                    await limiter.acquire()
+            assert limiter.waiting == 0
+            assert limiter.in_flight == 0
+            await holder.aclose()
+            await limiter.aclose()
+
+    with _server_on(port, tmp_path) as url:
+        asyncio.run(main(url))
