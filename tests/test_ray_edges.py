@@ -1,5 +1,6 @@
-"""backend="ray" at its edges: setup= closed on every exit, values that cannot travel,
-a cancelled close, an address where no cluster answers.
+"""backend="ray" at its edges: setup= closed on every exit, values that cannot travel
+(or cannot be loaded here), a cancelled close, an address where no cluster answers or
+of another cluster than the connected one, stats after an early end.
 
 Shares the local cluster of test_ray_backend (its module fixture, loopback only).
 """
@@ -7,13 +8,16 @@ Shares the local cluster of test_ray_backend (its module fixture, loopback only)
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
+import re
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import types
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ import pytest
 
 import corral
 import test_ray_backend as base  # skips this module too where Ray is not installed
+from corral import _ray
 from test_ray_backend import Boom, mark, marked
 
 ray = pytest.importorskip("ray")
@@ -371,3 +376,241 @@ async def test_an_item_the_actors_cannot_load_fails_its_own_item_only(
     assert "only_here" in str(out[70])
     stats = results.stats
     assert (stats.started, stats.completed, stats.failed, stats.in_flight) == (300, 299, 1, 0)
+
+
+# -- stats after an early end --------------------------------------------------
+
+#: Calls that can run at once in the maps below: 2 actors with a share of 2 each,
+#: each holding two chunks of 64 (so 256 items are sent, 4 run, the rest queue).
+RUNNING = 4
+#: Results the consumer takes before the calls start to hang.
+TAKEN = 100
+
+
+async def started_then_hang(marker_dir: str, item: int) -> int:
+    """Leave a marker per call; return at once until a ``hang`` marker exists, then hang."""
+    mark(marker_dir, f"started-{item}")
+    if not _hanging(marker_dir):
+        return item
+    mark(marker_dir, f"hung-{item}")
+    await asyncio.sleep(60)  # cancelled when the map ends
+    return item
+
+
+def _hanging(marker_dir: str) -> bool:
+    return Path(marker_dir, "hang").exists()
+
+
+async def fourth_fails(marker_dir: str, item: int) -> int:
+    """Once RUNNING calls have started (all there is room for), the lowest fails, the rest hang."""
+    mark(marker_dir, f"started-{item}")
+    for _ in range(6000):  # bounded: 60 s
+        started = {int(x) for x in marked(Path(marker_dir), "started")}
+        if len(started) >= RUNNING:
+            break
+        await asyncio.sleep(0.01)
+    if item == min(started):
+        raise Boom(f"item {item}")
+    await asyncio.sleep(60)  # cancelled when the map ends
+    return item
+
+
+@pytest.mark.parametrize("backend", ["ray", "local"])
+@pytest.mark.parametrize("ending", ["first failure", "cancel()", "consumer cancelled"])
+def test_stats_count_the_calls_that_started_not_the_items_queued_in_actors(
+    tmp_path: Path, ending: str, backend: str
+) -> None:
+    """After an early end, stats.started is the calls that ran (one marker each), as
+    the local backend counts them, not the items sent to actors that never started."""
+    asyncio.run(_end_early_and_count(tmp_path, ending, backend))
+
+
+async def _end_early_and_count(tmp_path: Path, ending: str, backend: str) -> None:
+    marker_dir = str(tmp_path)
+    options: dict[str, Any] = {"limit": RUNNING}
+    if backend == "ray":
+        options |= {"backend": "ray", "ray_actors": 2}
+    fn: Any = functools.partial(fourth_fails, marker_dir)
+    if ending != "first failure":
+        fn = functools.partial(started_then_hang, marker_dir)
+    got: list[int] = []
+    streams: list[Any] = []
+
+    async def consume() -> None:
+        async with corral.map(fn, range(100_000), **options) as results:
+            streams.append(results)
+            async for value in results:
+                got.append(value)
+                if len(got) == TAKEN:
+                    # From now on every call that starts hangs, until they hold
+                    # every slot, with items queued behind them in the actors.
+                    mark(tmp_path, "hang")
+
+    async with asyncio.timeout(120):
+        if ending == "first failure":
+            with pytest.raises(Boom):
+                await consume()
+        else:
+            consuming = asyncio.ensure_future(consume())
+            while len(marked(tmp_path, "hung")) < RUNNING:
+                assert not consuming.done(), consuming
+                await asyncio.sleep(0.01)
+            if ending == "cancel()":
+                streams[0].cancel()
+                await consuming
+            else:
+                consuming.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await consuming
+    started = marked(tmp_path, "started")
+    stats = streams[0].stats
+    assert stats.in_flight == 0
+    assert stats.started == len(started), (stats, sorted(started, key=int))
+    if ending == "first failure":
+        assert (stats.completed, stats.failed) == (0, 1)
+        if backend == "local":
+            assert len(started) == RUNNING
+        else:
+            # An actor may start a queued item in the place of one cancelled
+            # before it (or of the one that failed): that call started, and counts.
+            assert RUNNING <= len(started) <= 2 * RUNNING
+        return
+    assert got == list(range(len(got)))
+    assert TAKEN <= len(got) <= stats.completed
+    assert stats.failed == 0
+    hung = marked(tmp_path, "hung")
+    if backend == "local":
+        assert len(hung) == RUNNING
+        assert stats.started == stats.completed + RUNNING
+    else:
+        # Calls that ended in a chunk cut short started, and are not completed.
+        assert stats.started >= stats.completed + len(hung) >= stats.completed + RUNNING
+
+
+# -- ray_address while this process is connected already -----------------------
+
+
+def test_a_ray_address_of_another_cluster_than_the_connected_one_is_refused() -> None:
+    """This process is connected to the module's cluster: another address is an error
+    naming both (not a map on the wrong cluster); the same cluster, or 'auto', runs."""
+    connected = ray.get_runtime_context().gcs_address
+    port = int(connected.rpartition(":")[2])
+    other = f"127.0.0.1:{port + 1 if port < 65535 else port - 1}"
+    with pytest.raises(ValueError, match="ray_address") as caught:
+        corral.run(abs, [-1], backend="ray", ray_actors=1, ray_address=other)
+    message = str(caught.value)
+    assert f"ray_address={other!r}" in message
+    assert repr(connected) in message
+    with pytest.raises(ValueError, match=re.escape(f"ray_address='ray://{other}'")):
+        corral.run(abs, [-1], backend="ray", ray_actors=1, ray_address=f"ray://{other}")
+    for same in (connected, f"localhost:{port}", "auto"):
+        assert corral.run(abs, [-1, -2], backend="ray", ray_actors=1, ray_address=same) == [1, 2]
+
+
+# -- results this process cannot load -------------------------------------------
+
+
+def _refuse_to_load() -> None:
+    raise ValueError("refused to load here")
+
+
+class LoadsNowhere:
+    """Pickles fine; loading it raises (its __reduce__ names a function that raises)."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_refuse_to_load, ())
+
+
+def only_in_the_actor() -> Any:
+    """An instance of a class of a module that exists in the actor's process only."""
+    module = sys.modules.get("only_in_actor")
+    if module is None:
+        module = types.ModuleType("only_in_actor")
+        exec("class Thing:\n    pass\n", module.__dict__)
+        sys.modules["only_in_actor"] = module
+    return module.Thing()
+
+
+async def unloadable_at_70_and_120(item: int) -> Any:
+    if item == 70:
+        return only_in_the_actor()
+    if item == 120:
+        return LoadsNowhere()
+    return {"item": item}  # not of the plainest types: the chunk travels pickled as one
+
+
+async def test_a_result_this_process_cannot_load_fails_its_own_item_only() -> None:
+    """A result of a class only the actor has, and one whose loading raises: each fails
+    its own item, named, in its place; the rest of their chunks comes back."""
+    async with asyncio.timeout(120):
+        async with corral.map(
+            unloadable_at_70_and_120,
+            range(200),
+            backend="ray",
+            ray_actors=2,
+            limit=8,
+            return_exceptions=True,
+        ) as results:
+            out = [r async for r in results]
+    assert [x for i, x in enumerate(out) if i not in (70, 120)] == [
+        {"item": i} for i in range(200) if i not in (70, 120)
+    ]
+    for index, why in ((70, "only_in_actor"), (120, "refused to load here")):
+        assert type(out[index]) is RuntimeError, out[index]
+        assert f"(index {index}) came back from Ray actor" in str(out[index])
+        assert "cannot be loaded in this process" in str(out[index])
+        assert why in str(out[index])
+    stats = results.stats
+    assert (stats.started, stats.completed, stats.failed, stats.in_flight) == (200, 198, 2, 0)
+
+    async with asyncio.timeout(120):
+        with pytest.raises(RuntimeError, match=r"\(index 70\) came back from Ray actor \d"):
+            await corral.gather(unloadable_at_70_and_120, range(100), backend="ray", ray_actors=2)
+
+
+async def test_an_actor_keeps_values_pickled_as_one_only_until_the_driver_loaded_them() -> None:
+    """The actor's side, in this process: values pickled as one are kept for repack until
+    the driver says it loaded them (or the map ends); a cancelled chunk's calls started
+    are reported by close()."""
+    actor = _ray._Actor(0, as_dict, None, 2, None, None, None, True)
+    packed = (await actor.run_chunk([1, 2], 0))[0]
+    assert isinstance(packed, bytes)
+    assert ray.cloudpickle.loads(packed) == [{"item": 1}, {"item": 2}]
+    pieces = await actor.repack(0)
+    assert pieces is not None
+    assert [ray.cloudpickle.loads(piece) for piece in pieces] == [{"item": 1}, {"item": 2}]
+    assert await actor.repack(0) is None  # handed over once
+    await actor.run_chunk([3], 2)
+    await actor.run_chunk([4], 3, None, [2])  # the driver loaded chunk 2
+    assert set(actor._kept) == {3}
+    outcome = await actor.run_chunk([5, 6], 4)
+    assert outcome[5] == 2  # calls started
+
+    gate = asyncio.Event()
+    began: list[int] = []
+    hold = functools.partial(wait_for, gate, began)
+    waiting = _ray._Actor(1, hold, None, 2, None, None, None, True)
+    chunk = asyncio.ensure_future(waiting.run_chunk(list(range(10)), 0))
+    for _ in range(1000):  # bounded
+        if len(began) == 2:
+            break
+        await asyncio.sleep(0)
+    for _ in range(100):  # the share of 2 lets no third call start: the rest queue
+        await asyncio.sleep(0)
+    assert len(began) == 2
+    chunk.cancel()  # as ray.cancel does: the chunk returns nothing
+    with pytest.raises(asyncio.CancelledError):
+        await chunk
+    assert await waiting.close() == (2, 0)
+    assert await actor.close() == (0, 0)
+    assert actor._kept == {}
+
+
+async def as_dict(item: int) -> dict[str, int]:
+    return {"item": item}
+
+
+async def wait_for(gate: asyncio.Event, began: list[int], item: int) -> int:
+    began.append(item)
+    await gate.wait()
+    return item

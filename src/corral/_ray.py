@@ -35,8 +35,16 @@ What each guarantee becomes
 - **What cannot travel fails its own item**: an item that cannot be pickled
   (a TypeError naming it and its index, in its place) or a result that
   cannot (pickled in the actor, by chunk, to find out), as with
-  ``processes=N``; a ``fn`` or ``setup`` that cannot is refused before any
-  actor starts, by name.
+  ``processes=N``; so does a result this process cannot load (a class only
+  the actor can import, a ``__reduce__`` that fails here): the actor keeps a
+  chunk's values until the driver has loaded them, and sends them again one
+  by one when it could not. A ``fn`` or ``setup`` that cannot travel is
+  refused before any actor starts, by name.
+- **Stats** count calls, not items sent: ``started`` is the calls that ran
+  in the actors (an item queued there behind the limit has not started).
+  A chunk cut short by an early end returns nothing, so each actor says at
+  the end how many calls its cut chunks had started; until then, of the
+  items the actors hold, as many as the limit lets run count as in flight.
 - **Retries** run in the actor, per attempt; each actor keeps the retry
   budget for its own calls with a share of its floor (see _remote), so the
   map's retries stay ``floor + ratio x successes`` as in one process.
@@ -51,7 +59,8 @@ What each guarantee becomes
   close is itself cancelled. A local cluster that corral started stays up
   for the next map of this process and is shut down when the interpreter
   exits. A ``ray_address`` where nothing accepts a connection fails within
-  ``CONNECT_TIMEOUT`` seconds (Ray alone retries for minutes).
+  ``CONNECT_TIMEOUT`` seconds (Ray alone retries for minutes); one of another
+  cluster than the one this process is connected to already is refused.
 
 ``fn`` and ``setup`` travel to the actors with Ray's serialiser (cloudpickle),
 so lambdas and closures work; what they import must be importable on every
@@ -205,6 +214,9 @@ class _Host:
 _Job = tuple[Callable[[], Any], "concurrent.futures.Future[Any]", bool]
 _host = _Host()
 _started_here = False  # this process started the local cluster it is connected to
+# The ray_address corral connected with, and the GCS address that connection
+# had: a Ray Client's ray:// address is not the GCS address it leads to.
+_connected_with: tuple[str, str | None] | None = None
 
 
 async def connect_async(address: str | None) -> Any:
@@ -223,10 +235,16 @@ def connect(address: str | None) -> Any:
     ``address`` (else ``RAY_ADDRESS``) names an existing cluster. Without one,
     a local cluster starts bound to 127.0.0.1, without a dashboard; corral
     shuts it down when the interpreter exits. When this process is already
-    connected (``ray.init`` was called), that connection is used. Blocking
-    (starting a cluster takes seconds): run it through :func:`connect_async`.
+    connected (``ray.init`` was called, or an earlier map connected), that
+    connection is used, provided ``address`` is unset, ``'auto'`` or names
+    the same cluster. Blocking (starting a cluster takes seconds): run it
+    through :func:`connect_async`.
+
+    Raises:
+        ValueError: ``address`` names another cluster than the one this
+            process is connected to.
     """
-    global _started_here
+    global _started_here, _connected_with
     given = address
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None and "ray" not in sys.modules:
@@ -235,6 +253,10 @@ def connect(address: str | None) -> Any:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = _ray()
     if ray.is_initialized():
+        # RAY_ADDRESS is not checked: a connection this process made on
+        # purpose (ray.init) comes before what the environment says.
+        if given is not None:
+            _check_connected_to(ray, given)
         return ray
     if address is None:
         _keep_on_loopback(ray)
@@ -244,7 +266,64 @@ def connect(address: str | None) -> Any:
     else:
         _check_reachable(address, named="ray_address" if address == given else "RAY_ADDRESS")
         ray.init(address=address, logging_level=logging.WARNING)
+    _connected_with = (address or "local", _gcs_address(ray))
     return ray
+
+
+def _gcs_address(ray: Any) -> str | None:
+    """The GCS address (``host:port``) of the cluster this process is connected to."""
+    try:
+        address = ray.get_runtime_context().gcs_address
+    except Exception:  # pragma: no cover - a connection that does not say
+        return None
+    return address if isinstance(address, str) and address else None
+
+
+def _check_connected_to(ray: Any, address: str) -> None:
+    """Refuse ``ray_address=address`` when this process is connected to another cluster.
+
+    Ray connects a process to one cluster at a time, and a second ``ray.init``
+    does not move it: a map must not run on another cluster than the one it
+    was told to. ``'auto'`` (the cluster of this machine, whichever) accepts
+    the connection there is; so does an address of the same cluster, or the
+    very address corral connected with.
+    """
+    if address == "auto":
+        return
+    connected = _gcs_address(ray)
+    if connected is not None and _same_host_port(address, connected):
+        return
+    if _connected_with is not None and _connected_with == (address, connected):
+        return
+    raise ValueError(
+        f"backend='ray' was given ray_address={address!r}, but this process is already "
+        f"connected to the Ray cluster at {connected or 'an unknown address'!r} (by ray.init(), "
+        "or an earlier map), and Ray connects a process to one cluster at a time. Leave "
+        "ray_address unset (or 'auto') to run on that cluster, or call ray.shutdown() first "
+        f"to run on {address!r}."
+    )
+
+
+def _same_host_port(given: str, connected: str) -> bool:
+    """Whether two ``host:port`` addresses name the same place (hosts compared resolved)."""
+    ours, theirs = _host_port(given), _host_port(connected)
+    if ours is None or theirs is None or ours[1] != theirs[1]:
+        return False
+    return ours[0] == theirs[0] or bool(_resolved(ours[0]) & _resolved(theirs[0]))
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not host or not port.isdigit():
+        return None  # not host:port ('ray://...', 'local')
+    return host.strip("[]").lower(), int(port)
+
+
+def _resolved(host: str) -> set[str]:
+    try:
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return set()
 
 
 def _check_reachable(address: str, *, named: str) -> None:
@@ -318,10 +397,32 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 #: What one chunk brings back: (values, or them pickled as one (see _pack), or
 #: None; failed offsets; the first failure when the map stops at one; attempts
-#: retried; latency histogram growth).
-ChunkOutcome = tuple[list[Any] | bytes | None, list[int], BaseException | None, int, dict[int, int]]
+#: retried; latency histogram growth; calls started).
+ChunkOutcome = tuple[
+    list[Any] | bytes | None, list[int], BaseException | None, int, dict[int, int], int
+]
 
 _NO_STATE = object()
+
+
+class _Tally:
+    """One chunk's latency histogram and attempts retried, in the actor running it."""
+
+    __slots__ = ("histogram", "retried")
+
+    def __init__(self) -> None:
+        self.histogram = LatencyHistogram()
+        self.retried = _Retried()
+
+    @property
+    def started(self) -> int:
+        """The chunk's calls started so far, once they have all ended.
+
+        Every call adds its duration to the histogram when it ends, however it
+        ends (cancelled too), and nothing else does: counting them as they
+        start would cost every call, for a number wanted once per chunk.
+        """
+        return self.histogram.total
 
 
 class _Actor:
@@ -360,6 +461,13 @@ class _Actor:
         )
         self._state_task: asyncio.Future[Any] | None = None
         self._closed = False
+        # The tallies of chunks whose outcome has not gone back: a chunk that
+        # ray.cancel stops returns nothing, so the driver asks at the end (close).
+        self._unreported: set[_Tally] = set()
+        # By first index: the values of chunks sent back pickled as one, kept
+        # until the driver says it loaded them, so that it can ask for them
+        # again one by one when it cannot (see repack).
+        self._kept: dict[int, list[Any]] = {}
 
     async def _state(self) -> Any:
         """The setup state, made once per actor (a restarted actor makes it again)."""
@@ -398,24 +506,36 @@ class _Actor:
             return fn
         return lambda item: fn(item, state)
 
-    async def run_chunk(self, items: list[Any], skip: list[int] | None = None) -> ChunkOutcome:
-        """Run one chunk on corral's engine; every outcome in the chunk's order.
+    async def run_chunk(
+        self,
+        items: list[Any],
+        start: int,
+        skip: list[int] | None = None,
+        loaded: list[int] | None = None,
+    ) -> ChunkOutcome:
+        """Run one chunk, items ``start`` onwards, on corral's engine; every outcome in order.
 
         ``skip``: offsets of items the driver could not send (placeholders
-        here), whose failures it fills in itself.
+        here), whose failures it fills in itself. ``loaded``: first indexes
+        of chunks whose values the driver has loaded (no longer kept here).
         """
         from ._api import map as corral_map  # here: _api imports this module
 
-        retried = _Retried()
+        for done in loaded or ():
+            self._kept.pop(done, None)
+        tally = _Tally()
         call = worker_call(
             self._call(await self._state()),
             timeout=self._timeout,
             retry=self._retry,
             budget=self._retry_budget,
-            retried=retried,
+            retried=tally.retried,
         )
         clock = asyncio.get_running_loop().time
-        histogram = LatencyHistogram()
+        # run_item runs once the actor's Limiter lets its item in: an item still
+        # waiting for a slot has not started, and adds nothing to the histogram,
+        # whose total counts the calls started (see _Tally).
+        histogram = tally.histogram
 
         async def run_item(pair: tuple[int, Any]) -> tuple[int, bool, Any]:
             offset, item = pair
@@ -429,10 +549,12 @@ class _Actor:
 
         values: list[Any] = [None] * len(items)
         failed: list[int] = []
+        stop: BaseException | None = None
         pairs: Iterable[tuple[int, Any]] = enumerate(items)
         if skip:
             unsent = set(skip)
             pairs = [pair for pair in pairs if pair[0] not in unsent]
+        self._unreported.add(tally)
         async with corral_map(run_item, pairs, limit=self._limiter, ordered=False) as outcomes:
             async for offset, ok, value in outcomes:
                 if ok:
@@ -440,30 +562,40 @@ class _Actor:
                     continue
                 error = _portable(value)
                 if not self._return_exceptions:
-                    # Leaving the map cancels this chunk's other calls at once.
-                    return (None, [offset], error, retried.count, _growth(histogram))
+                    stop, failed = error, [offset]
+                    break  # leaving the map cancels this chunk's other calls at once
                 failed.append(offset)
                 values[offset] = error
-        packed, error = self._pack(values, failed)
-        if error is not None:
-            return (None, [failed[-1]], error, retried.count, _growth(histogram))
-        return (packed, failed, None, retried.count, _growth(histogram))
+        # Its calls have all ended (the map above awaited them): the tally is final.
+        self._unreported.discard(tally)
+        packed: list[Any] | bytes | None = None
+        if stop is None:
+            packed, stop = self._pack(start, values, failed)
+            if stop is not None:
+                packed, failed = None, [failed[-1]]
+        return (packed, failed, stop, tally.retried.count, _growth(histogram), tally.started)
 
-    def _pack(self, values: list[Any], failed: list[int]) -> tuple[list[Any] | bytes, Any]:
+    def _pack(
+        self, start: int, values: list[Any], failed: list[int]
+    ) -> tuple[list[Any] | bytes, Any]:
         """The chunk's values ready to travel back, and the first failure that stops the map.
 
         Values of the plainest types go as they are. Others are pickled here,
         as one, so that a result that cannot be pickled fails its own item
         (a TypeError in its place, ``failed`` gaining its offset) instead of
-        the whole chunk and the map, as it would in Ray's own serialiser.
+        the whole chunk and the map, as it would in Ray's own serialiser; and
+        kept until the driver has loaded them (see repack).
         """
         if PLAIN_TYPES.issuperset(map(type, values)):  # ~17 ns an item
             return values, None
         pickler = _ray().cloudpickle
         try:
-            return pickler.dumps(values), None
+            packed = pickler.dumps(values)
         except Exception:
             pass  # find which
+        else:
+            self._kept[start] = values
+            return packed, None
         errors = set(failed)
         for offset, value in enumerate(values):
             if offset in errors:
@@ -479,34 +611,64 @@ class _Actor:
                 failed.append(offset)
                 if not self._return_exceptions:
                     return values, error
+        self._kept[start] = values
         return pickler.dumps(values), None
 
-    async def close(self) -> None:
+    async def repack(self, start: int) -> list[bytes] | None:
+        """The values of the chunk starting at ``start``, each pickled alone (None: not kept).
+
+        Asked for when the driver cannot load them pickled as one (a class
+        only this process can import, a ``__reduce__`` that fails on load):
+        apart, only the values it cannot load fail, each its own item.
+        """
+        values = self._kept.pop(start, None)
+        if values is None:
+            return None
+        dumps = _ray().cloudpickle.dumps
+        return [dumps(value) for value in values]  # they pickled together: each does alone
+
+    async def close(self) -> tuple[int, int]:
         """Close the setup state (``aclose()`` or ``close()``, when it has one), once.
 
-        The driver calls it at the end of every map, however it ended, once
-        the chunks have stopped. A setup still running then is cancelled; one
-        that finishes all the same is closed too.
+        The driver calls it at the end of a map with ``setup=`` or that ended
+        early, once the chunks have stopped. A setup still running then is
+        cancelled; one that finishes all the same is closed too. A close that
+        fails is not the map's error.
+
+        Returns:
+            The calls started and attempts retried by the chunks whose outcome
+            never went back (those ray.cancel stopped), for the map's stats.
         """
-        task, self._state_task = self._state_task, None
-        self._closed = True  # no chunk comes after this: none may make a new state
+        unreported, self._unreported = self._unreported, set()
+        self._kept.clear()
         try:
-            if task is None:
-                return
-            if not task.done():
-                task.cancel()
-                await asyncio.wait([task])
-            if task.cancelled() or task.exception() is not None:
-                return
-            state = task.result()
-            closer = getattr(state, "aclose", None) or getattr(state, "close", None)
-            if callable(closer):
-                result = closer()
-                if inspect.isawaitable(result):
-                    await result
+            await self._close_state()
+        except Exception:
+            pass  # the state's own close failed: nothing the map can do about it
         finally:
             if self._threads is not None:
                 self._threads.shutdown(wait=False, cancel_futures=True)
+        return (
+            sum(tally.started for tally in unreported),
+            sum(tally.retried.count for tally in unreported),
+        )
+
+    async def _close_state(self) -> None:
+        task, self._state_task = self._state_task, None
+        self._closed = True  # no chunk comes after this: none may make a new state
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        if task.cancelled() or task.exception() is not None:
+            return
+        state = task.result()
+        closer = getattr(state, "aclose", None) or getattr(state, "close", None)
+        if callable(closer):
+            result = closer()
+            if inspect.isawaitable(result):
+                await result
 
     async def pid(self) -> int:
         """The actor's process id (tests use it to kill one)."""
@@ -545,12 +707,19 @@ def _growth(histogram: LatencyHistogram) -> dict[int, int]:
 class _Slot:
     """The driver's view of one actor."""
 
-    __slots__ = ("handle", "held", "number")
+    __slots__ = ("handle", "held", "loaded", "number")
 
     def __init__(self, number: int, handle: Any) -> None:
         self.number = number
         self.handle = handle
         self.held = 0  # chunks sent, outcome not back
+        # First indexes of its chunks whose values came pickled as one and were
+        # loaded here: told with the next chunk sent to it, which stops keeping them.
+        self.loaded: list[int] = []
+
+    def take_loaded(self) -> list[int] | None:
+        loaded, self.loaded = self.loaded, []
+        return loaded or None
 
 
 class _Chunk:
@@ -603,7 +772,11 @@ class RayRun(RemoteRun[R]):
         self._chunk_tasks: set[asyncio.Task[None]] = set()
         self._outstanding: dict[int, _Chunk] = {}  # by first index: sent, not back
         self._retried = 0
-        self._sent = 0
+        # Items of the chunks in flight the actors run (not those that failed unsent).
+        self._held_items = 0
+        # Calls that started in the actors but whose outcome was not handed out:
+        # cut short by the end of the map, or back after it.
+        self._cut_short = 0
 
     # -- the actors -------------------------------------------------------
 
@@ -683,7 +856,9 @@ class RayRun(RemoteRun[R]):
         if ray is None or not self._slots:
             return
         try:
-            if self._setup is not None:
+            # After an early end, the actors also say how many calls the
+            # cancelled chunks had started (stats.started).
+            if self._setup is not None or not clean:
                 closing = [
                     # Not retried: a restarted actor has no state to close.
                     asyncio.ensure_future(slot.handle.close.options(max_task_retries=0).remote())
@@ -695,8 +870,10 @@ class RayRun(RemoteRun[R]):
                     for future in closing:
                         if not future.done():
                             future.cancel()
-                        elif not future.cancelled():
-                            future.exception()  # seen: a failed close is not the map's error
+                        elif not future.cancelled() and future.exception() is None:
+                            started, retried = future.result()
+                            self._cut_short += started
+                            self._retried += retried
         finally:
             # Even when this close is cancelled while the states close: an
             # actor left alive holds its CPU of the cluster until this process exits.
@@ -707,7 +884,16 @@ class RayRun(RemoteRun[R]):
                     pass
 
     def _counts(self, done: int, running: bool) -> tuple[int, int, int]:
-        return self._sent, (self._sent - done) if running else 0, self._retried
+        started = done + self._cut_short
+        if not running or self.finished:
+            return started, 0, self._retried
+        # Until the end the actors are not asked (a round trip per snapshot):
+        # of the items they hold, as many as the limit lets run stand for the
+        # calls running. Once closed, the count is theirs (see _release).
+        in_flight = self._held_items
+        if self._limit is not None:
+            in_flight = min(in_flight, self._limit)
+        return started + in_flight, in_flight, self._retried
 
     @property
     def actor_handles(self) -> list[Any]:
@@ -772,8 +958,9 @@ class RayRun(RemoteRun[R]):
         slot = min(self._slots, key=lambda s: s.held)
         start = self._next_index
         unsent: dict[int, BaseException] = {}
+        loaded = slot.take_loaded()
         try:
-            ref = slot.handle.run_chunk.remote(batch)
+            ref = slot.handle.run_chunk.remote(batch, start, None, loaded)
         except Exception:
             unsent = self._unpicklable(start, batch)
             if not unsent:
@@ -781,19 +968,18 @@ class RayRun(RemoteRun[R]):
             if not self._return_exceptions:
                 # The first failure ends the map, as it would in the actor.
                 self._next_index += 1
-                self._sent += 1
                 self._failed += 1
                 self._fail(next(iter(unsent.values())))
                 return
             # The others go, with placeholders keeping their offsets.
             batch = [None if offset in unsent else item for offset, item in enumerate(batch)]
-            ref = slot.handle.run_chunk.remote(batch, sorted(unsent))
+            ref = slot.handle.run_chunk.remote(batch, start, sorted(unsent), loaded)
         self._next_index += len(batch)
-        self._sent += len(batch)
         self._track(_Chunk(start, batch, slot, ref, unsent))
 
     def _track(self, chunk: _Chunk) -> None:
         chunk.slot.held += 1
+        self._held_items += chunk.size - len(chunk.unsent)
         self._outstanding[chunk.start] = chunk
         self._spawn(self._await_chunk(chunk), self._chunk_tasks)
 
@@ -810,7 +996,8 @@ class RayRun(RemoteRun[R]):
                 self._deliver_chunk(start, [chunk.unsent[offset]], [0])
                 continue
             slot = min(self._slots, key=lambda s: s.held)
-            self._track(_Chunk(start, [item], slot, slot.handle.run_chunk.remote([item]), {}))
+            ref = slot.handle.run_chunk.remote([item], start, None, slot.take_loaded())
+            self._track(_Chunk(start, [item], slot, ref, {}))
         self._check_end()
 
     async def _await_chunk(self, chunk: _Chunk) -> None:
@@ -837,16 +1024,66 @@ class RayRun(RemoteRun[R]):
                     )
                     error.__cause__ = exc
                     stop = None if self._return_exceptions else error
-                    self._on_outcome(chunk, ([error], [0], stop, 0, {}))
+                    self._on_outcome(chunk, ([error], [0], stop, 0, {}, 0))
                     return
                 self._fail(self._explain(chunk, exc))
                 return
             if self._outstanding.get(chunk.start) is not chunk:
                 return  # already settled: a chunk counts once
+            if isinstance(outcome[0], bytes) and self._live():
+                # Pickled as one in the actor (see _Actor._pack): loaded here,
+                # by the chunk's own task, which may have to ask the actor again.
+                outcome = await self._load(chunk, outcome)
             self._forget(chunk)
             self._on_outcome(chunk, outcome)
         except Exception as bug:  # pragma: no cover - never leave the consumer waiting
             self._fail(bug)
+
+    async def _load(self, chunk: _Chunk, outcome: ChunkOutcome) -> ChunkOutcome:
+        """``outcome`` with its values, pickled as one in the actor, loaded here.
+
+        When they cannot all be loaded, the actor sends them again one by one
+        (see _Actor.repack), and each value that cannot be loaded fails its
+        own item, named; without ``return_exceptions``, the first one ends
+        the map.
+        """
+        packed, failed, _, retried, latency, started = outcome
+        assert isinstance(packed, bytes)
+        loads = self._ray.cloudpickle.loads
+        try:
+            values = loads(packed)
+        except Exception as exc:
+            whole = exc
+        else:
+            chunk.slot.loaded.append(chunk.start)  # the actor may stop keeping them
+            return (values, failed, None, retried, latency, started)
+        pieces: list[bytes] | None = None
+        try:
+            pieces = await chunk.slot.handle.repack.options(max_task_retries=0).remote(chunk.start)
+        except Exception:  # pragma: no cover - the actor died meanwhile
+            pass
+        values = []
+        errors = set(failed)
+        for offset in range(chunk.size):
+            try:
+                if pieces is None:  # pragma: no cover - not kept (the actor restarted)
+                    raise whole
+                values.append(loads(pieces[offset]))
+                continue
+            except Exception as exc:
+                what = "exception" if offset in errors else "result"
+                error = RuntimeError(
+                    f"the {what} of fn for the item {reprlib.repr(chunk.items[offset])} (index "
+                    f"{chunk.start + offset}) came back from Ray actor {chunk.slot.number} but "
+                    f"cannot be loaded in this process ({type(exc).__name__}: {exc}); is its "
+                    "type importable here, and does it unpickle outside the actor?"
+                )
+                error.__cause__ = exc
+            if not self._return_exceptions:
+                return (None, [offset], error, retried, latency, started)
+            values.append(error)
+            errors.add(offset)
+        return (values, sorted(errors), None, retried, latency, started)
 
     def _unpicklable(self, start: int, batch: list[Any]) -> dict[int, BaseException]:
         """By offset in ``batch``: a TypeError naming each item that cannot be pickled."""
@@ -866,6 +1103,7 @@ class RayRun(RemoteRun[R]):
         if self._outstanding.get(chunk.start) is chunk:
             del self._outstanding[chunk.start]
             chunk.slot.held -= 1
+            self._held_items -= chunk.size - len(chunk.unsent)
             self._wake_feeder()
 
     def _explain(self, chunk: _Chunk, exc: BaseException) -> BaseException:
@@ -885,30 +1123,19 @@ class RayRun(RemoteRun[R]):
     # -- outcomes ---------------------------------------------------------
 
     def _on_outcome(self, chunk: _Chunk, outcome: ChunkOutcome) -> None:
-        if not self._live():
-            return
-        packed, failed, error, retried, latency = outcome
+        values, failed, error, retried, latency, started = outcome
         self._retried += retried
         self._add_latency(latency)
+        if not self._live():
+            self._cut_short += started  # back after the end: not handed out
+            return
         if error is not None:
             self._failed += 1
+            # The chunk's other calls ended or were cut short; none is handed out.
+            self._cut_short += max(0, started - 1)
             self._fail(error)
             return
-        values: list[Any] | None
-        if isinstance(packed, bytes):  # pickled as one in the actor (see _Actor._pack)
-            try:
-                values = self._ray.cloudpickle.loads(packed)
-            except Exception as exc:
-                self._fail(
-                    RuntimeError(
-                        f"the results of items {chunk.start} to {chunk.start + chunk.size - 1} "
-                        f"came back from Ray actor {chunk.slot.number} but cannot be loaded "
-                        f"in this process ({type(exc).__name__}: {exc})"
-                    )
-                )
-                return
-        else:
-            values = packed
+        assert not isinstance(values, bytes)  # loaded by _await_chunk (see _load)
         if chunk.unsent and values is not None:
             for offset, unsent_error in chunk.unsent.items():
                 values[offset] = unsent_error
