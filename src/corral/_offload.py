@@ -27,7 +27,11 @@ worker's items are re-run:
   per chunk, so a second crash names its item;
 - chunks queued behind it had not started: they are sent again, not counted;
 - an item that kills its worker :data:`MAX_CRASHES` times when run alone
-  fails with :class:`WorkerCrashed`, which names it. The other items carry on.
+  fails with :class:`WorkerCrashed`, which names it. The other items carry on;
+- a worker that dies before it has loaded ``fn`` ran nothing: what it was
+  sent goes again, no item blamed nor counted as retried. When
+  :data:`MAX_CRASHES` workers in a row die before running anything, every
+  call fails with one :class:`WorkerCrashed` saying so.
 
 ``SystemExit`` and ``KeyboardInterrupt`` from ``fn`` are no crash: the worker
 sends them back and the parent raises them, as a thread would, never re-run.
@@ -213,7 +217,9 @@ def offload(
     after a failure or cancellation. ``retried`` counts the items re-run after
     their worker process died. ``timeout`` (seconds per attempt) is applied
     here only when :func:`applies_timeout` says so; see "Timeouts" in the
-    module docstring.
+    module docstring. A call that a given executor drops before running it
+    (shut down with ``cancel_futures=True``) fails with a RuntimeError naming
+    its item: as a CancelledError it would read as if ``fn`` had raised one.
     """
     if isinstance(executor, concurrent.futures.Executor):
         if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
@@ -290,9 +296,18 @@ def _thread_call(
 
     async def call(item: Any) -> Any:
         nonlocal warned
-        result = await asyncio.get_running_loop().run_in_executor(
-            get_pool(), no_stop_iteration, fn, item
-        )
+        pool = get_pool()
+        submitted = pool.submit(no_stop_iteration, fn, item)
+        try:
+            result = await asyncio.wrap_future(submitted, loop=asyncio.get_running_loop())
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if submitted.cancelled() and task is not None and not task.cancelling():
+                # The executor dropped it, not the map (a pool shut down with
+                # cancel_futures=True): this item's failure, which as a
+                # CancelledError would read as if fn had raised it.
+                raise dropped_by(pool, item) from None
+            raise  # this call was cancelled (cancel(), a deadline, a timeout), or fn raised it
         if inspect.isawaitable(result):
             # e.g. ``lambda url: fetch(session, url)``: the coroutine was made in
             # a thread and must run on the loop. Correct, but a thread hop per call.
@@ -307,6 +322,14 @@ def _thread_call(
         return result
 
     return call
+
+
+def dropped_by(executor: concurrent.futures.Executor, item: Any) -> RuntimeError:
+    """The error of a call that ``executor`` cancelled before running it."""
+    return RuntimeError(
+        f"executor={executor!r} cancelled the call of fn(item) for item={reprlib.repr(item)} "
+        "before running it (was it shut down with cancel_futures=True?)"
+    )
 
 
 def _owned_thread_pool(fn: Callable[[Any], Any], limit: int | None) -> tuple[Call, OnClose]:
@@ -976,13 +999,13 @@ class ProcessPool:
         if self._state is not _PoolState.RUNNING or self._broken is not None:
             return
         parent_end, child_end = socket.socketpair()
-        process = self._context.Process(
-            target=_process_worker,
-            args=(child_end, self._payload),
-            name=f"corral-process-{number}",
-            daemon=True,
-        )
         try:
+            process = self._context.Process(
+                target=_process_worker,
+                args=(child_end, self._payload),
+                name=f"corral-process-{number}",
+                daemon=True,
+            )
             process.start()  # ~2 ms with a running fork server
         except BaseException:
             parent_end.close()
@@ -1160,6 +1183,14 @@ class ProcessPool:
         for job in jobs:
             _settle(job, False, error())
 
+    def _fail_held(self, worker: _Worker, error: Callable[[], BaseException]) -> None:
+        """Fail the calls in the chunks a worker held, with the pool's error."""
+        for chunk in worker.chunks:
+            self._in_pool -= len(chunk)
+            for job in chunk:
+                _settle(job, False, error())
+        worker.chunks.clear()
+
     def _on_lost(self, worker: _Worker) -> None:
         # A crash: a re-run item gets a clock of its own; the dead worker's must not fire.
         self._stop_clock(worker)
@@ -1170,35 +1201,45 @@ class ProcessPool:
 
     async def _bury(self, worker: _Worker) -> None:
         """A worker died: re-run what it held, fail a repeat killer, start a new worker."""
-        if self._broken is not None:
-            return  # it could not load fn: nothing to re-run, no point in another
-        exitcode = await wait_exit(worker.process, TERMINATE_GRACE)
-        if exitcode is None:  # its socket closed but it lives on: make sure it is gone
-            worker.process.kill()
+        exitcode: int | None = None
+        if self._broken is None:
             exitcode = await wait_exit(worker.process, TERMINATE_GRACE)
+            if exitcode is None:  # its socket closed but it lives on: make sure it is gone
+                worker.process.kill()
+                exitcode = await wait_exit(worker.process, TERMINATE_GRACE)
+        if self._broken is not None:
+            # No worker will run anything (fn cannot be loaded, or none can be
+            # started), perhaps found while this one was being waited for: it
+            # was no longer among the workers, so what it held fails here.
+            self._fail_held(worker, self._broken)
+            return
         self.crashes += 1
         chunks = worker.chunks
         requeue: list[_Job] = []
-        if chunks:
+        self._in_pool -= sum(len(chunk) for chunk in chunks)
+        ran = bool(chunks) and worker.ready
+        if ran:
             self._deaths_without_work = 0
-            running = chunks.popleft()
-            requeue.extend(self._after_crash(running, exitcode))
-            for chunk in chunks:  # queued behind it, never started: no blame, no retry
-                requeue.extend(job for job in chunk if not job.future.done())
-            self._in_pool -= sum(len(chunk) for chunk in chunks) + len(running)
-            chunks.clear()
-        else:
+            requeue.extend(self._after_crash(chunks.popleft(), exitcode))
+        # Queued behind the running chunk, or sent before the worker had loaded
+        # fn (it died loading it: nothing of it ran): no blame, no retry.
+        for chunk in chunks:
+            requeue.extend(job for job in chunk if not job.future.done())
+        chunks.clear()
+        self._waiting.extendleft(reversed(requeue))
+        if not ran:
             self._deaths_without_work += 1
             if self._deaths_without_work >= MAX_CRASHES:
                 self._break(
                     lambda: WorkerCrashed(
                         f"the worker processes of executor='process' keep dying before "
-                        f"running anything (last: {describe_exit(exitcode)})",
+                        f"running anything (last: {describe_exit(exitcode)}). Does fn's "
+                        "module end its process when imported, or a script start work "
+                        "at import (no `if __name__ == '__main__':`)?",
                         exitcode=exitcode,
                     )
                 )
                 return
-        self._waiting.extendleft(reversed(requeue))
         logger.warning(
             "corral: worker process %s (pid %s) died (%s); %d items re-run",
             worker.number,
@@ -1396,8 +1437,12 @@ class _ExecutorCalls:
             clock.cancel()
         self._busy -= 1
         if done.cancelled():
+            # The pool dropped the chunk before it ran (shut down with
+            # cancel_futures=True; a timed-out item was settled already).
+            # Cancelling the callers' futures would read as fn raising
+            # CancelledError: each item fails instead.
             for job in jobs:
-                job.future.cancel()
+                _settle(job, False, dropped_by(self._pool, job.item))
         elif (error := done.exception()) is not None:
             for job in jobs:
                 _settle(job, False, error)
