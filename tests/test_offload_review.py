@@ -344,3 +344,58 @@ def test_a_cancelled_error_raised_by_a_sync_fn_in_a_thread_is_still_called_fns()
 
     with pytest.raises(RuntimeError, match="fn raised CancelledError for item 2"):
         run(main)
+
+
+def quick_then_sleep(arg: tuple[str, int]) -> int:
+    """Item 0 returns at once; every other leaves its pid in a directory and sleeps 60 s."""
+    directory, item = arg
+    if item:
+        record_pid_and_sleep((directory, 60.0))
+    return item
+
+
+async def async_quick_then_sleep(arg: tuple[str, int]) -> int:
+    directory, item = arg
+    if item:
+        os.close(os.open(os.path.join(directory, str(os.getpid())), os.O_CREAT | os.O_WRONLY))
+        await asyncio.sleep(60)
+    return item
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param({"executor": "process"}, id="executor=process"),
+        pytest.param({"processes": 2, "progress": lambda stats: None}, id="processes+engine"),
+    ],
+)
+def test_a_break_out_of_a_plain_async_for_leaves_no_worker_process(
+    how: dict[str, Any], tmp_path: Path
+) -> None:
+    """``break`` with no ``async with``: the stream is dropped unclosed, and its close
+    runs in the background, which ``asyncio.run`` ends before it is done. The workers,
+    busy with calls nobody waits for, are stopped at once all the same."""
+    fn = quick_then_sleep if "executor" in how else async_quick_then_sleep
+    directory = str(tmp_path)
+
+    busy_before_break: list[int] = []
+    deadline = time.monotonic() + 60
+
+    async def main_waiting_for_busy_workers() -> None:
+        items = [(directory, item) for item in range(4)]
+        async for first in corral.map(fn, items, limit=2, ordered=False, **how):
+            assert first == 0
+            # Wait (bounded) until a worker is inside a 60 s call: without a
+            # prompt stop it would outlive the map by that much.
+            while not os.listdir(directory):
+                assert time.monotonic() < deadline, "no call started"
+                await asyncio.sleep(0.01)
+            busy_before_break.extend(int(name) for name in os.listdir(directory))
+            break
+
+    asyncio.run(main_waiting_for_busy_workers())
+    end = time.monotonic() + 10
+    while any(alive(pid) for pid in busy_before_break):
+        assert time.monotonic() < end, "a worker busy when the map was dropped lives on"
+        time.sleep(0.01)
+    assert busy_before_break

@@ -42,7 +42,7 @@ from ._numbers import (
     is_real,
     positive_seconds,
 )
-from ._offload import applies_timeout, offload, thread_width
+from ._offload import ProcessPool, applies_timeout, offload, thread_width
 from ._progress import Progress, ProgressLike, check_progress, total_of
 from ._rate import Rate, RateGate, as_rate, as_rates, gate_for
 from ._ray import RayStream, check_actors, check_address, check_setup, map_on_ray, ray_call
@@ -520,6 +520,7 @@ def _engine_and_checkpoint(
 
     call: Call
     on_close: OnClose | None = None
+    on_abandon: Callable[[], None] | None = None  # see Engine
     retried = _Retried()
     workers: int | None
     limiter: Limiter | None = None
@@ -529,6 +530,7 @@ def _engine_and_checkpoint(
         # running, one queued), so that many calls are kept in flight.
         call = remote
         on_close = remote.close
+        on_abandon = remote.abandon
         retried = remote.retried
         fixed: int | None = limit
         workers = None if fixed is None else 2 * fixed
@@ -569,6 +571,8 @@ def _engine_and_checkpoint(
                 # learns from the latency, that wait included.)
                 workers = width if workers is None else min(workers, width)
             call, on_close = offload(fn, executor, workers, retried, seconds)
+            if isinstance(call, ProcessPool):
+                on_abandon = call.abandon
             timed = applies_timeout(executor)
         if seconds is not None and not timed:
             call = _with_timeout(call, seconds)
@@ -640,6 +644,7 @@ def _engine_and_checkpoint(
         deadline=deadline,
         recorder=recorder,
         elastic=elastic,
+        on_abandon=on_abandon,
     )
     if elastic is not None:
         assert limiter is not None

@@ -560,6 +560,9 @@ class Engine(Generic[T, R]):
         limit_reader: reports the limit in force for stats.
         retried: the counter the retry wrapper increments.
         on_close: awaited once every task has finished (executor shutdown).
+        on_abandon: called at once when the consumer drops the stream unclosed,
+            before the close that follows in the background (which may not
+            run to its end): what must not outlive the map (worker processes).
     """
 
     def __init__(
@@ -578,6 +581,7 @@ class Engine(Generic[T, R]):
         deadline: float | None = None,
         recorder: Recorder | None = None,
         elastic: int | None = None,
+        on_abandon: Callable[[], None] | None = None,
     ) -> None:
         self._call = call
         self._recorder = recorder
@@ -594,6 +598,7 @@ class Engine(Generic[T, R]):
         self._limit_reader = limit_reader
         self._retried = retried
         self._on_close = on_close
+        self._on_abandon = on_abandon
         self._deadline = deadline
         self._deadline_handle: asyncio.TimerHandle | None = None
         # Set when the run stops starting calls before its input ran out
@@ -1314,6 +1319,8 @@ class Engine(Generic[T, R]):
         self._stopping = True
         for task in self._tasks:
             task.cancel()
+        if self._on_abandon is not None:
+            self._on_abandon()
         if not self._loop.is_closed():
             close_in_background(self._loop, self.aclose)
 

@@ -867,6 +867,7 @@ class _Worker:
 class _PoolState(enum.Enum):
     IDLE = "idle"  # no call yet: no process started
     RUNNING = "running"  # workers started (or starting), chunks flowing
+    ABANDONED = "abandoned"  # the map was dropped unclosed: processes terminated, not reaped
     CLOSED = "closed"  # close() ran: every process is stopped
 
 
@@ -1281,6 +1282,24 @@ class ProcessPool:
         return live
 
     # -- cleanup ----------------------------------------------------------
+
+    def abandon(self) -> None:
+        """The map was dropped unclosed (``break`` out of a plain ``async for``): terminate now.
+
+        The map's close then runs in the background, and may never get this
+        far: ``asyncio.run`` closes the loop once the main coroutine returns,
+        with that close still waiting for the workers. So the workers are
+        terminated here, at once and without waiting (their calls' callers
+        are gone), and none is started again; the close, if it runs, reaps them.
+        """
+        if self._state is not _PoolState.RUNNING:
+            return
+        self._state = _PoolState.ABANDONED
+        for process in self._started:
+            if process.pid is not None and process.exitcode is None:
+                process.terminate()
+        for worker in self._workers:
+            worker.link.close()
 
     async def close(self, clean: bool) -> None:
         """Stop every worker: let idle ones exit after a clean run, terminate them otherwise."""

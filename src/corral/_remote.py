@@ -591,8 +591,12 @@ class RemoteRun(abc.ABC, Generic[R]):
         if self._phase in (_Phase.IDLE, _Phase.CLOSED) or self._loop is None:
             return
         self._stop_now()
+        self._drop_links()
         if not self._loop.is_closed():
             close_in_background(self._loop, self.aclose)
+
+    def _drop_links(self) -> None:
+        """Abandoned: close the links to the workers now (the close may never get to it)."""
 
     # -- stats ------------------------------------------------------------
 
@@ -743,6 +747,19 @@ class RemoteCall:
             if not future.done():
                 future.set_exception(Halt(exc))
                 future.exception()  # seen: a call already cancelled does not await it
+
+    def abandon(self) -> None:
+        """The engine's abandon hook: its stream was dropped unclosed; stop the workers now.
+
+        The engine's close follows in the background and may not run to its
+        end (``asyncio.run`` closes the loop first): the workers must not
+        outlive the map meanwhile, as they do not without the engine.
+        """
+        self._submissions.close()
+        run = self._run
+        if run._phase is _Phase.RUNNING:
+            run._stop_now()
+            run._drop_links()
 
     async def close(self, clean: bool) -> None:
         """The engine's close hook: let the run finish (clean) or stop its workers."""

@@ -286,6 +286,11 @@ class ShardRun(RemoteRun[R]):
             if child.process is not None and child.process.exitcode is None:
                 child.process.terminate()
 
+    def _drop_links(self) -> None:
+        for child in self._children:
+            if child.link is not None:
+                child.link.close()
+
     async def _settle(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
@@ -293,9 +298,7 @@ class ShardRun(RemoteRun[R]):
         await super()._settle()
 
     async def _release(self, clean: bool) -> None:
-        for child in self._children:
-            if child.link is not None:
-                child.link.close()
+        self._drop_links()
         processes = [c.process for c in self._children if c.process is not None]
         await stop_processes(processes, grace=EXIT_GRACE if clean else 0.0)
 
