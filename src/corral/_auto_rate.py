@@ -16,7 +16,15 @@ TCP controls its window (and botocore's adaptive retry mode its send rate):
   the rate at the last cut per second (each success adds its share), back
   to the level that was throttled in about 6 s, a little past it after;
 - after a **cooldown** (a Retry-After that paused the Limiter), slow start
-  again from half the rate, up to where the last cut left it.
+  again from half the rate, up to where the last cut left it;
+- growth stops at ``HEADROOM`` (3) times the successes per second (a moving
+  average over ``MEASURE``, 1 s): calls held back by something else (few
+  slots, slow calls) never tested a higher rate, and a rate grown far above
+  what runs would take many cuts, one per ``HOLD``, to come down from when
+  the service starts refusing (the point of RFC 7661 about TCP's window).
+  A rate that holds quick calls back stays below the cap, as successes
+  then come at about the rate; with slow calls (seconds), slow start grows
+  no faster than their successes can show the rate is used.
 
 The rate stays within ``[min, max]``. :class:`RateController` is the pure
 arithmetic on times passed in; :class:`AutoRateGate` is a
@@ -42,6 +50,10 @@ DECREASE = 0.7
 INCREASE = 0.05
 #: Throttles within this many seconds of a cut belong to the same event.
 HOLD = 1.0
+#: Successes grow the rate only up to this many times the successes per second.
+HEADROOM = 3.0
+#: The successes per second are a moving average over about this many seconds.
+MEASURE = 1.0
 
 
 class RateController:
@@ -56,7 +68,17 @@ class RateController:
         ValueError: bounds that are not ``0 < min <= initial <= max``.
     """
 
-    __slots__ = ("_cut_at", "_cut_level", "_max", "_min", "ceiling", "rate", "slow_start")
+    __slots__ = (
+        "_cut_at",
+        "_cut_level",
+        "_last",
+        "_max",
+        "_min",
+        "ceiling",
+        "demand",
+        "rate",
+        "slow_start",
+    )
 
     def __init__(self, initial: float = 1.0, min: float = 0.1, max: float = 10_000.0) -> None:
         numbers = (initial, min, max)
@@ -76,10 +98,36 @@ class RateController:
         self.ceiling = math.inf
         self._cut_at = -math.inf
         self._cut_level = float(initial)
+        #: Successes per second, a moving average over about ``MEASURE`` seconds;
+        #: it starts at ``initial``, as if the calls had used the rate.
+        self.demand = float(initial)
+        self._last = math.nan  # the time of the latest success (none yet)
 
-    def success(self) -> float:
-        """A call succeeded: grow the rate; returns the rate in force."""
+    def success(self, now: float | None = None) -> float:
+        """A call succeeded at ``now``: grow the rate; returns the rate in force.
+
+        With ``now``, growth stops at ``HEADROOM`` times :attr:`demand`:
+        successes that come slower than the rate (calls held back by something
+        else: few slots, slow calls) say nothing about a higher rate, and a rate grown far above
+        what is used would take many cuts, one per ``HOLD``, to come down when
+        the service starts refusing (RFC 7661's point about TCP's window).
+        """
         rate = self.rate
+        if now is not None:
+            # Each success adds 1 / MEASURE to the average, which decays by half
+            # per MEASURE seconds without one (1 / (1 + x): cheaper than exp(-x),
+            # and as close when successes come often, which is when it is paid
+            # for); at a steady d per second it settles at d + 1. NaN (the first
+            # success) and a negative gap (another event loop's clock) decay
+            # nothing.
+            elapsed = now - self._last
+            self._last = now
+            demand = self.demand
+            if elapsed > 0:
+                demand /= 1.0 + elapsed / MEASURE
+            self.demand = demand = demand + 1.0 / MEASURE
+            if rate >= HEADROOM * demand:
+                return rate  # the calls use less than a third of the rate: no growth
         if self.slow_start:
             rate += SLOW_START_GAIN
             if rate >= self.ceiling:
@@ -123,12 +171,15 @@ class AutoRateGate(RateGate):
     starts (those already booked keep their slots).
     """
 
-    __slots__ = ("_controller",)
+    __slots__ = ("_controller", "_pace")
 
     def __init__(self, controller: RateController | None = None) -> None:
         controller = controller if controller is not None else RateController()
         super().__init__(Rate(controller.rate))
         self._controller = controller
+        # The seconds per start a server's headers impose while it refills slower
+        # than the controller's rate (see clamp); 0.0 when none.
+        self._pace = 0.0
 
     @property
     def controller(self) -> RateController:
@@ -141,11 +192,32 @@ class AutoRateGate(RateGate):
         return Rate(self._controller.rate)
 
     def _follow(self, rate: float) -> None:
-        self._interval = 1.0 / rate
+        interval = 1.0 / rate
+        # A server refilling slower than the rate sets the pace until it has room
+        # again (RateGate.clamp): a success must not undo that.
+        self._interval = interval if interval > self._pace else self._pace
+
+    def clamp(
+        self, dimension: str, remaining: float, reset: float | None, limit: float | None = None
+    ) -> bool:
+        """Follow a server's rate-limit headers (see :meth:`corral.RateGate.clamp`).
+
+        The server's pace, when slower than the controller's rate, holds until
+        the server reports its bucket half full again, whatever the calls'
+        outcomes do to the rate meanwhile.
+        """
+        applied = super().clamp(dimension, remaining, reset, limit)
+        if applied:
+            interval = self._interval
+            self._pace = interval if interval > 1.0 / self._controller.rate else 0.0
+        return applied
 
     def success(self) -> None:
-        """A call through the gate succeeded."""
-        self._follow(self._controller.success())
+        """A call through the gate succeeded: grow the rate, up to a few times what is used."""
+        loop = self._loop
+        if loop is None:
+            return  # no start went through the gate: nothing says the rate was too low
+        self._follow(self._controller.success(loop.time()))
 
     def throttle(self, now: float) -> None:
         """A call through the gate was throttled at loop time ``now``."""

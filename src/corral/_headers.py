@@ -73,8 +73,18 @@ del _dimension, _stem, _field
 #: off) and reads as unreadable: it must not pause calls for years.
 MAX_RESET = 86_400.0
 
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(h|ms|m|s|us|µs|ns)")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+# Microseconds as Go writes them: "us", the micro sign (U+00B5) and the Greek mu (U+03BC).
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(h|ms|m|s|us|\u00b5s|\u03bcs|ns)")
+_UNITS = {
+    "h": 3600.0,
+    "m": 60.0,
+    "s": 1.0,
+    "ms": 1e-3,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ns": 1e-9,
+}
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
@@ -103,13 +113,20 @@ def parse_reset(text: str, *, now: float | None = None) -> float | None:
     seconds = parse_duration(text)
     if seconds is None:
         try:
-            when = datetime.fromisoformat(text.strip())
+            # RFC 3339 allows a lower-case "t" and "z", which fromisoformat refuses.
+            when = datetime.fromisoformat(text.strip().upper())
         except ValueError:
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         seconds = max(0.0, when.timestamp() - (time.time() if now is None else now))
     return seconds if seconds <= MAX_RESET else None
+
+
+def _latin1(text: object) -> str | None:
+    # A lower-level client's headers are bytes; HTTP header bytes are Latin-1
+    # (RFC 9110 section 5.5), as Retry-After's are read (see corral._retry).
+    return text.decode("latin-1") if isinstance(text, bytes | bytearray) else None
 
 
 class RateHeader(NamedTuple):
@@ -128,7 +145,8 @@ def read_rate_limits(headers: Any, *, now: float | None = None) -> list[RateHead
     """The budgets a response's headers report, with their sizes when sent.
 
     ``headers`` is any mapping with ``items()`` (dict, aiohttp ``CIMultiDict``,
-    httpx ``Headers``), matched case-insensitively. A dimension appears only
+    httpx ``Headers``), matched case-insensitively; names and values may be
+    str or bytes. A dimension appears only
     when its *remaining* header parses (a finite number >= 0); its reset and
     limit are None when missing or unreadable (a reset must be at most
     :data:`MAX_RESET` away, a limit finite and > 0). Anything that
@@ -141,11 +159,17 @@ def read_rate_limits(headers: Any, *, now: float | None = None) -> list[RateHead
     except Exception:
         return []
     for key, value in pairs:
-        if not isinstance(key, str) or not isinstance(value, str):
-            continue
+        if not isinstance(key, str):
+            key = _latin1(key)
+            if key is None:
+                continue
         known = _KNOWN.get(key.lower())
         if known is None:
             continue
+        if not isinstance(value, str):
+            value = _latin1(value)
+            if value is None:
+                continue
         dimension, field = known
         slot = found.setdefault(dimension, [None, None, None])
         if field == "reset":

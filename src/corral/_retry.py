@@ -20,13 +20,13 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC
 from typing import TypeAlias
 
 from ._numbers import check_arity, is_finite, is_integral, is_real, to_float
-from ._retry_budget import THROTTLE, RetryBudget, as_budget
+from ._retry_budget import ERROR, THROTTLE, RetryBudget, as_budget
 
 #: The retry budget a :class:`Retry` has unless told otherwise.
 DEFAULT_BUDGET = RetryBudget()
@@ -473,7 +473,21 @@ class Retry:
             return transient(exc)
         if isinstance(on, type | tuple):
             return isinstance(exc, on)
-        return bool(on(exc))
+        answer: object = on(exc)  # typed bool, but a lambda may answer anything
+        if answer is True or answer is False:
+            return answer
+        if isinstance(answer, Awaitable):
+            # `on=lambda exc: check(exc)` with an async `check`: a coroutine is
+            # true, so every failure, bugs too, would be retried, and it would
+            # never run. Say so instead (the predicate's checks at construction
+            # cannot see through the lambda).
+            if isinstance(answer, Coroutine):
+                answer.close()  # no "never awaited" warning on top of this error
+            raise TypeError(
+                f"Retry(on={on!r}) returned a coroutine or other awaitable ({answer!r}) for "
+                f"{exc!r}; on must answer True or False at once: it is never awaited"
+            )
+        return bool(answer)  # None, a match object, a numpy bool: their truth
 
     def backoff_bound(self, k: int) -> float:
         """The backoff wait bound before retry ``k`` (1 for the first retry), in seconds.
@@ -535,11 +549,19 @@ def retry_kind(exc: BaseException) -> int:
     """Which allowance of the retry budget a retry after ``exc`` draws on.
 
     ``THROTTLE`` (0) for a throttle: a :class:`RetryAfter`, or an HTTP 429 or
-    503; ``ERROR`` (1) for everything else.
+    503, or an ``ExceptionGroup`` holding one (a TaskGroup in the function
+    failed with it, as :func:`retry_after_seconds` reads the group's waits);
+    ``ERROR`` (1) for everything else.
     """
     if isinstance(exc, RetryAfter) or _status(exc) in _RETRY_AFTER_STATUSES:
         return THROTTLE
-    return 1
+    # A group in which the server refused part of the work: that is what slows a
+    # rate="auto" and what the throttles' allowance is for.
+    if isinstance(exc, BaseExceptionGroup) and any(
+        retry_kind(leaf) == THROTTLE for leaf in exc.exceptions
+    ):
+        return THROTTLE
+    return ERROR
 
 
 def as_retry(retries: int | Retry | None) -> Retry | None:
