@@ -1349,6 +1349,10 @@ class ReadTimeout(TimeoutException):
         (ValueError("bug"), "ignore"),
         (asyncio.CancelledError(), "ignore"),
         (KeyboardInterrupt(), "ignore"),
+        # A TaskGroup in fn failed with the refusal among its errors.
+        (ExceptionGroup("fn", [ValueError("bug"), FakeResponseError(429)]), "drop"),
+        (ExceptionGroup("fn", [ExceptionGroup("inner", [TimeoutError()])]), "drop"),
+        (ExceptionGroup("fn", [ValueError("bug"), FakeResponseError(404)]), "ignore"),
     ],
 )
 def test_outcome_of_reads_overload_from_failures(error: BaseException | None, outcome: str) -> None:

@@ -241,6 +241,20 @@ async def test_retry_budget_against_a_server_failing_half_its_calls() -> None:
 
 
 @pytest.mark.virtual_time
+async def test_a_named_wait_of_zero_is_no_invitation() -> None:
+    """Retry-After: 0 paces nothing: such retries draw on the budget like any other."""
+
+    async def fn(item: int) -> int:
+        raise corral.RetryAfter(0)
+
+    retry = Retry(attempts=3, backoff=0.001, budget=RetryBudget(ratio=0.0, floor=2))
+    out = await corral.gather(fn, range(10), limit=1, retries=retry, return_exceptions=True)
+    # The floor's 2 retries, then every item fails at its first refusal.
+    assert sum(isinstance(r, RetryBudgetExhausted) for r in out) == 9
+    assert isinstance(out[0], corral.RetryAfter)
+
+
+@pytest.mark.virtual_time
 async def test_retries_the_server_asked_for_are_not_charged() -> None:
     """A RetryAfter (or a 429 with Retry-After) is retried even with no budget left."""
     calls: dict[int, int] = {}

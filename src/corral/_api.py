@@ -286,8 +286,11 @@ def _with_budgeted_retries(
                 kind = retry_kind(exc)
                 # A server that names its wait (Retry-After, RetryAfter) invites
                 # the retry, and the limiter's cooldown paces it: only retries
-                # nobody asked for draw on the budget.
-                invited = retry_after_seconds(exc) is not None
+                # nobody asked for draw on the budget. A wait of 0 paces
+                # nothing: a server answering every 429 with Retry-After: 0
+                # would get a storm only the attempts bound.
+                named = retry_after_seconds(exc)
+                invited = named is not None and named > 0
                 if not invited and not try_retry(kind, asyncio.get_running_loop().time()):
                     b = budget.budget
                     which = "throttled (429/503)" if kind == 0 else "failed"

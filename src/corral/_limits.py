@@ -111,6 +111,10 @@ def outcome_of(error: BaseException | None) -> Outcome:
         return "ignore"  # CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit
     if isinstance(error, TimeoutError):
         return "drop"
+    if isinstance(error, ExceptionGroup):
+        # A TaskGroup in fn failed with the server's refusal among its errors:
+        # overload all the same (as retries read a group's Retry-After).
+        return "drop" if any(outcome_of(e) == "drop" for e in error.exceptions) else "ignore"
     # Imported here: _retry sits below this module (it may come to use
     # Limiter), and only an adaptive limit that saw an error gets here.
     from ._retry import RetryAfter, _status
