@@ -676,3 +676,21 @@ async def test_a_background_close_that_fails_is_logged_by_corral(
     assert record.exc_info is not None
     assert "cleanup failed" in str(record.exc_info[1])
     assert no_tasks_but_current()
+
+
+@pytest.mark.virtual_time
+async def test_errors_naming_an_item_name_a_large_one_cut_short() -> None:
+    """A deadline's report of 50 prompts of 100 KB each is not 50 copies of them."""
+    prompts = [f"{i}:" + "x" * 100_000 for i in range(50)]
+
+    async def ask(prompt: str) -> int:
+        await asyncio.sleep(1)
+        return len(prompt)
+
+    out = await corral.gather(ask, prompts, limit=5, deadline=1.5, return_exceptions=True)
+    assert out[:5] == [100_002] * 5
+    missed = out[5:]
+    assert all(isinstance(e, corral.DeadlineExceeded) for e in missed)
+    assert all(len(str(e)) < 200 for e in missed)
+    assert str(missed[0]).startswith("the deadline passed while item '5:xxx")
+    assert str(missed[-1]).startswith("the deadline passed before item '49:xx")

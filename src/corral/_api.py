@@ -15,6 +15,7 @@ import difflib
 import inspect
 import os
 import random
+import reprlib
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal, TypedDict, TypeVar, Unpack, overload
 
@@ -297,7 +298,7 @@ def _with_budgeted_retries(
                     raise RetryBudgetExhausted(
                         f"retry budget exhausted: retries of {which} calls already reached "
                         f"{b.floor:g} + {b.ratio:g} x the successful calls in the last "
-                        f"{b.window:g} s; not retrying item {item!r} after {exc!r}",
+                        f"{b.window:g} s; not retrying item {reprlib.repr(item)} after {exc!r}",
                         exc,
                     ) from exc
             else:

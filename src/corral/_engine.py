@@ -44,6 +44,7 @@ import enum
 import heapq
 import itertools
 import logging
+import reprlib
 from collections import deque
 from collections.abc import (
     AsyncIterable,
@@ -861,7 +862,7 @@ class Engine(Generic[T, R]):
                                 # Raised by the stream's __anext__, it would read
                                 # as the end of the results (PEP 479's reason).
                                 error = RuntimeError(
-                                    f"fn raised StopAsyncIteration for item {item!r}"
+                                    f"fn raised StopAsyncIteration for item {reprlib.repr(item)}"
                                 )
                                 error.__cause__ = exc
                                 exc = error
@@ -955,7 +956,8 @@ class Engine(Generic[T, R]):
         if self._reporting:
             self._captured += 1
             self.deliver(
-                index, DeadlineExceeded(f"the deadline passed before item {item!r} started")
+                index,
+                DeadlineExceeded(f"the deadline passed before item {reprlib.repr(item)} started"),
             )
 
     def _cancelled_waiting(self, index: int, item: Any) -> None:
@@ -991,7 +993,8 @@ class Engine(Generic[T, R]):
                 self._failed += 1
                 self._captured += 1
                 self.deliver(
-                    index, DeadlineExceeded(f"the deadline passed while item {item!r} ran")
+                    index,
+                    DeadlineExceeded(f"the deadline passed while item {reprlib.repr(item)} ran"),
                 )
             raise exc
         # fn itself raised CancelledError without this worker being cancelled
@@ -999,7 +1002,8 @@ class Engine(Generic[T, R]):
         # drop the item: fail the run instead.
         self._failed += 1
         error = RuntimeError(
-            f"fn raised CancelledError for item {item!r} without the map being cancelled"
+            f"fn raised CancelledError for item {reprlib.repr(item)} "
+            "without the map being cancelled"
         )
         error.__cause__ = exc
         self.fail(error)
