@@ -1341,6 +1341,7 @@ class ReadTimeout(TimeoutException):
         (FakeResponseError(429), "drop"),
         (FakeResponseError(503), "drop"),
         (FakeResponseError(504), "drop"),
+        (FakeResponseError(529), "drop"),  # Anthropic's "overloaded"
         (FakeStatusError(429), "drop"),
         (ReadTimeout(), "drop"),
         (FakeResponseError(404), "ignore"),

@@ -361,8 +361,8 @@ TRANSIENT = [
     httpx.ProxyError("proxy refused"),
     StatusError(503),
     ResponseError(Response(502)),
-    *(aiohttp_error(status) for status in (408, 429, 500, 502, 503, 504)),
-    *(httpx_error(status) for status in (408, 429, 500, 502, 503, 504)),
+    *(aiohttp_error(status) for status in (408, 429, 500, 502, 503, 504, 529)),
+    *(httpx_error(status) for status in (408, 429, 500, 502, 503, 504, 529)),
 ]
 
 NOT_TRANSIENT = [

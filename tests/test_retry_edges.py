@@ -228,3 +228,26 @@ def test_a_header_of_many_commas_is_read_in_bounded_work() -> None:
     exc = httpx_error(429, {"Retry-After": "x," * 100_000 + "5"})
     assert retry_after_seconds(exc) is None
     assert retry_after_seconds(httpx_error(429, {"Retry-After": "x, 4," + "y," * 100_000})) == 4.0
+
+
+def test_anthropic_s_overloaded_529_is_a_throttle_retried_by_default() -> None:
+    """The SDK's own error for a 529 ("overloaded"), which its retries would cover
+    and ``max_retries=0`` hands to corral: retried, a throttle, and a drop for auto."""
+    anthropic = pytest.importorskip("anthropic")
+    import httpx
+
+    from corral._limits import outcome_of
+    from corral._retry import retry_kind, transient
+    from corral._retry_budget import THROTTLE
+
+    request = httpx.Request("POST", "http://127.0.0.1/v1/messages")
+    overloaded = anthropic.InternalServerError(
+        "overloaded", response=httpx.Response(529, request=request), body=None
+    )
+    assert transient(overloaded)
+    assert retry_kind(overloaded) == THROTTLE
+    assert outcome_of(overloaded) == "drop"
+    final = anthropic.NotFoundError(
+        "no such model", response=httpx.Response(404, request=request), body=None
+    )
+    assert not transient(final)

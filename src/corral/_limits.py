@@ -87,9 +87,9 @@ _LIMIT_MESSAGE = (
     "corral.Limiter(limit=10); got limit={!r}"
 )
 
-# HTTP statuses that mean "overloaded": too many requests, unavailable, and a
-# gateway that timed out waiting for the service.
-_DROP_STATUSES = frozenset({429, 503, 504})
+# HTTP statuses that mean "overloaded": too many requests, unavailable, a
+# gateway that timed out waiting for the service, and Anthropic's 529.
+_DROP_STATUSES = frozenset({429, 503, 504, 529})
 # httpx's timeouts are not TimeoutError subclasses; matched by name, like
 # everything HTTP here (importing httpx to check would be absurd).
 _TIMEOUT_NAMES = frozenset({"TimeoutException"})
@@ -100,7 +100,7 @@ def outcome_of(error: BaseException | None) -> Outcome:
 
     ``None`` (no error) is a success. A drop is overload: a ``TimeoutError``
     (asyncio's and aiohttp's timeouts are ones), an httpx ``TimeoutException``,
-    a :class:`corral.RetryAfter`, or an HTTP error with status 429, 503 or 504
+    a :class:`corral.RetryAfter`, or an HTTP error with status 429, 503, 504 or 529
     (aiohttp's ``.status``, httpx's ``.response.status_code``). Everything else
     is ignored: cancellation (the caller gave up; the service said nothing),
     ``KeyboardInterrupt``, and errors that are not about load (a 404, a bug).

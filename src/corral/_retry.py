@@ -100,11 +100,14 @@ _TRANSIENT_NAMES = frozenset({"ClientConnectionError", "ClientPayloadError", "Tr
 _PERMANENT_NAMES = frozenset({"UnsupportedProtocol", "LocalProtocolError"})
 
 # 408 Request Timeout, 429 Too Many Requests, 500 Internal Server Error,
-# 502 Bad Gateway, 503 Service Unavailable, 504 Gateway Timeout.
-_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# 502 Bad Gateway, 503 Service Unavailable, 504 Gateway Timeout, and 529, which
+# Anthropic's API answers when it is overloaded (its SDK retries it too).
+_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
 # The statuses whose Retry-After means "come back later" (RFC 9110 section 10.2.3);
 # on a 3xx it is a redirect hint and no reason to wait.
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
+# The statuses of a server refusing for load: the retry budget's throttle allowance.
+_THROTTLE_STATUSES = _RETRY_AFTER_STATUSES | {529}
 
 
 def _attr(obj: object, name: str) -> object:
@@ -132,7 +135,8 @@ def transient(exc: BaseException) -> bool:
     (``ClientConnectionError``, ``ClientPayloadError``) and httpx
     (``TransportError``, except ``UnsupportedProtocol`` and
     ``LocalProtocolError``), and any exception carrying an HTTP status of 408,
-    429, 500, 502, 503 or 504 (aiohttp's ``ClientResponseError.status``, httpx's
+    429, 500, 502, 503, 504 or 529 (Anthropic's "overloaded"; aiohttp's
+    ``ClientResponseError.status``, httpx's
     ``HTTPStatusError.response.status_code``). An HTTP status decides even on
     an ``OSError`` (urllib's ``HTTPError`` is one: its 404 is final). An
     ``ExceptionGroup`` is transient when every exception in it is. False for
@@ -366,7 +370,7 @@ class Retry:
         on: which failures to retry: an exception type, a tuple of types, or
             a predicate ``exc -> bool``. The default, None, means
             :func:`transient`: network errors, timeouts, ``RetryAfter`` and HTTP
-            408/429/500/502/503/504 are retried; programming errors
+            408/429/500/502/503/504/529 are retried; programming errors
             (``TypeError``, ``ValueError``, ...) and other statuses fail at once.
         max_retry_after: the longest server-directed wait, in seconds, that is
             honoured (``math.inf`` for no cap). A server asking for more than the
@@ -548,12 +552,12 @@ class Retry:
 def retry_kind(exc: BaseException) -> int:
     """Which allowance of the retry budget a retry after ``exc`` draws on.
 
-    ``THROTTLE`` (0) for a throttle: a :class:`RetryAfter`, or an HTTP 429 or
-    503, or an ``ExceptionGroup`` holding one (a TaskGroup in the function
+    ``THROTTLE`` (0) for a throttle: a :class:`RetryAfter`, or an HTTP 429,
+    503 or 529 (overloaded), or an ``ExceptionGroup`` holding one (a TaskGroup in the function
     failed with it, as :func:`retry_after_seconds` reads the group's waits);
     ``ERROR`` (1) for everything else.
     """
-    if isinstance(exc, RetryAfter) or _status(exc) in _RETRY_AFTER_STATUSES:
+    if isinstance(exc, RetryAfter) or _status(exc) in _THROTTLE_STATUSES:
         return THROTTLE
     # A group in which the server refused part of the work: that is what slows a
     # rate="auto" and what the throttles' allowance is for.
