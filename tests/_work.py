@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import faulthandler
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def square(x: int) -> int:
@@ -419,3 +421,35 @@ def echo(x: object) -> object:
 async def async_echo(x: object) -> object:
     await asyncio.sleep(0)
     return x
+
+
+# -- a start method whose workers run out (as when file descriptors do) --------
+
+
+class Unstartable:
+    """A worker process whose start fails as when the file descriptors run out."""
+
+    pid = None
+
+    def start(self) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+class StartsRunOut:
+    """The real start method, but only the first ``allowed`` workers of a pool start."""
+
+    def __init__(self, allowed: int) -> None:
+        from corral import _offload
+
+        self._real = _offload.mp_context()
+        self.allowed = allowed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:
+        if str(kwargs.get("name", "")).startswith("corral-process-"):
+            if self.allowed <= 0:
+                return Unstartable()
+            self.allowed -= 1
+        return self._real.Process(*args, **kwargs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import multiprocessing
 import os
@@ -26,6 +25,7 @@ from hypothesis import strategies as st
 import corral
 from _loops import run
 from _work import (
+    StartsRunOut,
     complete_lines,
     crash_once,
     crash_once_or_fail,
@@ -351,37 +351,12 @@ def test_items_or_results_that_cannot_cross_fail_in_their_place(ghost: types.Mod
 # ---------------------------------------------------------------------------
 
 
-class _Unstartable:
-    """A worker process whose start fails as when the file descriptors run out."""
-
-    def start(self) -> None:
-        raise OSError(errno.EMFILE, "Too many open files")
-
-
-class _StartsRunOut:
-    """The real start method, but only the first ``allowed`` workers of a pool start."""
-
-    def __init__(self, allowed: int) -> None:
-        self._real = _offload.mp_context()
-        self.allowed = allowed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def Process(self, *args: Any, **kwargs: Any) -> Any:
-        if str(kwargs.get("name", "")).startswith("corral-process-"):
-            if self.allowed <= 0:
-                return _Unstartable()
-            self.allowed -= 1
-        return self._real.Process(*args, **kwargs)
-
-
 @pytest.mark.slow
 def test_workers_that_cannot_start_fail_the_calls_with_the_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """No worker starts (EMFILE): the calls fail with that error instead of waiting for ever."""
-    context = _StartsRunOut(allowed=0)
+    context = StartsRunOut(allowed=0)
     monkeypatch.setattr(_offload, "mp_context", lambda: context)
 
     async def main() -> None:
@@ -398,7 +373,7 @@ def test_a_pool_goes_on_with_the_workers_that_could_start(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One worker of three starts: it runs every call, and the failure is logged, not lost."""
-    context = _StartsRunOut(allowed=1)
+    context = StartsRunOut(allowed=1)
     monkeypatch.setattr(_offload, "mp_context", lambda: context)
 
     async def main() -> tuple[list[int], _offload.ProcessPool]:

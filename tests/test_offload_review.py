@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
 import multiprocessing
 import os
 import signal
@@ -17,7 +16,7 @@ import pytest
 
 import corral
 from _loops import run
-from _work import alive, record_pid_and_sleep, worker_processes
+from _work import StartsRunOut, alive, record_pid_and_sleep, worker_processes
 from corral import _offload
 
 pytestmark = pytest.mark.slow
@@ -148,33 +147,6 @@ def test_a_given_thread_pool_shut_down_mid_run_fails_the_items_it_dropped() -> N
 # ---------------------------------------------------------------------------
 
 
-class _Unstartable:
-    """A worker process whose start fails as when the file descriptors run out."""
-
-    pid = None
-
-    def start(self) -> None:
-        raise OSError(errno.EMFILE, "Too many open files")
-
-
-class _NoRestarts:
-    """The real start method, but no worker of a pool starts after the first ``allowed``."""
-
-    def __init__(self, allowed: int) -> None:
-        self._real = _offload.mp_context()
-        self.allowed = allowed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def Process(self, *args: Any, **kwargs: Any) -> Any:
-        if str(kwargs.get("name", "")).startswith("corral-process-"):
-            if self.allowed <= 0:
-                return _Unstartable()
-            self.allowed -= 1
-        return self._real.Process(*args, **kwargs)
-
-
 def _wait_dead(pids: list[int]) -> None:
     """Block (bounded) until every pid has died, its sockets closed by the kernel."""
     deadline = time.monotonic() + 20
@@ -192,7 +164,7 @@ def test_workers_dying_together_with_no_replacement_fail_their_items(
     one, so the pool gives up; the items of the second dead worker must fail
     with the same error instead of waiting for a worker that will never come.
     """
-    context = _NoRestarts(allowed=2)
+    context = StartsRunOut(allowed=2)
     monkeypatch.setattr(_offload, "mp_context", lambda: context)
     directory = tmp_path / "pids"
     directory.mkdir()
