@@ -276,22 +276,8 @@ async def halt_on_three(x: int) -> int:
     return x
 
 
-def test_a_base_exception_from_fn_ends_a_sharded_map_as_itself() -> None:
-    """As in one process: raised as itself, not captured, and no worker process crashes."""
-
-    async def main() -> None:
-        async with asyncio.timeout(30):  # hang guard
-            await corral.gather(
-                halt_on_three, range(8), processes=2, limit=2, return_exceptions=True
-            )
-
-    with pytest.raises(Halt, match="halted at 3"):
-        run(main)
-    assert worker_processes() == set()
-
-
 def test_a_base_exception_from_fn_ends_a_map_in_one_process_as_itself() -> None:
-    """The behaviour processes=N must match."""
+    """Raised as itself, not captured by return_exceptions."""
 
     async def main() -> None:
         async with asyncio.timeout(30):  # hang guard

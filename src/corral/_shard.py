@@ -562,7 +562,7 @@ def _child_main(sock: socket.socket, payload: bytes) -> None:
 
 
 class _Escaped(Exception):
-    """Carries what ``fn`` raised that is no Exception (SystemExit...) out of the child's map."""
+    """Carries a KeyboardInterrupt or SystemExit from ``fn`` out of the child's map."""
 
     def __init__(self, error: BaseException) -> None:
         super().__init__(repr(error))
@@ -701,13 +701,9 @@ class _ChildSession:
                 return (index, True, await call(item))
             except Exception as exc:
                 return (index, False, portable(exc))
-            except (asyncio.CancelledError, GeneratorExit):
-                raise  # this call is being stopped, not failing
-            except BaseException as exc:
-                # SystemExit, KeyboardInterrupt, or another BaseException that
-                # is no Exception (a library's or the program's own): never an
-                # item's outcome, the parent raises it as the map's failure,
-                # as one process does. Let through, it would end this
+            except (KeyboardInterrupt, SystemExit) as exc:
+                # Never an item's outcome: the parent raises it as the map's
+                # failure. Let through, asyncio would re-raise it out of this
                 # process's loop, and the parent would see a crash instead.
                 raise _Escaped(exc) from None
             finally:
