@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from _loops import LOOP_KINDS, run
+from corral import _offload
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -56,3 +57,17 @@ def terminal(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("FORCE_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "200")
     return monkeypatch
+
+
+@pytest.fixture
+def pools(monkeypatch: pytest.MonkeyPatch) -> list[_offload.ProcessPool]:
+    """Every ProcessPool that executor='process' creates during the test."""
+    created: list[_offload.ProcessPool] = []
+
+    class Recording(_offload.ProcessPool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(_offload, "ProcessPool", Recording)
+    return created

@@ -114,20 +114,6 @@ def test_process_executor_refuses_a_lambda_at_once() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def pools(monkeypatch: pytest.MonkeyPatch) -> list[_offload.ProcessPool]:
-    """Every ProcessPool that executor='process' creates during the test."""
-    created: list[_offload.ProcessPool] = []
-
-    class Recording(_offload.ProcessPool):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            created.append(self)
-
-    monkeypatch.setattr(_offload, "ProcessPool", Recording)
-    return created
-
-
 @pytest.mark.slow
 def test_tiny_tasks_travel_in_chunks_never_more_than_the_limit(
     pools: list[_offload.ProcessPool],

@@ -216,20 +216,6 @@ class DiesWhenLoaded:
         return (os._exit, (1,))
 
 
-@pytest.fixture
-def pools(monkeypatch: pytest.MonkeyPatch) -> list[_offload.ProcessPool]:
-    """Every ProcessPool that executor='process' creates during the test."""
-    created: list[_offload.ProcessPool] = []
-
-    class Recording(_offload.ProcessPool):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            created.append(self)
-
-    monkeypatch.setattr(_offload, "ProcessPool", Recording)
-    return created
-
-
 def test_workers_dying_before_they_load_fn_blame_no_item(
     pools: list[_offload.ProcessPool],
 ) -> None:
