@@ -388,7 +388,9 @@ class Controller:
         callers waiting). A window in which it never was cannot grow the limit.
         """
         if now - latency < self._window_start:
-            return  # started before the latest change: it says nothing about it
+            if now >= self._changed_at:
+                return  # started before the latest change: it says nothing about it
+            self.restart_clock()  # a time before the latest change: another clock
         samples = self._samples
         samples.append(latency)
         if busy:
@@ -403,7 +405,9 @@ class Controller:
         call started before the latest change: that change already answered it.
         """
         if now - latency < self._changed_at:
-            return
+            if now >= self._changed_at:
+                return
+            self.restart_clock()  # a time before the latest change: another clock
         self.slow_start = False
         limit = self.limit if self._probe_from is None else self._probe_from
         self._probe_from = None
@@ -514,6 +518,21 @@ class Controller:
             self._probed_at = self._probe_from = back_to
             new = new * PROBE_SCALE
         self._set(new, now)
+
+    def restart_clock(self) -> None:
+        """Times from now on are read from another clock (a new event loop's).
+
+        Called by :meth:`success` and :meth:`drop` when ``now`` is before the
+        latest change, which one clock never reads (a Limiter serves
+        successive event loops, and a loop's ``time()`` may start anywhere,
+        at 0 for a virtual clock): judged by the old clock's times, no call
+        would ever start after the latest change, and the limit would stay
+        frozen. The limit and the latencies (durations, not times) are kept;
+        the window in progress starts again.
+        """
+        self._window_start = self._changed_at = -math.inf
+        self._samples = []
+        self._busy = False
 
     def _set(self, new: float, now: float) -> None:
         """Move the limit (within bounds) and open a new window at ``now``."""

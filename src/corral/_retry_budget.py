@@ -153,6 +153,13 @@ class RetryBudgetState:
 
     def _advance(self, now: float) -> None:
         if now < self._slot_end:
+            if now < self._slot_end - self._span:
+                # Before the current slot began, which one clock never reads:
+                # another event loop's clock (a Limiter serves successive
+                # loops, whose time() may start anywhere, at 0 for a virtual
+                # clock). Judged by the old clock's times the counts would
+                # last until the new one caught up; they age from now on.
+                self._slot_end = now + self._span
             return
         if self._slot_end == -math.inf:
             self._slot_end = now + self._span
