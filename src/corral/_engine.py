@@ -835,14 +835,22 @@ class Engine(Generic[T, R]):
                         if countdown:
                             value = await call(item)
                         else:
-                            began = clock()
-                            try:
-                                value = await call(item)
-                            finally:
-                                histogram.add(clock() - began, stride)
+                            # Reset before the call: a call that raises must not
+                            # leave the countdown at 0, or this worker would
+                            # never time a call again.
+                            weight = stride
                             stride = countdown = (
                                 1 if histogram.total < EXACT_SAMPLES else SAMPLE_STRIDE
                             )
+                            began = clock()
+                            try:
+                                value = await call(item)
+                            except Exception:
+                                # A failure is an end too; a call cut short
+                                # (cancelled, halted) is not, and says nothing.
+                                histogram.add(clock() - began, weight)
+                                raise
+                            histogram.add(clock() - began, weight)
                         if direct:
                             key = item if keyed is None else keyed(id(item))
                             if type(value) in plain:

@@ -82,7 +82,8 @@ class Stats:
         throughput: items ended per second over ``elapsed``.
         limit: the concurrency limit in force (``None``: unbounded).
         latency_p50, latency_p90, latency_p99: seconds per item, from the start of
-            its first attempt to its end; ``None`` before any item ended.
+            its first attempt to its end (a result or a failure; a call an early
+            stop cut short did not end); ``None`` before any item ended.
         max_loop_lag: the longest the event loop was late, in seconds (``None``
             unless the map runs with ``monitor=True``).
     """
