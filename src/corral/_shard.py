@@ -93,7 +93,6 @@ from ._remote import (
     RemoteRun,
     RemoteStream,
     Submissions,
-    _Phase,
     split_limit,
     split_retry_budget,
     worker_call,
@@ -116,6 +115,9 @@ UNBOUNDED_SLICE = 1024
 STATS_INTERVAL = 0.25
 #: Seconds a child that finished cleanly gets to exit before it is terminated.
 EXIT_GRACE = 5.0
+#: Bytes per read, and reads at most, of what a lost child's link left unread.
+DRAIN_CHUNK = 1 << 18
+DRAIN_READS = 256
 
 
 def _refuse_unpicklable(value: object, explain: Callable[[Exception], str]) -> None:
@@ -177,6 +179,7 @@ class _Child:
         "outstanding",
         "process",
         "retried",
+        "spare",
         "started",
     )
 
@@ -185,6 +188,9 @@ class _Child:
         self.capacity = capacity  # items it may hold (in flight + waiting); None: no bound
         self.process: BaseProcess | None = None
         self.link: Link | None = None
+        # A second descriptor of the parent's end of the socket, to read what
+        # the child wrote before it went once the link is lost (see _drain).
+        self.spare: socket.socket | None = None
         self.outbox: list[tuple[int, Any]] = []  # assigned, sent at the end of this iteration
         self.outstanding = 0  # sent, result not back
         self.grants = 0  # rate tokens to send at the end of this iteration
@@ -199,6 +205,12 @@ class _Child:
         if self.capacity is None:
             return UNBOUNDED_SLICE
         return self.capacity - self.outstanding - len(self.outbox)
+
+
+def _close_spare(child: _Child) -> None:
+    spare, child.spare = child.spare, None
+    if spare is not None:
+        spare.close()
 
 
 class ShardRun(RemoteRun[R]):
@@ -274,8 +286,19 @@ class ShardRun(RemoteRun[R]):
             raise
         finally:
             child_end.close()
-        link = Link(lambda message: self._on_message(child, message), lambda: self._on_lost(child))
-        await connect(parent_end, link)
+
+        def lost() -> None:
+            self._on_lost(child, link)
+
+        link = Link(lambda message: self._on_message(child, message), lost)
+        spare = child.spare = parent_end.dup()
+        spare.setblocking(False)  # as the loop makes its twin: they share that mode
+        try:
+            await connect(parent_end, link)
+        except BaseException:
+            child.spare = None
+            spare.close()
+            raise
         child.link = link
 
     def _all_done(self) -> bool:
@@ -290,6 +313,7 @@ class ShardRun(RemoteRun[R]):
         for child in self._children:
             if child.link is not None:
                 child.link.close()
+            _close_spare(child)  # or the socket stays open, and the child never sees its end
 
     async def _settle(self) -> None:
         if self._flush_handle is not None:
@@ -470,9 +494,36 @@ class ShardRun(RemoteRun[R]):
             payload = pickle.dumps([(index, self._sent[index])], pickle.HIGHEST_PROTOCOL)
             child.link.send(("again", [index], payload))
 
-    def _on_lost(self, child: _Child) -> None:
-        if self._phase is _Phase.RUNNING and not child.finished:
+    def _on_lost(self, child: _Child, link: Link) -> None:
+        if self._live():
+            self._drain(child, link)
+        _close_spare(child)
+        if self._live() and not child.finished:
             self._spawn(self._report_crash(child))
+
+    def _drain(self, child: _Child, link: Link) -> None:
+        """Read what the child wrote and ``link`` did not, before judging the child dead.
+
+        A write to a child that has just exited fails, and the event loop then
+        drops the connection without reading what is left in the socket: the
+        child's last messages ("fatal", its last results, "done"), sent just
+        before it exited, as it does at once after "fatal". Once the child is
+        gone, all it wrote is in this end of the socket; the spare descriptor
+        reads it, after the link stopped reading, so nothing is read twice.
+        """
+        spare = child.spare
+        if spare is None:
+            return
+        # Bounded: to the socket's end, or, should the child live on and keep
+        # writing, to what it holds now (a few MB at most).
+        for _ in range(DRAIN_READS):
+            try:
+                data = spare.recv(DRAIN_CHUNK)
+            except OSError:  # nothing more for now (BlockingIOError), or reset
+                return
+            if not data:
+                return
+            link.data_received(data)
 
     async def _report_crash(self, child: _Child) -> None:
         assert child.process is not None
@@ -562,7 +613,7 @@ def _child_main(sock: socket.socket, payload: bytes) -> None:
 
 
 class _Escaped(Exception):
-    """Carries a KeyboardInterrupt or SystemExit from ``fn`` out of the child's map."""
+    """Carries what ``fn`` raised that is no Exception (SystemExit...) out of the child's map."""
 
     def __init__(self, error: BaseException) -> None:
         super().__init__(repr(error))
@@ -701,9 +752,13 @@ class _ChildSession:
                 return (index, True, await call(item))
             except Exception as exc:
                 return (index, False, portable(exc))
-            except (KeyboardInterrupt, SystemExit) as exc:
-                # Never an item's outcome: the parent raises it as the map's
-                # failure. Let through, asyncio would re-raise it out of this
+            except (asyncio.CancelledError, GeneratorExit):
+                raise  # this call is being stopped, not failing
+            except BaseException as exc:
+                # SystemExit, KeyboardInterrupt, or another BaseException that
+                # is no Exception (a library's or the program's own): never an
+                # item's outcome, the parent raises it as the map's failure,
+                # as one process does. Let through, it would end this
                 # process's loop, and the parent would see a crash instead.
                 raise _Escaped(exc) from None
             finally:
