@@ -525,6 +525,7 @@ def _engine_and_checkpoint(
     call: Call
     on_close: OnClose | None = None
     on_abandon: Callable[[], None] | None = None  # see Engine
+    unstarted: Callable[[], int] | None = None  # see Engine
     retried = _Retried()
     workers: int | None
     limiter: Limiter | None = None
@@ -535,6 +536,7 @@ def _engine_and_checkpoint(
         call = remote
         on_close = remote.close
         on_abandon = remote.abandon
+        unstarted = remote.unstarted
         retried = remote.retried
         fixed: int | None = limit
         workers = None if fixed is None else 2 * fixed
@@ -649,6 +651,7 @@ def _engine_and_checkpoint(
         recorder=recorder,
         elastic=elastic,
         on_abandon=on_abandon,
+        unstarted=unstarted,
     )
     if elastic is not None:
         assert limiter is not None

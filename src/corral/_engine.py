@@ -564,6 +564,9 @@ class Engine(Generic[T, R]):
         on_abandon: called at once when the consumer drops the stream unclosed,
             before the close that follows in the background (which may not
             run to its end): what must not outlive the map (worker processes).
+        unstarted: how many items the call took that have not started yet (a
+            remote run queues them for its workers): stats count them neither
+            as started nor as in flight.
     """
 
     def __init__(
@@ -583,6 +586,7 @@ class Engine(Generic[T, R]):
         recorder: Recorder | None = None,
         elastic: int | None = None,
         on_abandon: Callable[[], None] | None = None,
+        unstarted: Callable[[], int] | None = None,
     ) -> None:
         self._call = call
         self._recorder = recorder
@@ -600,6 +604,9 @@ class Engine(Generic[T, R]):
         self._retried = retried
         self._on_close = on_close
         self._on_abandon = on_abandon
+        # How many items the call has taken that have not started (a remote
+        # run's queue, see _remote.RemoteCall): stats count them as not started.
+        self._unstarted_reader = unstarted
         self._deadline = deadline
         self._deadline_handle: asyncio.TimerHandle | None = None
         # Set when the run stops starting calls before its input ran out
@@ -1352,6 +1359,8 @@ class Engine(Generic[T, R]):
             finished = self._consumed + len(self._ready) + len(self._pending)
         completed = finished - self._captured
         started = self._source.pulled() - len(self._blocked) - self._not_run
+        if self._unstarted_reader is not None:
+            started -= self._unstarted_reader()
         # Once the run is over nothing is in flight; calls cancelled by an early
         # stop count as started, neither completed nor failed.
         closed = self._phase is _Phase.CLOSED

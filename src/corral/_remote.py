@@ -729,6 +729,19 @@ class RemoteCall:
         self._submissions.put(item)
         return future
 
+    def unstarted(self) -> int:
+        """Items handed to the run that its workers have not started (queued there).
+
+        The engine counts an item started when it hands it over; its stats
+        take these off, so that ``started`` and ``in_flight`` count the calls
+        the workers run, as without the engine (see Engine's ``unstarted``).
+        """
+        run = self._run
+        if run._phase is _Phase.IDLE:
+            return self._submitted
+        started = run._counts(run._completed + run._failed, True)[0]
+        return max(0, self._submitted - started)
+
     def deliver(self, outcomes: Iterable[tuple[int, bool, Any]]) -> None:
         futures = self._futures
         for index, ok, value in outcomes:
