@@ -21,7 +21,10 @@ What each guarantee becomes
   an actor has room for it (each actor holds about twice its share, so it
   never idles between two chunks), and runs at most a fixed number of chunks
   ahead of the consumer, so an endless input streams through in bounded
-  memory and the reorder buffer behind a slow chunk is bounded too.
+  memory and the reorder buffer behind a slow chunk is bounded too. Items
+  are cut into chunks by what each actor lacks of twice its share, so a
+  few items at a time (a slow input, an engine in front) keep every actor
+  busy, not one.
 - **Exactly once**: results come back per chunk, tagged with the chunk's
   first index; a chunk is accepted once, when it is still outstanding, and
   must hold exactly its items. Ordered delivery merges chunks in input order
@@ -44,7 +47,8 @@ What each guarantee becomes
   in the actors (an item queued there behind the limit has not started).
   A chunk cut short by an early end returns nothing, so each actor says at
   the end how many calls its cut chunks had started; until then, of the
-  items the actors hold, as many as the limit lets run count as in flight.
+  items each actor holds, as many as its share lets run count as in flight.
+  Once a call is cancelled (the map is ending) an actor starts no other.
 - **Retries** run in the actor, per attempt; each actor keeps the retry
   budget for its own calls with a share of its floor (see _remote), so the
   map's retries stay ``floor + ratio x successes`` as in one process.
@@ -461,6 +465,13 @@ class _Actor:
         )
         self._state_task: asyncio.Future[Any] | None = None
         self._closed = False
+        # Set when a call is cancelled: the map is ending (the driver cancels
+        # every chunk in flight, or a chunk leaves its map on a failure, which
+        # ends it). The driver cancels chunks one by one, and each cancelled
+        # call frees a slot of this actor's Limiter: without the flag, the
+        # calls of chunks not yet cancelled would start in those slots (paid
+        # calls, after cancel()).
+        self._stopping = False
         # The tallies of chunks whose outcome has not gone back: a chunk that
         # ray.cancel stops returns nothing, so the driver asks at the end (close).
         self._unreported: set[_Tally] = set()
@@ -539,11 +550,18 @@ class _Actor:
 
         async def run_item(pair: tuple[int, Any]) -> tuple[int, bool, Any]:
             offset, item = pair
+            if self._stopping:
+                # The map is ending: start nothing more, and wait for this
+                # chunk's own cancellation, on its way (see _stopping).
+                await asyncio.get_running_loop().create_future()
             began = clock()
             try:
                 return (offset, True, await call(item))
             except Exception as exc:
                 return (offset, False, exc)
+            except asyncio.CancelledError:
+                self._stopping = True
+                raise
             finally:
                 histogram.add(clock() - began)
 
@@ -707,12 +725,14 @@ def _growth(histogram: LatencyHistogram) -> dict[int, int]:
 class _Slot:
     """The driver's view of one actor."""
 
-    __slots__ = ("handle", "held", "loaded", "number")
+    __slots__ = ("handle", "held", "items", "loaded", "number", "share")
 
-    def __init__(self, number: int, handle: Any) -> None:
+    def __init__(self, number: int, handle: Any, share: int | None) -> None:
         self.number = number
         self.handle = handle
+        self.share = share  # its share of the limit (None: no limit)
         self.held = 0  # chunks sent, outcome not back
+        self.items = 0  # the items of those chunks that it runs (not those unsent)
         # First indexes of its chunks whose values came pickled as one and were
         # loaded here: told with the next chunk sent to it, which stops keeping them.
         self.loaded: list[int] = []
@@ -772,8 +792,6 @@ class RayRun(RemoteRun[R]):
         self._chunk_tasks: set[asyncio.Task[None]] = set()
         self._outstanding: dict[int, _Chunk] = {}  # by first index: sent, not back
         self._retried = 0
-        # Items of the chunks in flight the actors run (not those that failed unsent).
-        self._held_items = 0
         # Calls that started in the actors but whose outcome was not handed out:
         # cut short by the end of the map, or back after it.
         self._cut_short = 0
@@ -829,7 +847,7 @@ class RayRun(RemoteRun[R]):
                 budget,
                 options.return_exceptions,
             )
-            self._slots.append(_Slot(number, handle))
+            self._slots.append(_Slot(number, handle, share))
 
     def _all_done(self) -> bool:
         return self._input_done and not self._outstanding
@@ -888,11 +906,12 @@ class RayRun(RemoteRun[R]):
         if not running or self.finished:
             return started, 0, self._retried
         # Until the end the actors are not asked (a round trip per snapshot):
-        # of the items they hold, as many as the limit lets run stand for the
-        # calls running. Once closed, the count is theirs (see _release).
-        in_flight = self._held_items
-        if self._limit is not None:
-            in_flight = min(in_flight, self._limit)
+        # of the items each holds, as many as its share lets run stand for
+        # the calls running. Once closed, the count is theirs (see _release).
+        in_flight = 0
+        for slot in self._slots:
+            share = slot.share
+            in_flight += slot.items if share is None or slot.items < share else share
         return started + in_flight, in_flight, self._retried
 
     @property
@@ -955,7 +974,42 @@ class RayRun(RemoteRun[R]):
                 await asyncio.gather(pumping, return_exceptions=True)
 
     def _dispatch(self, batch: list[Any]) -> None:
-        slot = min(self._slots, key=lambda s: s.held)
+        for slot, piece in self._pieces(batch):
+            if not self._send(slot, piece):
+                return  # the map failed: nothing more goes
+
+    def _pieces(self, batch: list[Any]) -> list[tuple[_Slot, list[Any]]]:
+        """``batch`` cut for the actors: what each lacks of twice its share first.
+
+        A batch smaller than a chunk (the input had no more ready, or an
+        engine in front hands items over a few at a time) would otherwise go
+        whole to one actor, which runs only its share of it while the others
+        idle: with the engine in front, which hands over twice the limit, the
+        map ran at half its limit on two actors. What is left once every
+        actor holds twice its share (a full chunk of a fast input) goes to
+        the actor that then holds the fewest items.
+        """
+        slots = self._slots
+        if self._limit is None or len(slots) == 1:
+            return [(min(slots, key=lambda s: s.held), batch)]
+        pieces: list[tuple[_Slot, list[Any]]] = []
+        holds = {slot.number: slot.items for slot in slots}
+        taken = 0
+        for slot in sorted(slots, key=lambda s: s.items - 2 * (s.share or 0)):
+            lack = 2 * (slot.share or 0) - slot.items
+            if lack <= 0 or taken == len(batch):
+                break
+            piece = batch[taken : taken + lack]
+            pieces.append((slot, piece))
+            holds[slot.number] += len(piece)
+            taken += len(piece)
+        if taken < len(batch):
+            fewest = min(slots, key=lambda s: holds[s.number])
+            pieces.append((fewest, batch[taken:]))
+        return pieces
+
+    def _send(self, slot: _Slot, batch: list[Any]) -> bool:
+        """Send ``batch`` to ``slot``'s actor as one chunk; False if that failed the map."""
         start = self._next_index
         unsent: dict[int, BaseException] = {}
         loaded = slot.take_loaded()
@@ -970,16 +1024,17 @@ class RayRun(RemoteRun[R]):
                 self._next_index += 1
                 self._failed += 1
                 self._fail(next(iter(unsent.values())))
-                return
+                return False
             # The others go, with placeholders keeping their offsets.
             batch = [None if offset in unsent else item for offset, item in enumerate(batch)]
             ref = slot.handle.run_chunk.remote(batch, start, sorted(unsent), loaded)
         self._next_index += len(batch)
         self._track(_Chunk(start, batch, slot, ref, unsent))
+        return True
 
     def _track(self, chunk: _Chunk) -> None:
         chunk.slot.held += 1
-        self._held_items += chunk.size - len(chunk.unsent)
+        chunk.slot.items += chunk.size - len(chunk.unsent)
         self._outstanding[chunk.start] = chunk
         self._spawn(self._await_chunk(chunk), self._chunk_tasks)
 
@@ -1103,7 +1158,7 @@ class RayRun(RemoteRun[R]):
         if self._outstanding.get(chunk.start) is chunk:
             del self._outstanding[chunk.start]
             chunk.slot.held -= 1
-            self._held_items -= chunk.size - len(chunk.unsent)
+            chunk.slot.items -= chunk.size - len(chunk.unsent)
             self._wake_feeder()
 
     def _explain(self, chunk: _Chunk, exc: BaseException) -> BaseException:
