@@ -156,6 +156,9 @@ MAX_CRASHES = 3
 UNBOUNDED_THREADS = 100
 #: Seconds a terminated worker gets before it is killed.
 TERMINATE_GRACE = 1.0
+#: Bytes per read, and reads at most, of what a lost link left unread (see drain).
+DRAIN_CHUNK = 1 << 18
+DRAIN_READS = 256
 
 Call = Callable[[Any], Awaitable[Any]]
 OnClose = Callable[[bool], Awaitable[None]]
@@ -526,6 +529,34 @@ class Link(asyncio.Protocol):
             self.transport.close()
 
 
+def spare_of(sock: socket.socket) -> socket.socket:
+    """A second descriptor of ``sock``, to :func:`drain` once its link is lost."""
+    spare = sock.dup()
+    spare.setblocking(False)  # as the loop makes its twin: they share that mode
+    return spare
+
+
+def drain(spare: socket.socket, link: Link) -> None:
+    """Feed ``link`` what its peer wrote and the link did not read, through ``spare``.
+
+    A write to a peer process that has just exited fails, and the event loop
+    then drops the connection without reading what is left in the socket:
+    the peer's last messages, written just before it went. Once the peer is
+    gone, all it wrote is in this end of the socket; ``spare`` (see
+    :func:`spare_of`) reads it after the link stopped reading, so nothing
+    is read twice. Bounded: to the socket's end, or, should the peer live
+    on and keep writing, to what it holds now.
+    """
+    for _ in range(DRAIN_READS):
+        try:
+            data = spare.recv(DRAIN_CHUNK)
+        except OSError:  # nothing more for now (BlockingIOError), or reset
+            return
+        if not data:
+            return
+        link.data_received(data)
+
+
 async def connect(sock: socket.socket, link: Link) -> None:
     """Attach ``link`` to the parent's end of a socket pair (closes it on failure)."""
     try:
@@ -853,15 +884,26 @@ class ChunkSizer:
 
 
 class _Worker:
-    __slots__ = ("chunks", "clock", "link", "number", "process", "ready")
+    __slots__ = ("chunks", "clock", "link", "number", "process", "ready", "spare")
 
-    def __init__(self, number: int, process: BaseProcess, link: Link) -> None:
+    def __init__(
+        self, number: int, process: BaseProcess, link: Link, spare: socket.socket | None = None
+    ) -> None:
         self.number = number
         self.process = process
         self.link = link
+        # A second descriptor of the parent's end of the socket, to read what
+        # the worker wrote before it went once the link is lost (see _drain).
+        self.spare = spare
         self.chunks: deque[list[_Job]] = deque()  # sent, results not back; the head is running
         self.ready = False  # it has loaded fn
         self.clock: asyncio.TimerHandle | None = None  # with a timeout: its attempt's end
+
+
+def _close_spare(worker: _Worker) -> None:
+    spare, worker.spare = worker.spare, None
+    if spare is not None:
+        spare.close()
 
 
 class _PoolState(enum.Enum):
@@ -1017,10 +1059,19 @@ class ProcessPool:
         assert process.pid is not None
         self.pids.append(process.pid)
         link = Link(lambda message: None, lambda: None)
-        worker = _Worker(number, process, link)
+        try:
+            spare = spare_of(parent_end)
+        except BaseException:
+            parent_end.close()
+            raise
+        worker = _Worker(number, process, link, spare)
         link._on_message = lambda message: self._on_message(worker, message)
         link._on_lost = lambda: self._on_lost(worker)
-        await connect(parent_end, link)
+        try:
+            await connect(parent_end, link)
+        except BaseException:
+            _close_spare(worker)
+            raise
         self._workers.append(worker)
         self._schedule_dispatch()
 
@@ -1092,6 +1143,7 @@ class ProcessPool:
                 ),
             )
         worker.link.close()
+        _close_spare(worker)
         worker.process.terminate()
         self._overrun_processes.append(worker.process)
         self._spawn(self._replace(worker))
@@ -1193,12 +1245,28 @@ class ProcessPool:
         worker.chunks.clear()
 
     def _on_lost(self, worker: _Worker) -> None:
+        if self._state is _PoolState.RUNNING and worker in self._workers:
+            self._drain(worker)
+        _close_spare(worker)
         # A crash: a re-run item gets a clock of its own; the dead worker's must not fire.
         self._stop_clock(worker)
         if self._state is not _PoolState.RUNNING or worker not in self._workers:
             return
         self._workers.remove(worker)
         self._spawn(self._bury(worker))
+
+    @staticmethod
+    def _drain(worker: _Worker) -> None:
+        """Read what the worker wrote and its link did not, before judging the worker dead.
+
+        Its last messages ("broken" as it gives up loading fn, "ready" before
+        an item kills it, the results of a chunk before it is killed) may be
+        left unread (see :func:`drain`). Judged without them, a worker that
+        could not load fn passes for a crash, an item that killed its worker
+        goes unblamed, a chunk that ran is run again.
+        """
+        if worker.spare is not None:
+            drain(worker.spare, worker.link)
 
     async def _bury(self, worker: _Worker) -> None:
         """A worker died: re-run what it held, fail a repeat killer, start a new worker."""
@@ -1300,6 +1368,7 @@ class ProcessPool:
                 process.terminate()
         for worker in self._workers:
             worker.link.close()
+            _close_spare(worker)
 
     async def close(self, clean: bool) -> None:
         """Stop every worker: let idle ones exit after a clean run, terminate them otherwise."""
@@ -1324,6 +1393,7 @@ class ProcessPool:
             for worker in self._workers:
                 self._stop_clock(worker)
                 worker.link.close()  # a worker waiting for work sees EOF and exits
+                _close_spare(worker)  # or the socket stays open, and the worker never sees it
             for job in self._waiting:
                 job.future.cancel()
             self._waiting.clear()

@@ -76,10 +76,12 @@ from ._offload import (
     WorkerCrashed,
     connect,
     describe_exit,
+    drain,
     ignore_sigint,
     mp_context,
     pack_outcome,
     portable,
+    spare_of,
     stop_processes,
     undecodable,
     unpack_outcome,
@@ -115,9 +117,6 @@ UNBOUNDED_SLICE = 1024
 STATS_INTERVAL = 0.25
 #: Seconds a child that finished cleanly gets to exit before it is terminated.
 EXIT_GRACE = 5.0
-#: Bytes per read, and reads at most, of what a lost child's link left unread.
-DRAIN_CHUNK = 1 << 18
-DRAIN_READS = 256
 
 
 def _refuse_unpicklable(value: object, explain: Callable[[Exception], str]) -> None:
@@ -291,8 +290,7 @@ class ShardRun(RemoteRun[R]):
             self._on_lost(child, link)
 
         link = Link(lambda message: self._on_message(child, message), lost)
-        spare = child.spare = parent_end.dup()
-        spare.setblocking(False)  # as the loop makes its twin: they share that mode
+        spare = child.spare = spare_of(parent_end)
         try:
             await connect(parent_end, link)
         except BaseException:
@@ -504,26 +502,12 @@ class ShardRun(RemoteRun[R]):
     def _drain(self, child: _Child, link: Link) -> None:
         """Read what the child wrote and ``link`` did not, before judging the child dead.
 
-        A write to a child that has just exited fails, and the event loop then
-        drops the connection without reading what is left in the socket: the
-        child's last messages ("fatal", its last results, "done"), sent just
-        before it exited, as it does at once after "fatal". Once the child is
-        gone, all it wrote is in this end of the socket; the spare descriptor
-        reads it, after the link stopped reading, so nothing is read twice.
+        Its last messages ("fatal", its last results, "done"), sent just
+        before it exited, as it does at once after "fatal", may be left
+        unread (see :func:`drain`).
         """
-        spare = child.spare
-        if spare is None:
-            return
-        # Bounded: to the socket's end, or, should the child live on and keep
-        # writing, to what it holds now (a few MB at most).
-        for _ in range(DRAIN_READS):
-            try:
-                data = spare.recv(DRAIN_CHUNK)
-            except OSError:  # nothing more for now (BlockingIOError), or reset
-                return
-            if not data:
-                return
-            link.data_received(data)
+        if child.spare is not None:
+            drain(child.spare, link)
 
     async def _report_crash(self, child: _Child) -> None:
         assert child.process is not None
