@@ -38,6 +38,13 @@ a process leaving the queue with slots still wanted) or the earliest lease
 may have ended. Across processes, a freed slot goes to the
 process that asks first.
 
+Redis out of reach for a while (a restart, a network blip: connections
+refused or reset) fails no caller waiting for a slot at once: each keeps
+waiting and asks again, backing off (``RECONNECT_DELAY`` doubling up to
+``RECONNECT_MAX``), and fails with a ``ConnectionError`` naming the Redis
+address only once Redis has been unreachable for a lease. Callers holding
+slots are not touched: their leases are renewed as before.
+
 Releasing is synchronous in the Limiter API (``release()`` is a plain
 method), so releases, rate give-backs and cooldowns are queued and sent in
 batches by one background task per event loop. Everything this process
@@ -48,6 +55,7 @@ still holds is given back when the event loop shuts down
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -55,8 +63,8 @@ import os
 import sys
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from ._adaptive import Adaptive
@@ -94,6 +102,13 @@ RESEND_DELAY = 0.2
 #: After a lost subscription, the first wait before subscribing again
 #: (seconds); it doubles with each loss in a row, capped by the pump's timeout.
 RESUBSCRIBE_DELAY = 0.05
+#: While Redis cannot be reached, a caller waiting for a slot asks again after
+#: this long (seconds), doubling with each failure in a row up to
+#: RECONNECT_MAX; it gives up once Redis has been unreachable for a lease.
+RECONNECT_DELAY = 0.05
+RECONNECT_MAX = 1.0
+
+_T = TypeVar("_T")
 
 _URL_SCHEMES = ("redis", "rediss", "unix")
 
@@ -221,13 +236,24 @@ return out
 """
 )
 
-# KEYS: queue, queue leases, wants. ARGV: a ticket, which leaves the queue, the
-# channel. A ticket still wanting slots held them back from the tickets behind
-# it, which are told (as by a release) so that they ask again now.
+# KEYS: queue, queue leases, wants. ARGV: a ticket, the channel, the slots the
+# ticket still wants (0: it leaves the queue). Wants only go down here (an ask
+# sets them): a process whose callers gave up lowers them between two asks.
+# Wants given up held slots back from the tickets behind, which are told (as
+# by a release) so that they ask again now.
 _LEAVE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('HDEL', KEYS[3], ARGV[1]) > 0 then redis.call('PUBLISH', ARGV[2], 0) end
+local want = tonumber(ARGV[3])
+local had = tonumber(redis.call('HGET', KEYS[3], ARGV[1]))
+if want > 0 then
+  if not had or had <= want then return 0 end
+  redis.call('HSET', KEYS[3], ARGV[1], want)
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if not had then return 0 end
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
+redis.call('PUBLISH', ARGV[2], 0)
 return 1
 """
 
@@ -439,13 +465,17 @@ class _Binding:
 
     __slots__ = (
         "acquire",
+        "arrivals",
         "client",
         "closed",
         "cool",
         "cooling",
+        "down_since",
         "give_back",
         "guard",
         "idle",
+        "landing",
+        "last_failure",
         "leave",
         "loop",
         "lost",
@@ -459,10 +489,12 @@ class _Binding:
         "renew",
         "renewer",
         "sender",
+        "ticket",
         "to_give_back",
         "to_leave",
         "to_release",
         "waiters",
+        "wanted",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, url: str) -> None:
@@ -478,9 +510,11 @@ class _Binding:
         self.leave: AsyncScript = client.register_script(_LEAVE)
         self.cool: AsyncScript = client.register_script(_COOLDOWN)
         self.cooling: AsyncScript = client.register_script(_COOLING)
-        # Callers in line for a slot, first come first served; n_waiting counts
-        # the live ones (a cancelled future stays in the deque until skipped).
-        self.waiters: deque[asyncio.Future[_Grant]] = deque()
+        # Callers in line for a slot, in arrival order, each with its arrival
+        # number; n_waiting counts the live ones (a cancelled future stays in
+        # the deque until skipped).
+        self.waiters: deque[tuple[int, asyncio.Future[_Grant]]] = deque()
+        self.arrivals = itertools.count()  # numbers the callers asking for a slot
         self.n_waiting = 0
         self.n_rate = 0  # callers holding a grant, sleeping until their rate slot
         # Queued for the sender: tokens to release, (after, before) rate
@@ -491,6 +525,17 @@ class _Binding:
         self.outbox: list[float] = []
         self.pump: asyncio.Task[None] | None = None
         self.idle = False  # the pump waits between two asks (cancelling it loses no grant)
+        # The pump's place in the shared queue, and the slots Redis counts it
+        # as wanting (as last set from here; 0: none).
+        self.ticket: str | None = None
+        self.wanted = 0
+        # Calls to Redis whose caller was cancelled before the reply came:
+        # what each gets is given back (see RedisLimiter._landed).
+        self.landing: dict[asyncio.Task[Any], Callable[[Any], None]] = {}
+        # The loop time the current outage began (None: Redis answered last),
+        # and of the last failed attempt to reach Redis.
+        self.down_since: float | None = None
+        self.last_failure = -math.inf
         self.renewer: asyncio.Task[None] | None = None
         self.lost: set[str] = set()  # held tokens whose lease another process may have
         self.sender: asyncio.Task[None] | None = None
@@ -552,6 +597,24 @@ def _backoff(lost: int) -> float:
     return RESUBSCRIBE_DELAY * 2.0 ** min(max(lost - 1, 0), 10)
 
 
+def _retry_delay(failures: int) -> float:
+    """Seconds to wait before asking Redis again after ``failures`` failures in a row."""
+    return min(RECONNECT_MAX, RECONNECT_DELAY * 2.0 ** min(max(failures - 1, 0), 10))
+
+
+def _outage_errors() -> tuple[type[Exception], ...]:
+    """What redis-py raises when Redis cannot be reached (refused, reset, timed out)."""
+    from redis.exceptions import ConnectionError as Lost
+    from redis.exceptions import TimeoutError as Unanswered
+
+    return (Lost, Unanswered)
+
+
+def _wants_stale(b: _Binding) -> bool:
+    """Callers in line gave up since the pump's last ask: Redis counts too many wants."""
+    return b.ticket is not None and b.n_waiting < b.wanted
+
+
 async def _close_quietly(pubsub: Any) -> None:
     """Close a pub/sub connection, which may be broken already."""
     try:
@@ -590,6 +653,10 @@ class RedisLimiter(Limiter):
       the next renewal while the cap leaves room;
     - callers in one process are served in arrival order; between
       processes a freed slot goes to whichever asks first;
+    - callers waiting for a slot ride out a Redis outage (a restart, a
+      network blip) shorter than ``lease``, asking again with a growing
+      pause; past it they fail with a ``ConnectionError`` naming the
+      Redis address;
     - :meth:`cooldown` (and a Retry-After seen by ``corral.map``, or
       :meth:`sync_headers` with no request left) pauses every process
       sharing the name; the slots then reopen in steps;
@@ -715,13 +782,21 @@ class RedisLimiter(Limiter):
         One round trip to Redis when a slot is free; a caller that had to
         wait for its rate slot then sits out, holding its slot, any cooldown
         begun meanwhile in any process (one more round trip). Cancelled while
-        waiting, the caller holds nothing afterwards: its place in line is
-        given up, a slot granted to it is released, and its rate
-        reservation is given back when no later start was booked after it.
+        waiting, even while Redis is granting it a slot, the caller holds
+        nothing afterwards: its place in line is given up, a slot granted to
+        it is released, and its rate reservation is given back when no later
+        start was booked after it.
+
+        While Redis cannot be reached (connection refused or reset), the
+        caller waits on and asks again, backing off from 0.05 s to at most
+        1 s between attempts, until Redis has been unreachable for ``lease``
+        seconds.
 
         Raises:
-            redis.exceptions.RedisError: Redis cannot be reached (a
-                ``ConnectionError``) or refused the script.
+            redis.exceptions.ConnectionError: Redis stayed unreachable for
+                ``lease`` seconds while this caller waited (the message names
+                the Redis address).
+            redis.exceptions.RedisError: Redis refused the script.
             TypeError: a ``cost`` (a shared budget has a plain rate only).
         """
         if cost is not None:
@@ -733,10 +808,9 @@ class RedisLimiter(Limiter):
         if self._limit is None:
             grant = await self._reserve_rate(b)
         elif b.n_waiting:  # callers of this process are in line: join them
-            grant = await self._wait_in_line(b)
+            grant = await self._wait_in_line(b, next(b.arrivals))
         else:
-            grants, _ = await self._ask(b, 1)
-            grant = grants[0] if grants else await self._wait_in_line(b)
+            grant = await self._ask_first(b)
         if grant[1] > b.loop.time():
             await self._wait_for_rate(b, grant)
 
@@ -884,9 +958,25 @@ class RedisLimiter(Limiter):
         left = self._cool_until - b.loop.time()
         if left > 0:
             return [], left
+        return await self._ask_now(b, n, ticket, want)
+
+    def _ask_now(
+        self, b: _Binding, n: int, ticket: str = "", want: int = 0
+    ) -> Coroutine[Any, Any, tuple[list[_Grant], float]]:
+        """:meth:`_ask` past the cooldown check, the releases to send taken now.
+
+        Taken before the caller's next await, not when the returned
+        coroutine first runs (maybe in a task of its own, a step later):
+        the sender would send them on their own first, a round trip more.
+        """
         tokens = [self._token() for _ in range(n)]
         releases = b.to_release[:RELEASE_BATCH]
         del b.to_release[: len(releases)]
+        return self._asked(b, tokens, releases, ticket, want)
+
+    async def _asked(
+        self, b: _Binding, tokens: list[str], releases: list[str], ticket: str, want: int
+    ) -> tuple[list[_Grant], float]:
         try:
             reply: list[int] = await b.acquire(
                 keys=self._keys,
@@ -911,6 +1001,8 @@ class RedisLimiter(Limiter):
             self._send(b)
             raise
         granted = int(reply[0])
+        if ticket and not reply[2]:  # (a reply in a cooldown left the queue as it was)
+            b.wanted = want - granted if granted < want else 0
         if not granted:
             retry = int(reply[1]) / 1e6
             if reply[2]:
@@ -930,9 +1022,134 @@ class RedisLimiter(Limiter):
         self._renew_soon(b)
         return grants, 0.0
 
-    async def _wait_in_line(self, b: _Binding) -> _Grant:
+    async def _ask_first(self, b: _Binding) -> _Grant:
+        """A slot for a caller with nobody of this process in line: ask, else queue."""
+        arrival = next(b.arrivals)
+        if self._cool_until > b.loop.time():  # as in _ask: wait in line for its end
+            return await self._wait_in_line(b, arrival)
+        started = b.loop.time()
+        asking = self._ask_now(b, 1)
+        try:
+            if self._interval_us:
+                grants, _ = await self._landed(b, asking, functools.partial(self._undo, b))
+            else:
+                # Without a rate nothing is lost to a cancel mid-call (its
+                # token is released either way, see _asked): no task needed.
+                grants, _ = await asking
+        except _outage_errors() as exc:
+            self._unreachable(b, exc, started)  # raises once the outage is too long
+            grants = []  # in line, the pump asks again as Redis comes back
+        else:
+            b.down_since = None
+        if grants:
+            waiters = b.waiters
+            while waiters and waiters[0][1].done():  # cancelled in line
+                waiters.popleft()
+            if not waiters or waiters[0][0] > arrival:
+                return grants[0]
+            # Callers who came before this one are in line: asking at the same
+            # time, their refusals came back first (or Redis was out when they
+            # asked). The first of them takes the slot; this caller, its turn.
+            b.n_waiting -= 1
+            waiters.popleft()[1].set_result(grants[0])
+        return await self._wait_in_line(b, arrival)
+
+    def _undo(self, b: _Binding, asked: tuple[list[_Grant], float]) -> None:
+        """The slots an ask got for a caller who has left: release them, give back the rate."""
+        for grant in asked[0]:
+            self._drop(b, grant)
+
+    async def _landed(
+        self, b: _Binding, call: Coroutine[Any, Any, _T], undo: Callable[[_T], None]
+    ) -> _T:
+        """Run a call to Redis that takes a slot or a rate slot in a task of its own.
+
+        Cancelling the caller inside the call would cut redis-py off between
+        Redis running the script and the reply arriving: the caller could not
+        give back what it never learnt it got (the slot would come back only
+        as its lease ends, the rate slot never). Instead the caller leaves at
+        once, the call goes on, and ``undo`` gives back what it got when the
+        reply lands.
+        """
+        task = b.loop.create_task(call)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            b.landing[task] = undo
+            task.add_done_callback(functools.partial(self._settle, b))
+            raise
+
+    def _settle(self, b: _Binding, task: asyncio.Task[Any]) -> None:
+        """A call whose caller left has landed: give back what it got (once)."""
+        undo = b.landing.pop(task, None)
+        if undo is None or task.cancelled():
+            return
+        # A call that failed got nothing; reading the error keeps asyncio quiet.
+        if task.exception() is None:
+            undo(task.result())
+
+    def _unreachable(self, b: _Binding, exc: BaseException, started: float) -> float:
+        """An attempt begun at ``started`` (loop time) could not reach Redis.
+
+        Returns the seconds the outage may still last before callers waiting
+        for a slot give up; raises ``redis.exceptions.ConnectionError``
+        naming the Redis address once it has lasted a lease.
+        """
+        now = b.loop.time()
+        # Attempts come at most RECONNECT_MAX apart while anyone waits; one
+        # begun later, after nobody tried, cannot know that Redis stayed down
+        # meanwhile: it begins a new outage.
+        if b.down_since is None or started - b.last_failure > 2 * RECONNECT_MAX:
+            b.down_since = started
+        b.last_failure = now
+        left = b.down_since + self._lease - now
+        if left > 0:
+            return left
+        from redis.exceptions import ConnectionError as Lost
+
+        raise Lost(
+            f"corral: Redis at {_safe_url(self._url)} could not be reached for "
+            f"{now - b.down_since:.3g} s, past the lease of the Limiter {self._name!r} "
+            f"(lease={self._lease:g}), so the callers waiting for a slot give up; "
+            f"last error: {exc!r}"
+        ) from exc
+
+    async def _reach(
+        self,
+        b: _Binding,
+        call: Callable[[], Coroutine[Any, Any, _T]],
+        undo: Callable[[_T], None] | None = None,
+    ) -> _T:
+        """``call()`` for a caller waiting to start, through an outage shorter than a lease.
+
+        Asks again, backing off, while Redis cannot be reached; with
+        ``undo``, a caller cancelled mid-call gives back what the call got
+        (see :meth:`_landed`).
+        """
+        failures = 0
+        while True:
+            started = b.loop.time()
+            try:
+                result = await (call() if undo is None else self._landed(b, call(), undo))
+            except _outage_errors() as exc:
+                failures += 1
+                left = self._unreachable(b, exc, started)
+                await asyncio.sleep(min(left, _retry_delay(failures)))
+                continue
+            b.down_since = None
+            return result
+
+    async def _wait_in_line(self, b: _Binding, arrival: int) -> _Grant:
+        """Wait for the pump to give this caller (the ``arrival``-th) a slot."""
         fut: asyncio.Future[_Grant] = b.loop.create_future()
-        b.waiters.append(fut)
+        waiters = b.waiters
+        # Callers asking Redis at the same time enter the line as their
+        # refusals come back, in any order: each goes behind those who came
+        # before it (the scan is short: only those who came after it).
+        place = len(waiters)
+        while place and waiters[place - 1][0] > arrival:
+            place -= 1
+        waiters.insert(place, (arrival, fut))
         b.n_waiting += 1
         if not _running(b.pump):
             b.pump = b.loop.create_task(self._pump(b))
@@ -949,11 +1166,17 @@ class RedisLimiter(Limiter):
                         # pump's next wake-up (up to a third of a lease away).
                         assert b.pump is not None
                         b.pump.cancel()
-                elif len(b.waiters) > 2 * b.n_waiting + 16:
-                    # Mostly futures of callers who gave up behind one who
-                    # waits on: drop them (amortised O(1) per caller), or a
-                    # line that does not move grows without end.
-                    b.waiters = deque(f for f in b.waiters if not f.done())
+                else:
+                    if b.idle and _wants_stale(b):
+                        # Redis still counts this caller in the ticket's wants,
+                        # holding a slot back from other processes in line:
+                        # lower them now, not at the pump's next wake-up.
+                        self._send(b)
+                    if len(b.waiters) > 2 * b.n_waiting + 16:
+                        # Mostly futures of callers who gave up behind one who
+                        # waits on: drop them (amortised O(1) per caller), or a
+                        # line that does not move grows without end.
+                        b.waiters = deque(w for w in b.waiters if not w[1].done())
             else:  # granted a slot, cancelled before resuming: give it all back
                 self._drop(b, fut.result())
             raise
@@ -971,15 +1194,38 @@ class RedisLimiter(Limiter):
             if left > 0:  # known here, maybe not yet in Redis (see _ask)
                 await asyncio.sleep(left)
                 continue
-            reply: list[int] = await b.acquire(
-                keys=self._keys,
-                args=[0, self._lease_us, self._interval_us, self._tolerance_us, "", "", 0, 0, "-"],
+            reply, start_at = await self._reach(
+                b, self._book_one(b), functools.partial(self._give_back, b)
             )
             if reply[0]:
                 break
             self._cool_until = max(self._cool_until, b.loop.time() + int(reply[1]) / 1e6)
             await asyncio.sleep(int(reply[1]) / 1e6)
-        return _start_at(b, int(reply[3]), int(reply[4])), int(reply[5]), int(reply[6])
+        return start_at, int(reply[5]), int(reply[6])
+
+    def _book_one(self, b: _Binding) -> Callable[[], Coroutine[Any, Any, tuple[list[int], float]]]:
+        """The call reserving one rate slot (a rate-only Limiter: no cap, no token).
+
+        It returns Redis's reply and, when booked, the slot's loop time, read
+        as the reply arrives (see _start_at), not a loop step or two later.
+        """
+        args: list[int | str] = [
+            *(0, self._lease_us, self._interval_us, self._tolerance_us),
+            *("", "", 0, 0, "-"),
+        ]
+
+        async def book() -> tuple[list[int], float]:
+            reply: list[int] = await b.acquire(keys=self._keys, args=args)
+            return reply, _start_at(b, int(reply[3]), int(reply[4])) if reply[0] else 0.0
+
+        return book
+
+    def _give_back(self, b: _Binding, booked: tuple[list[int], float]) -> None:
+        """The rate slot a booking got for a caller who has left: give it back."""
+        reply = booked[0]
+        if reply[0]:
+            b.to_give_back.append((int(reply[5]), int(reply[6])))
+            self._send(b)
 
     async def _wait_for_rate(self, b: _Binding, grant: _Grant) -> None:
         """Sleep until the grant's rate slot, then sit out any cooldown, holding the slot."""
@@ -992,7 +1238,7 @@ class RedisLimiter(Limiter):
                 # another process (which only Redis knows of): no call starts in one.
                 left = self._cool_until - b.loop.time()
                 if left <= 0:
-                    left = int(await b.cooling(keys=self._keys[2:3])) / 1e6
+                    left = int(await self._reach(b, self._cooling_left(b))) / 1e6
                     if left <= 0:
                         return
                     self._cool_until = max(self._cool_until, b.loop.time() + left)
@@ -1008,6 +1254,14 @@ class RedisLimiter(Limiter):
             raise
         finally:
             b.n_rate -= 1
+
+    def _cooling_left(self, b: _Binding) -> Callable[[], Coroutine[Any, Any, int]]:
+        """The call asking Redis how long the shared cooldown has left (us)."""
+
+        async def cooling() -> int:
+            return int(await b.cooling(keys=self._keys[2:3]))
+
+        return cooling
 
     def _drop(self, b: _Binding, grant: _Grant) -> None:
         """A caller granted a slot will not start: release it and give its rate slot back."""
@@ -1032,7 +1286,7 @@ class RedisLimiter(Limiter):
 
     async def _sender(self, b: _Binding) -> None:
         failures = 0
-        while b.to_release or b.to_give_back or b.outbox or b.to_leave:
+        while b.to_release or b.to_give_back or b.outbox or b.to_leave or _wants_stale(b):
             try:
                 await self._send_once(b)
                 failures = 0
@@ -1087,10 +1341,16 @@ class RedisLimiter(Limiter):
         if b.to_leave:
             ticket = b.to_leave.pop()
             try:
-                await b.leave(keys=self._keys[3:], args=[ticket, self._channel])
+                await b.leave(keys=self._keys[3:], args=[ticket, self._channel, 0])
             except BaseException:
                 b.to_leave.append(ticket)
                 raise
+        if _wants_stale(b):
+            assert b.ticket is not None
+            # Counted as set before the reply, so it is sent once; not sent
+            # again if it fails: the pump's next ask sets the wants anyway.
+            b.wanted = b.n_waiting
+            await b.leave(keys=self._keys[3:], args=[b.ticket, self._channel, b.wanted])
         if b.to_give_back:
             reservation = b.to_give_back.pop()
             try:
@@ -1110,18 +1370,22 @@ class RedisLimiter(Limiter):
     # before its first ask, so no release after a refusal goes unnoticed.
     #
     # A subscription can be dropped while Redis is fine (a proxy's idle
-    # timeout, CLIENT KILL): the pump subscribes again and asks again, and
-    # only an ask failing (Redis itself unreachable) fails the callers in
-    # line. While subscribing keeps failing it asks on a timer instead,
-    # backing off, so no caller waits longer than it would have.
+    # timeout, CLIENT KILL): the pump subscribes again and asks again. While
+    # subscribing keeps failing it asks on a timer instead, backing off, so
+    # no caller waits longer than it would have. An ask failing (Redis itself
+    # unreachable: restarting, a network blip) is tried again, backing off,
+    # and fails the callers in line only once Redis has been unreachable for
+    # a lease.
 
     async def _pump(self, b: _Binding) -> None:
         from redis.exceptions import ConnectionError as Lost
         from redis.exceptions import TimeoutError as Unanswered
 
-        ticket = f"{self._prefix}queue{next(self._pumps)}"
+        ticket = b.ticket = f"{self._prefix}queue{next(self._pumps)}"
+        b.wanted = 0
         pubsub: Any = None
         lost = 0  # subscriptions lost in a row
+        failures = 0  # asks failed in a row
         try:
             while b.n_waiting:
                 if pubsub is None:
@@ -1133,10 +1397,25 @@ class RedisLimiter(Limiter):
                         await _close_quietly(broken)
                         lost += 1
                 n = min(b.n_waiting, GRANT_BATCH)
-                grants, retry = await self._ask(b, n, ticket, b.n_waiting)
+                started = b.loop.time()
+                try:
+                    grants, retry = await self._ask(b, n, ticket, b.n_waiting)
+                except (Lost, Unanswered) as exc:
+                    failures += 1
+                    left = self._unreachable(b, exc, started)  # raises past a lease
+                    b.idle = True  # the last caller leaving may cancel this wait
+                    try:
+                        await asyncio.sleep(min(left, _retry_delay(failures)))
+                    finally:
+                        b.idle = False
+                    continue
+                b.down_since = None
+                failures = 0
                 self._give_out(b, grants)
                 if grants or not b.n_waiting:
                     continue
+                if _wants_stale(b):  # callers left while it asked
+                    self._send(b)
                 # Every slot taken: ask again after a release anywhere, or
                 # when a lease, the cooldown or a ramp step may have ended,
                 # and often enough to keep the ticket's lease.
@@ -1162,14 +1441,16 @@ class RedisLimiter(Limiter):
                     b.idle = False
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # Redis unreachable: the callers in line get the error
+        except Exception as exc:  # Redis unreachable for a lease: the callers in line fail
             while b.waiters:
-                fut = b.waiters.popleft()
+                _, fut = b.waiters.popleft()
                 if not fut.done():
                     b.n_waiting -= 1
                     fut.set_exception(exc)
         finally:
             # Out of the queue (a no-op when the last ask served everyone).
+            b.ticket = None
+            b.wanted = 0
             b.to_leave.append(ticket)
             self._send(b)
             if pubsub is not None:
@@ -1183,13 +1464,13 @@ class RedisLimiter(Limiter):
         """Give granted slots to the callers in line, first come first served."""
         waiters = b.waiters
         for grant in grants:
-            while waiters and waiters[0].done():  # cancelled in line
+            while waiters and waiters[0][1].done():  # cancelled in line
                 waiters.popleft()
             if not waiters:
                 self._drop(b, grant)  # they all left while we asked
                 continue
             b.n_waiting -= 1
-            waiters.popleft().set_result(grant)
+            waiters.popleft()[1].set_result(grant)
 
     def _renew_soon(self, b: _Binding) -> None:
         if not _running(b.renewer) and not b.closed:
@@ -1261,9 +1542,24 @@ class RedisLimiter(Limiter):
                     await task
                 except BaseException:
                     pass  # cancelled, or failed and already logged
+        # Calls whose callers left: let them land (one round trip) so what
+        # they got is given back below with the rest, not left to its lease.
+        # Bounded: a Redis that stopped answering must not hold the close up
+        # (what such a call got comes back as its lease ends).
+        landing = list(b.landing)
+        if landing:
+            try:
+                await asyncio.wait(landing, timeout=self._lease)
+            except asyncio.CancelledError:
+                pass  # as above: the close goes on
+            for task in landing:
+                if task.done():
+                    self._settle(b, task)  # now, whether or not its callback has run
+                else:
+                    task.cancel()
         error = RuntimeError(f"the Redis Limiter {self._name!r} was closed while waiting")
         while b.waiters:
-            fut = b.waiters.popleft()
+            _, fut = b.waiters.popleft()
             if not fut.done():
                 fut.set_exception(error)
         b.n_waiting = 0
