@@ -150,9 +150,14 @@ def _raised_as_itself(error: BaseException, kind: str) -> None:
     assert any("Traceback in the worker process" in note for note in error.__notes__)
 
 
+@pytest.mark.parametrize("hosted", [False, True], ids=["direct", "engine-in-front"])
 @pytest.mark.parametrize("kind", list(EXPECTED))
-def test_what_fn_raises_that_is_no_exception_ends_a_sharded_map_as_itself(kind: str) -> None:
-    """limit=2 over 2 processes, return_exceptions=True: still raised, every time."""
+def test_what_fn_raises_that_is_no_exception_ends_a_sharded_map_as_itself(
+    kind: str, hosted: bool
+) -> None:
+    """limit=2 over 2 processes, return_exceptions=True: still raised, every time; also
+    with corral's engine in front of the processes (deadline= puts it there)."""
+    extra: dict[str, Any] = {"deadline": GUARD} if hosted else {}
 
     async def main() -> None:
         async with asyncio.timeout(GUARD):  # hang guard
@@ -162,34 +167,14 @@ def test_what_fn_raises_that_is_no_exception_ends_a_sharded_map_as_itself(kind: 
                 processes=2,
                 limit=2,
                 return_exceptions=True,
+                **extra,
             )
 
-    for _ in range(REPEATS):
+    for _ in range(1 if hosted else REPEATS):
         with pytest.raises(EXPECTED[kind]) as caught:
             run(main)
         _raised_as_itself(caught.value, kind)
         assert worker_processes() == set()
-
-
-@pytest.mark.parametrize("kind", list(EXPECTED))
-def test_a_base_exception_ends_a_map_with_an_engine_in_front_as_itself(kind: str) -> None:
-    """deadline= puts corral's engine in front of the processes: raised as itself there too."""
-
-    async def main() -> None:
-        async with asyncio.timeout(GUARD):  # hang guard
-            await corral.gather(
-                raise_on_three,
-                [(x, kind) for x in range(8)],
-                processes=2,
-                limit=2,
-                deadline=GUARD,
-                return_exceptions=True,
-            )
-
-    with pytest.raises(EXPECTED[kind]) as caught:
-        run(main)
-    _raised_as_itself(caught.value, kind)
-    assert worker_processes() == set()
 
 
 def test_a_large_base_exception_arrives_whole() -> None:
