@@ -332,6 +332,35 @@ def test_the_first_failure_cancels_running_coroutines_on_every_actor(tmp_path: P
     assert cancelled == started
 
 
+async def test_calls_cut_short_by_a_failure_are_counted_but_not_timed(tmp_path: Path) -> None:
+    """The failing chunk's cancelled calls started, but their time is no latency.
+
+    One actor, limit 8: items 0-6 hang until cancelled, 7 takes 2 s, then 8
+    and 9 return at once and 10 fails at once. The calls that ended are 7-10
+    (p50 near 0); the seven cancelled after 2 s or more must not count.
+    """
+    marker_dir = str(tmp_path)
+
+    async def shaped(item: int) -> int:
+        if item < 7:
+            return await hang_marked(marker_dir, item)
+        if item == 7:
+            await asyncio.sleep(2.0)
+        if item == 10:
+            raise Boom("ten")
+        return item
+
+    with pytest.raises(Boom, match="ten"):
+        async with corral.map(shaped, range(12), backend="ray", limit=8, ray_actors=1) as out:
+            async for _ in out:
+                pass
+    stats = out.stats
+    assert marked(tmp_path, "cancelled") == {str(item) for item in range(7)}
+    assert 11 <= stats.started <= 12  # item 11 may start in item 10's slot, and be cut short
+    assert stats.latency_p50 is not None
+    assert stats.latency_p50 < 1.0
+
+
 async def test_cancelling_the_consumer_cancels_the_calls_in_the_actors(tmp_path: Path) -> None:
     """A cancelled consumer: ray.cancel reaches every running call before the map returns."""
     marker_dir = str(tmp_path)

@@ -410,23 +410,26 @@ _NO_STATE = object()
 
 
 class _Tally:
-    """One chunk's latency histogram and attempts retried, in the actor running it."""
+    """One chunk's latency histogram, calls cut short and attempts retried, in the actor."""
 
-    __slots__ = ("histogram", "retried")
+    __slots__ = ("cut", "histogram", "retried")
 
     def __init__(self) -> None:
         self.histogram = LatencyHistogram()
+        self.cut = 0
         self.retried = _Retried()
 
     @property
     def started(self) -> int:
         """The chunk's calls started so far, once they have all ended.
 
-        Every call adds its duration to the histogram when it ends, however it
-        ends (cancelled too), and nothing else does: counting them as they
-        start would cost every call, for a number wanted once per chunk.
+        A call that ends (a result or a failure) adds its duration to the
+        histogram; one cut short (cancelled) is counted in ``cut`` instead,
+        as its time says nothing of the calls' latency. Nothing else counts:
+        counting calls as they start would cost every call, for a number
+        wanted once per chunk.
         """
-        return self.histogram.total
+        return self.histogram.total + self.cut
 
 
 class _Actor:
@@ -544,8 +547,7 @@ class _Actor:
         )
         clock = asyncio.get_running_loop().time
         # run_item runs once the actor's Limiter lets its item in: an item still
-        # waiting for a slot has not started, and adds nothing to the histogram,
-        # whose total counts the calls started (see _Tally).
+        # waiting for a slot has not started, and is not counted (see _Tally).
         histogram = tally.histogram
 
         async def run_item(pair: tuple[int, Any]) -> tuple[int, bool, Any]:
@@ -556,14 +558,19 @@ class _Actor:
                 await asyncio.get_running_loop().create_future()
             began = clock()
             try:
-                return (offset, True, await call(item))
+                value = await call(item)
             except Exception as exc:
-                return (offset, False, exc)
-            except asyncio.CancelledError:
-                self._stopping = True
-                raise
-            finally:
                 histogram.add(clock() - began)
+                return (offset, False, exc)
+            except BaseException as exc:
+                # Cut short (cancelled, or a BaseException that ends the map):
+                # started, but not an end whose time is a latency.
+                tally.cut += 1
+                if isinstance(exc, asyncio.CancelledError):
+                    self._stopping = True
+                raise
+            histogram.add(clock() - began)
+            return (offset, True, value)
 
         values: list[Any] = [None] * len(items)
         failed: list[int] = []
