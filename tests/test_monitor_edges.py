@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 import sys
 import threading
@@ -323,6 +324,10 @@ async def _serve_one(handler, request):
 
 async def serve(handler, request):
     return await asyncio.create_task(_serve_one(handler, request))
+
+
+def run(coroutine_function):
+    return asyncio.run(coroutine_function())
 """,
 }
 
@@ -333,20 +338,54 @@ def marked_line(path: str, marker: str) -> int:
     return line
 
 
-@pytest.fixture
-def installed(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """The packages above, importable from ``.../lib/python3.X/site-packages``, by name."""
+def _install(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, *, app_from_a_path: bool
+) -> Iterator[dict[str, Any]]:
     site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
     for name, text in _INSTALLED.items():
         (site / name).parent.mkdir(parents=True, exist_ok=True)
         (site / name).write_text(text)
+    if app_from_a_path:
+        # What `pip install ./shopapp` leaves (PEP 610); an index leaves no direct_url.json.
+        info = site / "shopapp-1.0.dist-info"
+        info.mkdir()
+        origin = {"url": "file:///home/me/shopapp", "dir_info": {}}
+        (info / "direct_url.json").write_text(json.dumps(origin))
+        (info / "RECORD").write_text(
+            "shopapp/__init__.py,sha256=AAAA,120\n"
+            "shopapp-1.0.dist-info/direct_url.json,,\n"
+            "shopapp-1.0.dist-info/RECORD,,\n"
+            "../../../bin/shopapp,sha256=AAAA,200\n"
+        )
+        # A package from a VCS URL is someone else's code: still a library.
+        info = site / "vendorweb-2.0.dist-info"
+        info.mkdir()
+        origin = {"url": "https://github.com/vendor/web.git", "vcs_info": {"vcs": "git"}}
+        (info / "direct_url.json").write_text(json.dumps(origin))
+        (info / "RECORD").write_text("vendorweb.py,sha256=AAAA,300\n")
     monkeypatch.syspath_prepend(str(site))
     names = ["shopapp", "vendorhttp", "vendorhttp._conn", "vendorweb"]
     modules = {name: importlib.import_module(name) for name in names}
-    assert _monitor._classify(modules["shopapp"].__file__) is _monitor._Kind.LIBRARY
+    expected = _monitor._Kind.USER if app_from_a_path else _monitor._Kind.LIBRARY
+    assert _monitor._classify(modules["shopapp"].__file__) is expected
+    assert _monitor._classify(modules["vendorweb"].__file__) is _monitor._Kind.LIBRARY
     yield modules
     for name in names:
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def installed(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """The packages above, importable from ``.../lib/python3.X/site-packages``, by name."""
+    yield from _install(tmp_path, monkeypatch, app_from_a_path=False)
+
+
+@pytest.fixture
+def installed_app_from_a_path(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, Any]]:
+    """The same, the application installed by ``pip install`` from a directory."""
+    yield from _install(tmp_path, monkeypatch, app_from_a_path=True)
 
 
 def blamed_on(report: _monitor.BlockReport, module: Any, function: str, marker: str) -> bool:
@@ -425,6 +464,50 @@ async def test_an_installed_library_s_own_task_is_blamed_on_that_library(
         await asyncio.create_task(web.ping(0.3))
     [report] = watch.reports
     assert blamed_on(report, web, "ping", "vendorweb-ping")
+
+
+@pytest.mark.slow
+def test_an_app_installed_from_a_path_is_blamed_when_a_framework_runs_everything(
+    installed_app_from_a_path: dict[str, Any],
+) -> None:
+    """``uvicorn myapp:app``: the framework started the loop and owns the task.
+
+    Neither rule by package can find the application there; pip's record
+    of where it was installed from (a local path) can.
+    """
+    shopapp, web = installed_app_from_a_path["shopapp"], installed_app_from_a_path["vendorweb"]
+    watches: list[LoopWatch] = []
+
+    async def serve_one_request() -> None:
+        async with watch_loop(threshold=0.05) as watch:
+            watches.append(watch)
+            assert await web.serve(shopapp.handle, 0.3) == 0.3
+
+    web.run(serve_one_request)
+    [report] = watches[0].reports
+    assert blamed_on(report, shopapp, "handle", "shopapp-handle")
+
+
+def test_only_a_file_url_marks_an_installed_distribution_as_the_application(
+    tmp_path: Any,
+) -> None:
+    """Unreadable or odd records are skipped: no origin known, no claim made."""
+    site = tmp_path / "site-packages"
+    records = {
+        "local-1.0.dist-info": ({"url": "file:///src/local"}, "local/__init__.py,,\nsolo.py,,\n"),
+        "fromweb-1.0.dist-info": ({"url": "https://example.com/w.whl"}, "fromweb/a.py,,\n"),
+        "broken-1.0.dist-info": ("{not json", "broken/a.py,,\n"),
+        "odd-1.0.dist-info": ([1, 2], "odd/a.py,,\n"),
+        "norecord-1.0.dist-info": ({"url": "file:///src/norecord"}, None),
+    }
+    for name, (origin, record) in records.items():
+        (site / name).mkdir(parents=True)
+        text = origin if isinstance(origin, str) else json.dumps(origin)
+        (site / name / "direct_url.json").write_text(text)
+        if record is not None:
+            (site / name / "RECORD").write_text(record)
+    assert _monitor._installed_from_a_path(str(site)) == {"local", "solo"}
+    assert _monitor._installed_from_a_path(str(tmp_path / "missing")) == frozenset()
 
 
 # ---------------------------------------------------------------------------

@@ -37,17 +37,20 @@ call; ``threading.Event().wait(1)`` or ``json.dumps(huge)`` are blamed on the
 line of yours that called them, and the report's ``stack`` still shows the
 library frames below it.
 
-An application installed into site-packages (``pip install .``) has no file
-that is plainly "yours", so when the stalled code is all installed, blame
-goes to the innermost frame of the package that started the event loop
-(``myapp.cli:main`` calling ``asyncio.run``), else of the package of the
-blocked task's coroutine (for a ``corral.map``, of the function it calls).
-So ``myapp.fetch`` calling ``requests.get`` is blamed on its line in
-``myapp.fetch``, not on the ``urllib3`` frame deep below it. What this cannot
-tell: which package is the application when an installed framework both
-started the loop and runs the application's tasks (``uvicorn myapp:app``
-with ``myapp`` installed); the framework's frame is blamed there, and the
-report's stack shows the rest.
+An application installed into site-packages is yours when pip installed it
+from a local path (``pip install .``, or a wheel file: its
+``direct_url.json``, PEP 610, holds a ``file:`` URL), so ``uvicorn myapp:app``
+blames ``myapp``'s line even though uvicorn started the loop and runs the
+task. One installed from an index has no such record; when the stalled code
+is all installed that way, blame goes to the innermost frame of the package
+that started the event loop (``myapp.cli:main`` calling ``asyncio.run``),
+else of the package of the blocked task's coroutine (for a ``corral.map``,
+of the function it calls). So ``myapp.fetch`` calling ``requests.get`` is
+blamed on its line in ``myapp.fetch``, not on the ``urllib3`` frame deep
+below it. What this cannot tell: which package is the application when it
+came from an index and an installed framework both started the loop and
+runs its tasks; the framework's frame is blamed there, and the report's
+stack shows the rest.
 
 What it is not: a profiler (it only looks while the loop is stuck), nor exact
 about the start of a stall. ``duration`` is how late the heartbeat ran, a lower
@@ -249,6 +252,63 @@ _kinds: dict[str, _Kind] = {}
 _packages: dict[str, str] = {}
 
 
+def _site_of(path: str) -> tuple[str, str] | None:
+    """The site-packages directory ``path`` (normalised) lies in, and its top-level name there."""
+    # The last marker: the one whose directory the import system searched.
+    start = max(
+        (path.rfind(marker) + len(marker) for marker in _SITE_MARKERS if marker in path), default=-1
+    )
+    if start < 0:
+        return None
+    return path[:start], path[start:].split(os.sep, 1)[0].removesuffix(".py")
+
+
+_local_installs: dict[str, frozenset[str]] = {}
+
+
+def _installed_from_a_path(site: str) -> frozenset[str]:
+    """The top-level names in ``site`` that pip installed from a local path (cached per site).
+
+    ``pip install .`` (or a wheel file built beside it) records where the
+    project came from in the distribution's ``direct_url.json`` (PEP 610), with
+    a ``file:`` URL; a package from an index has no such file, and one from a
+    VCS or web URL has another scheme. So a project installed from a path is
+    the application, however it is started (``uvicorn myapp:app``).
+    """
+    names = _local_installs.get(site)
+    if names is not None:
+        return names
+    import csv  # here: needed once per site, and only when a stall is sampled
+    import json
+
+    found: set[str] = set()
+    try:
+        entries = os.listdir(site)
+    except OSError:
+        entries = []
+    for entry in entries:
+        if not entry.endswith(".dist-info"):
+            continue
+        info = os.path.join(site, entry)
+        try:
+            with open(os.path.join(info, "direct_url.json"), encoding="utf-8") as origin:
+                url = json.load(origin).get("url", "")
+            if not (isinstance(url, str) and url.startswith("file:")):
+                continue
+            with open(os.path.join(info, "RECORD"), encoding="utf-8", newline="") as record:
+                rows = list(csv.reader(record))
+        except (OSError, ValueError, AttributeError):
+            continue  # no origin recorded, or not readable: not known to be local
+        for row in rows:
+            if not row or row[0].startswith(("..", "/")):
+                continue  # scripts and data outside site-packages
+            top = row[0].replace("\\", "/").split("/", 1)[0]
+            if not top.endswith((".dist-info", ".pth")) and top != "__pycache__":
+                found.add(os.path.normcase(top.removesuffix(".py")))
+    names = _local_installs[site] = frozenset(found)
+    return names
+
+
 def _classify(filename: str) -> _Kind:
     """Which kind of code ``filename`` holds (cached: called on every sample)."""
     kind = _kinds.get(filename)
@@ -263,8 +323,9 @@ def _classify(filename: str) -> _Kind:
         path = os.path.normcase(os.path.abspath(filename))
         if path.startswith(corral_dirs):
             kind = _Kind.CORRAL
-        elif any(marker in path for marker in _SITE_MARKERS):
-            kind = _Kind.LIBRARY
+        elif (site := _site_of(path)) is not None:
+            local = site[1] in _installed_from_a_path(site[0])
+            kind = _Kind.USER if local else _Kind.LIBRARY
         elif path.startswith(stdlib_dirs):
             kind = _Kind.STDLIB
         else:
@@ -282,11 +343,9 @@ def _package(filename: str) -> str:
     """
     package = _packages.get(filename)
     if package is None:
-        path = os.path.normcase(os.path.abspath(filename))
-        # The last marker: the one whose directory the import system searched.
-        start = max(path.rfind(marker) + len(marker) for marker in _SITE_MARKERS if marker in path)
-        top = path[start:].split(os.sep, 1)[0]
-        package = _packages[filename] = top.removesuffix(".py")
+        site = _site_of(os.path.normcase(os.path.abspath(filename)))
+        assert site is not None  # a LIBRARY file is in site-packages
+        package = _packages[filename] = site[1]
     return package
 
 
