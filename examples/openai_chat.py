@@ -32,10 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 
@@ -45,6 +47,10 @@ import corral
 CHARS_PER_TOKEN = 4
 #: The SDK's default read timeout is ten minutes: a hung call should fail sooner.
 TIMEOUT_S = 60.0
+#: The mock's bounds, which also suit a real API: a limit of 1 to 1e12 per
+#: minute, and a minute of 0.1 s (600 times faster than real) to a day.
+LIMIT_RANGE = (1.0, 1e12)
+MINUTE_RANGE = (0.1, 86_400.0)
 
 
 def make_limiter(
@@ -141,8 +147,9 @@ async def answer_all(
     return answers
 
 
-def _prompts(n: int) -> list[str]:
-    return [f"In one sentence, what is the number {i} known for?" for i in range(n)]
+def _prompts(n: int) -> Iterator[str]:
+    # Lazy, as corral.map reads its items: --prompts 10000000 holds no list of prompts.
+    return (f"In one sentence, what is the number {i} known for?" for i in range(n))
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -181,16 +188,100 @@ async def _main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _number(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number from ``low`` to ``high``.
+
+    ``float`` alone takes ``0``, ``-1``, ``nan`` and ``inf``, which then fail
+    far from the command line; argparse turns this refusal into a usage error
+    naming the option and the value.
+    """
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # False for nan; inf is above any finite high
+            raise argparse.ArgumentTypeError(
+                f"must be a number from {low:g} to {high:g}; got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def _count(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1; got {text!r}")
+    return value
+
+
+def _url(text: str) -> str:
+    """An argparse type: an http:// or https:// URL with a host.
+
+    An empty or schemeless URL would otherwise reach the SDK, which quietly
+    falls back to its default endpoint or fails on every call.
+    """
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # parsed lazily: an out-of-range port raises only here
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(
+            f"must be an http:// or https:// URL, like https://api.openai.com/v1; got {text!r}"
+        )
+    return text
+
+
+def _name(text: str) -> str:
+    """An argparse type: a non-empty name."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty; got {text!r}")
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-url", help="the API's base URL (default: start the mock)")
-    parser.add_argument("--model", default="gpt-4o-mini")
-    parser.add_argument("--prompts", type=int, default=200, help="how many prompts (200)")
-    parser.add_argument("--rpm", type=float, default=500.0)
-    parser.add_argument("--input-tpm", type=float, default=200_000.0)
-    parser.add_argument("--output-tpm", type=float, default=40_000.0)
-    parser.add_argument("--minute", type=float, default=6.0, help="the mock's minute, in seconds")
-    return asyncio.run(_main(parser.parse_args(argv)))
+    add = parser.add_argument
+    add("--base-url", type=_url, help="the API's base URL (default: start the mock)")
+    add("--model", type=_name, default="gpt-4o-mini", help="the model to ask (%(default)s)")
+    add("--prompts", type=_count, default=200, help="how many prompts, an int >= 1 (200)")
+    limit = _number(*LIMIT_RANGE)
+    per_minute = f"per minute, from {LIMIT_RANGE[0]:g} to {LIMIT_RANGE[1]:g}"
+    add("--rpm", type=limit, default=500.0, help=f"requests {per_minute} (500)")
+    add("--input-tpm", type=limit, default=200_000.0, help=f"input tokens {per_minute} (200000)")
+    add("--output-tpm", type=limit, default=40_000.0, help=f"output tokens {per_minute} (40000)")
+    add(
+        "--minute",
+        type=_number(*MINUTE_RANGE),
+        default=None,
+        help=f"the mock's minute, in seconds, from {MINUTE_RANGE[0]:g} to "
+        f"{MINUTE_RANGE[1]:g} (6); a real API's is 60",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: a bad value is a usage error (exit 2) naming its option."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.minute is None:
+        args.minute = 6.0
+    elif args.base_url is not None:
+        # The real API's minute is 60 s whatever is asked here: say so, not ignore it.
+        parser.error("argument --minute: applies to the mock only; a real API's minute is 60 s")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(_main(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import corral.lab
 import corral.lab.demo as demo
 from corral.cli import _parser, main
 from corral.lab import runner
@@ -246,6 +247,9 @@ def no_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("matplotlib", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "corral.lab.plots", raising=False)
+    # `from corral.lab import plots` finds an imported module as the package's
+    # attribute too, whatever sys.modules says: an earlier test may have imported it.
+    monkeypatch.delattr(corral.lab, "plots", raising=False)
 
 
 @pytest.mark.usefixtures("no_matplotlib")
@@ -488,3 +492,10 @@ def test_demo_whose_directory_breaks_during_the_run_prints_the_table_and_fails(
     assert "six ways" in captured.out
     assert captured.err.startswith("corral demo: error: cannot save into 'corral-demo': ")
     assert out.read_text() == "replaced during the run\n"
+
+
+def test_a_directory_that_refuses_files_is_found_before_the_run() -> None:
+    """/proc passes os.access for root (and lists as a directory), but holds no new file."""
+    from corral.lab.runner import unwritable
+
+    assert unwritable(Path("/proc")) is not None

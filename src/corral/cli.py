@@ -25,9 +25,17 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from corral.lab._options import DAY_MS, DAY_S, int_option, number_option, show_number
+from corral.lab._options import (
+    DAY_MS,
+    DAY_S,
+    directory_option,
+    int_option,
+    number_option,
+    show_number,
+)
 
 if TYPE_CHECKING:
     from corral.lab.llm_server import LLMServer
@@ -179,7 +187,13 @@ def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="PARTS",
         help=f"comma-separated parts to run (default: all): {','.join(PARTS)}",
     )
-    add("--out", default="corral-bench", metavar="DIR", help="output directory (./corral-bench/)")
+    add(
+        "--out",
+        type=directory_option,
+        default=Path("corral-bench"),
+        metavar="DIR",
+        help="output directory (./corral-bench/)",
+    )
     add(
         "--scale",
         # Bounded: sizes are ints (scale 1e308 overflows them), and x100
@@ -198,8 +212,10 @@ def _parts(known: tuple[str, ...]) -> Callable[[str], list[str]]:
         names = [name.strip() for name in text.split(",") if name.strip()]
         unknown = [name for name in names if name not in known]
         if not names or unknown:
+            # In a list of several, say which name is wrong: 'htpp' is easy to miss.
+            which = f" ({', '.join(map(repr, unknown))} unknown)" if unknown else ""
             raise argparse.ArgumentTypeError(
-                f"must be parts from {','.join(known)}, joined by commas; got {text!r}"
+                f"must be parts from {','.join(known)}, joined by commas; got {text!r}{which}"
             )
         return names
 
@@ -209,11 +225,9 @@ def _parts(known: tuple[str, ...]) -> Callable[[str], list[str]]:
 def _run_bench(args: argparse.Namespace) -> int:
     if _missing_lab_extra("bench"):
         return 2
-    from pathlib import Path
-
     from corral.lab.bench import bench_command
 
-    return bench_command(Path(args.out), quick=args.quick, only=args.only, scale=args.scale)
+    return bench_command(args.out, quick=args.quick, only=args.only, scale=args.scale)
 
 
 # --------------------------------------------------------------------------

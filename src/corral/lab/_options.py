@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["DAY_MS", "DAY_S", "int_option", "number_option", "show_number"]
+__all__ = ["DAY_MS", "DAY_S", "directory_option", "int_option", "number_option", "show_number"]
 
 #: The longest wait any option may ask for: a day, in seconds and in
 #: milliseconds. Past it, a value is a typo, not a scenario.
@@ -78,3 +79,14 @@ def number_option(
         return value
 
     return parse
+
+
+def directory_option(text: str) -> Path:
+    """A directory to write into, named by a non-empty path.
+
+    ``Path("")`` is the current directory: ``--out "$DIR"`` with ``DIR`` unset
+    would scatter the results among the user's own files instead of failing.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a directory, like ./results; got {text!r}")
+    return Path(text)

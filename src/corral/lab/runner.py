@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -76,8 +77,13 @@ def unwritable(out: Path) -> str | None:
         if isinstance(exc, FileExistsError) or (out.exists() and not out.is_dir()):
             return "it exists and is not a directory"
         return exc.strerror or str(exc)
-    if not os.access(out, os.W_OK | os.X_OK):
-        return "not writable"
+    # Try it: os.access says yes to root everywhere, and to anyone on a
+    # read-only mount or /proc, where writing fails all the same.
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
     return None
 
 

@@ -48,9 +48,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from corral.lab._options import DAY_S, int_option, number_option, show_number
+from corral.lab._options import (
+    DAY_S,
+    directory_option,
+    int_option,
+    number_option,
+    show_number,
+)
 
 __all__ = [
     "PEAK_SHARE",
@@ -507,7 +513,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--json", action="store_true", help="print one JSON object (recommended_limit, ...)")
     add(
         "--out",
-        type=Path,
+        type=directory_option,
         default=Path("corral-tune"),
         metavar="DIR",
         help="where tune.png and tune.json go (default: ./corral-tune/)",
@@ -515,7 +521,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    """Run ``corral tune`` with parsed ``args``; return the exit status."""
+    """Run ``corral tune`` with parsed ``args``; return the exit status.
+
+    With ``--json``, stdout carries the one JSON object and nothing else: what
+    the TARGET's module or function prints (at import, on every call) goes to
+    stderr, with the progress, so that ``corral tune ... --json | jq`` holds.
+    """
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        return _tune_command(args, stdout)
+
+
+def _tune_command(args: argparse.Namespace, stdout: TextIO) -> int:
     if args.max_limit < 1:
         print(
             f"corral tune: error: --max-limit must be >= 1; got {args.max_limit}", file=sys.stderr
@@ -551,16 +568,18 @@ def tune_command(args: argparse.Namespace) -> int:
         return 2
 
     try:
-        return run_main(_tune(args, fn, source))
+        return run_main(_tune(args, fn, source, stdout))
     except KeyboardInterrupt:
         print("corral tune: interrupted", file=sys.stderr)
         return 130
 
 
-async def _tune(args: argparse.Namespace, fn: Fn | None, items: Iterator[Any]) -> int:
+async def _tune(
+    args: argparse.Namespace, fn: Fn | None, items: Iterator[Any], stdout: TextIO
+) -> int:
     from corral.lab.runner import write_text_whole
 
-    out = sys.stderr if args.json else sys.stdout
+    out = sys.stderr if args.json else stdout
     limits = geometric_limits(args.max_limit)
     print(
         f"corral tune {args.target}: trials of {args.trial_seconds:g} s at limits "
@@ -630,15 +649,15 @@ async def _tune(args: argparse.Namespace, fn: Fn | None, items: Iterator[Any]) -
         plot, unwritten = None, exc
         summary["plot"] = None
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary), file=stdout, flush=True)
     else:
-        print(f"Stopped: {stopped}.")
+        print(f"Stopped: {stopped}.", file=stdout)
         if limit is None:
-            print(f"No limit recommended. {reason}.")
+            print(f"No limit recommended. {reason}.", file=stdout)
         else:
-            print(f"Recommended limit: {limit}. {reason}")
+            print(f"Recommended limit: {limit}. {reason}", file=stdout)
         if plot is not None:
-            print(f"Plot: {plot}")
+            print(f"Plot: {plot}", file=stdout)
     if unwritten is not None:
         print(
             f"corral tune: error: cannot write into --out {str(args.out)!r}: {unwritten}",
