@@ -138,6 +138,12 @@ def _check_executor(executor: object, fn_is_async: bool) -> None:
 def _as_items(items: object) -> Iterable[Any] | AsyncIterable[Any]:
     if isinstance(items, AsyncIterable):
         return items
+    if inspect.iscoroutine(items):
+        items.close()  # no "never awaited" warning on top of our error
+        raise TypeError(
+            "items must be an iterable or an async iterable, not a coroutine: await it for "
+            f"what it returns, or pass an async generator; got items={items!r}"
+        )
     try:
         return iter(items)  # type: ignore[call-overload,no-any-return]
     except TypeError:
@@ -160,13 +166,40 @@ def _with_timeout(call: Call, timeout: float) -> Call:
     return timed
 
 
-def _with_limiter(call: Call, limiter: Limiter, max_cooldown: float) -> Call:
+class _Waiting:
+    """How many of a map's items wait for their first start: a Limiter's slot, the rate's turn.
+
+    The engine counts an item started once a worker hands it to the call; an
+    item still waiting for its slot or its turn has not started, and stats
+    leave it out of ``started`` and ``in_flight`` (the engine's
+    ``unstarted``). Else a map on a shared adaptive Limiter, which runs a
+    worker per slot the limit may reach (its ``max``), showed hundreds of
+    calls in flight under a limit of 4. Only first attempts count: an item
+    waiting to be retried has started.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> int:
+        return self.count
+
+
+def _with_limiter(call: Call, limiter: Limiter, max_cooldown: float, waiting: _Waiting) -> Call:
     """Take ``limiter``'s slot around each call; a Retry-After pauses it, up to ``max_cooldown``."""
     if limiter.adaptive is not None or limiter.key is not None or limiter.auto_rate:
-        return _with_feedback(call, limiter, max_cooldown)
+        return _with_feedback(call, limiter, max_cooldown, waiting)
 
     async def limited(item: Any) -> Any:
-        await limiter.acquire()
+        waiting.count += 1
+        try:
+            await limiter.acquire()
+        finally:
+            # Cancelled too: the map is ending, and the engine reports the item
+            # as a call cut short (or, past a deadline, as failed): started.
+            waiting.count -= 1
         try:
             return await call(item)
         except Exception as exc:
@@ -180,13 +213,17 @@ def _with_limiter(call: Call, limiter: Limiter, max_cooldown: float) -> Call:
     return limited
 
 
-def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float) -> Call:
+def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float, waiting: _Waiting) -> Call:
     """An adaptive or per-key limiter: take the item's key's slot, report how the call went."""
     if limiter.key is not None:
 
         async def per_key(item: Any) -> Any:
             own = limiter.for_item(item)
-            await own.acquire()
+            waiting.count += 1
+            try:
+                await own.acquire()
+            finally:
+                waiting.count -= 1
             clock = asyncio.get_running_loop().time
             began = clock()
             try:
@@ -206,7 +243,11 @@ def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float) -> Call:
     record_success, record_error = limiter.record_success, limiter.record_error
 
     async def adaptive(item: Any) -> Any:
-        await acquire()
+        waiting.count += 1
+        try:
+            await acquire()
+        finally:
+            waiting.count -= 1
         clock = asyncio.get_running_loop().time
         began = clock()
         try:
@@ -223,26 +264,57 @@ def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float) -> Call:
     return adaptive
 
 
-def _with_rate(call: Call, gate: RateGate) -> Call:
+def _with_rate(call: Call, gate: RateGate, waiting: _Waiting) -> Call:
+    wait = gate.wait
+
     async def paced(item: Any) -> Any:
-        await gate.wait()
+        waiting.count += 1
+        try:
+            await wait()
+        finally:
+            waiting.count -= 1
         return await call(item)
 
     return paced
 
 
-def _with_retries(
-    call: Call, retry: Retry, retried: _Retried, budget: RetryBudgetState | None = None
+def _with_gates(
+    call: Call,
+    gate: RateGate | AutoRateGate | None,
+    limiter: Limiter | None,
+    max_cooldown: float,
+    waiting: _Waiting,
 ) -> Call:
+    """``call`` behind the map's rate and its Limiter, counting the items waiting in ``waiting``."""
+    if isinstance(gate, AutoRateGate):
+        call = with_auto_rate(call, gate)
+    elif gate is not None:
+        call = _with_rate(call, gate, waiting)
+    if limiter is not None:
+        call = _with_limiter(call, limiter, max_cooldown, waiting)
+    return call
+
+
+def _with_retries(
+    call: Call,
+    retry: Retry,
+    retried: _Retried,
+    budget: RetryBudgetState | None = None,
+    again: Call | None = None,
+) -> Call:
+    """Retry ``call`` as ``retry`` says; ``again`` (default ``call``) makes the later attempts."""
     rng = random.Random()
+    if again is None:
+        again = call
     if budget is not None:
-        return _with_budgeted_retries(call, retry, retried, budget, rng)
+        return _with_budgeted_retries(call, again, retry, retried, budget, rng)
 
     async def retrying(item: Any) -> Any:
         calls = 1
+        attempt = call
         while True:
             try:
-                return await call(item)
+                return await attempt(item)
             except NoRetry as final:  # cost= or the usage failed (see metered): final
                 error = final.error
                 break  # raised out of this handler, so that it does not become its context
@@ -256,6 +328,7 @@ def _with_retries(
                 raise
             retried.count += 1
             calls += 1
+            attempt = again
             await asyncio.sleep(wait)
         raise error
 
@@ -263,16 +336,22 @@ def _with_retries(
 
 
 def _with_budgeted_retries(
-    call: Call, retry: Retry, retried: _Retried, budget: RetryBudgetState, rng: random.Random
+    call: Call,
+    again: Call,
+    retry: Retry,
+    retried: _Retried,
+    budget: RetryBudgetState,
+    rng: random.Random,
 ) -> Call:
     """Retries drawing on a retry budget: successes feed it, each retry spends from it."""
     success, try_retry = budget.success, budget.try_retry
 
     async def retrying(item: Any) -> Any:
         calls = 1
+        attempt = call
         while True:
             try:
-                value = await call(item)
+                value = await attempt(item)
             except Halt as halt:  # the map stopped before this retry: the item did start
                 if calls > 1:
                     halt.started = True
@@ -306,6 +385,7 @@ def _with_budgeted_retries(
                 return value
             retried.count += 1
             calls += 1
+            attempt = again
             await asyncio.sleep(wait)
         raise error
 
@@ -527,6 +607,7 @@ def _engine_and_checkpoint(
     on_abandon: Callable[[], None] | None = None  # see Engine
     unstarted: Callable[[], int] | None = None  # see Engine
     retried = _Retried()
+    again: Call | None = None  # the call of a retry, when it differs from the first attempt's
     workers: int | None
     limiter: Limiter | None = None
     elastic: int | None = None  # the pool's first size when it follows an adaptive limit
@@ -606,13 +687,17 @@ def _engine_and_checkpoint(
         else:
             if budget is not None:
                 call = _with_budget(call, budget["requests"])
-            if isinstance(gate, AutoRateGate):
-                call = with_auto_rate(call, gate)
-            elif gate is not None:
-                assert isinstance(gate, RateGate)
-                call = _with_rate(call, gate)
-            if limiter is not None:
-                call = _with_limiter(call, limiter, max_cooldown)
+            assert not isinstance(gate, WeightedGate)  # metered above
+            if gate is not None or limiter is not None:
+                # Items waiting for their first start are not started (see _Waiting).
+                waiting = _Waiting()
+                unstarted = waiting
+                gated = _with_gates(call, gate, limiter, max_cooldown, waiting)
+                if retry is not None:
+                    # A retry waits for its slot again, but its item has
+                    # started: the later attempts pass gates that count nobody.
+                    again = _with_gates(call, gate, limiter, max_cooldown, _Waiting())
+                call = gated
         if retry is not None:
             state = None
             if retry.budget is not None:
@@ -623,7 +708,7 @@ def _engine_and_checkpoint(
                     if limiter is not None
                     else RetryBudgetState(retry.budget)
                 )
-            call = _with_retries(call, retry, retried, state)
+            call = _with_retries(call, retry, retried, state, again)
     # checkpoint= (see _checkpoint): outermost, so a recorded item takes no
     # limiter slot, rate token, budget or retry; the file closes with the map.
     checkpoint = None
@@ -683,8 +768,18 @@ _HOSTED = ("checkpoint", "deadline", "progress")
 _CHECKPOINT_OWN = ("item_id", "fingerprint", "resume", "serializer")
 
 
+def _given(opts: Mapping[str, Any], name: str) -> bool:
+    """Whether keyword ``name`` differs from its default.
+
+    By type as well as value: ``monitor=0`` and ``progress=0`` equal their
+    default ``False``, but are values to check (and refuse), not "not given".
+    """
+    value, default = opts[name], _DEFAULTS[name]
+    return not (value is default or (type(value) is type(default) and value == default))
+
+
 def _hosted(opts: Mapping[str, Any]) -> bool:
-    return any(opts[name] != _DEFAULTS[name] for name in (*_HOSTED, *_CHECKPOINT_OWN))
+    return any(_given(opts, name) for name in (*_HOSTED, *_CHECKPOINT_OWN))
 
 
 def _weighted_limiter(limiter: Limiter) -> bool:
@@ -743,7 +838,7 @@ def _sharded(
     _check_flag("ordered", opts["ordered"])
     _check_flag("return_exceptions", opts["return_exceptions"])
     for name in _NOT_SHARDED:
-        if opts[name] != _DEFAULTS[name]:
+        if _given(opts, name):
             raise ValueError(
                 f"{name}= is not available with processes=N; got {name}={opts[name]!r} "
                 f"and processes={processes!r}. Drop one of them."
@@ -809,8 +904,8 @@ def _on_ray(
     _check_flag("return_exceptions", opts["return_exceptions"])
     check_address(opts["ray_address"])
     actors = check_actors(opts["ray_actors"])
-    for name, default in _DEFAULTS.items():
-        if name not in _ON_RAY and opts[name] != default:
+    for name in _DEFAULTS:
+        if name not in _ON_RAY and _given(opts, name):
             raise ValueError(
                 f"{name}= is not available with backend='ray'; got {name}={opts[name]!r} "
                 "and backend='ray'. Drop one of them."
@@ -1150,6 +1245,12 @@ def run(
 
 
 def _loop_factory(use_uvloop: bool | None) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if use_uvloop is not None and not isinstance(use_uvloop, bool):
+        # Else "no" or 0, being neither False nor None, would pick uvloop.
+        raise TypeError(
+            "uvloop must be True (require uvloop), False (the standard loop) or None (uvloop "
+            f"when installed); got uvloop={use_uvloop!r}"
+        )
     if use_uvloop is False:
         return None
     try:

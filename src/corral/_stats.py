@@ -72,12 +72,16 @@ class Stats:
     """A frozen snapshot of one map's progress.
 
     Attributes:
-        started: items taken from the input and handed to a call.
+        started: items taken from the input whose call began: an item still
+            waiting for its first start (a Limiter's slot, its turn under
+            ``rate="20/s"``) has not started. Once the map has ended, an item
+            cancelled while it waited counts as started, as a call cut short.
         completed: items that ended with a result.
         failed: items that ended with an exception (after retries).
         retried: retry attempts made (a call that is re-run counts once per re-run).
-        in_flight: items started and not yet ended (0 once the map has ended; calls
-            an early stop cut short are ``started - completed - failed``).
+        in_flight: items started and not yet ended, those waiting to be retried
+            included (0 once the map has ended; calls an early stop cut short
+            are ``started - completed - failed``).
         elapsed: seconds since the map started (loop time).
         throughput: items ended per second over ``elapsed``.
         limit: the concurrency limit in force (``None``: unbounded).
