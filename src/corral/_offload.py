@@ -130,6 +130,8 @@ import reprlib
 import signal
 import socket
 import struct
+import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -618,6 +620,64 @@ async def _end_processes(processes: list[BaseProcess], grace: float) -> None:
         if process.exitcode is None:
             process.terminate()
     await wait_all_exit(processes, TERMINATE_GRACE)
+
+
+def kill_stragglers(processes: Iterable[BaseProcess]) -> None:
+    """Kill those of ``processes`` (terminated just now) still running a second later.
+
+    For a map dropped unclosed (``break`` out of a plain ``async for``): its
+    close runs in the background, and ``asyncio.run`` may end the loop before
+    that close gets to the kill. A worker that ignores SIGTERM would then run
+    on, and the program hang at exit (multiprocessing joins its children). So
+    a thread of its own does it, not a daemon: the interpreter waits for it
+    (a second at most) before multiprocessing's exit handler joins them.
+    """
+    if sys.platform == "win32":  # pragma: no cover - terminate() is a kill there
+        return
+    watched: list[tuple[int, int]] = []
+    try:
+        for process in processes:
+            if process.pid is not None and process.exitcode is None:
+                # A copy of its sentinel (readable once it has ended): the close,
+                # if it runs, closes the process and that sentinel meanwhile.
+                watched.append((process.pid, os.dup(process.sentinel)))
+    except BaseException:
+        for _, fd in watched:
+            os.close(fd)
+        raise
+    if not watched:
+        return
+    thread = threading.Thread(
+        target=_kill_unless_ended, args=(watched,), name="corral-kill-stragglers"
+    )
+    try:
+        thread.start()
+    except RuntimeError:  # no new thread (the interpreter is shutting down): kill now
+        _kill_unless_ended(watched, grace=0.0)
+
+
+def _kill_unless_ended(watched: list[tuple[int, int]], grace: float = TERMINATE_GRACE) -> None:
+    from multiprocessing.connection import wait
+
+    deadline = time.monotonic() + grace
+    running = [fd for _, fd in watched]
+    try:
+        # wait() returns as soon as one has ended: again for the others, to the deadline.
+        while running:
+            ended = wait(running, max(0.0, deadline - time.monotonic()))
+            running = [fd for fd in running if fd not in ended]
+            if time.monotonic() >= deadline:
+                break
+        for pid, fd in watched:
+            if fd in running:
+                # Not ended, so not reaped: the pid is still this worker's.
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    finally:
+        for _, fd in watched:
+            os.close(fd)
 
 
 def portable(exc: BaseException) -> BaseException:
@@ -1366,6 +1426,7 @@ class ProcessPool:
         for process in self._started:
             if process.pid is not None and process.exitcode is None:
                 process.terminate()
+        kill_stragglers(self._started)
         for worker in self._workers:
             worker.link.close()
             _close_spare(worker)

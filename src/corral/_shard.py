@@ -51,6 +51,9 @@ What each guarantee becomes
   arrive; ``started``, ``in_flight``, ``retried`` and the latency histogram
   are reported by the children with each batch of results (the histogram a
   few times a second) and summed; they are exact once the map has ended.
+  Calls that start with no result to carry the news are reported on their
+  own, within two loop iterations of the child: ``started`` and
+  ``in_flight`` do not wait for a result or a timer.
 
 ``fn`` travels to the children by reference, so it must be importable: an
 ``async def`` at module level. A lambda or a closure is refused at once.
@@ -78,6 +81,7 @@ from ._offload import (
     describe_exit,
     drain,
     ignore_sigint,
+    kill_stragglers,
     mp_context,
     pack_outcome,
     portable,
@@ -113,7 +117,9 @@ R = TypeVar("R")
 WINDOW_PER_LIMIT = 4
 #: The most items the parent pulls in one go when the limit is ``None``.
 UNBOUNDED_SLICE = 1024
-#: Seconds between a child's latency reports.
+#: Seconds between a child's latency reports (its count of started calls goes
+#: at once, see ``_ChildSession._report_starts``). Read when a map starts and
+#: sent to its children with their settings.
 STATS_INTERVAL = 0.25
 #: Seconds a child that finished cleanly gets to exit before it is terminated.
 EXIT_GRACE = 5.0
@@ -241,7 +247,8 @@ class ShardRun(RemoteRun[R]):
         budgets = split_retry_budget(retry, len(shares))
         self._payloads = [
             pickle.dumps(
-                (fn, share, timeout, retry, budget, rate is not None), pickle.HIGHEST_PROTOCOL
+                (fn, share, timeout, retry, budget, rate is not None, STATS_INTERVAL),
+                pickle.HIGHEST_PROTOCOL,
             )
             for share, budget in zip(shares, budgets, strict=True)
         ]
@@ -307,11 +314,17 @@ class ShardRun(RemoteRun[R]):
             if child.process is not None and child.process.exitcode is None:
                 child.process.terminate()
 
-    def _drop_links(self) -> None:
+    def _close_links(self) -> None:
         for child in self._children:
             if child.link is not None:
                 child.link.close()
             _close_spare(child)  # or the socket stays open, and the child never sees its end
+
+    def _drop_links(self) -> None:
+        self._close_links()
+        # Dropped unclosed, the children terminated just now: the close that
+        # would kill those still running a second later may never get there.
+        kill_stragglers(c.process for c in self._children if c.process is not None)
 
     async def _settle(self) -> None:
         if self._flush_handle is not None:
@@ -320,7 +333,7 @@ class ShardRun(RemoteRun[R]):
         await super()._settle()
 
     async def _release(self, clean: bool) -> None:
-        self._drop_links()
+        self._close_links()
         processes = [c.process for c in self._children if c.process is not None]
         await stop_processes(processes, grace=EXIT_GRACE if clean else 0.0)
 
@@ -339,7 +352,9 @@ class ShardRun(RemoteRun[R]):
         """Give the items, with their indexes, to the children: the least loaded get the most.
 
         Water-filling: children in order of room, smallest first, each taking
-        an equal share of what is left or all its room, whichever is less.
+        an equal share of what is left or all its room, whichever is less. The
+        shares are rounded down, so that what does not divide evenly (a lone
+        item from an async input, say) goes to the children with the most room.
         """
         start = self._next_index
         self._next_index += len(batch)
@@ -350,7 +365,7 @@ class ShardRun(RemoteRun[R]):
             left = len(pairs) - position
             if left <= 0:
                 break
-            take = min(child.free(), -(-left // (len(children) - number)))
+            take = min(child.free(), left // (len(children) - number))
             child.outbox.extend(pairs[position : position + take])
             position += take
         assert position >= len(pairs), "assigned more items than there was room for"
@@ -443,6 +458,8 @@ class ShardRun(RemoteRun[R]):
             waiter = self._token_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+        elif kind == "started":  # calls began, and no results came to carry the count
+            _, child.started, child.retried = message
         elif kind == "progress":
             _, child.started, child.retried, latency = message
             self._add_latency(latency)
@@ -646,6 +663,9 @@ class _ChildSession:
         self._tokens: _Tokens | None = None
         self._tokens_wanted = 0
         self._started = 0
+        self._started_sent = 0  # the count of started calls the parent was last told
+        self._starts_held = False  # a report of starts waits an iteration for results
+        self._interval = STATS_INTERVAL
         self._retried = _Retried()
         self._histogram = LatencyHistogram()
         self._reported = [0] * len(self._histogram.counts)
@@ -674,7 +694,7 @@ class _ChildSession:
 
     async def _serve(self) -> None:
         try:
-            fn, limit, timeout, retry, budget, paced = pickle.loads(self._payload)
+            fn, limit, timeout, retry, budget, paced, self._interval = pickle.loads(self._payload)
         except Exception as exc:
             self._link.send(("broken", portable(exc)))
             return
@@ -683,7 +703,7 @@ class _ChildSession:
         if paced:
             self._tokens = _Tokens(self)
         loop = asyncio.get_running_loop()
-        self._report_handle = loop.call_later(STATS_INTERVAL, self._report_progress)
+        self._report_handle = loop.call_later(self._interval, self._report_progress)
         try:
             run_item = self._item_runner(fn, timeout, retry, budget)
             async with corral_map(run_item, self._items(), limit=limit, ordered=False) as out:
@@ -726,11 +746,16 @@ class _ChildSession:
             pace=None if tokens is None else tokens.acquire,
         )
         histogram = self._histogram
-        clock = asyncio.get_running_loop().time
+        loop = asyncio.get_running_loop()
+        clock = loop.time
 
         async def run_item(pair: tuple[int, Any]) -> tuple[int, bool, Any]:
             index, item = pair
             self._started += 1
+            # Tell the parent soon (stats.started, in_flight): one flush per
+            # loop iteration at most, whatever the number of calls it starts.
+            if self._flush_handle is None:
+                self._flush_handle = loop.call_soon(self._flush)
             began = clock()
             try:
                 return (index, True, await call(item))
@@ -812,6 +837,8 @@ class _ChildSession:
             self._link.send(("want", self._tokens_wanted))
             self._tokens_wanted = 0
         if not self._outbox:
+            if self._started != self._started_sent:
+                self._report_starts()
             return
         outcomes, self._outbox = self._outbox, []
         # Values of other types than the plainest are pickled one by one, so
@@ -821,16 +848,36 @@ class _ChildSession:
             outcome if type(outcome[2]) in plain else (outcome[0], *pack_outcome(*outcome[1:]))
             for outcome in outcomes
         ]
+        self._started_sent = self._started
+        self._starts_held = False
         self._link.send(("results", packed, self._started, self._retried.count))
+
+    def _report_starts(self) -> None:
+        """Calls started and no result carries the count: tell the parent an iteration later.
+
+        The results of the calls an iteration starts are often handed over in
+        the next one: waiting for that iteration lets them carry the count, so
+        a busy child sends no more messages than results need, and one whose
+        calls all wait still tells the parent within two iterations
+        (``stats.started``, ``in_flight``), not at the next timed report.
+        """
+        if not self._starts_held:
+            self._starts_held = True
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            return
+        self._starts_held = False
+        self._started_sent = self._started
+        self._link.send(("started", self._started, self._retried.count))
 
     def _send_progress(self) -> None:
         """Counters and the latency histogram's growth since the last report."""
         counts, reported = self._histogram.counts, self._reported
         delta = {i: c - reported[i] for i, c in enumerate(counts) if c != reported[i]}
         self._reported = list(counts)
+        self._started_sent = self._started
         self._link.send(("progress", self._started, self._retried.count, delta))
 
     def _report_progress(self) -> None:
         self._send_progress()
         loop = asyncio.get_running_loop()
-        self._report_handle = loop.call_later(STATS_INTERVAL, self._report_progress)
+        self._report_handle = loop.call_later(self._interval, self._report_progress)
