@@ -1016,11 +1016,6 @@ async def test_progress_gets_a_final_snapshot_when_the_input_cannot_be_read() ->
     assert len(progress.seen) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="corral._usage.metered takes the Limiter's slot itself (cost=, usage=, weighted "
-    "rates), and does not tell the stats which items still wait for it",
-)
 @pytest.mark.virtual_time
 async def test_in_flight_leaves_out_the_queue_with_weighted_accounting_too() -> None:
     fn = Watched(_varied)
@@ -1034,11 +1029,6 @@ async def test_in_flight_leaves_out_the_queue_with_weighted_accounting_too() -> 
     _ended_normally(results.stats, 200)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="corral._auto_rate.with_auto_rate waits for rate='auto' itself, and does not "
-    "tell the stats which items still wait for their start",
-)
 @pytest.mark.virtual_time
 async def test_in_flight_leaves_out_the_items_waiting_for_an_adaptive_rate() -> None:
     fn = Watched(lambda item: 0.5)

@@ -12,6 +12,7 @@ import asyncio
 import builtins
 import concurrent.futures
 import difflib
+import functools
 import inspect
 import os
 import random
@@ -51,6 +52,7 @@ from ._remote import RemoteCall, RemoteStream
 from ._retry import Retry, as_retry, retry_after_seconds, retry_kind
 from ._retry_budget import RetryBudgetExhausted, RetryBudgetState
 from ._shard import ShardedStream, map_sharded, sharded_call
+from ._stats import Waiting
 from ._usage import Meter, NoRetry, UsageBudget, metered
 from ._weighted import WeightedGate
 
@@ -166,28 +168,7 @@ def _with_timeout(call: Call, timeout: float) -> Call:
     return timed
 
 
-class _Waiting:
-    """How many of a map's items wait for their first start: a Limiter's slot, the rate's turn.
-
-    The engine counts an item started once a worker hands it to the call; an
-    item still waiting for its slot or its turn has not started, and stats
-    leave it out of ``started`` and ``in_flight`` (the engine's
-    ``unstarted``). Else a map on a shared adaptive Limiter, which runs a
-    worker per slot the limit may reach (its ``max``), showed hundreds of
-    calls in flight under a limit of 4. Only first attempts count: an item
-    waiting to be retried has started.
-    """
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self) -> int:
-        return self.count
-
-
-def _with_limiter(call: Call, limiter: Limiter, max_cooldown: float, waiting: _Waiting) -> Call:
+def _with_limiter(call: Call, limiter: Limiter, max_cooldown: float, waiting: Waiting) -> Call:
     """Take ``limiter``'s slot around each call; a Retry-After pauses it, up to ``max_cooldown``."""
     if limiter.adaptive is not None or limiter.key is not None or limiter.auto_rate:
         return _with_feedback(call, limiter, max_cooldown, waiting)
@@ -213,7 +194,7 @@ def _with_limiter(call: Call, limiter: Limiter, max_cooldown: float, waiting: _W
     return limited
 
 
-def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float, waiting: _Waiting) -> Call:
+def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float, waiting: Waiting) -> Call:
     """An adaptive or per-key limiter: take the item's key's slot, report how the call went."""
     if limiter.key is not None:
 
@@ -264,7 +245,7 @@ def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float, waiting: _
     return adaptive
 
 
-def _with_rate(call: Call, gate: RateGate, waiting: _Waiting) -> Call:
+def _with_rate(call: Call, gate: RateGate, waiting: Waiting) -> Call:
     wait = gate.wait
 
     async def paced(item: Any) -> Any:
@@ -283,11 +264,11 @@ def _with_gates(
     gate: RateGate | AutoRateGate | None,
     limiter: Limiter | None,
     max_cooldown: float,
-    waiting: _Waiting,
+    waiting: Waiting,
 ) -> Call:
     """``call`` behind the map's rate and its Limiter, counting the items waiting in ``waiting``."""
     if isinstance(gate, AutoRateGate):
-        call = with_auto_rate(call, gate)
+        call = with_auto_rate(call, gate, waiting)
     elif gate is not None:
         call = _with_rate(call, gate, waiting)
     if limiter is not None:
@@ -675,7 +656,8 @@ def _engine_and_checkpoint(
             or (budget is not None and set(budget) != {"requests"})
         ):
             # Weighted accounting (see _usage): one wrapper reserves, settles and budgets.
-            call = metered(
+            meter = functools.partial(
+                metered,
                 call,
                 Meter(opts["cost"], opts["usage"]),
                 gate=gate,
@@ -684,19 +666,24 @@ def _engine_and_checkpoint(
                 max_cooldown=max_cooldown,
                 under_retries=retry is not None,  # see _with_retries
             )
+            waiting = Waiting()
+            unstarted = waiting  # items waiting for their first start (see Waiting)
+            if retry is not None:
+                again = meter(waiting=Waiting())  # a retry's item has started: counts nobody
+            call = meter(waiting=waiting)
         else:
             if budget is not None:
                 call = _with_budget(call, budget["requests"])
             assert not isinstance(gate, WeightedGate)  # metered above
             if gate is not None or limiter is not None:
-                # Items waiting for their first start are not started (see _Waiting).
-                waiting = _Waiting()
+                # Items waiting for their first start are not started (see Waiting).
+                waiting = Waiting()
                 unstarted = waiting
                 gated = _with_gates(call, gate, limiter, max_cooldown, waiting)
                 if retry is not None:
                     # A retry waits for its slot again, but its item has
                     # started: the later attempts pass gates that count nobody.
-                    again = _with_gates(call, gate, limiter, max_cooldown, _Waiting())
+                    again = _with_gates(call, gate, limiter, max_cooldown, Waiting())
                 call = gated
         if retry is not None:
             state = None

@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._rate import Rate, RateGate
+from ._stats import Waiting
 
 __all__ = ["AutoRateGate", "RateController", "with_auto_rate"]
 
@@ -247,12 +248,21 @@ def is_auto(value: Any) -> bool:
     return isinstance(value, str) and value == "auto"
 
 
-def with_auto_rate(call: Callable[[Any], Awaitable[Any]], gate: AutoRateGate) -> Any:
-    """Wrap ``call``: wait for the adaptive rate, then tell it how the call ended."""
+def with_auto_rate(
+    call: Callable[[Any], Awaitable[Any]], gate: AutoRateGate, waiting: Waiting
+) -> Any:
+    """Wrap ``call``: wait for the adaptive rate, then tell it how the call ended.
+
+    ``waiting`` counts the items waiting for their turn (not started yet).
+    """
     wait, success, feedback = gate.wait, gate.success, gate.feedback
 
     async def paced(item: Any) -> Any:
-        await wait()
+        waiting.count += 1
+        try:
+            await wait()
+        finally:
+            waiting.count -= 1
         try:
             value = await call(item)
         except Exception as exc:

@@ -108,3 +108,24 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         """The fields as a flat, JSON-serialisable dict."""
         return asdict(self)
+
+
+class Waiting:
+    """How many of a map's items wait for their first start: a Limiter's slot, the rate's turn.
+
+    The engine counts an item started once a worker hands it to the call; an
+    item still waiting for its slot or its turn has not started, and stats
+    leave it out of ``started`` and ``in_flight`` (the engine's
+    ``unstarted``). Else a map on a shared adaptive Limiter, which runs a
+    worker per slot the limit may reach (its ``max``), showed hundreds of
+    calls in flight under a limit of 4. Only first attempts count: an item
+    waiting to be retried has started.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> int:
+        return self.count

@@ -39,6 +39,7 @@ from ._engine import Halt
 from ._errors import BudgetExhausted
 from ._headers import read_rate_limits
 from ._rate import RateGate
+from ._stats import Waiting
 from ._weighted import MAX_AMOUNT, WeightedGate
 
 if TYPE_CHECKING:
@@ -444,6 +445,7 @@ def metered(
     budget: UsageBudget | None,
     max_cooldown: float | None = None,
     under_retries: bool = False,
+    waiting: Waiting | None = None,
 ) -> Call:
     """Wrap ``call`` with reservations, settlement and the budget, per attempt.
 
@@ -462,8 +464,14 @@ def metered(
     the item at once: with ``under_retries`` it is raised wrapped in
     :class:`NoRetry`, which the retry wrapper around this one unwraps
     instead of calling again.
+
+    ``waiting`` counts the items waiting for their slot or their turn under
+    the rates (not started yet, see :class:`~corral._stats.Waiting`).
     """
     from ._limits import MAX_COOLDOWN, Limiter
+
+    if waiting is None:
+        waiting = Waiting()
 
     cap = MAX_COOLDOWN if max_cooldown is None else max_cooldown
     cost_of, usage_of, usage_of_error = meter.cost_of, meter.read_usage, meter.usage_of_error
@@ -523,7 +531,11 @@ def metered(
                     raise NoRetry(exc) from exc
                 raise
             # acquire() alone when there is no cost: a Limiter subclass may not take one.
-            await (acquire() if cost is None else acquire(cost))
+            waiting.count += 1
+            try:
+                await (acquire() if cost is None else acquire(cost))
+            finally:
+                waiting.count -= 1
             try:
                 value = await call(item)
             except BaseException as exc:
@@ -560,17 +572,21 @@ def metered(
                 raise NoRetry(exc) from exc
             raise
         own = limiter.for_item(item) if keyed else limiter  # type: ignore[union-attr]
-        if own is not None:
-            await (own.acquire() if cost is None else own.acquire(cost))
+        waiting.count += 1
         try:
-            if gate is not None and not gate.wait_nowait(cost):
-                await gate.wait(cost)
-            if budget is not None:
-                budget.start(cost)
-        except BaseException:
             if own is not None:
-                own.release()  # a slot held, but no call will start
-            raise
+                await (own.acquire() if cost is None else own.acquire(cost))
+            try:
+                if gate is not None and not gate.wait_nowait(cost):
+                    await gate.wait(cost)
+                if budget is not None:
+                    budget.start(cost)
+            except BaseException:
+                if own is not None:
+                    own.release()  # a slot held, but no call will start
+                raise
+        finally:
+            waiting.count -= 1
         # The loop's clock only for what reads it: no clock read per call otherwise.
         clock = asyncio.get_running_loop().time if timed or auto is not None else _no_clock
         began = clock() if timed else 0.0
