@@ -28,7 +28,7 @@ from typing import Any, NoReturn, TypeAlias
 
 from ._adaptive import Adaptive, Controller, Outcome
 from ._numbers import check_arity, is_finite, is_integral, is_real
-from ._rate import Rate, RateLike, as_rates, gate_for
+from ._rate import Rate, RateGate, RateLike, as_rates, gate_for
 from ._usage import _AttemptCost, _checked
 from ._weighted import WeightedGate
 
@@ -854,6 +854,12 @@ class Limiter:
         """
         gate = self._gate
         assert gate is not None
+        if isinstance(gate, RateGate):
+            # Also sends callers granted a slot just before the pause (not yet
+            # resumed) back to the head of its line: sitting it out, they would
+            # start at its end together with the first caller it lets through.
+            gate.pause(seconds)
+            return
         if gate.clamp("requests", 0.0, seconds, None):
             return
         spec = self._rate_spec  # a weighted rate without a request dimension

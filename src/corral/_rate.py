@@ -454,6 +454,11 @@ def gcra_next_tat(tat: float, now: float, rate: Rate) -> float:
 # ---------------------------------------------------------------------------
 
 
+#: A caller's place in a gate's line; once granted, its grant:
+#: (its number, TAT before it, TAT after it).
+_Slot: TypeAlias = "asyncio.Future[tuple[int, float, float]]"
+
+
 class RateGate:
     """Lets callers through at a :class:`Rate`, in the order they arrived.
 
@@ -467,15 +472,22 @@ class RateGate:
     and the callers behind it move up to the slot it would have had. A caller
     cancelled after being granted its slot but before it resumed gives the
     slot back too when no later start was granted on top of it and no header
-    clamp moved the schedule since; otherwise that slot stays spent (one start
-    fewer, never one too many).
+    clamp moved the schedule since; when a later start was, its slot goes to
+    the next caller in line; otherwise it stays spent (one start fewer, never
+    one too many).
+
+    :meth:`pause` (a :class:`~corral.Limiter`'s cooldown) grants nothing for a
+    while; callers granted a slot who have not resumed yet go back to the
+    head of the line, so they start first after the pause, at the rate's
+    pace, not all at its end together with the next ones.
 
     The gate binds to no event loop when built, so it can be made at import
     time and used by successive ``asyncio.run`` calls. Loops' clocks are
     unrelated, so on a new loop the gate carries over what the last loop's
     starts (and a server's clamp) still owe, as if no time had passed in
     between: switching loops never grants an extra burst (it may cost up to
-    ``burst`` intervals of extra wait). Using one gate from two loops *at
+    ``burst`` intervals of extra wait); a pause does not carry over, as the
+    Limiter's cooldown it serves does not. Using one gate from two loops *at
     once* is an error. Time is read only through the running loop's
     ``time()``, and kept as seconds since the gate bound to that loop, so a
     clock far from 0 (a long uptime, a wall clock) spaces starts as exactly
@@ -487,11 +499,14 @@ class RateGate:
 
     __slots__ = (
         "_granted",
+        "_grantees",
         "_grants",
         "_interval",
         "_last_now",
         "_loop",
+        "_moved",
         "_origin",
+        "_pause",
         "_queued",
         "_rate",
         "_tat",
@@ -525,6 +540,14 @@ class RateGate:
         self._granted = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = -math.inf
+        # The futures of callers granted a slot through the line who have not
+        # resumed yet, in grant order; and, for those a pause put back in line,
+        # the future each waits on now (see pause).
+        self._grantees: dict[_Slot, None] = {}
+        self._moved: dict[_Slot, _Slot] = {}
+        # The latest pause: (TAT without it, TAT with it). A new loop drops it
+        # while TAT is still what the pause set (see _rebind).
+        self._pause: tuple[float, float] | None = None
 
     @property
     def rate(self) -> Rate:
@@ -582,20 +605,52 @@ class RateGate:
         if self.wait_nowait():
             return
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[int, float, float]] = loop.create_future()
+        fut: _Slot = loop.create_future()
         self._waiters.append(fut)
         self._queued += 1
         if self._timer is None:
             self._arm(loop)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.cancelled():
-                self._withdraw()
-            else:
-                self._give_back(loop, fut.result())
-            raise
+        while True:
+            try:
+                await fut
+            except asyncio.CancelledError:
+                self._leave(loop, fut)
+                raise
+            moved = self._moved.pop(fut, None) if self._moved else None
+            if moved is None:
+                break
+            fut = moved  # granted before a pause: back in line, at its head
+        self._grantees.pop(fut, None)
         self._granted -= 1
+
+    def pause(self, seconds: float) -> None:
+        """Grant no slot for ``seconds`` from now: a :class:`~corral.Limiter`'s cooldown.
+
+        Callers granted a slot who have not resumed yet were granted before
+        the pause but would start after it: they go back to the head of the
+        line, in the order they were granted (their slots given back when
+        nothing was booked on top of them), so that after the pause starts
+        come at the rate's pace, in arrival order, not two at its end. Unlike
+        a :meth:`clamp` (a server's word on what it has left), a pause ends
+        with the loop it was made on. Needs a running event loop.
+        """
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._rebind(loop)
+        now = loop.time() - self._origin
+        if now > self._last_now:
+            self._last_now = now  # as for a clamp: what a later loop carries is measured from here
+        if self._grantees:
+            self._requeue_grantees(loop)
+        tat = self._tat
+        pause = self._pause
+        without = pause[0] if pause is not None and tat == pause[1] else tat
+        floor = now + self._tolerance + seconds
+        if floor > tat:
+            self._tat = floor
+            self._pause = (without, floor)
+        if self._queued and self._timer is None:
+            self._arm(loop)
 
     def clamp(
         self, dimension: str, remaining: float, reset: float | None, limit: float | None = None
@@ -690,7 +745,48 @@ class RateGate:
             after = (tat if tat > now else now) + self._interval
             self._tat = after
             self._last_now = now
+            self._grantees[fut] = None
             fut.set_result((self._grants, tat, after))
+
+    def _leave(self, loop: asyncio.AbstractEventLoop, fut: _Slot) -> None:
+        """A caller cancelled while waiting on ``fut`` gives back its place, or its slot.
+
+        ``fut`` may have been granted, then replaced by a place in line by a
+        pause (perhaps granted again since): the caller leaves from where it is.
+        """
+        while not fut.cancelled():
+            moved = self._moved.pop(fut, None) if self._moved else None
+            if moved is None:  # granted, not resumed
+                self._grantees.pop(fut, None)
+                self._give_back(loop, fut.result())
+                return
+            if not moved.done():
+                moved.cancel()  # its place in line, which the caller now leaves
+            fut = moved
+        self._withdraw()
+
+    def _requeue_grantees(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Put callers granted a slot but not resumed back at the head of the line, in order.
+
+        Their slots are undone when they are the latest bookings and nothing
+        moved TAT since (as :meth:`_give_back` does for one); otherwise they
+        stay spent: one start fewer, never one too many.
+        """
+        granted = sorted(self._grantees, key=lambda fut: fut.result()[0])
+        self._grantees.clear()
+        grants = [fut.result() for fut in granted]
+        count = len(granted)
+        numbers = [number for number, _, _ in grants]
+        if numbers == list(range(self._grants - count + 1, self._grants + 1)) and (
+            self._tat == grants[-1][2]
+        ):
+            self._tat = grants[0][1]
+            self._grants -= count
+        places: list[_Slot] = [loop.create_future() for _ in granted]
+        self._moved.update(zip(granted, places, strict=True))
+        self._waiters.extendleft(reversed(places))
+        self._queued += count
+        self._granted -= count
 
     def _withdraw(self) -> None:
         """A caller cancelled in line leaves; the timer stays right for whoever is next."""
@@ -712,7 +808,10 @@ class RateGate:
         self._granted -= 1
         number, tat_before, tat_after = grant
         if number != self._grants:
-            return  # later starts were booked after this one; the slot stays spent
+            # Later starts were booked after this one: undoing it would let
+            # them come early. The next caller in line starts in its place.
+            self._pass_on(grant)
+            return
         if self._tat != tat_after:
             # A header clamp moved TAT later since: it stands for what the
             # server has left, whoever asks, so going back would drop it.
@@ -723,6 +822,21 @@ class RateGate:
             # The head of the line may conform earlier now.
             self._timer.cancel()
             self._arm(loop)
+
+    def _pass_on(self, grant: tuple[int, float, float]) -> None:
+        """Give a granted slot whose caller was cancelled to the next live caller in line.
+
+        Nobody in line: the slot stays spent (one start fewer, never one too many).
+        """
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():  # skip callers cancelled in line; their withdrawal counts them
+                self._queued -= 1
+                self._granted += 1
+                self._grantees[fut] = None
+                fut.set_result(grant)
+                return
 
     def _rebind(self, loop: asyncio.AbstractEventLoop) -> None:
         """First use on ``loop``: drop the previous loop's line and carry the rate over."""
@@ -736,11 +850,17 @@ class RateGate:
         # since the last grant or clamp: conservative, as real time can only
         # have paid some of it off. The new loop's time now is the new origin.
         tat, last = self._tat, self._last_now
+        pause = self._pause
+        if pause is not None and tat == pause[1]:
+            tat = pause[0]  # a pause (a Limiter's cooldown) ends with its loop
+        self._pause = None
         self._origin = loop.time()
         self._tat = tat - last if tat > last else -math.inf
         self._last_now = 0.0
         # Futures and the timer of a closed loop can never run: forget them.
         self._waiters.clear()
+        self._grantees.clear()
+        self._moved.clear()
         self._queued = self._granted = 0
         self._timer = None
         self._loop = loop
