@@ -22,7 +22,9 @@ Bounded memory
 --------------
 Items are pulled only by a worker about to call ``fn`` (a checkpointed map
 pulls a plain input ahead by up to 256 items, never more than its limit, see
-:class:`_ChunkedSource`). Results wait for the
+:class:`_ChunkedSource`; an async input is read ahead by a feeder task into a
+buffer of up to ``limit`` items, so up to twice the limit are pulled while
+every call is busy). Results wait for the
 consumer in a buffer; a worker that pulled item ``i`` does not call ``fn`` until
 ``i < consumed + window``. In input order this bounds the reorder buffer behind
 a slow head item; as completed it bounds the results the consumer has not taken
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import heapq
 import itertools
 import logging
@@ -105,19 +108,23 @@ def close_in_background(
     """
 
     def start() -> None:
-        task = loop.create_task(aclose())
-        _BACKGROUND_CLOSES.add(task)
-        task.add_done_callback(_background_close_done)
+        keep_until_done(
+            loop.create_task(aclose()), "closing a map whose results were dropped unclosed"
+        )
 
     loop.call_soon_threadsafe(start)
 
 
-def _background_close_done(task: asyncio.Task[None]) -> None:
+def keep_until_done(task: asyncio.Task[None], what: str) -> None:
+    """Hold ``task`` (a close nobody awaits) until it ends, and log what it raises."""
+    _BACKGROUND_CLOSES.add(task)
+    task.add_done_callback(functools.partial(_background_close_done, what))
+
+
+def _background_close_done(what: str, task: asyncio.Task[None]) -> None:
     _BACKGROUND_CLOSES.discard(task)
     if not task.cancelled() and (error := task.exception()) is not None:
-        logger.error(
-            "corral: closing a map whose results were dropped unclosed failed", exc_info=error
-        )
+        logger.error("corral: %s failed", what, exc_info=error)
 
 
 class Halt(BaseException):
@@ -635,6 +642,7 @@ class Engine(Generic[T, R]):
         # Set while aclose() runs; a second aclose() waits for the first.
         self._closed: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._spawning = False  # inside spawn(): see _own()
         self._alive = 0  # worker tasks not yet finished
         self._unstarted = 0  # workers spawned that have not pulled an item yet
         self._error: BaseException | None = None
@@ -726,7 +734,13 @@ class Engine(Generic[T, R]):
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         assert self._loop is not None
-        task: asyncio.Task[Any] = self._loop.create_task(coro)  # type: ignore[arg-type]
+        # Under the eager task factory the task's first step runs inside
+        # create_task(), before it is in _tasks: _own() tells it by this flag.
+        spawning, self._spawning = self._spawning, True
+        try:
+            task: asyncio.Task[Any] = self._loop.create_task(coro)  # type: ignore[arg-type]
+        finally:
+            self._spawning = spawning
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -1238,12 +1252,14 @@ class Engine(Generic[T, R]):
         """Cancel and await everything the run started; idempotent.
 
         A close while another is under way (``aclose()`` from another task, the
-        consumer leaving meanwhile) returns once that one has finished.
+        consumer leaving meanwhile) returns once that one has finished. A close
+        from ``fn`` returns at once: the call cannot wait for itself to end.
         """
+        own = self._own()
         if self._closed is not None:
             # A close from one of the run's own tasks (fn) returns at once: the
             # close under way waits for that task.
-            if asyncio.current_task() not in self._tasks:
+            if not own:
                 await wait_closed(self._closed)
             return
         if self._phase is _Phase.CLOSED:
@@ -1257,6 +1273,30 @@ class Engine(Generic[T, R]):
             return
         assert self._loop is not None
         self._closed = self._loop.create_future()
+        if own:
+            # From fn: closed in a task of its own, which cancels and awaits
+            # this call too. Run here, the close could not await the task it
+            # runs in, and would be over (a consumer leaving at once) while
+            # this call still ran. No other item starts meanwhile.
+            # Started from a callback: under the eager task factory a task made
+            # here would run at once, and this one, in its own first step, is
+            # not in _tasks yet.
+            self._stopping = True
+            self._loop.call_soon(self._close_from_fn)
+            return
+        await self._closing()
+
+    def _close_from_fn(self) -> None:
+        assert self._loop is not None
+        keep_until_done(self._loop.create_task(self._closing()), "closing a map from fn")
+
+    def _own(self) -> bool:
+        """Whether the current task is one the run started (a worker calling fn)."""
+        # A task spawned eagerly is not in _tasks during its first step.
+        return self._spawning or asyncio.current_task() in self._tasks
+
+    async def _closing(self) -> None:
+        assert self._closed is not None
         try:
             await self._close()
         finally:
@@ -1435,7 +1475,12 @@ class ResultStream(Generic[R]):
         self._engine.cancel()
 
     async def aclose(self) -> None:
-        """Stop the map: cancel and await everything it started."""
+        """Stop the map: cancel and await everything it started.
+
+        From ``fn`` it returns at once (a call cannot await its own end): the
+        map closes in the background, that call cancelled like the others, and
+        a consumer leaving ``async with`` waits for that close to finish.
+        """
         await self._engine.aclose()
 
     def __del__(self) -> None:
