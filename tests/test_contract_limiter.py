@@ -208,10 +208,8 @@ def test_a_rate_slot_granted_with_a_later_one_is_passed_on_when_its_caller_is_ca
     assert _late_batch(cancel=True) == expected
 
 
-# A weighted rate, or several windows, goes to corral._weighted's gate, which has no
-# pause yet: there a caller granted before a cooldown still starts with the next one at
-# its end, and a cooldown in force when a run ends still holds the next run's rate.
-_NOT_YET = pytest.mark.xfail(strict=True, reason="WeightedGate has no pause yet")
+# A plain rate goes to corral._rate's gate; a weighted rate, or several windows, to
+# corral._weighted's: a cooldown pauses either alike.
 _TEN_PER_SECOND = [
     pytest.param(Rate(10), id="plain"),
     pytest.param(Rate({"requests": 10, "tokens": 1000}), id="weighted"),
@@ -224,15 +222,12 @@ _TEN_PER_SECOND = [
 @pytest.mark.parametrize("rate", _TEN_PER_SECOND)
 @pytest.mark.virtual_time
 async def test_a_rate_slot_granted_just_before_a_cooldown_does_not_start_with_the_next(
-    limit: int | None, cancel: bool, rate: Any, request: pytest.FixtureRequest
+    limit: int | None, cancel: bool, rate: Any
 ) -> None:
     """A 429 seen in the instant the rate grants a caller (before it resumes): that caller
     used to sit out the pause and start at its end together with the next one, two starts
     at once on a rate of one per 0.1 s. It starts first after the pause, the next 0.1 s
     later; cancelled during the pause, it leaves the first slot to the next caller."""
-    plain = isinstance(rate, Rate) and not rate.weighted
-    if not plain and not cancel:
-        request.applymarker(_NOT_YET)
     limiter = Limiter(limit=limit, rate=rate)
     loop = asyncio.get_running_loop()
     calls = Starts(limiter)
@@ -308,13 +303,11 @@ async def _six_starts(limiter: Limiter) -> list[float]:
     ],
 )
 def test_an_import_time_limiter_serves_the_next_run_after_one_cut_midway(
-    limiter: Limiter, pause: float, request: pytest.FixtureRequest
+    limiter: Limiter, pause: float
 ) -> None:
     """A run cut with callers in line (and a cooldown in force) leaves nothing behind: the
     next asyncio.run starts at once, at the rate. A cooldown used to carry over through the
     rate: the next run waited out the rest of it (up to 120 s) before its first start."""
-    if pause and limiter is _WEIGHTED:
-        request.applymarker(_NOT_YET)
     for _ in range(2):
         with pytest.raises(KeyboardInterrupt):
             run(lambda: _cancelled_midway(limiter, pause), virtual_time=True)

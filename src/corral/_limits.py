@@ -28,7 +28,7 @@ from typing import Any, NoReturn, TypeAlias
 
 from ._adaptive import Adaptive, Controller, Outcome
 from ._numbers import check_arity, is_finite, is_integral, is_real
-from ._rate import Rate, RateGate, RateLike, as_rates, gate_for
+from ._rate import Rate, RateLike, as_rates, gate_for
 from ._usage import _AttemptCost, _checked
 from ._weighted import WeightedGate
 
@@ -844,30 +844,19 @@ class Limiter:
             self._hold_the_rate(seconds)
 
     def _hold_the_rate(self, seconds: float) -> None:
-        """Grant no rate slot for ``seconds``: as a server with nothing left for that long.
+        """Grant no rate slot for ``seconds``: the rate's side of a cooldown.
 
         Callers holding a slot and waiting for the rate would otherwise be
         granted during a cooldown, sit it out, and all start at its end at
         once (a burst above the rate, in any order). Held back, they start
-        after it at the rate's pace, in arrival order. One dimension is
-        enough: a start waits for every one.
+        after it at the rate's pace, in arrival order; those the rate let
+        through just before the pause, not yet resumed, go back to the head
+        of the line rather than start at its end with the next one. The pause
+        ends with the event loop, as the cooldown does.
         """
         gate = self._gate
         assert gate is not None
-        if isinstance(gate, RateGate):
-            # Also sends callers granted a slot just before the pause (not yet
-            # resumed) back to the head of its line: sitting it out, they would
-            # start at its end together with the first caller it lets through.
-            gate.pause(seconds)
-            return
-        if gate.clamp("requests", 0.0, seconds, None):
-            return
-        spec = self._rate_spec  # a weighted rate without a request dimension
-        for rate in spec if isinstance(spec, tuple) else (spec,):
-            if isinstance(rate, Rate):
-                for dimension in rate.limits:
-                    if gate.clamp(dimension, 0.0, seconds, None):
-                        return
+        gate.pause(seconds)
 
     def _ramp_step(self) -> None:
         """End the cooldown, or take the next step of the ramp: open slots, hand them over.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 from ._numbers import check_finite, is_integral, to_float
-from ._weighted import Cell, WeightedGate
+from ._weighted import Cell, GateLine, WeightedGate
 
 __all__ = [
     "Rate",
@@ -459,7 +459,7 @@ def gcra_next_tat(tat: float, now: float, rate: Rate) -> float:
 _Slot: TypeAlias = "asyncio.Future[tuple[int, float, float]]"
 
 
-class RateGate:
+class RateGate(GateLine):
     """Lets callers through at a :class:`Rate`, in the order they arrived.
 
     ``await gate.wait()`` returns when the caller may start one call. If a
@@ -498,22 +498,17 @@ class RateGate:
     """
 
     __slots__ = (
-        "_granted",
-        "_grantees",
         "_grants",
         "_interval",
         "_last_now",
         "_loop",
-        "_moved",
         "_origin",
         "_pause",
-        "_queued",
         "_rate",
         "_tat",
         "_timer",
         "_timer_when",
         "_tolerance",
-        "_waiters",
     )
 
     def __init__(self, rate: Rate) -> None:
@@ -610,18 +605,7 @@ class RateGate:
         self._queued += 1
         if self._timer is None:
             self._arm(loop)
-        while True:
-            try:
-                await fut
-            except asyncio.CancelledError:
-                self._leave(loop, fut)
-                raise
-            moved = self._moved.pop(fut, None) if self._moved else None
-            if moved is None:
-                break
-            fut = moved  # granted before a pause: back in line, at its head
-        self._grantees.pop(fut, None)
-        self._granted -= 1
+        await self._await_turn(loop, fut)
 
     def pause(self, seconds: float) -> None:
         """Grant no slot for ``seconds`` from now: a :class:`~corral.Limiter`'s cooldown.
@@ -649,7 +633,10 @@ class RateGate:
         if floor > tat:
             self._tat = floor
             self._pause = (without, floor)
-        if self._queued and self._timer is None:
+        if self._queued:
+            # Callers put back in line may be due before the timer set for the old head.
+            if self._timer is not None:
+                self._timer.cancel()
             self._arm(loop)
 
     def clamp(
@@ -748,45 +735,22 @@ class RateGate:
             self._grantees[fut] = None
             fut.set_result((self._grants, tat, after))
 
-    def _leave(self, loop: asyncio.AbstractEventLoop, fut: _Slot) -> None:
-        """A caller cancelled while waiting on ``fut`` gives back its place, or its slot.
+    def _undo_grants(self, grants: list[tuple[int, float, float]]) -> None:
+        """Undo ``grants`` (in grant order) when they are the latest bookings.
 
-        ``fut`` may have been granted, then replaced by a place in line by a
-        pause (perhaps granted again since): the caller leaves from where it is.
+        Only when nothing moved TAT since (as :meth:`_give_back` does for
+        one); otherwise they stay spent: one start fewer, never one too many.
         """
-        while not fut.cancelled():
-            moved = self._moved.pop(fut, None) if self._moved else None
-            if moved is None:  # granted, not resumed
-                self._grantees.pop(fut, None)
-                self._give_back(loop, fut.result())
-                return
-            if not moved.done():
-                moved.cancel()  # its place in line, which the caller now leaves
-            fut = moved
-        self._withdraw()
-
-    def _requeue_grantees(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Put callers granted a slot but not resumed back at the head of the line, in order.
-
-        Their slots are undone when they are the latest bookings and nothing
-        moved TAT since (as :meth:`_give_back` does for one); otherwise they
-        stay spent: one start fewer, never one too many.
-        """
-        granted = sorted(self._grantees, key=lambda fut: fut.result()[0])
-        self._grantees.clear()
-        grants = [fut.result() for fut in granted]
-        count = len(granted)
+        count = len(grants)
         numbers = [number for number, _, _ in grants]
         if numbers == list(range(self._grants - count + 1, self._grants + 1)) and (
             self._tat == grants[-1][2]
         ):
             self._tat = grants[0][1]
             self._grants -= count
-        places: list[_Slot] = [loop.create_future() for _ in granted]
-        self._moved.update(zip(granted, places, strict=True))
-        self._waiters.extendleft(reversed(places))
-        self._queued += count
-        self._granted -= count
+
+    def _placed(self, place: _Slot, kept: None) -> _Slot:
+        return place
 
     def _withdraw(self) -> None:
         """A caller cancelled in line leaves; the timer stays right for whoever is next."""

@@ -79,8 +79,17 @@ _NO_COST: dict[str, float] = {}
 _LOG_SIZE = 256
 
 #: A granted waiter's future result: its number, the TATs before and after
-#: its booking, and the latest start (time, cost) before it, to undo it.
-_Grant = tuple[int, list[float], list[float], float, "Mapping[str, float] | None"]
+#: its booking, and the latest start (time, cost) before it, to undo it; then
+#: the cost it booked and its log entry (None without a log), to pass it on.
+_Grant = tuple[
+    int,
+    list[float],
+    list[float],
+    float,
+    "Mapping[str, float] | None",
+    "Mapping[str, float] | None",
+    "list[Any] | None",
+]
 
 
 def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
@@ -108,7 +117,96 @@ class Cell(NamedTuple):
     per: float
 
 
-class WeightedGate:
+class GateLine:
+    """The line of a rate gate's callers: what :class:`corral.RateGate` and
+    :class:`WeightedGate` share about callers granted a slot but not resumed.
+
+    A granted caller's future holds its grant, a tuple whose first item is its
+    number. Until the caller resumes, the future is kept in ``_grantees``
+    (with what the gate needs to put it back in line), so that a pause can
+    send it back to the head of the line; its new place is then the future
+    ``_moved`` maps the old one to, which a caller follows on waking. The
+    gate provides ``_give_back`` (a granted caller cancelled), ``_withdraw``
+    (one cancelled in line), ``_undo_grants`` and ``_placed``, and sets the
+    slots below in its ``__init__``.
+    """
+
+    __slots__ = ("_granted", "_grantees", "_moved", "_queued", "_waiters")
+
+    _grantees: dict[asyncio.Future[Any], Any]
+    _moved: dict[asyncio.Future[Any], asyncio.Future[Any]]
+    _waiters: deque[Any]
+    #: How many callers are in line; how many were granted and have not resumed.
+    _queued: int
+    _granted: int
+
+    async def _await_turn(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any]) -> None:
+        """Wait in line on ``fut`` until granted and resumed; a cancelled caller leaves."""
+        while True:
+            try:
+                await fut
+            except asyncio.CancelledError:
+                self._leave(loop, fut)
+                raise
+            moved = self._moved.pop(fut, None) if self._moved else None
+            if moved is None:
+                break
+            fut = moved  # granted before a pause: back in line, at its head
+        self._grantees.pop(fut, None)
+        self._granted -= 1
+
+    def _leave(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any]) -> None:
+        """A caller cancelled while waiting on ``fut`` gives back its place, or its slot.
+
+        ``fut`` may have been granted, then replaced by a place in line by a
+        pause (perhaps granted again since): the caller leaves from where it is.
+        """
+        while not fut.cancelled():
+            moved = self._moved.pop(fut, None) if self._moved else None
+            if moved is None:  # granted, not resumed
+                self._grantees.pop(fut, None)
+                self._give_back(loop, fut.result())
+                return
+            if not moved.done():
+                moved.cancel()  # its place in line, which the caller now leaves
+            fut = moved
+        self._withdraw()
+
+    def _requeue_grantees(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Put callers granted a slot but not resumed back at the head of the line, in order.
+
+        Their grants are undone where the gate can (see ``_undo_grants``);
+        otherwise they stay spent: one start fewer, never one too many.
+        """
+        granted = sorted(self._grantees.items(), key=lambda item: item[0].result()[0])
+        self._grantees.clear()
+        self._undo_grants([fut.result() for fut, _ in granted])
+        entries = []
+        for fut, kept in granted:
+            place = loop.create_future()
+            self._moved[fut] = place
+            entries.append(self._placed(place, kept))
+        self._waiters.extendleft(reversed(entries))
+        count = len(granted)
+        self._queued += count
+        self._granted -= count
+
+    def _give_back(self, loop: asyncio.AbstractEventLoop, grant: Any) -> None:
+        raise NotImplementedError
+
+    def _withdraw(self) -> None:
+        raise NotImplementedError
+
+    def _undo_grants(self, grants: list[Any]) -> None:
+        """Undo ``grants`` (in grant order, none resumed) where nothing was booked on top."""
+        raise NotImplementedError
+
+    def _placed(self, place: asyncio.Future[Any], kept: Any) -> Any:
+        """The entry of the line for a caller waiting on ``place``, from what ``_grantees`` kept."""
+        raise NotImplementedError
+
+
+class WeightedGate(GateLine):
     """Lets callers through at several weighted rates at once, in arrival order.
 
     ``await gate.wait(cost)`` returns when a start of that cost may go (the
@@ -119,8 +217,11 @@ class WeightedGate:
     Like :class:`corral.RateGate`: no polling (one timer for the head of the
     line), a caller cancelled in line spends nothing, a caller cancelled after
     its grant gives it back when no later grant was made on top of it (but
-    for cells a settlement or a header clamp moved since, which keep it), and
-    the gate follows successive event loops.
+    for cells a settlement or a header clamp moved since, which keep it), or
+    else passes it on to the next caller in line when that one's cost fits in
+    it (otherwise it stays spent: never more than was booked), :meth:`pause`
+    sends callers granted but not resumed back to the head of the line, and
+    the gate follows successive event loops (a pause does not carry over).
 
     Args:
         cells: the (dimension, window) cells to enforce.
@@ -132,7 +233,6 @@ class WeightedGate:
         "_cells",
         "_clamped",
         "_clock",
-        "_granted",
         "_grants",
         "_last_cost",
         "_last_now",
@@ -140,7 +240,7 @@ class WeightedGate:
         "_loop",
         "_lost",
         "_origin",
-        "_queued",
+        "_pause",
         "_rate",
         "_ready",
         "_rounding",
@@ -151,7 +251,6 @@ class WeightedGate:
         "_tats",
         "_timer",
         "_timer_when",
-        "_waiters",
     )
 
     def __init__(self, cells: Sequence[Cell], rates: Any) -> None:
@@ -232,6 +331,14 @@ class WeightedGate:
         self._granted = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = -_INF
+        # The futures of callers granted a slot through the line who have not
+        # resumed yet, in grant order, with their costs; and, for those a
+        # pause put back in line, the future each waits on now (see GateLine).
+        self._grantees: dict[asyncio.Future[_Grant], Mapping[str, float] | None] = {}
+        self._moved: dict[asyncio.Future[_Grant], asyncio.Future[_Grant]] = {}
+        # The latest pause, in the cell it holds: (TAT without it, TAT with
+        # it). A new loop drops it while that TAT is still what the pause set.
+        self._pause: tuple[float, float] | None = None
 
     # -- what it is ----------------------------------------------------------
 
@@ -364,15 +471,49 @@ class WeightedGate:
         self._queued += 1
         if self._timer is None:
             self._arm(loop)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.cancelled():
-                self._withdraw()
-            else:
-                self._give_back(loop, fut.result())
-            raise
-        self._granted -= 1
+        await self._await_turn(loop, fut)
+
+    def pause(self, seconds: float) -> None:
+        """Grant no start for ``seconds`` from now: a :class:`~corral.Limiter`'s cooldown.
+
+        As :meth:`corral.RateGate.pause`: callers granted a start who have not
+        resumed yet go back to the head of the line, in the order they were
+        granted (their reservations given back where nothing was booked on
+        top of them), so that after the pause starts come at the rates' pace,
+        in arrival order, not two at its end; and unlike a :meth:`clamp`, a
+        pause ends with the loop it was made on. It holds the shortest
+        window's ``requests`` cell (else the first dimension's shortest
+        window): a start waits for every cell. Needs a running event loop.
+        """
+        loop = _get_running_loop()
+        if loop is not self._loop:
+            self._rebind(loop)
+        now = self._clock() - self._origin
+        if now > self._clamped:
+            self._clamped = now  # as for a clamp: what a later loop carries is measured from here
+        if self._grantees:
+            self._requeue_grantees(loop)
+        index = self._paused_cell()
+        tats = self._tats
+        tat = tats[index]
+        pause = self._pause
+        without = pause[0] if pause is not None and tat == pause[1] else tat
+        floor = now + self._cells[index][3] + seconds
+        if floor > tat:
+            tats[index] = floor
+            self._pause = (without, floor)
+        self._update_ready()
+        if self._queued:
+            # Callers put back in line may be due before the timer set for the old head.
+            if self._timer is not None:
+                self._timer.cancel()
+            self._arm(loop)
+
+    def _paused_cell(self) -> int:
+        """The cell a pause holds: the shortest window of requests, else of the first dimension."""
+        shortest = self._shortest
+        index = shortest.get("requests")
+        return shortest[self._cells[0][0]] if index is None else index
 
     def settle(
         self, reserved: Mapping[str, float] | None, used: Mapping[str, float] | None
@@ -658,7 +799,19 @@ class WeightedGate:
             before = self._tats[:]
             last_now, last_cost = self._last_now, self._last_cost
             self._take(now, cost)
-            fut.set_result((self._grants, before, self._tats[:], last_now, last_cost))
+            log = self._log
+            self._grantees[fut] = cost
+            fut.set_result(
+                (
+                    self._grants,
+                    before,
+                    self._tats[:],
+                    last_now,
+                    last_cost,
+                    cost,
+                    None if log is None else log[-1],
+                )
+            )
 
     def _withdraw(self) -> None:
         self._queued -= 1
@@ -669,10 +822,22 @@ class WeightedGate:
                 self._timer = None
 
     def _give_back(self, loop: asyncio.AbstractEventLoop, grant: _Grant) -> None:
+        """A caller granted a start was cancelled before it resumed: undo the grant if safe."""
         self._granted -= 1
-        number, before, after, last_now, last_cost = grant
-        if number != self._grants:
-            return  # later grants were made on top of it: the reservation stays spent
+        if grant[0] != self._grants:
+            # Later grants were made on top of it: undoing it would let them
+            # come early. The next caller in line may start in its place.
+            self._pass_on(grant)
+            return
+        self._undo(grant)
+        self._update_ready()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._arm(loop)
+
+    def _undo(self, grant: _Grant) -> None:
+        """Undo the latest grant standing (``grant``); the caller updates ``_ready``."""
+        _, before, after, last_now, last_cost, _, _ = grant
         self._grants -= 1
         tats = self._tats
         for i, tat in enumerate(after):
@@ -684,10 +849,58 @@ class WeightedGate:
         log = self._log
         if log:
             log.pop()  # the newest entry: no start was made after this one
+
+    def _undo_grants(self, grants: list[_Grant]) -> None:
+        """Undo ``grants`` from the latest back, while each is the latest grant standing."""
+        for grant in reversed(grants):
+            if grant[0] != self._grants:
+                break  # booked on top of by a start that stands: the rest stay spent
+            self._undo(grant)
         self._update_ready()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._arm(loop)
+
+    def _placed(
+        self, place: asyncio.Future[_Grant], cost: Mapping[str, float] | None
+    ) -> tuple[asyncio.Future[_Grant], Mapping[str, float] | None]:
+        return place, cost
+
+    def _pass_on(self, grant: _Grant) -> None:
+        """Give a granted start whose caller was cancelled to the next live caller in line.
+
+        Only when that caller's cost fits in the booking, in every cell: it
+        then starts in its place, the rest of the booking spent. Otherwise,
+        or with nobody in line, the whole booking stays spent (never more
+        than was booked, and nobody overtakes the head of the line).
+        """
+        booked = grant[5]
+        waiters = self._waiters
+        while waiters:
+            fut, cost = waiters[0]
+            if fut.done():  # cancelled in line; its withdrawal counts it
+                waiters.popleft()
+                continue
+            if cost is not booked and not self._fits(cost, booked):
+                return
+            waiters.popleft()
+            self._queued -= 1
+            self._granted += 1
+            self._grantees[fut] = cost
+            entry = grant[6]
+            if entry is not None and entry[2] is None:
+                # Its log entry now stands for this caller's reservation, so
+                # that its settlement finds it by the mapping it passes.
+                entry[0] = cost
+                entry[3] = None
+            fut.set_result((*grant[:5], cost, entry))
+            return
+
+    def _fits(self, cost: Mapping[str, float] | None, booked: Mapping[str, float] | None) -> bool:
+        """Whether ``cost`` needs no more than ``booked`` of any cell's dimension."""
+        get = (_NO_COST if cost is None else cost).get
+        has = (_NO_COST if booked is None else booked).get
+        return all(
+            get(dimension, default) <= has(dimension, default)
+            for _, dimension, default, _, _ in self._rows
+        )
 
     def _rebind(self, loop: asyncio.AbstractEventLoop) -> None:
         old = self._loop
@@ -701,6 +914,12 @@ class WeightedGate:
         # now is the new origin. A clamp long after the latest start counts
         # from itself, not from that start.
         last = self._last_now if self._last_now > self._clamped else self._clamped
+        pause = self._pause
+        if pause is not None:
+            index = self._paused_cell()
+            if self._tats[index] == pause[1]:
+                self._tats[index] = pause[0]  # a pause (a Limiter's cooldown) ends with its loop
+            self._pause = None
         self._origin = loop.time()
         self._tats = [t - last if t > last else -_INF for t in self._tats]
         self._update_ready()
@@ -717,6 +936,8 @@ class WeightedGate:
                 self._lost = True
             log.clear()
         self._waiters.clear()
+        self._grantees.clear()
+        self._moved.clear()
         self._queued = self._granted = 0
         self._timer = None
         self._loop = loop
