@@ -59,8 +59,9 @@ One map at a time, and a file that stays in place
 -------------------------------------------------
 Two maps recording into one file at once would each call ``fn`` for the
 items the other has not recorded yet, and record them twice, so a map takes
-a lock on its file while it runs (an ``flock`` on ``<path>-lock``, removed
-when the map closes; Windows has no such lock) and a second one is refused
+a lock on its file while it runs (an ``flock`` on ``<path>-lock`` beside the
+file itself, symlinks resolved, removed when the map closes; Windows has no
+such lock) and a second one, by any name, is refused
 at once with an ``OSError`` naming the file. Reading the file meanwhile
 (:func:`read_checkpoint`, another ``sqlite3`` connection) is not blocked.
 A write SQLite refuses (a full disk, a lock another connection holds for
@@ -301,6 +302,14 @@ def as_checkpoint(
     if not isinstance(path, str) or not path:
         raise TypeError(
             f"checkpoint must be a non-empty str path, or None; got checkpoint={checkpoint!r}"
+        )
+    if path == ":memory:" or path.startswith("file:"):
+        # SQLite reads these as an in-memory database or a URI, not as the path
+        # of a file: nothing would be recorded at the path given.
+        raise ValueError(
+            f"checkpoint={checkpoint!r} is read by SQLite as an in-memory database or a URI, "
+            "not as a file at that path; pass the path of a file (for a file whose name "
+            "starts with 'file:', its absolute path)"
         )
     if item_id is not None and not callable(item_id):
         raise TypeError(

@@ -766,7 +766,9 @@ def _lock(path: str) -> Lock | None:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         return None
-    lock_path = os.path.abspath(path) + LOCK_SUFFIX  # a later chdir does not move it
+    # Absolute (a later chdir does not move it) and with symlinks resolved: the
+    # file by another name is the same file, and SQLite resolves them too.
+    lock_path = os.path.realpath(path) + LOCK_SUFFIX
     while True:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
