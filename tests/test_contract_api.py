@@ -391,12 +391,6 @@ def test_run_takes_none_and_false_for_uvloop(uvloop: bool | None) -> None:
     assert corral.run(async_square, range(3), uvloop=uvloop) == [0, 1, 4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="corral._checkpoint.as_checkpoint skips None when it looks for checkpoint's "
-    "own keywords given without checkpoint=, and takes resume=None and serializer=None "
-    "(refused with a checkpoint)",
-)
 @pytest.mark.parametrize("name", ["resume", "serializer"])
 def test_none_for_resume_or_serializer_is_refused_without_a_checkpoint(
     nothing_starts: list[object], name: str
@@ -1003,11 +997,6 @@ class Unreadable:
         raise OSError("the input cannot be opened")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="corral._engine.Engine.start returns before starting the observers when the "
-    "input cannot be read, so progress= never gets its final snapshot",
-)
 @pytest.mark.virtual_time
 async def test_progress_gets_a_final_snapshot_when_the_input_cannot_be_read() -> None:
     progress = Snapshots()

@@ -281,17 +281,24 @@ def as_checkpoint(
         TypeError, ValueError: for a bad value, naming the keyword and the value.
     """
     if checkpoint is None:
-        given = {"item_id": item_id, "fingerprint": fingerprint}
-        if resume != "strict":
-            given["resume"] = resume
-        if serializer != "pickle":
-            given["serializer"] = serializer
+        # Given: not the default. None is the default of item_id= and
+        # fingerprint= only: resume=None and serializer=None are values (and
+        # refused with a checkpoint), not "not given".
+        given = {
+            name: value
+            for name, value, default in (
+                ("item_id", item_id, None),
+                ("fingerprint", fingerprint, None),
+                ("resume", resume, "strict"),
+                ("serializer", serializer, "pickle"),
+            )
+            if value is not default and not (type(value) is str and value == default)
+        }
         for name, value in given.items():
-            if value is not None:
-                raise ValueError(
-                    f"{name}= only applies to a checkpointed map; got {name}={value!r} "
-                    "without checkpoint=. Pass checkpoint='run.sqlite' too, or drop it."
-                )
+            raise ValueError(
+                f"{name}= only applies to a checkpointed map; got {name}={value!r} "
+                "without checkpoint=. Pass checkpoint='run.sqlite' too, or drop it."
+            )
         return None
     if not isinstance(checkpoint, str | os.PathLike):
         raise TypeError(
