@@ -289,6 +289,10 @@ class _SyncSource:
     async def refill(self) -> bool:
         return False  # a sync input is exhausted when its iterator is
 
+    def rest(self) -> Iterator[tuple[int, Any]]:
+        """The pairs no worker took, for reporting items that will never run."""
+        return self.pairs
+
     def start(self, engine: Engine[Any, Any]) -> asyncio.Task[None] | None:
         return None  # a sync input needs no feeder
 
@@ -439,6 +443,38 @@ class _ChunkedSource:
         finally:
             self._spent = True
 
+    def rest(self) -> Iterator[tuple[int, Any]]:
+        """The pairs no worker took, unscreened, for reporting items that will never run.
+
+        Screening them would record the ids of items that never run (and, under
+        ``item_id=``, call it for each): memory that grows with the rest of
+        the input. So the rest of the chunk being taken from, the chunk held
+        for the next run, then the input itself, each pair once, in order;
+        the run of chunks (``pairs``) is ended and refill returns False.
+        """
+        self.pairs = iter(())
+        self._spent = self._exhausted = True
+        return self._unscreened()
+
+    def _unscreened(self) -> Iterator[tuple[int, Any]]:
+        yield from self._current
+        held, self._held = self._held, None
+        whole = self._range
+        rest: Iterable[Any]
+        if whole is not None:
+            at, self._range_at = self._range_at, len(whole)
+            rest = whole[at:]
+        else:
+            # Not after the input raised: the error follows what it gave before.
+            rest = self._items if self._error is None else ()
+        for items in (held or (), rest):
+            # Through _current, so that pulled() counts the items reported.
+            self._current = enumerate(items, self._next)
+            yield from self._current
+            self._next = self.pulled()
+        if self._error is not None:
+            raise self._error
+
     def start(self, engine: Engine[Any, Any]) -> asyncio.Task[None] | None:
         return None  # a sync input needs no feeder
 
@@ -535,6 +571,10 @@ class _AsyncSource:
             self._starved.append(waiter)
             await waiter
         return True
+
+    def rest(self) -> Iterator[tuple[int, Any]]:
+        """The pairs buffered now, for reporting items that will never run."""
+        return self.pairs
 
     async def close(self) -> None:
         # The feeder task has been cancelled and awaited by now; close the
@@ -686,10 +726,7 @@ class Engine(Generic[T, R]):
             return
         if self._halted:  # cancelled before it started: it never will
             self._phase = _Phase.CLOSED
-            # Observers still see it end (a display's final line, of zeros).
-            for observer in self._observers:
-                observer.start()
-            self._stop_observers()
+            self._end_unstarted()
             return
         loop = asyncio.get_running_loop()
         items = self._items
@@ -705,8 +742,9 @@ class Engine(Generic[T, R]):
                 self._source = _SyncSource(items)
         except BaseException:
             # The input cannot be read (its __aiter__ failed): nothing started,
-            # nothing to close.
+            # nothing to close, but the observers still see the run end.
             self._phase = _Phase.CLOSED
+            self._end_unstarted()
             raise
         self._loop = loop
         self._started_at = loop.time()
@@ -723,6 +761,16 @@ class Engine(Generic[T, R]):
         self._start_worker()
         for observer in self._observers:
             observer.start()
+
+    def _end_unstarted(self) -> None:
+        """Start and stop the observers of a run that ends before it starts.
+
+        A display still draws its final line (of zeros) and a ``progress=``
+        callable still gets its one final snapshot.
+        """
+        for observer in self._observers:
+            observer.start()
+        self._stop_observers()
 
     def observe(self, observer: Observer) -> None:
         """Have ``observer`` started with the run and stopped once its stats are final.
@@ -1005,7 +1053,7 @@ class Engine(Generic[T, R]):
         window = self._window
         try:
             while True:
-                for index, item in source.pairs:
+                for index, item in source.rest():
                     if window is not None and index >= self._consumed + window:
                         await self._wait_for_room(index)
                     self._unstarted_item(index, item)
