@@ -168,12 +168,21 @@ def _with_timeout(call: Call, timeout: float) -> Call:
     return timed
 
 
-def _with_limiter(call: Call, limiter: Limiter, max_cooldown: float, waiting: Waiting) -> Call:
-    """Take ``limiter``'s slot around each call; a Retry-After pauses it, up to ``max_cooldown``."""
+def _with_limiter(
+    call: Call, limiter: Limiter, max_cooldown: float, waiting: Waiting, hands_on: bool
+) -> Call:
+    """Take ``limiter``'s slot around each call; a Retry-After pauses it, up to ``max_cooldown``.
+
+    ``hands_on``: ``call`` is another gate, which times the call's start
+    (see :class:`Waiting`).
+    """
     if limiter.adaptive is not None or limiter.key is not None or limiter.auto_rate:
-        return _with_feedback(call, limiter, max_cooldown, waiting)
+        return _with_feedback(call, limiter, max_cooldown, waiting, hands_on)
 
     async def limited(item: Any) -> Any:
+        cell = waiting.cell
+        if cell is not None:
+            waiting.cell = None
         waiting.count += 1
         try:
             await limiter.acquire()
@@ -181,6 +190,11 @@ def _with_limiter(call: Call, limiter: Limiter, max_cooldown: float, waiting: Wa
             # Cancelled too: the map is ending, and the engine reports the item
             # as a call cut short (or, past a deadline, as failed): started.
             waiting.count -= 1
+        if cell is not None:
+            if hands_on:
+                waiting.cell = cell
+            else:
+                cell[0] = asyncio.get_running_loop().time()
         try:
             return await call(item)
         except Exception as exc:
@@ -194,12 +208,17 @@ def _with_limiter(call: Call, limiter: Limiter, max_cooldown: float, waiting: Wa
     return limited
 
 
-def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float, waiting: Waiting) -> Call:
+def _with_feedback(
+    call: Call, limiter: Limiter, max_cooldown: float, waiting: Waiting, hands_on: bool
+) -> Call:
     """An adaptive or per-key limiter: take the item's key's slot, report how the call went."""
     if limiter.key is not None:
 
         async def per_key(item: Any) -> Any:
             own = limiter.for_item(item)
+            cell = waiting.cell
+            if cell is not None:
+                waiting.cell = None
             waiting.count += 1
             try:
                 await own.acquire()
@@ -207,6 +226,11 @@ def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float, waiting: W
                 waiting.count -= 1
             clock = asyncio.get_running_loop().time
             began = clock()
+            if cell is not None:
+                if hands_on:
+                    waiting.cell = cell
+                else:
+                    cell[0] = began
             try:
                 value = await call(item)
             except BaseException as exc:  # a cancellation is recorded as "ignore"
@@ -224,6 +248,9 @@ def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float, waiting: W
     record_success, record_error = limiter.record_success, limiter.record_error
 
     async def adaptive(item: Any) -> Any:
+        cell = waiting.cell
+        if cell is not None:
+            waiting.cell = None
         waiting.count += 1
         try:
             await acquire()
@@ -231,6 +258,11 @@ def _with_feedback(call: Call, limiter: Limiter, max_cooldown: float, waiting: W
             waiting.count -= 1
         clock = asyncio.get_running_loop().time
         began = clock()
+        if cell is not None:
+            if hands_on:
+                waiting.cell = cell
+            else:
+                cell[0] = began
         try:
             value = await call(item)
         except BaseException as exc:  # a cancellation is recorded as "ignore"
@@ -249,11 +281,16 @@ def _with_rate(call: Call, gate: RateGate, waiting: Waiting) -> Call:
     wait = gate.wait
 
     async def paced(item: Any) -> Any:
+        cell = waiting.cell
+        if cell is not None:
+            waiting.cell = None
         waiting.count += 1
         try:
             await wait()
         finally:
             waiting.count -= 1
+        if cell is not None:
+            cell[0] = asyncio.get_running_loop().time()  # the innermost gate: see Waiting
         return await call(item)
 
     return paced
@@ -272,7 +309,7 @@ def _with_gates(
     elif gate is not None:
         call = _with_rate(call, gate, waiting)
     if limiter is not None:
-        call = _with_limiter(call, limiter, max_cooldown, waiting)
+        call = _with_limiter(call, limiter, max_cooldown, waiting, hands_on=gate is not None)
     return call
 
 
@@ -587,6 +624,7 @@ def _engine_and_checkpoint(
     on_close: OnClose | None = None
     on_abandon: Callable[[], None] | None = None  # see Engine
     unstarted: Callable[[], int] | None = None  # see Engine
+    gates: Waiting | None = None  # see Engine
     retried = _Retried()
     again: Call | None = None  # the call of a retry, when it differs from the first attempt's
     workers: int | None
@@ -667,7 +705,7 @@ def _engine_and_checkpoint(
                 under_retries=retry is not None,  # see _with_retries
             )
             waiting = Waiting()
-            unstarted = waiting  # items waiting for their first start (see Waiting)
+            unstarted = gates = waiting  # items waiting for their first start (see Waiting)
             if retry is not None:
                 again = meter(waiting=Waiting())  # a retry's item has started: counts nobody
             call = meter(waiting=waiting)
@@ -678,7 +716,7 @@ def _engine_and_checkpoint(
             if gate is not None or limiter is not None:
                 # Items waiting for their first start are not started (see Waiting).
                 waiting = Waiting()
-                unstarted = waiting
+                unstarted = gates = waiting
                 gated = _with_gates(call, gate, limiter, max_cooldown, waiting)
                 if retry is not None:
                     # A retry waits for its slot again, but its item has
@@ -724,6 +762,7 @@ def _engine_and_checkpoint(
         elastic=elastic,
         on_abandon=on_abandon,
         unstarted=unstarted,
+        gates=gates,
     )
     if elastic is not None:
         assert limiter is not None

@@ -258,11 +258,16 @@ def with_auto_rate(
     wait, success, feedback = gate.wait, gate.success, gate.feedback
 
     async def paced(item: Any) -> Any:
+        cell = waiting.cell  # a call the engine times: see Waiting
+        if cell is not None:
+            waiting.cell = None
         waiting.count += 1
         try:
             await wait()
         finally:
             waiting.count -= 1
+        if cell is not None:
+            cell[0] = asyncio.get_running_loop().time()
         try:
             value = await call(item)
         except Exception as exc:

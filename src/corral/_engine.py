@@ -61,7 +61,7 @@ from collections.abc import (
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._errors import DeadlineExceeded
-from ._stats import EXACT_SAMPLES, SAMPLE_STRIDE, LatencyHistogram, Stats
+from ._stats import EXACT_SAMPLES, SAMPLE_STRIDE, LatencyHistogram, Stats, Waiting
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -614,6 +614,9 @@ class Engine(Generic[T, R]):
         unstarted: how many items the call took that have not started yet (a
             remote run queues them for its workers): stats count them neither
             as started nor as in flight.
+        gates: the call's gates (a Limiter's slot, the rate) count the items
+            waiting at them there, and a call timed for the latency is timed
+            from when it passed them (see :class:`~corral._stats.Waiting`).
     """
 
     def __init__(
@@ -634,8 +637,10 @@ class Engine(Generic[T, R]):
         elastic: int | None = None,
         on_abandon: Callable[[], None] | None = None,
         unstarted: Callable[[], int] | None = None,
+        gates: Waiting | None = None,
     ) -> None:
         self._call = call
+        self._gates = gates
         self._recorder = recorder
         self._items = items
         self._max_workers = workers
@@ -862,6 +867,11 @@ class Engine(Generic[T, R]):
         elastic = self._elastic
         recorder = self._recorder
         record = recorder.result if recorder is not None else None
+        # The call's gates, when it enters them in its first step: the timed
+        # calls are timed from when they passed them (see Waiting). A
+        # checkpoint's wrapper may wait before it calls on: not through it.
+        gates = self._gates
+        stamps = gates if record is None else None
         # A screened input's chunks (see _ChunkedSource): a chunk that passed
         # is called directly, and its plain results appended to rows here.
         screened = type(source) is _ChunkedSource
@@ -883,6 +893,7 @@ class Engine(Generic[T, R]):
                 if screened:
                     direct = source.direct  # type: ignore[union-attr]
                     call = unwrapped if direct else wrapped
+                    stamps = gates if direct else None
                 for index, item in source.pairs:
                     if self._stopping:
                         self._unstarted_item(index, item)
@@ -911,15 +922,22 @@ class Engine(Generic[T, R]):
                             stride = countdown = (
                                 1 if histogram.total < EXACT_SAMPLES else SAMPLE_STRIDE
                             )
-                            began = clock()
+                            # From the call, or from when it passed its gates (a
+                            # Limiter's slot, the rate): they write that here.
+                            began = [clock()]
+                            if stamps is not None:
+                                stamps.cell = began
                             try:
                                 value = await call(item)
                             except Exception:
                                 # A failure is an end too; a call cut short
                                 # (cancelled, halted) is not, and says nothing.
-                                histogram.add(clock() - began, weight)
+                                histogram.add(clock() - began[0], weight)
                                 raise
-                            histogram.add(clock() - began, weight)
+                            finally:
+                                if stamps is not None and stamps.cell is began:
+                                    stamps.cell = None  # it failed before its gates
+                            histogram.add(clock() - began[0], weight)
                         if direct:
                             key = item if keyed is None else keyed(id(item))
                             if type(value) in plain:

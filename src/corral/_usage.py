@@ -531,11 +531,16 @@ def metered(
                     raise NoRetry(exc) from exc
                 raise
             # acquire() alone when there is no cost: a Limiter subclass may not take one.
+            cell = waiting.cell  # a call the engine times: see Waiting
+            if cell is not None:
+                waiting.cell = None
             waiting.count += 1
             try:
                 await (acquire() if cost is None else acquire(cost))
             finally:
                 waiting.count -= 1
+            if cell is not None:
+                cell[0] = asyncio.get_running_loop().time()
             try:
                 value = await call(item)
             except BaseException as exc:
@@ -572,6 +577,9 @@ def metered(
                 raise NoRetry(exc) from exc
             raise
         own = limiter.for_item(item) if keyed else limiter  # type: ignore[union-attr]
+        cell = waiting.cell  # a call the engine times: see Waiting
+        if cell is not None:
+            waiting.cell = None
         waiting.count += 1
         try:
             if own is not None:
@@ -590,6 +598,8 @@ def metered(
         # The loop's clock only for what reads it: no clock read per call otherwise.
         clock = asyncio.get_running_loop().time if timed or auto is not None else _no_clock
         began = clock() if timed else 0.0
+        if cell is not None:
+            cell[0] = began if timed else asyncio.get_running_loop().time()
         try:
             value = await call(item)
         except BaseException as exc:
