@@ -5,7 +5,7 @@ items with no id after direct chunks, resumes with another input, paths that
 are no plain file, cancel() at every point of a run, deadlines that pass at a
 moment the test picks, budgets spent exactly.
 
-Deadlines run on :class:`SkippingClockLoop`: real time plus an offset the test
+Deadlines run on :class:`OffsetClockLoop`: real time plus an offset the test
 moves forward, so a deadline passes exactly when the test says so (and never
 by itself, being an hour away). The loops of ``_loops`` do not fit here: a
 checkpoint's writes run on a thread, and :class:`_loops.VirtualClockLoop`
@@ -22,7 +22,7 @@ import random
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -30,7 +30,7 @@ from unittest import mock
 import pytest
 
 import corral
-from _loops import LoopErrors
+from _loops import OffsetClockLoop, run_offset
 from corral import _checkpoint_file, _engine
 from corral._checkpoint_file import as_key, read_checkpoint
 
@@ -88,35 +88,9 @@ def result_of(item: Any) -> Any:
 # -- a loop whose clock the test moves forward ----------------------------------------
 
 
-class SkippingClockLoop(asyncio.SelectorEventLoop):
-    """Real time plus an offset that only :meth:`skip` moves: timers due within the
-    skip run at the loop's next iteration, the others keep real time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._offset = 0.0
-
-    def time(self) -> float:
-        return super().time() + self._offset
-
-    def skip(self, seconds: float) -> None:
-        self._offset += seconds
-
-
-def run_skipping(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    """Run ``main()`` on a :class:`SkippingClockLoop`; fail on anything the loop logged."""
-    errors = LoopErrors()
-    with asyncio.Runner(debug=True, loop_factory=SkippingClockLoop) as runner:
-        runner.get_loop().set_exception_handler(errors)
-        try:
-            return runner.run(main())
-        finally:
-            errors.check()
-
-
 def skip_past_deadline() -> None:
     loop = asyncio.get_running_loop()
-    assert isinstance(loop, SkippingClockLoop)
+    assert isinstance(loop, OffsetClockLoop)
     loop.skip(2 * HOUR)
 
 
@@ -571,7 +545,7 @@ def test_a_deadline_hands_out_every_result_done_and_loses_none(
         assert stats.completed == len(spy.finished)
         return handed, error, spy.calls, spy.finished
 
-    handed, error, _, finished = run_skipping(main)
+    handed, error, _, finished = run_offset(main)
     done = set(recorded(path))
     assert done == set(finished)  # every call that ended is recorded, none cut short
     assert stuck.isdisjoint(done)
@@ -598,7 +572,7 @@ def test_a_deadline_hands_out_every_result_done_and_loses_none(
         )
         return again.calls
 
-    assert sorted(run_skipping(resume)) == sorted(set(range(60)) - done)
+    assert sorted(run_offset(resume)) == sorted(set(range(60)) - done)
 
 
 def test_a_deadline_during_the_files_opening_runs_nothing(
@@ -647,12 +621,12 @@ def test_a_deadline_during_the_files_opening_runs_nothing(
                 await helper
 
         if return_exceptions:
-            got, calls = run_skipping(main)
+            got, calls = run_offset(main)
             assert len(got) == 10
             assert all(type(value) is corral.DeadlineExceeded for value in got)
         else:
             with pytest.raises(corral.DeadlineExceeded):
-                run_skipping(main)
+                run_offset(main)
             calls = []
         assert calls == []
         assert recorded(path) == {}
@@ -686,7 +660,7 @@ def test_a_repeated_id_in_flight_at_the_deadline_is_not_recorded_and_runs_once_o
         assert spy.calls == [1, 2, 3, 4]
         return list(got)
 
-    got = run_skipping(main)
+    got = run_offset(main)
     assert got[0] == result_of(1)
     assert got[2] == result_of(3)
     late = [got[i] for i in (1, 3, 4, 5, 6)]
@@ -701,7 +675,7 @@ def test_a_repeated_id_in_flight_at_the_deadline_is_not_recorded_and_runs_once_o
         assert await corral.gather(again, items, checkpoint=path) == list(map(result_of, items))
         return again.calls
 
-    assert sorted(run_skipping(resume)) == [2, 4, 5]
+    assert sorted(run_offset(resume)) == [2, 4, 5]
 
 
 # -- budget ----------------------------------------------------------------------------

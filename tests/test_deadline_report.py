@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import corral
-from _loops import LoopErrors
+from _loops import OffsetClockLoop, run_offset
 
 pytestmark = pytest.mark.slow  # a checkpoint's writes run on a thread of its own
 
@@ -26,31 +26,6 @@ HOUR = 3600.0
 LIMIT = 4  # the pool's size, so the input is pulled 4 items at a time
 QUICK = 6  # items below this return at once; the others wait until the deadline
 COUNT = 2000
-
-
-class OffsetClockLoop(asyncio.SelectorEventLoop):
-    """Real time plus an offset that only :meth:`skip` moves."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._offset = 0.0
-
-    def time(self) -> float:
-        return super().time() + self._offset
-
-    def skip(self, seconds: float) -> None:
-        self._offset += seconds
-
-
-def run_offset(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    """Run ``main()`` on an :class:`OffsetClockLoop`; fail on anything the loop logged."""
-    errors = LoopErrors()
-    with asyncio.Runner(debug=True, loop_factory=OffsetClockLoop) as runner:
-        runner.get_loop().set_exception_handler(errors)
-        try:
-            return runner.run(main())
-        finally:
-            errors.check()
 
 
 class Stalls:
