@@ -52,7 +52,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._headers import refill_wait, server_pace
 
@@ -191,19 +191,18 @@ class GateLine:
         self._queued += count
         self._granted -= count
 
-    def _give_back(self, loop: asyncio.AbstractEventLoop, grant: Any) -> None:
-        raise NotImplementedError
+    # What each gate provides (declared, not defined: GateLine is never used alone).
+    if TYPE_CHECKING:
 
-    def _withdraw(self) -> None:
-        raise NotImplementedError
+        def _give_back(self, loop: asyncio.AbstractEventLoop, grant: Any) -> None: ...
 
-    def _undo_grants(self, grants: list[Any]) -> None:
-        """Undo ``grants`` (in grant order, none resumed) where nothing was booked on top."""
-        raise NotImplementedError
+        def _withdraw(self) -> None: ...
 
-    def _placed(self, place: asyncio.Future[Any], kept: Any) -> Any:
-        """The entry of the line for a caller waiting on ``place``, from what ``_grantees`` kept."""
-        raise NotImplementedError
+        def _undo_grants(self, grants: list[Any]) -> None:
+            """Undo ``grants`` (in grant order, none resumed) where nothing was booked on top."""
+
+        def _placed(self, place: asyncio.Future[Any], kept: Any) -> Any:
+            """The line's entry for a caller waiting on ``place``, from what ``_grantees`` kept."""
 
 
 class WeightedGate(GateLine):
