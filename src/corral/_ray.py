@@ -29,6 +29,9 @@ What each guarantee becomes
   first index; a chunk is accepted once, when it is still outstanding, and
   must hold exactly its items. Ordered delivery merges chunks in input order
   (``ordered=False``: as chunks complete).
+  Calls start in input order only roughly: Ray may start an async actor's
+  later chunk before an earlier one (its documented task order), and an
+  actor's calls take its slots as their chunks arrive.
 - **Errors as themselves**: an item's exception travels back as its own
   type, with the actor's traceback as a note; an error Ray wraps
   (``RayTaskError``, e.g. from ``setup=``, noted as coming from there) is
