@@ -107,11 +107,13 @@ def test_bad_arguments_are_usage_errors(
 
 
 def test_a_non_loopback_host_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    """--host must be a loopback address: the server's own check, reported on stderr."""
+    """--host must be a loopback address: argparse's usage message names the option."""
     assert main(["serve", "--host", "0.0.0.0"]) == 2
-    assert capsys.readouterr().err == (
-        "corral serve: error: host must be a loopback address (127.0.0.0/8, ::1 or "
-        "localhost): corral serves on this machine only; got host='0.0.0.0'\n"
+    err = capsys.readouterr().err
+    assert err.startswith("usage: corral serve")
+    assert err.endswith(
+        "corral serve: error: argument --host: must be a loopback address (127.0.0.0/8, "
+        "::1 or localhost): corral serves on this machine only, got '0.0.0.0'\n"
     )
 
 
@@ -142,3 +144,17 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     """`corral serve --help` describes the model and returns 0."""
     assert main(["serve", "--help"]) == 0
     assert "--capacity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.2.1", "::1", "localhost"])
+def test_every_loopback_host_is_taken_as_typed(host: str) -> None:
+    """--host takes any loopback address; the server maps localhost to 127.0.0.1 itself."""
+    from corral.cli import _parser
+
+    assert _parser().parse_args(["serve", "--host", host]).host == host
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.5", "example.com", "", "::"])
+def test_every_other_host_is_refused_by_name(host: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--llm", "--host", host]) == 2
+    assert "argument --host: must be a loopback address" in capsys.readouterr().err

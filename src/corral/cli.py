@@ -32,6 +32,7 @@ from corral.lab._options import (
     DAY_MS,
     DAY_S,
     directory_option,
+    host_option,
     int_option,
     number_option,
     show_number,
@@ -294,7 +295,12 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         ),
     )
     add = parser.add_argument
-    add("--host", default="127.0.0.1", help="a loopback address (default: %(default)s)")
+    add(
+        "--host",
+        type=host_option,
+        default="127.0.0.1",
+        help="a loopback address (default: %(default)s)",
+    )
     add(
         "--port",
         type=int_option(0, 65535),
@@ -349,8 +355,9 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     misplaced = misplaced_options(args)
     if misplaced:
-        where = "apply to the capacity model, not --llm" if args.llm else "apply to --llm only"
-        print(f"corral serve: error: {', '.join(misplaced)} {where}", file=sys.stderr)
+        verb = "applies" if len(misplaced) == 1 else "apply"
+        where = "to the capacity model, not --llm" if args.llm else "to --llm only"
+        print(f"corral serve: error: {', '.join(misplaced)} {verb} {where}", file=sys.stderr)
         return 2
     if args.llm:
         ramp = [f"--accel-{name}" for name in ("start", "growth", "window")]

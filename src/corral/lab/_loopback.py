@@ -13,7 +13,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
-import ipaddress
 import json
 import math
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from ._options import show_number
+from ._options import LOOPBACK_RULE, loopback_host, show_number
 
 #: How long stop() lets aiohttp wait for handlers; they are woken at once, so
 #: this is only a backstop.
@@ -34,23 +33,10 @@ _Server = TypeVar("_Server", bound="LoopbackServer")
 
 def check_host(host: object) -> str:
     """The address to bind: loopback only, ``localhost`` meaning 127.0.0.1."""
-    refusal = (
-        "host must be a loopback address (127.0.0.0/8, ::1 or localhost): corral serves "
-        f"on this machine only; got host={host!r}"
-    )
-    if not isinstance(host, str):
-        raise ValueError(refusal)
-    if host == "localhost":
-        # localhost may resolve to both 127.0.0.1 and ::1; binding both with
-        # port=0 would give two different ports and no single URL.
-        return "127.0.0.1"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(refusal) from None
-    if not address.is_loopback:
-        raise ValueError(refusal)
-    return host
+    address = loopback_host(host) if isinstance(host, str) else None
+    if address is None:
+        raise ValueError(f"host must be {LOOPBACK_RULE}; got host={host!r}")
+    return address
 
 
 def check_number(name: str, value: object, meaning: str, *, maximum: float | None = None) -> float:

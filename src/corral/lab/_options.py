@@ -14,16 +14,55 @@ mistake was made.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["DAY_MS", "DAY_S", "directory_option", "int_option", "number_option", "show_number"]
+__all__ = [
+    "DAY_MS",
+    "DAY_S",
+    "LOOPBACK_RULE",
+    "directory_option",
+    "host_option",
+    "int_option",
+    "loopback_host",
+    "number_option",
+    "show_number",
+]
 
 #: The longest wait any option may ask for: a day, in seconds and in
 #: milliseconds. Past it, a value is a typo, not a scenario.
 DAY_S = 86_400.0
 DAY_MS = DAY_S * 1e3
+
+
+#: What a lab server's host must be, as its refusals say it.
+LOOPBACK_RULE = (
+    "a loopback address (127.0.0.0/8, ::1 or localhost): corral serves on this machine only"
+)
+
+
+def loopback_host(host: str) -> str | None:
+    """The address to bind for ``host`` (``localhost`` meaning 127.0.0.1), or None if not loopback.
+
+    ``localhost`` may resolve to both 127.0.0.1 and ::1; binding both with
+    port=0 would give two different ports and no single URL.
+    """
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return host if address.is_loopback else None
+
+
+def host_option(text: str) -> str:
+    """``--host``: a loopback address, refused by argparse, naming the option, otherwise."""
+    if loopback_host(text) is None:
+        raise argparse.ArgumentTypeError(f"must be {LOOPBACK_RULE}, got {text!r}")
+    return text
 
 
 def show_number(value: float) -> str:
