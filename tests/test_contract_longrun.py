@@ -824,3 +824,27 @@ def test_mixed_ids_stopped_and_resumed_give_each_id_one_outcome(tmp_path: Path, 
             # The next run: another order, some items left out, some added.
             items = items[: rng.randint(0, len(items))] + rng.sample(POOL, 5) + items
             rng.shuffle(items)
+
+
+def test_a_file_with_nothing_recorded_takes_the_next_maps_fingerprint(tmp_path: Path) -> None:
+    """The fingerprint guards recorded results: a first run that failed before
+    recording any lets a fixed fn (another name, another serializer) use the file;
+    once results are recorded, another fingerprint is refused again."""
+    path = tmp_path / "run.sqlite"
+
+    async def broken(item: int) -> int:
+        raise RuntimeError(f"bug on {item}")
+
+    async def fixed(item: int) -> int:
+        return item * 2
+
+    with pytest.raises(RuntimeError, match="bug on 0"):
+        corral.run(broken, range(1), checkpoint=path)
+    assert path.exists()
+    assert recorded(path) == {}
+    assert corral.run(fixed, range(4), checkpoint=path, serializer="json") == [0, 2, 4, 6]
+    assert corral.run(fixed, range(4), checkpoint=path, serializer="json") == [0, 2, 4, 6]
+    with pytest.raises(ValueError, match=r"was recorded with fingerprint .*fixed"):
+        corral.run(broken, range(4), checkpoint=path, serializer="json")
+    with pytest.raises(ValueError, match="was recorded with serializer='json'"):
+        corral.run(fixed, range(4), checkpoint=path)

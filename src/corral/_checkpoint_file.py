@@ -576,6 +576,17 @@ class Database:
                     [("format", FORMAT), ("fingerprint", fingerprint), ("serializer", serializer)],
                 )
             meta = dict(db.execute("SELECT name, value FROM corral_checkpoint").fetchall())
+            if meta.get("format") == FORMAT and (
+                db.execute("SELECT 1 FROM corral_chunks LIMIT 1").fetchone() is None
+            ):
+                # Nothing recorded, nothing for the fingerprint or serializer to
+                # guard: the file is this map's as if new (a first run that
+                # failed at once, then a fixed fn, must not be refused).
+                meta.update(fingerprint=fingerprint, serializer=serializer)
+                db.executemany(
+                    "UPDATE corral_checkpoint SET value = ? WHERE name = ?",
+                    [(fingerprint, "fingerprint"), (serializer, "serializer")],
+                )
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
