@@ -4,8 +4,8 @@ DESIGN.md: worker processes corral started are stopped on every exit path; on
 cancellation or failure a busy worker is terminated (killed if it has not
 stopped within a second), not waited for. Each test runs calls that ignore
 SIGTERM and sleep a minute, leaves the map one way, and checks that every
-worker is gone well before the five-second grace of a clean end would have
-run out, and long before the calls would have ended.
+worker is gone well before the grace of a clean end would have run out (five
+seconds, raised to a minute here), and long before the calls would have ended.
 """
 
 from __future__ import annotations
@@ -25,13 +25,21 @@ import pytest
 import corral
 from _loops import run
 from _work import alive, worker_processes
-from corral import _offload
+from corral import _offload, _shard
 
 #: Seconds from the way out to the last worker gone: the one-second wait after
-#: SIGTERM, and room for a loaded machine; a wait for the calls (a minute) or
-#: the grace of a clean end (five seconds) before the kill would exceed it.
-PROMPT = 4.0
+#: SIGTERM, and room for a loaded machine; a wait for the calls or for the grace
+#: of a clean end (each a minute here) before the kill would exceed it.
+PROMPT = 15.0
+#: The grace of a clean end in these tests: a wrong wait for it is unmistakable.
+CLEAN_GRACE = 60.0
 GO = "go"
+
+
+@pytest.fixture(autouse=True)
+def long_clean_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_offload, "EXIT_GRACE", CLEAN_GRACE)
+    monkeypatch.setattr(_shard, "EXIT_GRACE", CLEAN_GRACE)
 
 
 def _record_pid(directory: str) -> None:
@@ -214,7 +222,9 @@ def test_ctrl_c_kills_busy_workers_that_ignore_sigterm(mode: str, tmp_path: Path
     items = [(str(tmp_path), x, 60.0) for x in range(6)]
     script = (
         "import corral\n"
-        "from test_process_exits import MODES\n"
+        "from corral import _offload, _shard\n"
+        "from test_process_exits import CLEAN_GRACE, MODES\n"
+        "_offload.EXIT_GRACE = _shard.EXIT_GRACE = CLEAN_GRACE\n"
         "if __name__ == '__main__':\n"
         f"    fn, keywords = MODES[{mode!r}]\n"
         f"    corral.run(fn, {items!r}, **keywords)\n"

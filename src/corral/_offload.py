@@ -158,6 +158,8 @@ MAX_CRASHES = 3
 UNBOUNDED_THREADS = 100
 #: Seconds a terminated worker gets before it is killed.
 TERMINATE_GRACE = 1.0
+#: Seconds the workers of a map that ended cleanly get to exit before they are terminated.
+EXIT_GRACE = 5.0
 #: Bytes per read, and reads at most, of what a lost link left unread (see drain).
 DRAIN_CHUNK = 1 << 18
 DRAIN_READS = 256
@@ -1458,7 +1460,7 @@ class ProcessPool:
             for job in self._waiting:
                 job.future.cancel()
             self._waiting.clear()
-            await stop_processes(self._started, grace=5.0 if clean else 0.0, busy=busy)
+            await stop_processes(self._started, grace=EXIT_GRACE if clean else 0.0, busy=busy)
 
 
 # ---------------------------------------------------------------------------
