@@ -381,14 +381,16 @@ def test_a_pool_goes_on_with_the_workers_that_could_start(
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["deadline", "cancel"])
 def test_busy_workers_are_terminated_not_waited_for_after_cancel_or_a_deadline(
-    how: str, tmp_path: Path
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """cancel() or deadline= while a worker is in a minute-long call: over in well under 5 s."""
+    """cancel() or deadline= while a worker is in a minute-long call: over in seconds,
+    without the grace of a clean end (raised here to a minute: a wait for it is plain)."""
+    monkeypatch.setattr(_offload, "EXIT_GRACE", 60.0)
     items = [(str(tmp_path), 60.0)] * 4
 
     async def main() -> float:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(20):  # hang guard
+        async with asyncio.timeout(50):  # hang guard
             if how == "deadline":
                 began = loop.time()
                 with pytest.raises(corral.DeadlineExceeded):
@@ -405,7 +407,7 @@ def test_busy_workers_are_terminated_not_waited_for_after_cancel_or_a_deadline(
                 assert [r async for r in out] == []
             return loop.time() - began
 
-    assert run(main) < 2.5  # the 5 s grace of a clean end was waited out before
+    assert run(main) < 15  # the terminate's second and room for a loaded machine
     assert worker_processes() == set()
 
 
@@ -420,10 +422,10 @@ def test_stopping_processes_gives_them_one_grace_period_in_all() -> None:
             process.start()
         loop = asyncio.get_running_loop()
         began = loop.time()
-        await _offload.stop_processes(processes, grace=0.5)
+        await _offload.stop_processes(processes, grace=2.0)
         return loop.time() - began
 
-    assert run(main) < 1.4  # 4 x 0.5 s before
+    assert run(main) < 6.0  # 4 x 2 s before
 
 
 @pytest.mark.slow
