@@ -230,12 +230,12 @@ def test_time_between_runs_of_the_loop_is_not_lag() -> None:
 
         loop.run_until_complete(start())
         loop.run_until_complete(asyncio.sleep(0.05))
-        time.sleep(1.0)  # nothing runs on the loop meanwhile
+        time.sleep(2.0)  # nothing runs on the loop meanwhile
         loop.run_until_complete(asyncio.sleep(0.05))
         loop.run_until_complete(stop())
     finally:
         loop.close()
-    assert watch.max_lag < 0.5  # the watchdog's ticks, not the second the loop was idle
+    assert watch.max_lag < 1.0  # the watchdog's ticks, not the 2 s the loop was idle
     assert watch.reports == []
 
 
