@@ -126,7 +126,7 @@ async def jittered_square(item: int) -> int:
 
 
 async def slow_head(item: int) -> int:
-    await asyncio.sleep(1.0 if item == 0 else 0.001)
+    await asyncio.sleep(3.0 if item == 0 else 0.001)  # 3 s: room for a loaded machine
     return item
 
 
