@@ -891,8 +891,9 @@ def test_the_slots_of_a_killed_holder_come_back_after_its_lease(redis_url: str) 
             return waited
 
         waited = asyncio.run(wait_for_slots())
-        # Back at most a lease after the last renewal (plus slack for a busy box).
-        assert waited <= 1.0 + 2.0
+        # Back at most a lease after the last renewal (plus slack for a busy box):
+        # not the 30 s of the guard, nor never.
+        assert waited <= 1.0 + 5.0
     finally:
         if child.poll() is None:
             child.kill()
