@@ -142,6 +142,19 @@ class OffsetClockLoop(asyncio.SelectorEventLoop):
         self._offset += seconds
 
 
+def skip_offset(seconds: float) -> None:
+    """Move the running :class:`OffsetClockLoop`'s clock ``seconds`` on (a deadline comes due)."""
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, OffsetClockLoop)
+    loop.skip(seconds)
+
+
+async def skip_offset_once(ready: asyncio.Event, seconds: float) -> None:
+    """Once ``ready`` is set, :func:`skip_offset` (as a task beside the map under test)."""
+    await ready.wait()
+    skip_offset(seconds)
+
+
 def run_offset(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     """Run ``main()`` on an :class:`OffsetClockLoop`; fail on anything the loop logged."""
     errors = LoopErrors()

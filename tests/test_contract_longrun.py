@@ -30,7 +30,7 @@ from unittest import mock
 import pytest
 
 import corral
-from _loops import OffsetClockLoop, run_offset
+from _loops import run_offset, skip_offset, skip_offset_once
 from corral import _checkpoint_file, _engine
 from corral._checkpoint_file import as_key, read_checkpoint
 
@@ -89,9 +89,7 @@ def result_of(item: Any) -> Any:
 
 
 def skip_past_deadline() -> None:
-    loop = asyncio.get_running_loop()
-    assert isinstance(loop, OffsetClockLoop)
-    loop.skip(2 * HOUR)
+    skip_offset(2 * HOUR)
 
 
 # -- ids: types that equal, types that do not, items that have none --------------------
@@ -648,11 +646,7 @@ def test_a_repeated_id_in_flight_at_the_deadline_is_not_recorded_and_runs_once_o
         spy = Calls(blocked=lambda item: item in (2, 4))
         spy.expect_in_flight = 2
 
-        async def pass_deadline() -> None:
-            await spy.all_in.wait()
-            skip_past_deadline()
-
-        helper = asyncio.ensure_future(pass_deadline())
+        helper = asyncio.ensure_future(skip_offset_once(spy.all_in, 2 * HOUR))
         got = await corral.gather(
             spy, items, limit=3, deadline=HOUR, return_exceptions=True, checkpoint=path
         )

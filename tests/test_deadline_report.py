@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import corral
-from _loops import OffsetClockLoop, run_offset
+from _loops import run_offset, skip_offset_once
 
 pytestmark = pytest.mark.slow  # a checkpoint's writes run on a thread of its own
 
@@ -81,13 +81,7 @@ def test_the_rest_of_the_input_is_reported_without_computing_its_ids(
             item_id=item_id,
         )
 
-        async def pass_deadline() -> None:
-            await fn.stalled.wait()
-            loop = asyncio.get_running_loop()
-            assert isinstance(loop, OffsetClockLoop)
-            loop.skip(HOUR)  # the deadline is due now
-
-        mover = asyncio.ensure_future(pass_deadline())
+        mover = asyncio.ensure_future(skip_offset_once(fn.stalled, HOUR))
         try:
             async with stream as results:
                 got = [r async for r in results]
@@ -134,13 +128,7 @@ def test_an_input_that_raises_while_reported_fails_the_map_without_computing_ids
         fn = Stalls()
         got: list[Any] = []
 
-        async def pass_deadline() -> None:
-            await fn.stalled.wait()
-            loop = asyncio.get_running_loop()
-            assert isinstance(loop, OffsetClockLoop)
-            loop.skip(HOUR)  # the deadline is due now
-
-        mover = asyncio.ensure_future(pass_deadline())
+        mover = asyncio.ensure_future(skip_offset_once(fn.stalled, HOUR))
         try:
             with pytest.raises(ValueError, match="broke after 500 items"):
                 async with corral.map(
