@@ -53,7 +53,7 @@ from ._retry import Retry, as_retry, retry_after_seconds, retry_kind
 from ._retry_budget import RetryBudgetExhausted, RetryBudgetState
 from ._shard import ShardedStream, map_sharded, sharded_call
 from ._stats import Waiting
-from ._usage import Meter, NoRetry, UsageBudget, metered
+from ._usage import Meter, NoRetry, UsageBudget, headers_of, metered, sync_gate
 from ._weighted import WeightedGate
 
 T = TypeVar("T")
@@ -199,13 +199,23 @@ def _with_limiter(
             return await call(item)
         except Exception as exc:
             # A 429/503 with Retry-After (or RetryAfter) pauses every user of
-            # the limiter; costs nothing until a call fails.
+            # the limiter, and its rate-limit headers clamp the rate; costs
+            # nothing until a call fails.
+            _follow_headers(exc, limiter)
             limiter.record_error(0.0, exc, max_cooldown=max_cooldown)
             raise
         finally:
             limiter.release()
 
     return limited
+
+
+def _follow_headers(exc: BaseException, limiter: Limiter) -> None:
+    """A failure's rate-limit headers (a 429's) clamp ``limiter``'s rate, as with ``cost=``."""
+    if isinstance(exc, Exception):
+        headers = headers_of(exc)
+        if headers is not None:
+            limiter.sync_headers(headers)
 
 
 def _with_feedback(
@@ -234,6 +244,7 @@ def _with_feedback(
             try:
                 value = await call(item)
             except BaseException as exc:  # a cancellation is recorded as "ignore"
+                _follow_headers(exc, own)
                 own.record_error(clock() - began, exc, max_cooldown=max_cooldown)
                 own.release()
                 raise
@@ -266,6 +277,7 @@ def _with_feedback(
         try:
             value = await call(item)
         except BaseException as exc:  # a cancellation is recorded as "ignore"
+            _follow_headers(exc, limiter)
             record_error(clock() - began, exc, max_cooldown=max_cooldown)
             release()
             raise
@@ -291,7 +303,14 @@ def _with_rate(call: Call, gate: RateGate, waiting: Waiting) -> Call:
             waiting.count -= 1
         if cell is not None:
             cell[0] = asyncio.get_running_loop().time()  # the innermost gate: see Waiting
-        return await call(item)
+        try:
+            return await call(item)
+        except Exception as exc:
+            # A 429's rate-limit headers clamp the map's own rate, as with cost=.
+            headers = headers_of(exc)
+            if headers is not None:
+                sync_gate(gate, headers)
+            raise
 
     return paced
 
@@ -311,6 +330,23 @@ def _with_gates(
     if limiter is not None:
         call = _with_limiter(call, limiter, max_cooldown, waiting, hands_on=gate is not None)
     return call
+
+
+def _judged(
+    retry: Retry, exc: Exception, calls: int, rng: random.Random, item: Any
+) -> float | None:
+    """``retry.next_wait``; a failure of its ``on=`` predicate gets a note saying whose it is.
+
+    Raised in the place of the call's own error, a bare ZeroDivisionError
+    would read as the call's.
+    """
+    try:
+        return retry.next_wait(exc, calls, rng)
+    except Exception as error:
+        error.add_note(
+            f"raised by the retries' on={retry.on!r} judging {exc!r} for item {reprlib.repr(item)}"
+        )
+        raise
 
 
 def _with_retries(
@@ -337,7 +373,7 @@ def _with_retries(
                 error = final.error
                 break  # raised out of this handler, so that it does not become its context
             except Exception as exc:
-                wait = retry.next_wait(exc, calls, rng)
+                wait = _judged(retry, exc, calls, rng, item)
                 if wait is None:
                     raise
             except Halt as halt:  # the map stopped before this retry: the item did start
@@ -378,7 +414,7 @@ def _with_budgeted_retries(
                 error = final.error
                 break  # raised out of this handler, so that it does not become its context
             except Exception as exc:
-                wait = retry.next_wait(exc, calls, rng)
+                wait = _judged(retry, exc, calls, rng, item)
                 if wait is None:
                     raise
                 kind = retry_kind(exc)
@@ -555,18 +591,146 @@ def _check_meter_fn(name: str, fn: object) -> None:
     check_arity(name, fn, 1, "the item" if name == "cost" else "the result", plain=True)
 
 
-def _with_budget(call: Call, requests: float) -> Call:
-    """A requests-only budget without usage accounting: one counter, the fast path."""
-    spent = 0
+def _with_budget(call: Call, requests: float, gated: bool) -> tuple[Call, _GateLine | None]:
+    """A requests-only budget without usage accounting: one counter, the fast path.
 
-    async def budgeted(item: Any) -> Any:
+    ``gated``: the map has gates (a Limiter, a rate), whose waiting items are
+    turned away once the last request is spent by the line returned (see
+    :class:`_GateLine`), which the caller puts in front of the gates.
+    """
+    spent = 0
+    message = f"the map's budget of {requests:g} requests is spent"
+
+    def spent_now() -> str | None:
+        return message if spent >= requests else None
+
+    if not gated:
+
+        async def budgeted(item: Any) -> Any:
+            nonlocal spent
+            if spent >= requests:
+                raise Halt(BudgetExhausted(message))
+            spent += 1
+            return await call(item)
+
+        return budgeted, None
+
+    line = _GateLine(spent_now, settles=False)
+    in_line, current_task = line.waiting, asyncio.current_task
+
+    async def budgeted_in_line(item: Any) -> Any:
         nonlocal spent
         if spent >= requests:
-            raise Halt(BudgetExhausted(f"the map's budget of {requests:g} requests is spent"))
+            raise Halt(BudgetExhausted(message))
         spent += 1
+        in_line.discard(current_task())  # through the gates: out of the line
+        if spent >= requests:
+            line.check()
         return await call(item)
 
-    return budgeted
+    return budgeted_in_line, line
+
+
+def _past_gates(call: Call, line: _GateLine) -> Call:
+    """``call``, reached once its item passed the gates and the budget: out of ``line``."""
+
+    async def passed(item: Any) -> Any:
+        line.passed()
+        return await call(item)
+
+    return passed
+
+
+class _GateLine:
+    """A budgeted map's items waiting at its gates, turned away once the budget is spent.
+
+    The budget is checked after an item has passed its gates (its Limiter
+    slot, its turn under the rate), right before its call. Left in line once
+    the budget is spent, every worker would wait its turn only to be refused
+    then: at ``rate="1/s"`` with ``limit=10`` and a budget of 2 requests
+    the map ended at 11 s instead of 1 s, and each of those turns was taken
+    from a shared Limiter's other users. Instead the items in line are cancelled out of it (which
+    gives back their place and rate slot) and raise :class:`Halt`, not
+    started, as the budget check would have.
+    """
+
+    __slots__ = ("_cut", "_settles", "_spent", "reason", "waiting")
+
+    def __init__(self, spent: Callable[[], str | None], *, settles: bool) -> None:
+        #: What the budget says once it is spent (None: not spent yet).
+        self._spent = spent
+        # Whether a call's end may spend the budget (its usage settled), not
+        # only its start.
+        self._settles = settles
+        self.reason: BudgetExhausted | None = None
+        self.waiting: set[asyncio.Task[Any] | None] = set()
+        self._cut: set[asyncio.Task[Any] | None] = set()  # cancelled by check()
+
+    def passed(self) -> None:
+        """The current task passed the gates and the budget: it is out of the line."""
+        self.waiting.discard(asyncio.current_task())
+        self.check()
+
+    def check(self) -> None:
+        """If the budget is spent, turn away every item in line (once)."""
+        if self.reason is not None:
+            return
+        message = self._spent()
+        if message is None:
+            return
+        self.reason = BudgetExhausted(message)
+        current = asyncio.current_task()
+        for task in self.waiting:
+            if task is not current and task is not None:
+                self._cut.add(task)
+                task.cancel()
+
+    def wrap(self, gated: Call) -> Call:
+        """``gated`` (the gates with the budget and the call inside), entered through the line."""
+
+        waiting, cut, settles, current_task = (
+            self.waiting,
+            self._cut,
+            self._settles,
+            asyncio.current_task,
+        )
+
+        async def queued(item: Any) -> Any:
+            if self.reason is not None:
+                raise Halt(self.reason)
+            task = current_task()
+            waiting.add(task)
+            try:
+                return await gated(item)
+            except asyncio.CancelledError:
+                if task in cut:
+                    cut.discard(task)
+                    # Cancelled by check() alone (not by the map closing too):
+                    # the item is refused like any other after the budget.
+                    if task is not None and task.uncancel() == 0:
+                        assert self.reason is not None
+                        raise Halt(self.reason) from None
+                raise
+            finally:
+                waiting.discard(task)  # out of line already, unless it never got through
+                if settles:
+                    # Its usage is settled by now: it may have spent the budget.
+                    self.check()
+
+        return queued
+
+
+def _usage_spent(limits: Mapping[str, float], budget: UsageBudget) -> Callable[[], str | None]:
+    """What ``budget`` says once a dimension is spent (as UsageBudget.start says it)."""
+
+    def spent() -> str | None:
+        now = budget.spent
+        for name, limit in limits.items():
+            if now[name] >= limit:
+                return f"the map's budget of {limit:g} {name} is spent ({now[name]:g} used)"
+        return None
+
+    return spent
 
 
 def _engine_and_checkpoint(
@@ -630,6 +794,7 @@ def _engine_and_checkpoint(
     workers: int | None
     limiter: Limiter | None = None
     elastic: int | None = None  # the pool's first size when it follows an adaptive limit
+    line: _GateLine | None = None  # a budgeted map's gates (see _GateLine)
     if remote is not None:
         # The workers there take twice their share of the limit (one share
         # running, one queued), so that many calls are kept in flight.
@@ -694,13 +859,18 @@ def _engine_and_checkpoint(
             or (budget is not None and set(budget) != {"requests"})
         ):
             # Weighted accounting (see _usage): one wrapper reserves, settles and budgets.
+            spending = UsageBudget(budget) if budget is not None else None
+            if spending is not None and (gate is not None or limiter is not None):
+                assert budget is not None
+                line = _GateLine(_usage_spent(budget, spending), settles=True)
+                call = _past_gates(call, line)
             meter = functools.partial(
                 metered,
                 call,
                 Meter(opts["cost"], opts["usage"]),
                 gate=gate,
                 limiter=limiter,
-                budget=UsageBudget(budget) if budget is not None else None,
+                budget=spending,
                 max_cooldown=max_cooldown,
                 under_retries=retry is not None,  # see _with_retries
             )
@@ -709,9 +879,13 @@ def _engine_and_checkpoint(
             if retry is not None:
                 again = meter(waiting=Waiting())  # a retry's item has started: counts nobody
             call = meter(waiting=waiting)
+            if line is not None:
+                call = line.wrap(call)
+                again = again if again is None else line.wrap(again)
         else:
             if budget is not None:
-                call = _with_budget(call, budget["requests"])
+                gated_too = gate is not None or limiter is not None
+                call, line = _with_budget(call, budget["requests"], gated_too)
             assert not isinstance(gate, WeightedGate)  # metered above
             if gate is not None or limiter is not None:
                 # Items waiting for their first start are not started (see Waiting).
@@ -722,7 +896,9 @@ def _engine_and_checkpoint(
                     # A retry waits for its slot again, but its item has
                     # started: the later attempts pass gates that count nobody.
                     again = _with_gates(call, gate, limiter, max_cooldown, Waiting())
-                call = gated
+                    if line is not None:
+                        again = line.wrap(again)
+                call = gated if line is None else line.wrap(gated)
         if retry is not None:
             state = None
             if retry.budget is not None:

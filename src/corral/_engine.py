@@ -670,6 +670,8 @@ class Engine(Generic[T, R]):
         # cannot lead its worker on to the next one.
         self._stopping = False
         self._halt_reason: BaseException | None = None
+        # Set once the calls in flight were cancelled (cancel(), the deadline).
+        self._in_flight_cut = False
         self._deadline_passed = False
         # The deadline passed with return_exceptions: every item not started
         # yields a DeadlineExceeded in its place, so that each item still has
@@ -1146,24 +1148,29 @@ class Engine(Generic[T, R]):
 
         ``cancel_in_flight``: cancel the calls in progress (cancel(), the
         deadline) rather than let them finish (a budget: they are paid for).
+        Calls let finish are still cancelled by a later cancel() or deadline:
+        the first reason stays the one raised.
         """
         if self._phase is _Phase.IDLE:
             self._halted = True  # cancelled before it started: it never will
             return
-        if self._halted or self._phase is not _Phase.RUNNING:
+        if self._phase is not _Phase.RUNNING:
+            return
+        if self._halted:
+            if cancel_in_flight and not self._in_flight_cut:
+                # A budget let the calls in flight go on: cancel() ends them.
+                self._cut_in_flight()
+                self._wake_consumer()
             return
         self._halted = self._stopping = True
         self._halt_reason = reason
-        if self._deadline_handle is not None:
-            self._deadline_handle.cancel()
         if cancel_in_flight:
-            current = asyncio.current_task()
-            # An async input's feeder goes on when the rest of it is reported.
-            feeder = self._feeder if self._reporting else None
-            for task in self._tasks:
-                if task is not current and task is not feeder:
-                    task.cancel()
+            if self._deadline_handle is not None:
+                self._deadline_handle.cancel()
+            self._cut_in_flight()
         else:
+            # The deadline stays set: it still cuts short the calls left to
+            # finish (a budget's), which may never end on their own.
             # The workers waiting for the consumer hold items that will not
             # start: they let them go now. Left waiting, one whose item is
             # beyond an item that never ends (in input order) would wait for
@@ -1174,10 +1181,26 @@ class Engine(Generic[T, R]):
                     waiter.set_result(None)
         self._wake_consumer()
 
+    def _cut_in_flight(self) -> None:
+        """Cancel the calls in flight (every task the run started but this one)."""
+        self._in_flight_cut = True
+        current = asyncio.current_task()
+        # An async input's feeder goes on when the rest of it is reported.
+        feeder = self._feeder if self._reporting else None
+        for task in self._tasks:
+            if task is not current and task is not feeder:
+                task.cancel()
+
     def _on_deadline(self) -> None:
-        if self._halted or self._phase is not _Phase.RUNNING:
+        if self._phase is not _Phase.RUNNING or self._in_flight_cut:
             return  # stopped already (the timer may outlive a cancel() in start())
         self._deadline_passed = True
+        if self._halted:
+            # A budget stopped the starts and let the calls in flight go on:
+            # the deadline ends them (with return_exceptions, each reports it
+            # in its item's place); the run still ends with the budget's reason.
+            self._cut_in_flight()
+            return
         reason = DeadlineExceeded(f"the map's deadline of {self._deadline} s passed")
         # With return_exceptions each cancelled call reports the deadline in its
         # item's place (see _check_cancellation), as does each item not started

@@ -273,6 +273,7 @@ class Limiter:
         "_rate_spec",
         "_retry_budgets",
         "_rng",
+        "_sitting",
         "_subs",
         "_sweep_at",
         "_timer",
@@ -350,6 +351,9 @@ class Limiter:
         self._ramp: int | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._rng: random.Random | None = None
+        # Callers holding a slot who wait for the cooldown's end, in arrival
+        # order: its end lets them go in that order (see _sit_out_cooldown).
+        self._sitting: deque[asyncio.Future[None]] = deque()
         # Adaptive `async with`: when each task entered, to time its body.
         self._entered: dict[asyncio.Task[Any] | None, list[float]] = {}
 
@@ -430,14 +434,25 @@ class Limiter:
         """True from a :meth:`cooldown` until its ramp has opened every slot again.
 
         On a per-key Limiter: while the cooldown lasts, and then while any
-        key's ramp is still opening its slots.
+        key's ramp is still opening its slots. A cooldown ends with its event
+        loop: once that loop has closed, this is False.
         """
         if self._key is not None:
             loop = self._loop
-            if loop is not None and self._cool_until > loop.time():
+            if loop is not None and not loop.is_closed() and self._cool_until > loop.time():
                 return True
             return any(sub.cooling_down for sub in self._subs.values())
-        return self._timer is not None
+        return self._cooling_here()
+
+    def _cooling_here(self) -> bool:
+        """A cooldown (or its ramp) is running on a loop that can still run its timer.
+
+        A run that ends mid-cooldown leaves the timer of a closed loop behind,
+        which never fires: the next loop drops it (see _rebind), so it must not
+        count as a cooldown meanwhile, nor keep an idle key from being forgotten.
+        """
+        loop = self._loop
+        return self._timer is not None and loop is not None and not loop.is_closed()
 
     def __repr__(self) -> str:
         limit = repr(self.limit)
@@ -516,15 +531,21 @@ class Limiter:
     async def _sit_out_cooldown(self) -> None:
         """Hold the slot taken until the cooldown in force (if any) ends: no call starts in one.
 
-        Cancelled meanwhile, the slot is given back.
+        Cancelled meanwhile, the slot is given back. Those sitting it out wait
+        in line for the end of the cooldown (the timer that ends it, see
+        _ramp_step), which lets them go in the order they came: a sleep each
+        would end in any order (timers due at one instant run in no set order).
         """
         loop = self._loop
-        while loop is not None and self._cool_until > loop.time():
-            try:
-                await asyncio.sleep(self._cool_until - loop.time())
-            except BaseException:
-                self.release()
-                raise
+        if loop is None or self._cool_until <= loop.time():
+            return
+        fut: asyncio.Future[None] = loop.create_future()
+        self._sitting.append(fut)
+        try:
+            await fut
+        except BaseException:
+            self.release()
+            raise
 
     def acquire_nowait(self) -> bool:
         """Take a slot only if one is free now, nobody is in line and the rate allows now.
@@ -869,8 +890,18 @@ class Limiter:
         limit = self._limit
         loop = self._loop
         assert loop is not None  # the timer runs on the loop that set it
-        if self._ramp is None and self._auto_gate is not None:
-            self._auto_gate.after_pause()  # the pause is over: slow start again
+        if self._ramp is None:
+            # The cooldown ends now, even if the timer runs a little early (a
+            # coarse clock): nobody would start before it otherwise.
+            if self._cool_until > loop.time():
+                self._cool_until = loop.time()
+            sitting = self._sitting
+            while sitting:  # those handed a slot before it first, in order
+                fut = sitting.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+            if self._auto_gate is not None:
+                self._auto_gate.after_pause()  # the pause is over: slow start again
         if limit is None:
             # Rate only: the rate already spaces the starts out; let everyone go.
             self._timer = None
@@ -974,7 +1005,7 @@ class Limiter:
 
     def _idle(self, now: float) -> bool:
         """Nothing in flight or waiting, no cooldown, and the rate as fresh as a new one's."""
-        if self._in_flight or self._n_waiting or self._timer is not None:
+        if self._in_flight or self._n_waiting or self._cooling_here():
             return False
         return self._gate is None or self._gate.fresh(now)
 
@@ -1062,6 +1093,7 @@ class Limiter:
                     "a Limiter can serve successive event loops, not two at once"
                 )
         self._waiters.clear()
+        self._sitting.clear()
         self._n_waiting = self._granted = 0
         self._loop = loop
         # The old loop's clock and timer mean nothing here: the cooldown ends.

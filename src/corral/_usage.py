@@ -431,7 +431,7 @@ def _no_clock() -> float:
     return 0.0
 
 
-def _headers_of(exc: BaseException) -> Any:
+def headers_of(exc: BaseException) -> Any:
     headers = _get(exc, "headers")
     return headers if headers is not None else _get(_get(exc, "response"), "headers")
 
@@ -507,7 +507,7 @@ def metered(
         used = usage_of_error(exc)
         if used:
             settle_everywhere(own, cost, used)
-        headers = _headers_of(exc)
+        headers = headers_of(exc)
         if headers is not None:
             if own is not None:
                 own.sync_headers(headers)
