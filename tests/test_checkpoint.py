@@ -688,9 +688,12 @@ async def test_a_failed_read_stops_the_resume(
 
 @pytest.mark.slow
 async def test_a_file_that_cannot_be_opened_is_an_oserror(tmp_path: Path) -> None:
-    """A path in a missing directory fails the map with OSError naming the path."""
+    """A path in a missing directory fails the map with OSError naming the path and why."""
     path = tmp_path / "missing" / "run.sqlite"
-    text = f"checkpoint={str(path)!r} cannot be opened: unable to open database file"
+    text = (
+        f"checkpoint={str(path)!r} cannot be opened: its directory {str(path.parent)!r} "
+        "does not exist (unable to open database file)"
+    )
     with pytest.raises(OSError, match=message(text)):
         await corral.gather(Spy(), range(3), checkpoint=path)
 
@@ -2042,7 +2045,10 @@ def test_read_checkpoint_of_a_missing_or_foreign_file_names_it_and_creates_nothi
 ) -> None:
     """Looking into a file does not create it (a typo in the path), nor write to one."""
     missing = tmp_path / "typo.sqlite"
-    text = f"checkpoint={str(missing)!r} cannot be opened: unable to open database file"
+    text = (
+        f"checkpoint={str(missing)!r} cannot be opened: it does not exist "
+        "(unable to open database file)"
+    )
     with pytest.raises(OSError, match=message(text)):
         list(read_checkpoint(missing))
     assert files(tmp_path) == []
@@ -2059,7 +2065,10 @@ def test_read_checkpoint_of_a_missing_or_foreign_file_names_it_and_creates_nothi
 @pytest.mark.slow
 async def test_a_directory_as_the_checkpoint_is_an_oserror_naming_it(tmp_path: Path) -> None:
     """A path that is a directory fails at once, names it and leaves it as it was."""
-    text = f"checkpoint={str(tmp_path)!r} cannot be opened: unable to open database file"
+    text = (
+        f"checkpoint={str(tmp_path)!r} cannot be opened: it is a directory "
+        "(unable to open database file)"
+    )
     with pytest.raises(OSError, match=message(text)):
         await corral.gather(Spy(), range(3), checkpoint=tmp_path)
     assert files(tmp_path) == []

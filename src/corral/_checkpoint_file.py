@@ -179,6 +179,28 @@ def _type_name(exc: BaseException) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
+def _why(path: str | os.PathLike[str], exc: BaseException) -> str:
+    """Why SQLite could not open ``path``: its own words ("unable to open database
+    file") do not say, when the path names a directory or no directory holds it."""
+    if os.path.isdir(path):
+        return f"it is a directory ({exc})"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        missing = "is not a directory" if os.path.exists(directory) else "does not exist"
+        return f"its directory {directory!r} {missing} ({exc})"
+    if not os.path.exists(path):
+        return f"it does not exist ({exc})"
+    return str(exc)
+
+
+def _message(exc: BaseException) -> str:
+    """``str(exc)``, or what tracebacks print when that raises (a failure is still recorded)."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
+
+
 class _Unloadable(Exception):
     """An exception returned as a result that pickle stores but cannot load back."""
 
@@ -273,12 +295,12 @@ class Codec:
 
     def dump_failure(self, exc: BaseException) -> bytes | str:
         if self.serializer == "json":
-            return self.dumps({"type": _type_name(exc), "message": str(exc)})
+            return self.dumps({"type": _type_name(exc), "message": _message(exc)})
         try:
             payload = pickle.dumps(exc)
             pickle.loads(payload)  # failures are rare: check it replays, not only that it stores
         except Exception:
-            payload = pickle.dumps(RecordedFailure(_type_name(exc), str(exc)))
+            payload = pickle.dumps(RecordedFailure(_type_name(exc), _message(exc)))
         return payload
 
     def decode(self, kind: int, value: Any) -> tuple[int, Any]:
@@ -488,7 +510,7 @@ class Database:
         try:
             db = sqlite3.connect(path, isolation_level=None, cached_statements=256)
         except sqlite3.Error as exc:
-            raise OSError(f"checkpoint={path!r} cannot be opened: {exc}") from exc
+            raise OSError(f"checkpoint={path!r} cannot be opened: {_why(path, exc)}") from exc
         try:
             lock = _lock(path)
         except BaseException:
@@ -839,7 +861,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Iterator[Row]:
     try:
         db = sqlite3.connect(uri, uri=True)
     except sqlite3.Error as exc:
-        raise OSError(f"checkpoint={path!r} cannot be opened: {exc}") from exc
+        raise OSError(f"checkpoint={path!r} cannot be opened: {_why(path, exc)}") from exc
     try:
         try:
             rows = db.execute("SELECT seq, ids, kinds, vals FROM corral_chunks ORDER BY seq")
