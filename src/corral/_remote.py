@@ -758,7 +758,10 @@ class RemoteCall:
         futures, self._futures = self._futures, {}
         for future in futures.values():
             if not future.done():
-                future.set_exception(Halt(exc))
+                # started=True: which of these items the workers started is
+                # unknown here; ``unstarted`` already takes off those they did
+                # not, so the engine must not count them as not run again.
+                future.set_exception(Halt(exc, started=True))
                 future.exception()  # seen: a call already cancelled does not await it
 
     def abandon(self) -> None:
