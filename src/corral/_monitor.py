@@ -462,9 +462,10 @@ class _Episode:
     lag without a culprit, and gets no report.
     """
 
-    __slots__ = ("counts", "overdue", "stacks")
+    __slots__ = ("counts", "first", "overdue", "stacks")
 
     def __init__(self) -> None:
+        self.first = monotonic()  # when the first sample was taken
         self.counts: collections.Counter[_Culprit] = collections.Counter()
         self.stacks: dict[_Culprit, _Stack] = {}  # the first stack seen for each culprit
         # How late the heartbeat was at the last sample: a lower bound of the
@@ -480,6 +481,14 @@ class _Episode:
 # ---------------------------------------------------------------------------
 # The watch: heartbeat on the loop, watchdog on a thread
 # ---------------------------------------------------------------------------
+
+
+#: Every running watch. Watches on one loop (nested ``watch_loop`` blocks,
+#: several maps with ``monitor=True``) see the same stalls; each reports them,
+#: one logs them, and none measures the time another spends logging (see
+#: LoopWatch._log).
+_running: set[LoopWatch] = set()
+_running_lock = threading.Lock()
 
 
 class _State(enum.Enum):
@@ -561,6 +570,9 @@ class LoopWatch:
         self._owners: frozenset[str] | None = None  # the watchdog's, once _below is known
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        # When another watch on this loop last logged a stall (monotonic): a
+        # stall of ours sampled from before then is that one, logged already.
+        self._logged_elsewhere = -math.inf
         self._handle: asyncio.Handle | None = None
         self._thread: threading.Thread | None = None
         # The watchdog sleeps by acquiring this lock (held from start to stop)
@@ -643,6 +655,8 @@ class LoopWatch:
             self._handle = self._thread = self._loop = None
             raise
         self._state = _State.RUNNING
+        with _running_lock:
+            _running.add(self)
 
     def stop(self) -> None:
         """Stop watching; report a stall still in progress. Idempotent.
@@ -655,6 +669,8 @@ class LoopWatch:
         if threading.get_ident() != self._loop_thread:
             raise RuntimeError("LoopWatch.stop() must be called on the thread of the watched loop")
         self._state = _State.STOPPED
+        with _running_lock:
+            _running.discard(self)
         self._asleep.release()
         assert self._thread is not None
         assert self._handle is not None
@@ -742,6 +758,22 @@ class LoopWatch:
         if len(self.reports) >= MAX_REPORTS:
             del self.reports[0]  # O(MAX_REPORTS), at most once per threshold
         self.reports.append(report)
+        if episode.first > self._logged_elsewhere:
+            self._log(report)
+
+    def _log(self, report: BlockReport) -> None:
+        """Log ``report`` once for every watch on this loop (on the loop thread).
+
+        The other watches on the loop saw the same stall: they keep their own
+        report of it but do not log it again. Nor do they measure the time
+        spent logging (a slow handler) as a stall, each in turn reporting the
+        other's logging for as long as the loop runs: their heartbeat is
+        not due, and their watchdog does not sample, until it is done.
+        """
+        with _running_lock:
+            others = [w for w in _running if w is not self and w._loop is self._loop]
+        paused = [(other, other._pause()) for other in others]
+        began = monotonic()
         try:
             _log.warning(
                 "%s\nStack of the event loop thread (most recent call last):\n%s",
@@ -760,6 +792,22 @@ class LoopWatch:
                     "exception": exc,
                 }
             )
+        finally:
+            took = monotonic() - began
+            for other, due in paused:
+                other._resume(due + took, logged=began)
+
+    def _pause(self) -> float:
+        """Hold back the heartbeat and the sampling while another watch logs; return when due."""
+        with self._lock:  # waits for a sample under way: none is taken of the logging
+            due, self._due = self._due, math.inf
+        return due
+
+    def _resume(self, due: float, *, logged: float) -> None:
+        with self._lock:
+            if self._due == math.inf and self._state is _State.RUNNING:
+                self._due = due
+        self._logged_elsewhere = logged
 
     # -- watchdog thread -----------------------------------------------------
 
@@ -768,6 +816,9 @@ class LoopWatch:
             self._watch_until_stopped()
         except Exception:  # logged where users look for corral's warnings
             _log.exception("the event loop watchdog failed; the loop is no longer watched")
+        finally:
+            with _running_lock:  # a loop closed without stop(): nothing left to watch
+                _running.discard(self)
 
     def _watch_until_stopped(self) -> None:
         loop = self._loop
@@ -846,7 +897,9 @@ def watch_loop(threshold: float = DEFAULT_THRESHOLD, *, interval: float | None =
     the loop thread spent the stall; ``watch.reports`` keeps the latest
     :data:`MAX_REPORTS` (1000), ``stats().blocked`` counts them all. ``CORRAL_MONITOR=1`` in the
     environment turns this on for every ``corral.map`` (see
-    :func:`monitor_from_env`).
+    :func:`monitor_from_env`). Several watches on one loop (nested blocks,
+    maps with ``monitor=True`` at once) each keep their report of a stall,
+    which is logged once.
 
     Cost: one tiny callback on the loop every ``interval`` seconds and a thread
     that wakes about once per ``threshold``; it samples stacks only while the

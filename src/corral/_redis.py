@@ -99,6 +99,9 @@ GRANT_BATCH = 64
 RELEASE_BATCH = 512
 #: After a failed send, wait this long before trying again (seconds).
 RESEND_DELAY = 0.2
+#: The most rate reservations kept, refused, for a start on top of them to be
+#: given back (see RedisLimiter._give_back_one); the earliest go first.
+_UNDER_KEPT = 64
 #: After a lost subscription, the first wait before subscribing again
 #: (seconds); it doubles with each loss in a row, capped by the pump's timeout.
 RESUBSCRIBE_DELAY = 0.05
@@ -493,6 +496,8 @@ class _Binding:
         "to_give_back",
         "to_leave",
         "to_release",
+        "under",
+        "unsure",
         "waiters",
         "wanted",
     )
@@ -521,6 +526,14 @@ class _Binding:
         # reservations to give back, cooldown seconds to announce.
         self.to_release: list[str] = []
         self.to_give_back: list[tuple[int, int]] = []
+        # Tokens in to_release of asks whose reply never came: maybe granted,
+        # maybe not. Not counted as slots when a give-back fails (see _held_back).
+        self.unsure: set[str] = set()
+        # Rate reservations Redis refused to give back, by the tat each start
+        # left (its ``after``): the ``before`` of the start booked on top of
+        # it. When that start is given back, this one is on top again and
+        # goes back in turn (see RedisLimiter._give_back_one).
+        self.under: dict[int, tuple[int, int]] = {}
         self.to_leave: list[str] = []
         self.outbox: list[float] = []
         self.pump: asyncio.Task[None] | None = None
@@ -569,6 +582,11 @@ async def _close_at_shutdown(
             await limiter._close(binding)
         finally:
             sys.set_asyncgen_hooks(*hooks)
+
+
+def _held_back(b: _Binding) -> int:
+    """The slots in ``b.to_release`` this process was granted (not asks that may have failed)."""
+    return sum(1 for token in b.to_release if token not in b.unsure)
 
 
 def _start_at(b: _Binding, now_us: int, wait_us: int) -> float:
@@ -651,8 +669,11 @@ class RedisLimiter(Limiter):
       may lose its leases (a warning is logged on the ``corral`` logger);
       leases lost when Redis restarts without its data are taken back at
       the next renewal while the cap leaves room;
-    - callers in one process are served in arrival order; between
-      processes a freed slot goes to whichever asks first;
+    - callers in one process waiting for a slot are served in arrival
+      order; between processes a freed slot goes to whichever asks first.
+      Callers that ask at the same moment book their rate starts in the
+      order Redis runs their requests (one connection each), not
+      necessarily in arrival order;
     - callers waiting for a slot ride out a Redis outage (a restart, a
       network blip) shorter than ``lease``, asking again with a growing
       pause; past it they fail with a ``ConnectionError`` naming the
@@ -998,6 +1019,7 @@ class RedisLimiter(Limiter):
             # and these tokens too (a token not held is skipped).
             b.to_release.extend(releases)
             b.to_release.extend(tokens)
+            b.unsure.update(tokens)
             self._send(b)
             raise
         granted = int(reply[0])
@@ -1295,19 +1317,23 @@ class RedisLimiter(Limiter):
                 # Redis unreachable: slots not given back come back anyway
                 # when their leases end, so give up after about a lease.
                 if failures * RESEND_DELAY >= self._lease:
-                    logger.warning(
-                        "corral: could not reach Redis to give back %d slot(s) of %r (%r); "
-                        "they are free again when their leases end",
-                        len(b.to_release),
-                        self._name,
-                        exc,
-                    )
+                    if _held_back(b) or b.to_give_back or b.outbox:
+                        logger.warning(
+                            "corral: could not reach Redis to give back %d slot(s) of %r "
+                            "(%r); they are free again when their leases end",
+                            _held_back(b),
+                            self._name,
+                            exc,
+                        )
                     b.to_release.clear()
+                    b.unsure.clear()
                     b.to_give_back.clear()
                     b.outbox.clear()
                     b.to_leave.clear()
                     return
                 await asyncio.sleep(RESEND_DELAY)
+        if not b.to_release:  # all sent: none of them is left to count
+            b.unsure.clear()
 
     async def _send_once(self, b: _Binding) -> None:
         # Each item leaves its queue before the await (an ask may take
@@ -1352,12 +1378,37 @@ class RedisLimiter(Limiter):
             b.wanted = b.n_waiting
             await b.leave(keys=self._keys[3:], args=[b.ticket, self._channel, b.wanted])
         if b.to_give_back:
-            reservation = b.to_give_back.pop()
-            try:
-                await b.give_back(keys=self._keys[1:2], args=list(reservation))
-            except BaseException:
-                b.to_give_back.append(reservation)
-                raise
+            await self._give_back_one(b)
+
+    async def _give_back_one(self, b: _Binding) -> None:
+        """Give back the latest of the rate reservations queued (one round trip).
+
+        Redis undoes a reservation only if no start was booked on top of it.
+        Callers cancelled together (a map cancelled while its calls wait for
+        the rate) booked on top of one another: given back latest first, all
+        go back; and one refused because a start of this process lay on top
+        of it goes back once that start is given back too. Else the rate
+        stayed booked ahead for starts that never came: with Rate(1, per=60),
+        the next caller waited minutes.
+        """
+        b.to_give_back.sort()  # by the tat each start left; linear when sorted already
+        reservation = b.to_give_back.pop()
+        try:
+            undone = await b.give_back(keys=self._keys[1:2], args=list(reservation))
+        except BaseException:
+            b.to_give_back.append(reservation)
+            raise
+        after, before = reservation
+        if undone:
+            below = b.under.pop(before, None)
+            if below is not None:  # on top now: its turn
+                b.to_give_back.append(below)
+        else:
+            # Booked on top of by a start that may be given back later. Kept
+            # a while only: most such starts run, and this one never goes back.
+            if len(b.under) >= _UNDER_KEPT:
+                del b.under[min(b.under)]
+            b.under[after] = reservation
 
     @property
     def _channel(self) -> str:
@@ -1571,12 +1622,15 @@ class RedisLimiter(Limiter):
             while b.to_release or b.to_give_back or b.to_leave or b.outbox:
                 await self._send_once(b)
         except Exception as exc:
-            logger.warning(
-                "corral: could not give back %d slot(s) of %r on close (%r); they are free "
-                "again when their leases end",
-                len(b.to_release),
-                self._name,
-                exc,
-            )
+            # Only tokens of asks that failed, or a place in the queue (it ends with its
+            # lease): nothing known to be held is left behind.
+            if _held_back(b) or b.to_give_back or b.outbox:
+                logger.warning(
+                    "corral: could not give back %d slot(s) of %r on close (%r); they are "
+                    "free again when their leases end",
+                    _held_back(b),
+                    self._name,
+                    exc,
+                )
         finally:
             await b.client.aclose(close_connection_pool=True)
