@@ -578,7 +578,8 @@ def test_serve_llm_serves_and_reports_what_it_saw() -> None:
     assert (returncode, err) == (0, "")
     summary = rest.strip()
     assert summary.startswith("corral serve --llm: stopped after ")
-    assert ": 2 requests, 1 answered, 1 rejected (429: 1 requests), 0 too large" in summary
+    assert ": 2 requests, 1 answered, 1 rejected (429: 1 over requests), 0 too large" in summary
+    assert summary.endswith("; 1 key.")
     assert "tokens served 16 in, 9 out (16 input tokens sent on rejected calls)" in summary
 
 

@@ -349,6 +349,8 @@ class _LineSink(_Sink):
 
 #: Width of the bar, in cells; the numbers follow it.
 BAR_WIDTH = 24
+#: The bar shrinks to this many cells on a narrow terminal before details are dropped.
+MIN_BAR_WIDTH = 10
 #: Width of the moving block that says "working" when there is no total.
 _PULSE_WIDTH = 6
 
@@ -462,6 +464,11 @@ class _Board:
                 self.live.console.print(final)  # above the display
 
 
+#: A detail of a live row: its text, its rich style, and how much it is worth
+#: keeping on a narrow terminal (the lowest goes first).
+_Detail = tuple[str, str, int]
+
+
 class _LiveSink(_Sink):
     """A row of the live display: ``corral ━━━━╸━━━━━ 1,234/10,000 12.3% 456.7/s · ...``."""
 
@@ -480,32 +487,54 @@ class _LiveSink(_Sink):
         self._board, self._row = _Board.join(self._stream, self._text())
         self.update(stats)
 
-    def _line(self, stats: Stats, details: list[tuple[str, str]], final: bool) -> Text:
+    def _fitted(self, stats: Stats, details: list[_Detail], final: bool) -> Text:
+        """The row, made to fit the terminal's width without losing what matters most.
+
+        The full row takes about 120 columns and most terminals open at 80:
+        cut at the edge, it would hide the ETA while running and, on the final
+        row, why the map ended (failed, cancelled, not started). So the bar
+        shrinks first, then the details least worth keeping go, one by one.
+        """
+        board = self._board
+        width = board.live.console.width if board is not None else None
+        kept = list(details)
+        bar = BAR_WIDTH
+        while True:
+            line = self._line(stats, kept, final, bar)
+            if width is None or line.cell_len <= width:
+                return line
+            if bar > MIN_BAR_WIDTH:
+                bar = max(MIN_BAR_WIDTH, bar - (line.cell_len - width))
+            elif kept:
+                kept.remove(min(kept, key=lambda detail: detail[2]))
+            else:
+                return line  # still too wide: rich's ellipsis cuts the rest
+
+    def _line(self, stats: Stats, details: list[_Detail], final: bool, bar: int) -> Text:
         line = self._text(no_wrap=True, overflow="ellipsis")
         line.append("corral ", style="bold")
         done = stats.completed + stats.failed
         total = self._total
         if total is not None:
             fraction = min(1.0, done / total) if total else 1.0
-            halves = int(fraction * 2 * BAR_WIDTH)
+            halves = int(fraction * 2 * bar)
             style = "green" if final and fraction >= 1.0 else "bar.complete"
             line.append("━" * (halves // 2), style=style)
             if halves % 2:
                 line.append("╸", style=style)
-            line.append("━" * (BAR_WIDTH - (halves + 1) // 2), style="bar.back")
+            line.append("━" * (bar - (halves + 1) // 2), style="bar.back")
             line.append(f" {_count(done)}/{_count(total)} {_percent(done, total)} ")
         else:
             if final:
-                line.append("━" * BAR_WIDTH, style="green")
+                line.append("━" * bar, style="green")
             else:
                 # A block sliding along the bar: alive, but no claim about how far.
-                start = self._frame % (BAR_WIDTH - _PULSE_WIDTH + 1)
-                self._frame += 1
+                start = self._frame % (bar - _PULSE_WIDTH + 1)
                 line.append("━" * start, style="bar.back")
                 line.append("━" * _PULSE_WIDTH, style="bar.pulse")
-                line.append("━" * (BAR_WIDTH - _PULSE_WIDTH - start), style="bar.back")
+                line.append("━" * (bar - _PULSE_WIDTH - start), style="bar.back")
             line.append(f" {_count(done)} done ")
-        for index, (part, style) in enumerate(details):
+        for index, (part, style, _) in enumerate(details):
             if index:
                 line.append(" · ")
             line.append(part, style=style)
@@ -516,37 +545,44 @@ class _LiveSink(_Sink):
         self._board.draw(self._row, line)
 
     @staticmethod
-    def _failures(stats: Stats) -> list[tuple[str, str]]:
+    def _failures(stats: Stats) -> list[_Detail]:
+        # Failures and retries that happened matter more than the limit; zeros less.
         return [
-            (f"{_count(stats.failed)} failed", "red" if stats.failed else ""),
-            (f"{_count(stats.retried)} retried", ""),
+            (
+                f"{_count(stats.failed)} failed",
+                "red" if stats.failed else "",
+                8 if stats.failed else 5,
+            ),
+            (f"{_count(stats.retried)} retried", "", 6 if stats.retried else 1),
         ]
 
     def update(self, stats: Stats) -> None:
         rate = self._rate.add(stats)
-        details = [
-            (_rate(rate), ""),
-            (f"{_count(stats.in_flight)} in flight", ""),
-            (_limit(stats.limit), ""),
+        details: list[_Detail] = [
+            (_rate(rate), "", 7),
+            (f"{_count(stats.in_flight)} in flight", "", 4),
+            (_limit(stats.limit), "", 3),
             *self._failures(stats),
         ]
         if self._total is not None:
-            details.append((_eta(stats, self._total, rate), ""))
-        self._draw(self._line(stats, details, final=False))
+            details.append((_eta(stats, self._total, rate), "", 9))
+        self._draw(self._fitted(stats, details, final=False))
+        self._frame += 1  # here, not in _line: fitting a row may build it several times
 
     def finish(self, stats: Stats) -> None:
-        details = [
-            (f"in {_elapsed(stats.elapsed)}", ""),
-            (_rate(stats.throughput), ""),
+        details: list[_Detail] = [
+            (f"in {_elapsed(stats.elapsed)}", "", 4),
+            (_rate(stats.throughput), "", 3),
             *self._failures(stats),
         ]
+        # Why the map ended early is what the final row is for: kept to the last.
         if cancelled := _cancelled(stats):
-            details.append((f"{_count(cancelled)} cancelled", "yellow"))
+            details.append((f"{_count(cancelled)} cancelled", "yellow", 9))
         if not_started := _not_started(stats, self._total):
-            details.append((f"{_count(not_started)} not started", "yellow"))
+            details.append((f"{_count(not_started)} not started", "yellow", 9))
         line: Text | None = None
         try:
-            line = self._line(stats, details, final=True)
+            line = self._fitted(stats, details, final=True)
         finally:
             self._release(line)
 

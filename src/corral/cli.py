@@ -54,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``corral`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            # argparse blames the top-level parser, whose usage lists only the
+            # commands; the command's own usage shows the options meant.
+            _command_parser(parser, args.command).error(
+                f"unrecognized arguments: {' '.join(unknown)}"
+            )
     except SystemExit as exit_:
         # argparse exits on --help (0) and on usage errors (2, message
         # already on stderr); hand the status back instead of raising.
@@ -91,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_bench(subparsers)
     _add_tune(subparsers)
     _add_serve(subparsers)
+    return parser
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of ``corral COMMAND``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
     return parser
 
 

@@ -651,15 +651,22 @@ def summary(server: LLMServer) -> str:
     stats = server.stats()
     limits = server.limits
     minute = limits.minute
-    by = ", ".join(f"{count} {reason}" for reason, count in stats.rejected_by.items())
+    by = ", ".join(f"{count} over {reason}" for reason, count in stats.rejected_by.items())
     published = ", ".join(f"{value:g} {name}" for name, value in limits.per_minute().items())
     return (
-        f"corral serve --llm: stopped after {stats.elapsed_s:.1f} s: {stats.requests} requests, "
+        f"corral serve --llm: stopped after {stats.elapsed_s:.1f} s: "
+        f"{_n(stats.requests, 'request')}, "
         f"{stats.ok} answered, {stats.rejected} rejected (429{': ' + by if by else ''}), "
         f"{stats.too_large} too large, {stats.invalid} invalid; tokens served "
         f"{stats.input_tokens:,} in, {stats.output_tokens:,} out "
         f"({stats.rejected_input_tokens:,} input tokens sent on rejected calls); peak per "
-        f"{minute:g}-s minute: {stats.peak_rpm:,.0f} requests, {stats.peak_input_tpm:,.0f} "
+        f"{minute:g}-s minute: {_n(round(stats.peak_rpm), 'request')}, "
+        f"{stats.peak_input_tpm:,.0f} "
         f"input and {stats.peak_output_tpm:,.0f} output tokens (limits: "
-        f"{published or 'none'}); peak in flight {stats.peak_in_flight}; {stats.keys} keys."
+        f"{published or 'none'}); peak in flight {stats.peak_in_flight}; {_n(stats.keys, 'key')}."
     )
+
+
+def _n(count: int, noun: str) -> str:
+    """``count`` and ``noun``, plural unless the count is one: "1 key", "1,200 requests"."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"

@@ -154,7 +154,10 @@ async def run_trial(fn: Fn, items: Iterator[Any], limit: int, seconds: float) ->
     The trial lasts at least ``seconds`` and until ``4 * limit`` calls have
     ended, so a slow target still gives each slot a few turns; it never lasts
     beyond ``10 * seconds``: calls still running then are cancelled and not
-    counted. Exceptions from ``fn`` are counted as errors, never raised.
+    counted. The calls in flight when the trial has enough are left to end
+    (for up to another ``seconds``, within that cap) but not counted, so the
+    next trial starts on an idle target. Exceptions from ``fn`` are counted as
+    errors, never raised.
     """
     import corral
 
@@ -174,18 +177,40 @@ async def run_trial(fn: Fn, items: Iterator[Any], limit: int, seconds: float) ->
     errors = 0
     start = clock()
     deadline = start + seconds
+    end: float | None = None  # when the trial had enough; its calls still running then drain
+
+    def until_enough() -> Iterator[Any]:
+        # Stop starting calls, and let those in flight end rather than cancel
+        # them: a server goes on working for a client that went away, so
+        # cancelled calls would still hold its slots when the next trial
+        # starts, and that trial would be refused at a limit the server takes.
+        # `end` is checked before each pull: the sweep's next trial gets the next item.
+        while end is None:
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            yield item
+
+    loop = asyncio.get_running_loop()
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(10 * seconds):
-            async with corral.map(timed, items, limit=limit, ordered=False) as results:
+        async with asyncio.timeout(10 * seconds) as cap:
+            async with corral.map(timed, until_enough(), limit=limit, ordered=False) as results:
                 async for outcome in results:
+                    if end is not None:
+                        continue  # draining: past the trial, not counted
                     if outcome is None:
                         errors += 1
                     else:
                         ended.append(outcome[0])
                         latencies.append(outcome[1])
                     if clock() >= deadline and len(latencies) + errors >= 4 * limit:
-                        break
-    end = clock()
+                        end = clock()
+                        # A call that hangs must not hold the sweep for long:
+                        # the drain gets one more trial's length at most.
+                        cap.reschedule(min(cap.when() or math.inf, loop.time() + seconds))
+    if end is None:
+        end = clock()
     throughput = _completion_rate(sorted(ended))
     if throughput is None:
         throughput = len(latencies) / (end - start) if end > start else 0.0
