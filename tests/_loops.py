@@ -108,18 +108,29 @@ def run(
         factory = uvloop.new_event_loop
     else:
         factory = None
-    with asyncio.Runner(debug=kind == "asyncio" and not virtual_time, loop_factory=factory) as r:
-        loop = r.get_loop()
-        loop.set_exception_handler(errors)
-        if kind == "eager":
-            loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
-        try:
-            return r.run(main())
-        finally:
-            # Collect inside the loop's lifetime so a pending task that is
-            # garbage reports through our handler, not to stderr.
-            gc.collect()
-            errors.check()
+    # What was alive before this run is set aside while it runs, so the
+    # collection at its end goes through what the run made, not the whole
+    # heap: late in the suite the heap holds hundreds of thousands of
+    # objects, and a property test that runs a loop per example spent 90% of
+    # its time in full collections (25 s against 2.6 s alone).
+    gc.freeze()
+    try:
+        with asyncio.Runner(
+            debug=kind == "asyncio" and not virtual_time, loop_factory=factory
+        ) as r:
+            loop = r.get_loop()
+            loop.set_exception_handler(errors)
+            if kind == "eager":
+                loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+            try:
+                return r.run(main())
+            finally:
+                # Collect inside the loop's lifetime so a pending task that is
+                # garbage reports through our handler, not to stderr.
+                gc.collect()
+                errors.check()
+    finally:
+        gc.unfreeze()
 
 
 class OffsetClockLoop(asyncio.SelectorEventLoop):
