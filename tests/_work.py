@@ -260,6 +260,15 @@ def worker_processes() -> set[int]:
     return found - helpers
 
 
+async def no_worker_left(tries: int = 200) -> None:
+    """Every worker process has exited (a bounded wait: ``tries`` x 0.05 s)."""
+    for _ in range(tries):
+        if not worker_processes():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"worker processes outlived their map: {sorted(worker_processes())}")
+
+
 def crash_once_or_fail(arg: tuple[str, int, bool]) -> int:
     """crash_once, and a ValueError(x) for a negative x."""
     x = crash_once(arg)

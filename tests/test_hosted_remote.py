@@ -28,6 +28,7 @@ from _work import (
     complete_lines,
     ctrl_c,
     logged_calls,
+    no_worker_left,
     run_killed,
     worker_processes,
 )
@@ -52,15 +53,6 @@ def recorded_ids(path: Path) -> set[Any]:
 def ids(log: Path, xs: range | list[int]) -> set[Any]:
     """The ids the file holds for these items (a tuple is stored in a canonical form)."""
     return {as_key((str(log), x)) for x in xs}
-
-
-async def no_worker_left() -> None:
-    """Every worker process of the maps above has exited (bounded wait)."""
-    for _ in range(200):
-        if not worker_processes():
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"worker processes outlived their map: {sorted(worker_processes())}")
 
 
 async def test_a_checkpointed_map_on_processes_resumes_calling_fn_only_for_the_rest(

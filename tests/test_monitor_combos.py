@@ -3,43 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 
 import corral
 from corral._monitor import watch_loop
+from test_contract_api import STATS_FIELDS
+from test_monitor import line_of
 
 T = TypeVar("T")
 WATCHDOG = "corral-loop-watchdog"
-STATS_NAMES = [
-    "started",
-    "completed",
-    "failed",
-    "retried",
-    "in_flight",
-    "elapsed",
-    "throughput",
-    "limit",
-    "latency_p50",
-    "latency_p90",
-    "latency_p99",
-    "max_loop_lag",
-]
-
-
-def line_of(fn: Callable[..., Any], marker: str) -> int:
-    """The line number in ``fn``'s source that carries ``# <marker>``."""
-    lines, first = inspect.getsourcelines(fn)
-    hits = [first + i for i, line in enumerate(lines) if line.rstrip().endswith(f"# {marker}")]
-    assert len(hits) == 1, f"marker {marker!r} found {len(hits)} times"
-    return hits[0]
 
 
 def blocker(seconds: float) -> None:
@@ -279,7 +258,7 @@ async def test_stats_of_a_map_that_failed_at_once_are_complete_and_json() -> Non
             async for _ in results:
                 pass
     stats = results.stats.as_dict()
-    assert list(stats) == STATS_NAMES
+    assert list(stats) == STATS_FIELDS
     assert json.loads(json.dumps(stats)) == stats
     assert stats["failed"] == 1
     assert stats["completed"] == 0
@@ -294,7 +273,7 @@ async def test_stats_of_a_map_closed_before_it_started_have_no_latency() -> None
     results = corral.map(_sleep_a_little, range(3), monitor=True)
     await results.aclose()
     stats = results.stats.as_dict()
-    assert list(stats) == STATS_NAMES
+    assert list(stats) == STATS_FIELDS
     assert json.loads(json.dumps(stats)) == stats
     assert [stats[n] for n in ("started", "completed", "failed", "in_flight")] == [0, 0, 0, 0]
     assert [stats[n] for n in ("latency_p50", "latency_p90", "latency_p99")] == [None] * 3

@@ -20,6 +20,7 @@ from _work import (
     crash_once,
     fail_on_three,
     logged_calls,
+    no_worker_left,
     odd_result,
     spin,
     worker_processes,
@@ -28,15 +29,6 @@ from _work import (
 pytestmark = pytest.mark.slow
 
 GUARD = 30  # seconds: a hang fails the test instead of stalling the suite
-
-
-async def no_worker_left() -> None:
-    """Every worker process has exited (bounded wait)."""
-    for _ in range(200):
-        if not worker_processes():
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"worker processes outlived their map: {sorted(worker_processes())}")
 
 
 def counts(stats: corral.Stats) -> tuple[int, int, int, int]:

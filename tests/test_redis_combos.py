@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import logging
 import re
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import corral
+from test_redis_edges import _server_on
 from test_redis_limiter import (  # the server fixture and the helpers reading Redis
     _free_port,
     _holders,
@@ -22,7 +21,6 @@ from test_redis_limiter import (  # the server fixture and the helpers reading R
     _name,
     _queue_holds,
     _queued,
-    _redis_server,
     _run_children,
     _shutdown,
     _until,
@@ -30,13 +28,6 @@ from test_redis_limiter import (  # the server fixture and the helpers reading R
 )
 
 __all__ = ["redis_url"]  # a fixture: used by name
-
-
-def _server_on(port: int, workdir: Path) -> contextlib.AbstractContextManager[str]:
-    """A redis-server of our own on ``port`` (loopback, no persistence), stopped on exit."""
-    binary = shutil.which("redis-server")
-    assert binary is not None  # the redis_url fixture skipped (or failed) the test otherwise
-    return _redis_server(binary, workdir, port)
 
 
 class _Running:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import corral
-from _work import async_logged, async_logged_dies_at_25, logged_calls, worker_processes
+from _work import async_logged, async_logged_dies_at_25, logged_calls, no_worker_left
 from corral._shard import sharded_call
 
 pytestmark = pytest.mark.slow
@@ -26,15 +26,6 @@ SLOW = 10**6  # async_logged sleeps a minute on items from here on
 
 def items(log: Path, xs: range | list[int]) -> list[tuple[str, int]]:
     return [(str(log), x) for x in xs]
-
-
-async def no_worker_left() -> None:
-    """Every worker process has exited (bounded wait)."""
-    for _ in range(400):
-        if not worker_processes():
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"worker processes outlived their map: {sorted(worker_processes())}")
 
 
 async def test_cancel_before_iterating_starts_no_process_and_yields_nothing(
@@ -52,7 +43,7 @@ async def test_cancel_before_iterating_starts_no_process_and_yields_nothing(
     assert not log.exists()
     stats = stream.stats
     assert (stats.started, stats.completed, stats.failed, stats.in_flight) == (0, 0, 0, 0)
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 async def test_cancel_twice_and_after_the_end_change_nothing(tmp_path: Path) -> None:
@@ -68,7 +59,7 @@ async def test_cancel_twice_and_after_the_end_change_nothing(tmp_path: Path) -> 
     assert got == [x * x for x in range(6)]
     stats = out.stats
     assert (stats.started, stats.completed, stats.failed, stats.in_flight) == (6, 6, 0, 0)
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 async def test_two_concurrent_acloses_both_return_once_the_workers_are_gone(
@@ -86,7 +77,7 @@ async def test_two_concurrent_acloses_both_return_once_the_workers_are_gone(
             assert [r async for r in stream] == []
     assert stream.stats.in_flight == 0
     assert stream.stats.completed == 1
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -114,7 +105,7 @@ async def test_an_input_that_raises_midway_ends_the_map_with_its_error(
                     got.append(value)
     assert got == [x * x for x in range(len(got))]
     assert out.stats.in_flight == 0
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 async def test_an_async_input_that_blocks_ends_on_cancel(tmp_path: Path) -> None:
@@ -142,7 +133,7 @@ async def test_an_async_input_that_blocks_ends_on_cancel(tmp_path: Path) -> None
     assert closed.is_set()
     stats = out.stats
     assert (stats.completed, stats.in_flight) == (3, 0)
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -177,7 +168,7 @@ async def test_an_endless_input_and_a_consumer_that_never_reads_stay_in_the_wind
             assert await anext(out) in {x * x for x in range(8)}
             while pulled < 9:
                 await asyncio.sleep(0.01)
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 async def test_calls_cut_short_by_cancel_still_count_as_started(tmp_path: Path) -> None:
@@ -198,7 +189,7 @@ async def test_calls_cut_short_by_cancel_still_count_as_started(tmp_path: Path) 
             assert [r async for r in out] == []
     stats = out.stats
     assert (stats.started, stats.completed, stats.failed, stats.in_flight) == (3, 1, 0, 0)
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 async def test_a_cancelled_clean_close_of_the_engines_call_still_stops_the_run(
@@ -220,7 +211,7 @@ async def test_a_cancelled_clean_close_of_the_engines_call_still_stops_the_run(
         with pytest.raises(asyncio.CancelledError):
             await closing
     assert call._run.finished
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 async def test_a_dead_process_ends_the_map_with_consistent_stats(tmp_path: Path) -> None:
@@ -241,7 +232,7 @@ async def test_a_dead_process_ends_the_map_with_consistent_stats(tmp_path: Path)
     assert stats.in_flight == 0
     assert stats.completed >= len(got)
     assert stats.started >= stats.completed + stats.failed
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 @pytest.mark.parametrize("ordered", [True, False])
@@ -271,7 +262,7 @@ async def test_cancel_with_the_engine_in_front_keeps_each_result_once(
         assert got == [x * x for x in range(6)]
     stats = out.stats
     assert (stats.completed, stats.failed, stats.in_flight) == (6, 0, 0)
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 async def test_the_parent_task_cancelled_while_the_input_blocks(tmp_path: Path) -> None:
@@ -303,7 +294,7 @@ async def test_the_parent_task_cancelled_while_the_input_blocks(tmp_path: Path) 
             await task
     assert got == [0, 1]
     assert closed.is_set()
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 async def test_an_empty_input_of_either_kind(tmp_path: Path) -> None:
@@ -319,7 +310,7 @@ async def test_an_empty_input_of_either_kind(tmp_path: Path) -> None:
                 assert [r async for r in out] == []
             stats = out.stats
             assert (stats.started, stats.completed, stats.failed, stats.in_flight) == (0, 0, 0, 0)
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 @pytest.mark.parametrize("ordered", [True, False])
@@ -356,7 +347,7 @@ async def test_the_deadline_with_the_engine_in_front_reports_each_item_once(
     calls = [x for _, x in logged_calls(log)]
     assert len(calls) == len(set(calls))
     assert out.stats.in_flight == 0
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 class InputStopped(BaseException):
@@ -386,7 +377,7 @@ async def test_an_input_raising_a_base_exception_ends_the_map_with_it(
                 async for _ in out:
                     pass
     assert out.stats.in_flight == 0
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 async def slow_to_close(
@@ -429,7 +420,7 @@ async def test_a_cancelled_aclose_still_finishes_every_task_then_raises(tmp_path
                 await closing
         assert left == [0]  # every task of the run had finished when the close ended
         assert stream._run.finished
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 async def test_a_worker_lost_after_the_last_outcome_is_raised_by_the_clean_close(
@@ -455,7 +446,7 @@ async def test_a_worker_lost_after_the_last_outcome_is_raised_by_the_clean_close
         with pytest.raises(corral.WorkerCrashed):
             await call.close(True)
     assert run.finished
-    await no_worker_left()
+    await no_worker_left(400)
 
 
 async def test_a_second_aclose_cancelled_while_the_first_runs_waits_for_it_then_raises(
@@ -486,4 +477,4 @@ async def test_a_second_aclose_cancelled_while_the_first_runs_waits_for_it_then_
             with pytest.raises(asyncio.CancelledError):
                 await second
         assert stream._run.finished
-    await no_worker_left()
+    await no_worker_left(400)
