@@ -606,6 +606,27 @@ async def test_an_actor_keeps_values_pickled_as_one_only_until_the_driver_loaded
     assert actor._kept == {}
 
 
+async def test_a_close_that_comes_before_ray_cancel_counts_the_calls_still_running() -> None:
+    """The driver closes an actor once it has given up on its chunks; ray.cancel reaches
+    the actor on its own and may come after the close. The close stops such a chunk and
+    counts its calls that started, which a tally counts once they have ended."""
+    gate = asyncio.Event()
+    began: list[int] = []
+    actor = _ray._Actor(
+        0, functools.partial(wait_for, gate, began), None, 2, None, None, None, True
+    )
+    chunk = asyncio.ensure_future(actor.run_chunk(list(range(10)), 0))
+    for _ in range(1000):  # bounded
+        if len(began) == 2:
+            break
+        await asyncio.sleep(0)
+    assert len(began) == 2
+    async with asyncio.timeout(10):
+        assert await actor.close() == (2, 0)  # no ray.cancel before it
+    assert chunk.cancelled()
+    assert began == [0, 1]  # the freed slots started nothing more
+
+
 async def as_dict(item: int) -> dict[str, int]:
     return {"item": item}
 

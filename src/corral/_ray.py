@@ -481,6 +481,9 @@ class _Actor:
         # The tallies of chunks whose outcome has not gone back: a chunk that
         # ray.cancel stops returns nothing, so the driver asks at the end (close).
         self._unreported: set[_Tally] = set()
+        # The chunks running here, which close() stops before it counts them:
+        # ray.cancel reaches the actor on its own, possibly after close().
+        self._running: set[asyncio.Task[Any]] = set()
         # By first index: the values of chunks sent back pickled as one, kept
         # until the driver says it loaded them, so that it can ask for them
         # again one by one when it cannot (see repack).
@@ -536,6 +539,21 @@ class _Actor:
         here), whose failures it fills in itself. ``loaded``: first indexes
         of chunks whose values the driver has loaded (no longer kept here).
         """
+        task = asyncio.current_task()
+        assert task is not None  # Ray runs each call of an async actor as a task
+        self._running.add(task)
+        try:
+            return await self._run_chunk(items, start, skip, loaded)
+        finally:
+            self._running.discard(task)
+
+    async def _run_chunk(
+        self,
+        items: list[Any],
+        start: int,
+        skip: list[int] | None,
+        loaded: list[int] | None,
+    ) -> ChunkOutcome:
         from ._api import map as corral_map  # here: _api imports this module
 
         for done in loaded or ():
@@ -666,7 +684,18 @@ class _Actor:
         Returns:
             The calls started and attempts retried by the chunks whose outcome
             never went back (those ray.cancel stopped), for the map's stats.
+            A chunk still running is stopped first: the driver closes once it
+            has given up on its chunks, and the ray.cancel of one may arrive
+            after this call; counted while running, its calls would be missed
+            (a tally counts the calls that ended).
         """
+        self._stopping = True  # no call starts from here on
+        running = [task for task in self._running if task is not asyncio.current_task()]
+        for task in running:
+            task.cancel()
+        if running:
+            # Within the driver's wait for this close (CLOSE_GRACE).
+            await asyncio.wait(running, timeout=CLOSE_GRACE / 2)
         unreported, self._unreported = self._unreported, set()
         self._kept.clear()
         try:
