@@ -95,17 +95,19 @@ async def test_two_watches_and_a_slow_log_handler_do_not_report_each_other(
     one stall was followed by a report of the log handler every 0.2 s, one
     watch blaming the other's logging, for as long as the loop ran.
     """
-    slow = logged(sleep=0.2)
+    slow = logged(sleep=0.6)
     async with watch_loop(threshold=0.05) as outer, watch_loop(threshold=0.05) as inner:
         await asyncio.sleep(0.02)
         blocker(0.3)
-        await asyncio.sleep(1.0)  # room for several self-inflicted reports
+        await asyncio.sleep(2.0)  # room for several self-inflicted reports
     assert [r.function for r in outer.reports] == ["blocker"]
     assert [r.function for r in inner.reports] == ["blocker"]
     assert [r.function for r in slow.reports] == ["blocker"]
-    # Neither counts the other's logging as lag: the stall is the worst.
-    assert outer.max_lag < 0.3 + 0.15
-    assert inner.max_lag < 0.3 + 0.15
+    # Neither counts the other's logging as lag: the stall is the worst. Counted,
+    # the logging right after it would read as 0.9 s (0.3 + 0.6); the bound
+    # leaves a loaded machine 0.3 s of slack either way.
+    assert outer.max_lag < 0.3 + 0.3
+    assert inner.max_lag < 0.3 + 0.3
 
 
 @pytest.mark.slow

@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             # argparse blames the top-level parser, whose usage lists only the
             # commands; the command's own usage shows the options meant.
-            _command_parser(parser, args.command).error(
-                f"unrecognized arguments: {' '.join(unknown)}"
-            )
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exit_:
         # argparse exits on --help (0) and on usage errors (2, message
         # already on stderr); hand the status back instead of raising.
@@ -97,15 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_bench(subparsers)
     _add_tune(subparsers)
     _add_serve(subparsers)
-    return parser
-
-
-def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    """The parser of ``corral COMMAND``."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            found: argparse.ArgumentParser = action.choices[command]
-            return found
+    for command in subparsers.choices.values():
+        command.set_defaults(parser=command)  # for errors found after parsing (see main)
     return parser
 
 
