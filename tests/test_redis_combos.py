@@ -78,7 +78,8 @@ async def test_two_maps_on_one_name_keep_both_the_cap_and_the_rate(redis_url: st
     assert b == list(range(30, 60))
     assert 2 <= spy.peak <= 3
     # GCRA: at most 1 + 40 starts in any closed second; two budgets would allow about 80.
-    assert _busiest(spy.starts, 1.0) <= 41 + 4  # room for a wake-up a few ms late
+    # Room for wake-ups late on a loaded machine: starts a stall held back bunch up.
+    assert _busiest(spy.starts, 1.0) <= 41 + 12
     for limiter in (first, second):
         await limiter.aclose()
     assert await _holders(redis_url, name) == 0
@@ -128,7 +129,9 @@ def test_two_processes_on_one_name_keep_both_the_cap_and_the_rate(redis_url: str
     starts = [t for r in results for t in r["starts"]]
     assert len(starts) == 2 * per_process
     # The cap allows at most 4 / 0.02 s = 200/s: the rate is what holds them at 100.
-    assert _busiest(starts, 1.0) <= 101 + 10  # room for wake-up jitter; two budgets: ~200
+    # Room for wake-ups late on a loaded machine (starts a stall held back bunch up);
+    # two budgets would allow about 200.
+    assert _busiest(starts, 1.0) <= 101 + 30
     assert asyncio.run(_holders(redis_url, name)) == 0
 
 
